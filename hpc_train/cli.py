@@ -1,0 +1,119 @@
+"""The ``hpc-train`` command: make-data, make-tiny, check-data, show-config, convert-proassist."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from hpc_train.errors import HpcTrainError
+
+
+def _make_data(args: argparse.Namespace) -> int:
+    from hpc_train.data.synthetic import SyntheticSpec, make_dataset
+
+    spec = SyntheticSpec(n_train=args.n_train, n_eval=args.n_eval, seed=args.seed)
+    summary = make_dataset(args.out, spec)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from hpc_train.models.tiny import save_tiny
+
+    out = save_tiny(args.family, args.out, seed=args.seed)
+    print(f"tiny {args.family} model and processor saved to {out}")
+    return 0
+
+
+def _check_data(args: argparse.Namespace) -> int:
+    from hpc_train.config import load_config
+    from hpc_train.data.audit import audit_dataset, format_report
+
+    config = load_config(args.config, args.overrides)
+    report = audit_dataset(config, split=args.split, limit=args.limit)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+    return 0 if report.ok else 1
+
+
+def _show_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from hpc_train.config import describe_keys, load_config
+
+    if args.keys:
+        print("| key | default | meaning |\n|---|---|---|")
+        for key, default, text in describe_keys():
+            print(f"| `{key}` | `{default}` | {text} |")
+        return 0
+    config = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def _convert_proassist(args: argparse.Namespace) -> int:
+    from hpc_train.data.proassist import convert_proassist
+
+    written = convert_proassist(args.input, args.output, max_turns=args.max_turns)
+    print(f"{written} records written to {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hpc-train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-data", help="write the synthetic ball/tone dataset (mp4, png, wav, JSONL)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--n-train", type=int, default=600)
+    p.add_argument("--n-eval", type=int, default=120)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_make_data)
+
+    p = sub.add_parser("make-tiny", help="save a tiny random model + offline processor to a folder")
+    p.add_argument("family", choices=["smolvlm", "llava_onevision"])
+    p.add_argument("out", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_make_tiny)
+
+    p = sub.add_parser("show-config", help="print the resolved config, or every key with --keys")
+    p.add_argument("config", nargs="?", default=None, help="YAML config or shipped recipe name")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--keys", action="store_true", help="list every config key with its default and meaning")
+    p.set_defaults(func=_show_config)
+
+    p = sub.add_parser("convert-proassist", help="convert ProAssist-style dialogs to LLaVA JSONL")
+    p.add_argument("input", help="ProAssist dialogs (JSON or JSONL)")
+    p.add_argument("output", help="JSONL file to write")
+    p.add_argument("--max-turns", type=int, default=None,
+                   help="split dialogs into windows of at most this many assistant turns")
+    p.set_defaults(func=_convert_proassist)
+
+    p = sub.add_parser("check-data", help="audit a dataset as it would be trained")
+    p.add_argument("config", help="YAML config or shipped recipe name (e.g. tiny_smolvlm)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--split", choices=["train", "eval"], default="train")
+    p.add_argument("--limit", type=int, default=None, help="check only the first N records")
+    p.add_argument("--json", default=None, help="also write the audit as JSON to this file")
+    p.set_defaults(func=_check_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Never reach a model hub: every model comes from a local folder or a preset.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except HpcTrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

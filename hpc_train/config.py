@@ -1,0 +1,337 @@
+"""The one typed configuration of a run: YAML file + ``key.sub=value`` overrides.
+
+Config is data, validated once. Unknown keys are errors that name the key, the file and
+line it came from, and the closest valid key; the resolved config is what a run saves.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hpc_train.errors import ConfigError
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(_Section):
+    """Which model to train and how to load it."""
+
+    family: Literal["smolvlm", "llava_onevision"] = "smolvlm"
+    """Model family: ``smolvlm`` (SmolVLM / SmolVLM2, transformers' Idefics3) or ``llava_onevision``."""
+    path: str | None = None
+    """Local folder written by ``save_pretrained`` (model + processor). Never a hub id: nothing is downloaded."""
+    preset: Literal["tiny"] | None = None
+    """Build the model from a known config instead of loading ``path``: ``tiny`` is a random
+    model of ``family`` small enough for a CPU, with an offline processor."""
+
+
+class VideoConfig(_Section):
+    """How frames are picked from a video."""
+
+    sampling: Literal["uniform", "fps"] = "uniform"
+    """``uniform``: exactly ``num_frames`` spread over the clip; ``fps``: ``fps`` frames per second."""
+    num_frames: int = Field(8, ge=1)
+    """Frames per video in ``uniform`` mode."""
+    fps: float = Field(1.0, gt=0)
+    """Frames per second in ``fps`` mode."""
+    max_frames: int = Field(32, ge=1)
+    """Upper bound on frames per video in either mode."""
+
+
+class ImageConfig(_Section):
+    """How images are prepared before the processor sees them."""
+
+    aspect_4to1: bool = False
+    """Letterbox every image onto a 4:1 (width:height) canvas, as wide-strip encoders prefer."""
+    max_side: int | None = Field(None, ge=8)
+    """Downscale images whose longer side exceeds this many pixels (``null``: keep)."""
+
+
+class AudioConfig(_Section):
+    """How ``<speech>`` clips are read and shown to the model."""
+
+    sample_rate: int = Field(16000, ge=1000)
+    """Resample every clip to this rate (mono)."""
+    max_seconds: float | None = Field(None, gt=0)
+    """Cut clips longer than this (``null``: keep whole)."""
+    image_size: int = Field(64, ge=16)
+    """Side of the log-mel spectrogram picture the vision tower sees for a clip."""
+
+
+class DataConfig(_Section):
+    """Where the data is and how samples are built."""
+
+    train: str | None = None
+    """Training set: a JSON / JSONL file, or a YAML mixture of several."""
+    eval: str | None = None
+    """Evaluation set (same forms as ``train``)."""
+    media_root: str | None = None
+    """Folder media paths are relative to (default: the dataset file's folder)."""
+    ids_file: str | None = None
+    """Keep only the record ids listed in this file (one per line)."""
+    max_seq_len: int = Field(2048, ge=16)
+    """Longest tokenised sample (text + media tokens)."""
+    truncation: Literal["drop", "error"] = "drop"
+    """A sample longer than ``max_seq_len``: ``drop`` it (counted) or stop with an error.
+    Samples are never cut inside an image's tokens."""
+    on_bad_sample: Literal["skip", "error"] = "error"
+    """A record with a missing or corrupt media file: ``skip`` it (counted) or stop with an error."""
+    system_prompt: str | None = None
+    """System turn added to records that have none (``null``: none)."""
+    video: VideoConfig = VideoConfig()
+    image: ImageConfig = ImageConfig()
+    audio: AudioConfig = AudioConfig()
+
+
+class TrainConfig(_Section):
+    """Optimisation settings."""
+
+    mode: Literal["baseline", "full", "lora", "qlora"] = "lora"
+    """``baseline`` evaluates only; ``full`` trains every unfrozen weight; ``lora`` / ``qlora`` train adapters."""
+    micro_batch_size: int = Field(1, ge=1)
+    """Samples per rank per forward pass."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training set (ignored when ``max_steps`` is set)."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps."""
+    lr: float = Field(2e-4, gt=0)
+    """Peak learning rate."""
+    seed: int = 0
+    """Seed for data order, sampling and initialisation."""
+
+
+class RunConfig(_Section):
+    """Everything one run needs. Load with :func:`load_config`."""
+
+    name: str = "run"
+    """Short name of the run, used in output paths and reports."""
+    output_dir: str = "runs/run"
+    """Where checkpoints, metrics and reports go."""
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _check_model_source(self) -> RunConfig:
+        if (self.model.path is None) == (self.model.preset is None):
+            raise ValueError(
+                "set exactly one of model.path (a saved model folder) and model.preset (e.g. tiny)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_video_bounds(self) -> RunConfig:
+        video = self.data.video
+        if video.sampling == "uniform" and video.num_frames > video.max_frames:
+            raise ValueError(
+                f"data.video.num_frames ({video.num_frames}) exceeds data.video.max_frames "
+                f"({video.max_frames}); raise max_frames or lower num_frames"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, as it would be written to YAML."""
+        return self.model_dump(mode="json")
+
+    def digest(self) -> str:
+        """A short stable hash of the resolved config (reports name runs by it)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_recipe(name_or_path: str | Path) -> Path:
+    """A config path, or the name of a shipped recipe (``tiny_smolvlm`` → recipes/tiny_smolvlm.yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = RECIPES_DIR / f"{Path(str(name_or_path)).stem}.yaml"
+    if path.suffix in ("", ".yaml", ".yml") and shipped.is_file() and len(path.parts) == 1:
+        return shipped
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    raise ConfigError(
+        f"{name_or_path}: no such config file. Fix: give a path to a YAML file, or one of "
+        f"the shipped recipes: {', '.join(names)}"
+    )
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config (or shipped recipe name), apply ``key.sub=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    source = "<defaults>"
+    if path is not None:
+        file = resolve_recipe(path)
+        source = str(file)
+        text = file.read_text()
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{file}:{mark.line + 1}" if mark else str(file)
+            raise ConfigError(f"{where}: not valid YAML ({exc}). Fix: correct the syntax") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{file}: the top level must be a mapping of keys. Fix: write `key: value` lines")
+        data = loaded
+        lines = _key_lines(text)
+        _check_keys(data, RunConfig, prefix="", source=source, lines=lines)
+    for override in overrides:
+        key, value = _parse_override(override)
+        _check_keys(_nest(key, value), RunConfig, prefix="", source=f"override '{override}'", lines={})
+        _set_dotted(data, key, value)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, source, lines, overrides)) from exc
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (what the run actually used)."""
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(
+            f"override '{text}': expected key=value. Fix: write for example data.max_seq_len=1024"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    _set_dotted(out, key, value)
+    return out
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def valid_keys(model: type[BaseModel] = None, prefix: str = "") -> list[str]:  # type: ignore[assignment]
+    """Every dotted key a config may set (used for suggestions and documentation)."""
+    model = model or RunConfig
+    keys: list[str] = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        sub = _section_type(field.annotation)
+        if sub is not None:
+            keys.extend(valid_keys(sub, f"{dotted}."))
+    return keys
+
+
+def describe_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) of every leaf setting, for docs and ``--keys``."""
+    model = model or RunConfig
+    rows: list[tuple[str, str, str]] = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        sub = _section_type(field.annotation)
+        if sub is not None:
+            rows.extend(describe_keys(sub, f"{dotted}."))
+            continue
+        default = json.dumps(field.default)
+        rows.append((dotted, default, " ".join((field.description or "").split())))
+    return rows
+
+
+def _check_keys(data: dict[str, Any], model: type[BaseModel], *, prefix: str, source: str,
+                lines: dict[str, int]) -> None:
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        field = model.model_fields.get(key)
+        if field is None:
+            where = f"{source}:{lines[dotted]}" if dotted in lines else source
+            shown = _first_leaf(dotted, value)
+            close = difflib.get_close_matches(shown, valid_keys(), n=1, cutoff=0.6)
+            if not close:
+                siblings = [f"{prefix}{k}" for k in model.model_fields]
+                close = difflib.get_close_matches(dotted, siblings, n=1, cutoff=0.0)
+            hint = f"did you mean '{close[0]}'?" if close else "remove it"
+            raise ConfigError(f"{where}: unknown key '{shown}'. Fix: {hint}")
+        sub = _section_type(field.annotation)
+        if sub is not None and isinstance(value, dict):
+            _check_keys(value, sub, prefix=f"{dotted}.", source=source, lines=lines)
+
+
+def _first_leaf(dotted: str, value: Any) -> str:
+    """``trian`` holding ``{lr: 1}`` reads best as ``trian.lr`` (the key the user meant to set)."""
+    while isinstance(value, dict) and len(value) == 1:
+        key, value = next(iter(value.items()))
+        dotted = f"{dotted}.{key}"
+    return dotted
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Map each dotted key in a YAML document to its 1-based line, for error messages."""
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return {}
+    found: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                dotted = f"{prefix}{key_node.value}"
+                found[dotted] = key_node.start_mark.line + 1
+                walk(value_node, f"{dotted}.")
+
+    if root is not None:
+        walk(root, "")
+    return found
+
+
+def _explain(exc: ValidationError, source: str, lines: dict[str, int],
+             overrides: list[str] | tuple[str, ...]) -> str:
+    problems = []
+    for err in exc.errors():
+        dotted = ".".join(str(p) for p in err["loc"])
+        where = source
+        from_override = [o for o in overrides if o.split("=", 1)[0].strip() == dotted]
+        if from_override:
+            where = f"override '{from_override[-1]}'"
+        elif dotted in lines:
+            where = f"{source}:{lines[dotted]}"
+        label = f"'{dotted}'" if dotted else "config"
+        problems.append(f"{where}: {label}: {err['msg']}")
+    return "\n".join(problems) + "\nFix: correct the value(s) above (see README, Configuration)."

@@ -1,0 +1,1 @@
+"""Data pipeline: records -> media -> chat template and labels -> batches."""

@@ -1,0 +1,106 @@
+"""Padded batches of encoded samples, with each family's media tensors laid out as its model expects.
+
+- SmolVLM (Idefics3): ``pixel_values`` (B, N, 3, H, W) and ``pixel_attention_mask``
+  (B, N, H, W), N the most tiles of any sample; padding tiles are all zero, which Idefics3
+  recognises and drops.
+- LLaVA-OneVision: images of all samples concatenated, ``pixel_values`` (I, P, 3, h, w) with
+  P the most anyres patches, ``image_sizes`` (I, 2) and ``batch_num_images`` (B,); videos
+  concatenated as ``pixel_values_videos`` (V, F, 3, h, w).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from hpc_train.data.dataset import Skipped
+from hpc_train.data.tokenize import IGNORE_INDEX, EncodedSample
+from hpc_train.errors import DataError
+from hpc_train.models.families import Family
+
+
+class Collator:
+    """Collate :class:`EncodedSample` items (dropping :class:`Skipped` ones, counted)."""
+
+    def __init__(self, family: Family, pad_token_id: int, *, pad_to_multiple_of: int | None = None) -> None:
+        self.family = family
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, items: Sequence[EncodedSample | Skipped]) -> dict[str, Any]:
+        samples = [s for s in items if isinstance(s, EncodedSample)]
+        skipped = [s for s in items if isinstance(s, Skipped)]
+        batch: dict[str, Any] = {
+            "sample_ids": [s.id for s in samples],
+            "skipped": skipped,
+            "num_skipped": len(skipped),
+        }
+        if not samples:
+            return batch
+        length = max(len(s) for s in samples)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch["input_ids"] = torch.stack([_pad1d(s.input_ids, length, self.pad_token_id) for s in samples])
+        batch["labels"] = torch.stack([_pad1d(s.labels, length, IGNORE_INDEX) for s in samples])
+        batch["attention_mask"] = torch.stack(
+            [_pad1d(torch.ones(len(s), dtype=torch.long), length, 0) for s in samples])
+        if self.family.name == "smolvlm":
+            batch.update(_idefics3_media(samples))
+        else:
+            batch.update(_llava_onevision_media(samples))
+        return batch
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a batch that go into ``model(**...)`` (bookkeeping keys removed)."""
+    return {k: v for k, v in batch.items() if k not in ("sample_ids", "skipped", "num_skipped")}
+
+
+def _pad1d(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    return F.pad(t, (0, length - t.numel()), value=value)
+
+
+def _idefics3_media(samples: list[EncodedSample]) -> dict[str, torch.Tensor]:
+    tiles = [s.media.get("pixel_values") for s in samples]
+    if all(t is None for t in tiles):
+        return {}
+    present = [t for t in tiles if t is not None]
+    n = max(t.shape[0] for t in present)
+    channels = present[0].shape[1]
+    height = max(t.shape[-2] for t in present)
+    width = max(t.shape[-1] for t in present)
+    pixels = torch.zeros(len(samples), n, channels, height, width, dtype=present[0].dtype)
+    mask = torch.zeros(len(samples), n, height, width, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        if "pixel_values" not in s.media:
+            continue
+        t, m = s.media["pixel_values"], s.media["pixel_attention_mask"]
+        pixels[i, : t.shape[0], :, : t.shape[-2], : t.shape[-1]] = t
+        mask[i, : m.shape[0], : m.shape[-2], : m.shape[-1]] = m
+    return {"pixel_values": pixels, "pixel_attention_mask": mask}
+
+
+def _llava_onevision_media(samples: list[EncodedSample]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    images = [s.media["pixel_values"] for s in samples if "pixel_values" in s.media]
+    if images:
+        patches = max(t.shape[1] for t in images)
+        out["pixel_values"] = torch.cat(
+            [F.pad(t, (0, 0, 0, 0, 0, 0, 0, patches - t.shape[1])) for t in images])
+        out["image_sizes"] = torch.cat([s.media["image_sizes"] for s in samples if "image_sizes" in s.media])
+        out["batch_num_images"] = torch.tensor(
+            [s.media["pixel_values"].shape[0] if "pixel_values" in s.media else 0 for s in samples])
+    videos = [s.media["pixel_values_videos"] for s in samples if "pixel_values_videos" in s.media]
+    if videos:
+        frames = {v.shape[1] for v in videos}
+        if len(frames) > 1:
+            ids = [s.id for s in samples if "pixel_values_videos" in s.media]
+            raise DataError(
+                f"videos with different frame counts {sorted(frames)} in one batch (samples {ids}); "
+                "LLaVA-OneVision stacks the videos of a batch",
+                fix="use data.video.sampling=uniform (a fixed frame count), or micro_batch_size=1")
+        out["pixel_values_videos"] = torch.cat(videos)
+    return out

@@ -1,0 +1,86 @@
+"""Records → decoded media → encoded samples, with the skip/drop policy applied.
+
+A sample that cannot be used is returned as :class:`Skipped` (and counted by the collator)
+when the config says ``skip`` / ``drop``; otherwise its :class:`DataError` propagates.
+Media are opened inside ``__getitem__``, so each DataLoader worker opens its own readers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch.utils.data import Dataset
+
+from hpc_train.config import DataConfig
+from hpc_train.data.media import VideoSampling, audio_to_image, load_audio, load_image, load_video
+from hpc_train.data.records import Record
+from hpc_train.data.tokenize import ChatEncoder, EncodedSample, SampleMedia
+from hpc_train.errors import DataError
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A sample left out, and why."""
+
+    id: str
+    reason: str
+    kind: str
+    """``bad_record`` (unreadable record or media) or ``too_long`` (over ``max_seq_len``)."""
+
+
+class MediaLoader:
+    """Reads a record's media as the config asks (frames, image shape, audio rate)."""
+
+    def __init__(self, data: DataConfig) -> None:
+        self.data = data
+        self.sampling = VideoSampling(
+            mode=data.video.sampling, num_frames=data.video.num_frames,
+            fps=data.video.fps, max_frames=data.video.max_frames,
+        )
+
+    def load(self, record: Record) -> SampleMedia:
+        try:
+            return SampleMedia(
+                images=[load_image(p, aspect_4to1=self.data.image.aspect_4to1,
+                                   max_side=self.data.image.max_side) for p in record.images],
+                videos=[load_video(p, self.sampling, clip=record.video_clip) for p in record.videos],
+                audios=[audio_to_image(load_audio(p, sample_rate=self.data.audio.sample_rate,
+                                                  max_seconds=self.data.audio.max_seconds),
+                                       self.data.audio.sample_rate, size=self.data.audio.image_size)
+                        for p in record.audios],
+            )
+        except DataError as exc:
+            raise exc.at(path=record.source, line=record.line, record_id=record.id) from exc
+
+
+class SampleDataset(Dataset):
+    """A map-style dataset of encoded samples (or :class:`Skipped` markers)."""
+
+    def __init__(self, records: Sequence[Record], encoder: ChatEncoder, media: MediaLoader,
+                 data: DataConfig) -> None:
+        self.records = records
+        self.encoder = encoder
+        self.media = media
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> EncodedSample | Skipped:
+        try:
+            record = self.records[index]
+            sample = self.encoder.encode(record, self.media.load(record))
+        except DataError as exc:
+            if self.data.on_bad_sample == "skip":
+                return Skipped(id=exc.record_id or str(index), reason=str(exc), kind="bad_record")
+            raise
+        if len(sample) > self.data.max_seq_len:
+            problem = (f"sample is {len(sample)} tokens ({sample.num_media_tokens} from media), "
+                       f"over data.max_seq_len={self.data.max_seq_len}")
+            if self.data.truncation == "drop":
+                return Skipped(id=record.id, reason=problem, kind="too_long")
+            raise DataError(problem, path=record.source, line=record.line, record_id=record.id,
+                            fix="raise data.max_seq_len, use fewer frames (data.video.num_frames / "
+                                "max_frames), or set data.truncation=drop")
+        return sample

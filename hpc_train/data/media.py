@@ -1,0 +1,347 @@
+"""Reading videos, images and audio into arrays the processors can use.
+
+Every failure a user can cause (missing file, empty file, undecodable bytes, a clip
+outside the video) is raised as :class:`~hpc_train.errors.MediaError` naming the path
+and a fix; raw decord / PIL / soundfile / librosa exceptions never escape.
+
+decord and librosa are imported lazily: decord holds native decoder state that must
+not be created at import time or carried into forked / pickled DataLoader workers, and
+librosa pulls in scipy + numba (seconds of import time) that text-only runs never need.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, ImageStat
+
+from hpc_train.errors import MediaError
+
+VIDEO_MODES = ("uniform", "fps")
+
+FIX_VIDEO = "re-encode it with `ffmpeg -i in.mp4 -c:v libx264 -pix_fmt yuv420p out.mp4`"
+FIX_IMAGE = "re-save it as PNG or JPEG (e.g. `ffmpeg -i in.img out.png`)"
+FIX_AUDIO = "convert it with `ffmpeg -i in.audio -ac 1 -ar 16000 out.wav`"
+FIX_MISSING = "check the path and data.media_root, or remove the record / set data.on_bad_sample: skip"
+FIX_SKIP = "or remove the record / set data.on_bad_sample: skip"
+
+# Tolerance for float -> frame-index conversions, so 0.5 s at 4 fps is frame 2, not 1.
+_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class VideoFrames:
+    """Frames decoded from one video.
+
+    ``frames`` is (T, H, W, 3) uint8 RGB; ``timestamps`` is (T,) float seconds at which
+    each frame starts in the source video.
+    """
+
+    frames: np.ndarray
+    timestamps: np.ndarray
+    native_fps: float
+    num_source_frames: int
+
+
+@dataclass(frozen=True)
+class VideoSampling:
+    """How to pick frames from a video.
+
+    ``uniform``: ``min(num_frames, max_frames)`` frames spread evenly over the clip,
+    first and last frame included.  ``fps``: one frame every ``1/fps`` seconds from the
+    clip start; if that gives more than ``max_frames`` they are subsampled uniformly
+    down to ``max_frames``.  Either way a clip with fewer frames than asked yields each
+    of its frames once (never duplicates), so T can be smaller than requested.
+    """
+
+    mode: str = "uniform"
+    num_frames: int = 8
+    fps: float = 1.0
+    max_frames: int = 32
+
+    def __post_init__(self) -> None:
+        if self.mode not in VIDEO_MODES:
+            raise ValueError(f"video sampling mode must be one of {VIDEO_MODES}, got {self.mode!r}")
+        if not isinstance(self.num_frames, int | np.integer) or self.num_frames < 1:
+            raise ValueError(f"video num_frames must be an int >= 1, got {self.num_frames!r}")
+        if not math.isfinite(self.fps) or self.fps <= 0:
+            raise ValueError(f"video sampling fps must be > 0, got {self.fps!r}")
+        if not isinstance(self.max_frames, int | np.integer) or self.max_frames < 1:
+            raise ValueError(f"video max_frames must be an int >= 1, got {self.max_frames!r}")
+
+
+def _uniform_pick(first: int, last: int, k: int) -> np.ndarray:
+    """k evenly spread ints in [first, last]; all of them when the range is shorter."""
+    n = last - first + 1
+    if n <= k:
+        return np.arange(first, last + 1, dtype=np.int64)
+    if k == 1:
+        # One frame should represent the clip, so take the middle rather than frame 0.
+        return np.array([first + (n - 1) // 2], dtype=np.int64)
+    # floor(x + 0.5) instead of np.round: banker's rounding can map two positions one
+    # apart onto the same integer (1.5 -> 2, 2.5 -> 2) and create duplicates.
+    pos = np.floor(np.linspace(first, last, k) + 0.5).astype(np.int64)
+    return np.unique(pos)
+
+
+def _clip_range(num_source_frames: int, native_fps: float,
+                clip: tuple[float, float] | None) -> tuple[int, int]:
+    """Inclusive frame range shown during the clip ``[start, end)`` seconds."""
+    if clip is None:
+        return 0, num_source_frames - 1
+    try:
+        start, end = float(clip[0]), float(clip[1])
+    except (TypeError, ValueError, IndexError) as exc:
+        raise MediaError(f"clip must be (start, end) seconds, got {clip!r}",
+                         fix="write the clip as [start_seconds, end_seconds]") from exc
+    duration = num_source_frames / native_fps
+    if not (math.isfinite(start) and math.isfinite(end)) or start < 0 or end <= start:
+        raise MediaError(f"clip {clip!r} is not a valid [start, end) interval in seconds",
+                         fix=f"use 0 <= start < end; {FIX_SKIP}")
+    if start >= duration - _EPS:
+        raise MediaError(
+            f"clip {clip!r} starts after the video ends ({duration:.3f} s, "
+            f"{num_source_frames} frames at {native_fps:g} fps)",
+            fix=f"fix the clip times to lie within the video, {FIX_SKIP}")
+    first = int(math.floor(start * native_fps + _EPS))
+    # An end beyond the duration is clamped: container durations are often a frame off.
+    last = min(num_source_frames - 1, int(math.ceil(end * native_fps - _EPS)) - 1)
+    return first, max(first, last)
+
+
+def sample_frame_indices(num_source_frames: int, native_fps: float, sampling: VideoSampling,
+                         clip: tuple[float, float] | None = None) -> np.ndarray:
+    """Pick which source frames to decode; pure, returns sorted unique int64 indices.
+
+    Frame ``i`` is taken to be shown during ``[i/fps, (i+1)/fps)``.  A ``clip`` of
+    ``(start, end)`` seconds keeps the frames shown during it (at least one); an end past
+    the video is clamped, a start at or past the end raises :class:`MediaError`.
+    Bad arguments (no frames, fps <= 0) raise ``ValueError``.
+    """
+    if int(num_source_frames) < 1:
+        raise ValueError(f"num_source_frames must be >= 1, got {num_source_frames!r}")
+    if not math.isfinite(native_fps) or native_fps <= 0:
+        raise ValueError(f"native_fps must be > 0, got {native_fps!r}")
+    first, last = _clip_range(int(num_source_frames), float(native_fps), clip)
+    if sampling.mode == "uniform":
+        return _uniform_pick(first, last, min(sampling.num_frames, sampling.max_frames))
+    # fps mode: sample times start, start + 1/fps, ... and map each to the frame on screen.
+    step = native_fps / sampling.fps
+    count = int(math.floor((last - first) / step + _EPS)) + 1
+    idx = np.unique(np.floor(first + np.arange(count) * step + _EPS).astype(np.int64))
+    idx = idx[idx <= last]
+    if len(idx) > sampling.max_frames:
+        idx = idx[_uniform_pick(0, len(idx) - 1, sampling.max_frames)]
+    return idx
+
+
+def _check_file(path: str | Path, fix: str) -> Path:
+    """Fail early and clearly on missing / empty files before a decoder sees them."""
+    p = Path(path)
+    if not p.exists():
+        raise MediaError("file not found", path=p, fix=FIX_MISSING)
+    if not p.is_file():
+        raise MediaError("not a regular file", path=p, fix=FIX_MISSING)
+    if p.stat().st_size == 0:
+        raise MediaError("file is empty (0 bytes)", path=p, fix=f"{fix}, {FIX_SKIP}")
+    return p
+
+
+def _open_video(path: Path):  # decord's type is only importable lazily, hence no annotation
+    # Opened per call on purpose: a VideoReader owns native decoder threads and must not
+    # be created at import time or stored on objects pickled into DataLoader workers.
+    from decord import VideoReader, cpu
+
+    try:
+        return VideoReader(os.fspath(path), ctx=cpu(0), num_threads=1)
+    except Exception as exc:  # decord raises bare RuntimeError / DECORDError
+        raise MediaError(f"cannot decode video ({_short(exc)})", path=path,
+                         fix=f"{FIX_VIDEO}, {FIX_SKIP}") from exc
+
+
+def _video_meta(vr: object, path: Path) -> tuple[int, float]:
+    try:
+        n, fps = len(vr), float(vr.get_avg_fps())
+    except Exception as exc:
+        raise MediaError(f"cannot read video metadata ({_short(exc)})", path=path,
+                         fix=f"{FIX_VIDEO}, {FIX_SKIP}") from exc
+    if n < 1:
+        raise MediaError("video has 0 frames", path=path, fix=f"{FIX_VIDEO}, {FIX_SKIP}")
+    if not math.isfinite(fps) or fps <= 0:
+        raise MediaError(f"video reports an invalid frame rate ({fps})", path=path,
+                         fix=f"{FIX_VIDEO} -r 30, {FIX_SKIP}")
+    return n, fps
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def probe_video(path: str | Path) -> tuple[int, float]:
+    """Return ``(num_frames, fps)`` from the container index without decoding pixels."""
+    p = _check_file(path, FIX_VIDEO)
+    return _video_meta(_open_video(p), p)
+
+
+def load_video(path: str | Path, sampling: VideoSampling,
+               clip: tuple[float, float] | None = None) -> VideoFrames:
+    """Decode the frames chosen by ``sampling`` (within ``clip`` seconds, if given)."""
+    p = _check_file(path, FIX_VIDEO)
+    vr = _open_video(p)
+    try:
+        n, fps = _video_meta(vr, p)
+        try:
+            idx = sample_frame_indices(n, fps, sampling, clip)
+        except MediaError as exc:
+            raise exc.at(path=p) from exc
+        try:
+            frames = vr.get_batch(idx.tolist()).asnumpy()
+            stamps = np.asarray(vr.get_frame_timestamp(idx.tolist()), dtype=np.float64)
+        except Exception as exc:
+            raise MediaError(f"cannot decode frames {idx.tolist()} ({_short(exc)})", path=p,
+                             fix=f"{FIX_VIDEO}, {FIX_SKIP}") from exc
+    finally:
+        del vr
+    if frames.ndim != 4 or frames.shape[0] != len(idx) or frames.shape[-1] != 3:
+        raise MediaError(f"decoder returned frames of shape {frames.shape}, expected "
+                         f"({len(idx)}, H, W, 3)", path=p, fix=f"{FIX_VIDEO}, {FIX_SKIP}")
+    timestamps = stamps.reshape(len(idx), -1)[:, 0]
+    return VideoFrames(frames=np.ascontiguousarray(frames, dtype=np.uint8),
+                       timestamps=timestamps, native_fps=fps, num_source_frames=n)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with transparency flattened onto white (plain convert() would expose the
+    arbitrary colour stored under fully transparent pixels)."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_to_4to1(image: Image.Image, *, height: int | None = None) -> Image.Image:
+    """Letterbox ``image`` into a canvas exactly 4x as wide as high.
+
+    Content is never cropped or distorted: it is centred and the rest is filled with
+    the image's mean colour (less salient to a vision encoder than black bars).  Without
+    ``height`` the canvas is the smallest 4:1 box holding the image unscaled; with it the
+    image is scaled to fit a ``4*height x height`` canvas.
+    """
+    img = _to_rgb(image)
+    w, h = img.size
+    if height is None:
+        ch = max(h, math.ceil(w / 4))
+    else:
+        if height < 1:
+            raise ValueError(f"height must be >= 1, got {height}")
+        ch = int(height)
+        scale = min(4 * ch / w, ch / h)
+        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                         Image.Resampling.BICUBIC)
+        w, h = img.size
+    fill = tuple(int(round(v)) for v in ImageStat.Stat(img).mean[:3])
+    canvas = Image.new("RGB", (4 * ch, ch), fill)
+    canvas.paste(img, ((4 * ch - w) // 2, (ch - h) // 2))
+    return canvas
+
+
+def load_image(path: str | Path, *, aspect_4to1: bool = False,
+               max_side: int | None = None) -> Image.Image:
+    """Open an image as RGB with EXIF orientation applied.
+
+    ``max_side`` downscales (never upscales) so the longest side fits; with
+    ``aspect_4to1`` the result is letterboxed to width == 4 * height first, and then
+    ``max_side`` bounds the width.
+    """
+    if max_side is not None and max_side < (4 if aspect_4to1 else 1):
+        raise ValueError(f"max_side is too small: {max_side}")
+    p = _check_file(path, FIX_IMAGE)
+    try:
+        with Image.open(p) as raw:
+            raw.load()
+            img = _to_rgb(ImageOps.exif_transpose(raw))
+    except Exception as exc:  # PIL raises OSError, SyntaxError, struct.error, EOFError, ...
+        raise MediaError(f"cannot decode image ({_short(exc)})", path=p,
+                         fix=f"{FIX_IMAGE}, {FIX_SKIP}") from exc
+    if aspect_4to1:
+        canvas = resize_to_4to1(img)
+        if max_side is not None and canvas.width > max_side:
+            canvas = resize_to_4to1(img, height=max_side // 4)
+        return canvas
+    if max_side is not None and max(img.size) > max_side:
+        scale = max_side / max(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                         Image.Resampling.BICUBIC)
+    return img
+
+
+def load_audio(path: str | Path, *, sample_rate: int = 16000,
+               max_seconds: float | None = None) -> np.ndarray:
+    """Load audio as mono float32 at ``sample_rate`` (first ``max_seconds`` only)."""
+    if sample_rate <= 0:
+        raise ValueError(f"sample_rate must be > 0, got {sample_rate}")
+    if max_seconds is not None and max_seconds <= 0:
+        raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
+    p = _check_file(path, FIX_AUDIO)
+    import librosa
+    import soundfile as sf
+
+    try:
+        # Hand librosa an open SoundFile: given a path it falls back to audioread on
+        # undecodable bytes, which probes external decoders for seconds and then fails.
+        with sf.SoundFile(os.fspath(p)) as handle, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wave, _ = librosa.load(handle, sr=sample_rate, mono=True, duration=max_seconds)
+    except Exception as exc:  # soundfile / librosa raise many unrelated types
+        raise MediaError(f"cannot decode audio ({_short(exc)})", path=p,
+                         fix=f"{FIX_AUDIO}, {FIX_SKIP}") from exc
+    if wave.size == 0:
+        raise MediaError("audio has no samples", path=p, fix=f"{FIX_AUDIO}, {FIX_SKIP}")
+    return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+# Range of the log-mel image in dB below the clip's peak; quieter is black.
+_TOP_DB = 80.0
+
+
+def audio_to_image(wave: np.ndarray, sample_rate: int, *, size: int = 64) -> Image.Image:
+    """Render audio as a ``size x size`` RGB log-mel spectrogram (low pitch at the bottom).
+
+    The models we train have no audio encoder, so ``<speech>`` clips reach the vision
+    tower as this picture.  Brightness is dB relative to the clip's peak over a fixed
+    80 dB range (not min-max), so silence stays black; output is deterministic.
+    """
+    import librosa
+
+    if sample_rate <= 0:
+        raise ValueError(f"sample_rate must be > 0, got {sample_rate}")
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    y = np.asarray(wave, dtype=np.float32).reshape(-1)
+    if y.size == 0:
+        raise ValueError("audio_to_image got an empty waveform")
+    y = np.nan_to_num(y)
+    # ~32 ms windows and 10 ms hops: enough frequency resolution to tell tones apart.
+    n_fft = 1 << max(6, round(math.log2(0.032 * sample_rate)))
+    if y.size < n_fft:
+        y = np.pad(y, (0, n_fft - y.size))
+    mel = librosa.feature.melspectrogram(
+        y=y, sr=sample_rate, n_fft=n_fft, hop_length=max(1, sample_rate // 100),
+        n_mels=64, fmax=sample_rate / 2, power=2.0)
+    if not np.any(mel > 1e-10):
+        grey = np.zeros((size, size), dtype=np.uint8)
+    else:
+        db = librosa.power_to_db(mel, ref=np.max, top_db=_TOP_DB)
+        grey01 = np.clip((db + _TOP_DB) / _TOP_DB, 0.0, 1.0)
+        # Mel bin 0 is the lowest frequency; flip so it is drawn at the bottom row.
+        grey = np.flipud((grey01 * 255.0 + 0.5).astype(np.uint8))
+        grey = np.asarray(Image.fromarray(np.ascontiguousarray(grey)).resize(
+            (size, size), Image.Resampling.BILINEAR))
+    return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))

@@ -1,0 +1,638 @@
+"""LLaVA-style dataset records, read lazily from JSON-array or JSONL files.
+
+A record looks like::
+
+    {"id": "r1", "image": "imgs/a.jpg",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
+                       {"from": "gpt", "value": "A cat."}]}
+
+``image``, ``video`` and ``audio`` are a path or a list of paths; relative paths resolve
+against ``media_root`` (default: the dataset file's folder). ``video_clip: [start_s,
+end_s]`` optionally restricts the video(s) to a time window. Without an ``id`` the record
+gets ``"<file stem>:<line>"``.
+
+The format (JSON array or JSONL) is detected from the first non-blank byte, not the file
+extension. Files are never loaded whole: one streaming pass records each record's byte
+span and line, and a record is parsed and validated only when it is accessed, so every
+error names the file, the line, the record id and a fix.
+
+Placeholders: each ``<image>`` / ``<video>`` / ``<speech>`` in the turns stands for one
+file of that kind, in order; counts must match the files given, and placeholders may
+only appear in user or system turns. ``<audio>`` is accepted as an alias of
+``<speech>``. LLaVA-Video convention: a record with video(s), no images, no ``<video>``
+placeholder and exactly as many ``<image>`` placeholders as videos has those
+``<image>`` rewritten to ``<video>`` (LLaVA-Video data marks videos with ``<image>``).
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import json
+import operator
+import re
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpc_train.errors import DataError, MediaError
+
+ROLES: dict[str, str] = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+PLACEHOLDERS = {"image": "<image>", "video": "<video>", "audio": "<speech>"}
+_ALIASES = {"<audio>": "<speech>"}
+
+# Read size of the indexing pass; a module constant so tests can force records to
+# straddle chunk boundaries.
+_CHUNK_BYTES = 1 << 20
+# A string token longer than this while indexing is almost surely an unterminated quote;
+# stop before the carried buffer grows to the whole file.
+_MAX_STRING_BYTES = 256 << 20
+_BOM = b"\xef\xbb\xbf"
+# Tokens of the JSON-array scanner: a complete string (no raw newline, which JSON
+# forbids), a bracket or comma, a bare word (number / true / false / null / garbage), or
+# a lone quote = a string not terminated within the current buffer.
+_TOKEN = re.compile(rb'"[^"\\\n]*(?:\\.[^"\\\n]*)*"|[\[\]{},]|[^\s"\[\]{},:]+|"')
+# Inside a record (depth >= 2): a run of anything but brackets, complete strings included.
+_SKIP = re.compile(rb'(?:[^"\[\]{}]+|"[^"\\\n]*(?:\\.[^"\\\n]*)*")*')
+
+
+def _nested_group(levels: int) -> bytes:
+    """Regex for a balanced {...} / [...] nested at most ``levels`` deep, strings included.
+
+    Single-character steps (not runs) keep it free of catastrophic backtracking when a
+    record is cut by the buffer end or nests deeper; the scanner then goes bracket by
+    bracket.
+    """
+    string = rb'"[^"\\\n]*(?:\\.[^"\\\n]*)*"'
+    body = rb'[^"\[\]{}]|' + string
+    group = b""
+    for _ in range(levels):
+        inner = body + (b"|" + group if group else b"")
+        group = rb"(?:\{(?:" + inner + rb")*\}|\[(?:" + inner + rb")*\])"
+    return group
+
+
+# A whole record of usual depth (record > conversations > turn) in one C-level match.
+_RECORD = re.compile(_nested_group(3))
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One conversation turn; ``role`` is "system", "user" or "assistant"."""
+
+    role: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Record:
+    """One validated training sample with media paths resolved."""
+
+    id: str
+    turns: tuple[Turn, ...]
+    images: tuple[Path, ...]
+    videos: tuple[Path, ...]
+    audios: tuple[Path, ...]
+    source: Path
+    line: int
+    video_clip: tuple[float, float] | None = None
+
+    def has_media(self) -> bool:
+        """True when the record refers to at least one image, video or audio file."""
+        return bool(self.images or self.videos or self.audios)
+
+
+class RecordIndex:
+    """Byte span and 1-based line of every record of a JSON-array or JSONL file.
+
+    Built in one streaming pass; ``load(i)`` reads and ``json.loads`` one record.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser().absolute()
+        if not self.path.is_file():
+            what = "is a directory" if self.path.is_dir() else "not found"
+            raise DataError(f"dataset file {what}", path=self.path,
+                            fix="check the dataset path (relative paths resolve against the "
+                                "current directory, or the mixture YAML's folder)")
+        self.starts = array("q")
+        self.ends = array("q")
+        self.lines = array("q")
+        first = self._first_byte()
+        if first == b"[":
+            self.format = "json"
+            self._scan_json_array()
+        elif first in (b"{", b""):
+            self.format = "jsonl"
+            self._scan_jsonl()
+            if len(self) and _incomplete(self.read(0)):
+                # A first line that is valid JSON cut short is almost always a
+                # pretty-printed document that is not an array (e.g. one object).
+                raise DataError(
+                    "line is not a complete JSON record: the file is neither JSONL (one "
+                    "record per line) nor a JSON array of records", path=self.path,
+                    line=self.lines[0],
+                    fix="a JSON dataset must be a top-level array `[{...}, {...}]` (wrap a "
+                        "single object in [ ]); a JSONL dataset needs each record on one line")
+        else:
+            raise DataError(
+                f"file is not a JSON array of records nor JSONL (it starts with {first!r})",
+                path=self.path, line=1,
+                fix="a JSON dataset must be a top-level array of record objects `[{...}, ...]`; "
+                    "a JSONL dataset must hold one record object per line")
+        if not len(self):
+            raise DataError(
+                "file has no records", path=self.path,
+                fix="add records (a JSON array of objects, or one JSON object per line) or "
+                    "point the config at the right dataset file")
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def _first_byte(self) -> bytes:
+        with open(self.path, "rb") as f:
+            head = f.read(len(_BOM))
+            data = head[len(_BOM):] if head == _BOM else head
+            while True:
+                stripped = data.lstrip()
+                if stripped:
+                    return stripped[:1]
+                data = f.read(_CHUNK_BYTES)
+                if not data:
+                    return b""
+
+    def _scan_jsonl(self) -> None:
+        offset = 0
+        with open(self.path, "rb") as f:
+            # Binary line iteration reads in buffered chunks; only one line is held at a time.
+            for lineno, raw in enumerate(f, start=1):
+                start = offset
+                if lineno == 1 and raw.startswith(_BOM):
+                    start += len(_BOM)
+                offset += len(raw)
+                if raw.strip():
+                    self.starts.append(start)
+                    self.ends.append(offset)
+                    self.lines.append(lineno)
+
+    def _scan_json_array(self) -> None:
+        """Find each top-level element of ``[ ... ]`` by tracking strings and bracket depth."""
+        err = self._error
+        buf = b""
+        base = 0          # file offset of buf[0]
+        line = 1          # line number at file offset `counted`
+        counted = 0
+        depth = 0
+        closed = after_comma = False
+        elem_start = -1
+        elem_line = 0
+        with open(self.path, "rb") as f:
+            eof = False
+            while not eof:
+                chunk = f.read(_CHUNK_BYTES)
+                eof = not chunk
+                if base == 0 and not buf and chunk.startswith(_BOM):
+                    base = counted = len(_BOM)
+                    chunk = chunk[len(_BOM):]
+                buf += chunk
+                pos = 0
+                carry = -1
+                while True:
+                    if depth >= 2:
+                        # Inside a record only brackets matter: skip strings and
+                        # everything else in one C-level regex match.
+                        pos = _SKIP.match(buf, pos).end()
+                        if pos >= len(buf):
+                            break
+                        at, c = pos, buf[pos:pos + 1]
+                        pos += 1
+                        lone_quote = c == b'"'
+                    else:
+                        m = _TOKEN.search(buf, pos)
+                        if m is None:
+                            break
+                        at, pos = m.start(), m.end()
+                        c = buf[at:at + 1]
+                        lone_quote = c == b'"' and pos - at == 1
+                    if lone_quote:
+                        # A quote whose string does not end within the buffer.
+                        nl = buf.find(b"\n", at)
+                        if nl == -1 and not eof:
+                            carry = at
+                            break
+                        if nl == -1:
+                            line, counted = _advance(buf, base, line, counted, at)
+                            raise err("file ends inside a string (unterminated quote)", line,
+                                      "close the string that starts here with '\"'")
+                        # JSON strings cannot hold a raw newline: resume scanning there and
+                        # let json.loads of the record report the real problem.
+                        pos = nl
+                    if closed:
+                        line, counted = _advance(buf, base, line, counted, at)
+                        raise err("extra data after the closing ']' of the record array",
+                                  line, "remove everything after the final ']' (or merge "
+                                        "the two arrays into one)")
+                    if depth == 1 and elem_start == -1 and c not in (b",", b"]", b"}"):
+                        line, counted = _advance(buf, base, line, counted, at)
+                        elem_start, elem_line = base + at, line
+                    if c == b"[" or c == b"{":
+                        m = _RECORD.match(buf, at) if depth == 1 else None
+                        if m is not None:
+                            pos = m.end()
+                        else:
+                            depth += 1
+                    elif c == b"]" or c == b"}":
+                        if depth == 1:
+                            line, counted = _advance(buf, base, line, counted, at)
+                            if c == b"}":
+                                raise err("unexpected '}' between records", line,
+                                          "check the braces of the record before this line")
+                            if elem_start != -1:
+                                self._add(elem_start, base + at, elem_line)
+                            elif after_comma:
+                                raise err("trailing comma before ']'", line,
+                                          "remove the comma after the last record")
+                            closed = True
+                        depth -= 1
+                    elif c == b"," and depth == 1:
+                        if elem_start == -1:
+                            line, counted = _advance(buf, base, line, counted, at)
+                            raise err("empty record between commas", line,
+                                      "remove the extra ',' (records are separated by exactly "
+                                      "one comma)")
+                        self._add(elem_start, base + at, elem_line)
+                        elem_start, after_comma = -1, True
+                keep = carry if carry != -1 else len(buf)
+                line, counted = _advance(buf, base, line, counted, keep)
+                if len(buf) - keep > _MAX_STRING_BYTES:
+                    raise err("string longer than 256 MiB (probably an unterminated quote)",
+                              line, "close the string that starts here with '\"'")
+                buf, base = buf[keep:], base + keep
+        if not closed:
+            where = elem_line if elem_start != -1 else line
+            raise self._error(
+                "file ends before the record array is closed", where,
+                "check that every '[' / '{' is closed and every string is terminated; the "
+                "record starting here is incomplete")
+
+    def _add(self, start: int, end: int, line: int) -> None:
+        self.starts.append(start)
+        self.ends.append(end)
+        self.lines.append(line)
+
+    def _error(self, problem: str, line: int, fix: str) -> DataError:
+        return DataError(problem, path=self.path, line=line, fix=fix)
+
+    def line(self, i: int) -> int:
+        """1-based line where record ``i`` starts."""
+        return self.lines[i]
+
+    def read(self, i: int) -> bytes:
+        """Raw bytes of record ``i``."""
+        start, end = self.starts[i], self.ends[i]
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+        if len(data) != end - start:
+            raise DataError("file is shorter than when it was indexed", path=self.path,
+                            line=self.lines[i],
+                            fix="do not modify dataset files while they are being read")
+        return data
+
+    def default_id(self, i: int) -> str:
+        """Id of a record without one: ``<file stem>:<line>``."""
+        return f"{self.path.stem}:{self.lines[i]}"
+
+    def load(self, i: int, id_key: str = "id") -> object:
+        """Parse record ``i``; malformed JSON raises DataError at the exact line and column.
+
+        ``id_key`` names the field a malformed record's error message takes its id from.
+        """
+        data = self.read(i)
+        line = self.lines[i]
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"record is not valid UTF-8 (byte {e.start} of the record)",
+                            path=self.path, line=line, record_id=self.default_id(i),
+                            fix="re-save the file as UTF-8") from None
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            # Best-effort id of the broken record, so the message can still name it.
+            m = re.search(rf'"{re.escape(id_key)}"\s*:\s*(?:"((?:[^"\\]|\\.)*)"|(-?\d+))', text)
+            rid = (m.group(1) or m.group(2)) if m else self.default_id(i)
+            col = e.colno + (self._column_of(self.starts[i]) if e.lineno == 1 else 0)
+            if self.format == "jsonl" and e.lineno > 1:
+                # Only the line's own newline can be past line 1: the line ended early.
+                col = len(text.rstrip("\r\n")) + 1
+            if self.format == "jsonl":
+                fix = (f"make line {line} one complete JSON object (JSONL holds one record "
+                       "per line; check quotes, commas and brackets)")
+            else:
+                fix = "fix the JSON syntax of this record (check quotes, commas and brackets)"
+            msg = e.msg.removesuffix(" at")  # json says "Invalid control character at"
+            raise DataError(f"malformed JSON: {msg} (column {col})", path=self.path,
+                            line=line + (e.lineno - 1 if self.format == "json" else 0),
+                            record_id=rid, fix=fix) from None
+
+    def _column_of(self, offset: int) -> int:
+        """0-based character column of a file offset (only computed for error messages)."""
+        lookback = min(offset, 1 << 16)
+        with open(self.path, "rb") as f:
+            f.seek(offset - lookback)
+            before = f.read(lookback)
+        nl = before.rfind(b"\n")
+        if nl == -1 and lookback < offset:
+            return 0  # line too long to look back over; column is relative to the record
+        prefix = before[nl + 1:]
+        if prefix.startswith(_BOM):
+            prefix = prefix[len(_BOM):]
+        return len(prefix.decode("utf-8", errors="replace"))
+
+    def keep_only(self, positions: list[int]) -> None:
+        """Restrict the index to the given record positions (in that order)."""
+        self.starts = array("q", (self.starts[p] for p in positions))
+        self.ends = array("q", (self.ends[p] for p in positions))
+        self.lines = array("q", (self.lines[p] for p in positions))
+
+
+def _incomplete(data: bytes) -> bool:
+    """True when ``data`` is the start of a JSON value that ends too early."""
+    text = data.decode("utf-8", errors="replace").strip()
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        return e.pos >= len(text)
+    return False
+
+
+def _advance(buf: bytes, base: int, line: int, counted: int, upto: int) -> tuple[int, int]:
+    """Count newlines between file offset ``counted`` and buffer position ``upto``."""
+    line += buf.count(b"\n", counted - base, upto)
+    return line, base + upto
+
+
+class RecordFile(collections.abc.Sequence[Record]):
+    """Indexed reader of one LLaVA-style dataset file (JSON array or JSONL, auto-detected by content, not extension).
+
+    ``ids`` keeps only records with those ids; ids not found are in ``missing_ids``.
+    """
+
+    def __init__(self, path: str | Path, media_root: str | Path | None = None,
+                 ids: set[str] | None = None, check_media_exists: bool = True) -> None:
+        self._index = RecordIndex(path)
+        self.path = self._index.path
+        self.format = self._index.format
+        root = Path(media_root).expanduser() if media_root is not None else self.path.parent
+        self.media_root = root.absolute()
+        self.check_media_exists = check_media_exists
+        self.missing_ids: set[str] = set()
+        if ids is not None:
+            self._filter(ids)
+
+    def _filter(self, ids: set[str]) -> None:
+        # One json.loads per record during indexing; only the positions are kept.
+        keep: list[int] = []
+        found: set[str] = set()
+        for i in range(len(self._index)):
+            obj = self._index.load(i)
+            rid = _record_id(obj, self._index, i) if isinstance(obj, dict) else None
+            if rid is None:
+                rid = self._index.default_id(i)
+            if rid in ids:
+                keep.append(i)
+                found.add(rid)
+        self.missing_ids = ids - found
+        if not keep:
+            raise DataError(
+                f"none of the {len(ids)} ids in the id filter occur in this file",
+                path=self.path, fix="check that the ids file belongs to this dataset (one id "
+                                    "per line, exactly as in the records' \"id\" field)")
+        self._index.keep_only(keep)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i: int) -> Record:  # type: ignore[override]
+        try:
+            i = operator.index(i)  # samplers may hand out numpy integers
+        except TypeError:
+            raise TypeError(f"RecordFile indices must be integers, not {type(i).__name__}"
+                            ) from None
+        n = len(self._index)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"record index {i} out of range for {n} records")
+        obj = self._index.load(i)
+        line = self._index.line(i)
+        if not isinstance(obj, dict):
+            raise DataError(
+                f"record is not a JSON object (got {_json_type(obj)})", path=self.path,
+                line=line, record_id=self._index.default_id(i),
+                fix='each record must be an object like {"id": ..., "conversations": [...]}')
+        rid = _record_id(obj, self._index, i)
+        return _parse(obj, rid=rid, path=self.path, line=line, media_root=self.media_root,
+                      check_exists=self.check_media_exists)
+
+    def location(self, i: int) -> tuple[Path, int]:
+        """(file, line) of record ``i`` without parsing it."""
+        return self.path, self._index.line(i)
+
+    def iter_checked(self) -> Iterator[tuple[int, Record | None, DataError | None]]:
+        """Yield ``(i, record, error)`` for every record, collecting errors instead of raising.
+
+        A duplicate id yields both the record and an error naming the first occurrence.
+        """
+        first_line: dict[str, int] = {}
+        for i in range(len(self)):
+            try:
+                rec = self[i]
+            except DataError as e:
+                yield i, None, e
+                continue
+            if rec.id in first_line:
+                yield i, rec, DataError(
+                    f"duplicate id (first used by the record at line {first_line[rec.id]})",
+                    path=self.path, line=rec.line, record_id=rec.id,
+                    fix="give every record a unique id")
+            else:
+                first_line[rec.id] = rec.line
+                yield i, rec, None
+
+
+def _json_type(obj: object) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number", type(None): "null"}.get(type(obj), "a value")
+
+
+def _record_id(obj: dict, index: RecordIndex, i: int) -> str:
+    rid = obj.get("id")
+    if rid is None:
+        return index.default_id(i)
+    if isinstance(rid, bool) or not isinstance(rid, str | int):
+        raise DataError(f"'id' must be a string (got {_json_type(rid)})", path=index.path,
+                        line=index.line(i), record_id=index.default_id(i),
+                        fix='write the id as a string, e.g. "id": "sample-0001"')
+    return str(rid)
+
+
+def _parse(obj: dict, *, rid: str, path: Path, line: int, media_root: Path,
+           check_exists: bool) -> Record:
+    """Validate one record object and build a Record."""
+
+    def fail(problem: str, fix: str, error: type[DataError] = DataError) -> DataError:
+        return error(problem, path=path, line=line, record_id=rid, fix=fix)
+
+    turn_fix = 'each turn is {"from": "human" | "gpt" | "system", "value": "<text>"}'
+    conv = obj.get("conversations")
+    if conv is None:
+        raise fail("record has no 'conversations'",
+                   "add a 'conversations' list of turns, e.g. [{\"from\": \"human\", "
+                   "\"value\": \"...\"}, {\"from\": \"gpt\", \"value\": \"...\"}]")
+    if not isinstance(conv, list):
+        raise fail(f"'conversations' must be a list of turns (got {_json_type(conv)})", turn_fix)
+    if not conv:
+        raise fail("'conversations' is empty",
+                   "add at least one human turn and one gpt turn, or remove the record")
+    valid_roles = ", ".join(sorted(ROLES))
+    roles: list[str] = []
+    texts: list[str] = []
+    for k, turn in enumerate(conv):
+        where = f"conversations[{k}]"
+        if not isinstance(turn, dict):
+            raise fail(f"{where} is {_json_type(turn)}, not a turn object", turn_fix)
+        for key in ("from", "value"):
+            if key not in turn:
+                raise fail(f"{where} has no '{key}'", f"add '{key}' to the turn; {turn_fix}")
+        who = turn["from"]
+        if not isinstance(who, str) or who not in ROLES:
+            raise fail(f"{where} has unknown role {who!r}; valid roles: {valid_roles}",
+                       f"set 'from' to one of: {valid_roles}")
+        text = turn["value"]
+        if not isinstance(text, str):
+            raise fail(f"{where} 'value' must be a string (got {_json_type(text)})",
+                       "write the turn text as a JSON string")
+        for alias, canonical in _ALIASES.items():
+            text = text.replace(alias, canonical)
+        roles.append(ROLES[who])
+        texts.append(text)
+    if "assistant" not in roles:
+        raise fail("conversation has no assistant (gpt) turn",
+                   "add a {\"from\": \"gpt\", \"value\": \"...\"} turn with the target answer")
+    for k, (role, text) in enumerate(zip(roles, texts, strict=True)):
+        if role == "assistant" and not text.strip():
+            raise fail(f"conversations[{k}] is an assistant turn with empty text",
+                       "write the target answer in the turn, or remove the turn")
+
+    media = {kind: _media_list(obj, kind, fail) for kind in PLACEHOLDERS}
+    if (media["video"] and not media["image"] and not any("<video>" in t for t in texts)
+            and sum(t.count("<image>") for t in texts) == len(media["video"])):
+        texts = [t.replace("<image>", "<video>") for t in texts]
+
+    for k, (role, text) in enumerate(zip(roles, texts, strict=True)):
+        if role != "assistant":
+            continue
+        for token in PLACEHOLDERS.values():
+            if token in text:
+                raise fail(f"conversations[{k}] is an assistant turn containing "
+                           f"{text.count(token)} {token} placeholder(s); media may only "
+                           "appear in user or system turns",
+                           f"move {token} into the user turn that asks about the media")
+    for kind, token in PLACEHOLDERS.items():
+        found = sum(t.count(token) for t in texts)
+        given = len(media[kind])
+        if found != given:
+            raise fail(f"found {found} {token} placeholder(s) in the turns but {given} "
+                       f"{kind} file(s) in '{kind}'",
+                       f"put exactly one {token} in the user turn(s) for each file listed "
+                       f"in '{kind}' (or list one file per {token})")
+
+    clip = _video_clip(obj, bool(media["video"]), fail)
+    resolved: dict[str, tuple[Path, ...]] = {}
+    for kind, paths in media.items():
+        out = []
+        for p in paths:
+            full = Path(p).expanduser()
+            if not full.is_absolute():
+                full = media_root / full
+            if check_exists and not full.exists():
+                raise fail(f"{kind} file not found: {full} (media_root: "
+                           f"{media_root})",
+                           "check media_root (relative media paths resolve against it; "
+                           "default: the dataset file's folder) and the path in the record",
+                           MediaError)
+            out.append(full)
+        resolved[kind] = tuple(out)
+    turns = tuple(Turn(role, text) for role, text in zip(roles, texts, strict=True))
+    return Record(id=rid, turns=turns, images=resolved["image"], videos=resolved["video"],
+                  audios=resolved["audio"], source=path, line=line, video_clip=clip)
+
+
+def _media_list(obj: dict, kind: str, fail: collections.abc.Callable[..., DataError]
+                ) -> list[str]:
+    value = obj.get(kind)
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(p, str) and p for p in items):
+        raise fail(f"'{kind}' must be a non-empty path string or a list of them "
+                   f"(got {value!r})",
+                   f'write e.g. "{kind}": "relative/path" or "{kind}": ["a", "b"]')
+    return items
+
+
+def _video_clip(obj: dict, has_video: bool, fail: collections.abc.Callable[..., DataError]
+                ) -> tuple[float, float] | None:
+    clip = obj.get("video_clip")
+    if clip is None:
+        return None
+    fix = 'write "video_clip": [start_seconds, end_seconds] with 0 <= start < end'
+    if not has_video:
+        raise fail("'video_clip' is set but the record has no 'video'",
+                   "add the 'video' the clip refers to, or remove 'video_clip'")
+    if (not isinstance(clip, list) or len(clip) != 2
+            or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in clip)):
+        raise fail(f"'video_clip' must be two numbers [start, end] (got {clip!r})", fix)
+    start, end = float(clip[0]), float(clip[1])
+    if not 0 <= start < end:
+        raise fail(f"'video_clip' [{start}, {end}] is not a valid time window", fix)
+    return start, end
+
+
+def read_id_filter(path: str | Path) -> set[str]:
+    """Ids listed one per line; blank lines and lines starting with '#' are ignored."""
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError("id filter file not found", path=p,
+                        fix="check the ids_file path") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read id filter file ({e})", path=p,
+                        fix="make it a readable UTF-8 text file with one id per line") from None
+    ids = {s for s in (raw.strip() for raw in text.splitlines()) if s and not s.startswith("#")}
+    if not ids:
+        raise DataError("id filter file lists no ids", path=p,
+                        fix="write one record id per line, or drop the ids_file setting")
+    return ids
+
+
+def read_records(path: str | Path, media_root: str | Path | None = None,
+                 ids_file: str | Path | None = None,
+                 check_media_exists: bool = True) -> RecordFile:
+    """Open a JSON/JSONL dataset file, optionally keeping only the ids in ``ids_file``."""
+    ids = read_id_filter(ids_file) if ids_file is not None else None
+    return RecordFile(path, media_root=media_root, ids=ids,
+                      check_media_exists=check_media_exists)
+
+
+__all__ = ["PLACEHOLDERS", "ROLES", "Record", "RecordFile", "RecordIndex", "Turn",
+           "read_id_filter", "read_records"]

@@ -1,0 +1,320 @@
+"""Chat template and assistant-only labels for one record.
+
+How the labels are made exact, for any chat template:
+1. The conversation is rendered with the processor's own chat template, each assistant
+   text replaced by a unique sentinel; the sentinels are then found in the rendered string
+   and swapped back, which gives the character span of every assistant answer without
+   assuming anything about the template's layout. The family's end-of-turn token must
+   follow each answer directly; it is supervised with it, and so is a separator space
+   right before the answer, which byte-level tokenizers fold into the answer's first token.
+2. The processor expands media placeholders (images, videos) and tokenizes the whole text,
+   as it would for inference.
+3. The expanded text is cut at every answer boundary and every media expansion, each piece
+   is tokenized on its own, and the concatenation must equal the processor's ids. Pieces
+   inside answer spans are labelled with their ids; everything else, media tokens
+   included, is -100. If the pieces ever disagree with the whole, the sample is refused
+   rather than mislabelled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hpc_train.data.media import VideoFrames
+from hpc_train.data.records import Record
+from hpc_train.errors import DataError
+from hpc_train.models.families import Family
+
+IGNORE_INDEX = -100
+_PLACEHOLDER_RE = re.compile(r"(<image>|<video>|<speech>)")
+_SENTINEL = "\u27e6hpc-answer-{}\u27e7"
+
+
+@dataclass
+class SampleMedia:
+    """Decoded media of one record, each list in placeholder order."""
+
+    images: list[Image.Image] = field(default_factory=list)
+    videos: list[VideoFrames] = field(default_factory=list)
+    audios: list[Image.Image] = field(default_factory=list)
+    """Spectrogram pictures of the ``<speech>`` clips."""
+
+
+@dataclass
+class EncodedSample:
+    """One tokenized sample, ready for the collator."""
+
+    id: str
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    media: dict[str, torch.Tensor]
+    """Family-specific media tensors without a batch dimension (see ``collate``)."""
+    num_media_tokens: int
+    """Tokens that came from expanding media placeholders."""
+    answers: list[str]
+    """The assistant texts, in order (what the labels must decode to)."""
+
+    def __len__(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def num_supervised(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+    @property
+    def num_text_tokens(self) -> int:
+        return len(self) - self.num_media_tokens
+
+
+class ChatEncoder:
+    """Turns a :class:`Record` plus its decoded media into an :class:`EncodedSample`."""
+
+    def __init__(self, processor: Any, family: Family, *, system_prompt: str | None = None) -> None:
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.family = family
+        self.system_prompt = system_prompt
+        if getattr(processor, "chat_template", None) is None:
+            raise DataError(
+                "the processor has no chat template",
+                fix="save the model folder with its chat_template.jinja (processor.save_pretrained)",
+            )
+
+    # -- public -------------------------------------------------------------------------
+
+    def encode(self, record: Record, media: SampleMedia) -> EncodedSample:
+        """Tokenize a whole conversation with labels on the assistant answers only."""
+        messages, images, videos, answers = self._messages(record, media, with_answers=True)
+        rendered = self._render(record, messages, add_generation_prompt=False)
+        text, spans = self._restore_answers(record, rendered, answers)
+        return self._tokenize(record, text, spans, images, videos, answers)
+
+    def encode_prompt(self, record: Record, media: SampleMedia) -> EncodedSample:
+        """Tokenize the conversation up to its last answer, ending with the generation prompt.
+
+        The last assistant turn is the reference answer (``answers[-1]``); labels are all -100.
+        """
+        last = max(i for i, t in enumerate(record.turns) if t.role == "assistant")
+        head = dataclasses.replace(record, turns=record.turns[:last])
+        messages, images, videos, _ = self._messages(head, media, with_answers=False)
+        text = self._render(record, messages, add_generation_prompt=True)
+        sample = self._tokenize(record, text, [], images, videos, [])
+        sample.answers = [record.turns[last].text]
+        return sample
+
+    def decode_spans(self, sample: EncodedSample) -> list[str]:
+        """The supervised runs of a sample, decoded (the independent check of the labels)."""
+        mask = (sample.labels != IGNORE_INDEX).tolist()
+        ids = sample.input_ids.tolist()
+        runs, current = [], []
+        for token, supervised in zip(ids, mask, strict=True):
+            if supervised:
+                current.append(token)
+            elif current:
+                runs.append(current)
+                current = []
+        if current:
+            runs.append(current)
+        return [self.tokenizer.decode(run, skip_special_tokens=False) for run in runs]
+
+    # -- steps --------------------------------------------------------------------------
+
+    def _messages(self, record: Record, media: SampleMedia, *, with_answers: bool
+                  ) -> tuple[list[dict], list[Image.Image], list[np.ndarray], list[str]]:
+        images: list[Image.Image] = []
+        videos: list[np.ndarray] = []
+        answers: list[str] = []
+        queues = {"<image>": list(media.images), "<video>": list(media.videos),
+                  "<speech>": list(media.audios)}
+        messages: list[dict] = []
+        if self.system_prompt and not any(t.role == "system" for t in record.turns):
+            messages.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+        for turn in record.turns:
+            if turn.role == "assistant":
+                text = turn.text.strip()
+                answers.append(text)
+                marker = _SENTINEL.format(len(answers) - 1) if with_answers else text
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": marker}]})
+                continue
+            content: list[dict] = []
+            for piece in _PLACEHOLDER_RE.split(turn.text):
+                if not piece:
+                    continue
+                if piece not in queues:
+                    content.append({"type": "text", "text": piece})
+                    continue
+                if not queues[piece]:
+                    raise DataError(f"more {piece} placeholders than media given", path=record.source,
+                                    line=record.line, record_id=record.id,
+                                    fix=f"give one media file per {piece}")
+                item = queues[piece].pop(0)
+                if piece == "<video>":
+                    if self.family.video_as_images:
+                        for frame in item.frames:
+                            content.append({"type": "image"})
+                            images.append(Image.fromarray(frame))
+                    else:
+                        content.append({"type": "video"})
+                        videos.append(item.frames)
+                else:
+                    content.append({"type": "image"})
+                    images.append(item)
+            if not content:
+                content.append({"type": "text", "text": ""})
+            messages.append({"role": turn.role, "content": content})
+        return messages, images, videos, answers
+
+    def _render(self, record: Record, messages: list[dict], *, add_generation_prompt: bool) -> str:
+        try:
+            return self.processor.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as exc:  # jinja errors carry no location of ours
+            raise DataError(f"the chat template failed on this conversation: {exc}",
+                            path=record.source, line=record.line, record_id=record.id,
+                            fix="check the turn order (system, then alternating user/assistant)") from exc
+
+    def _restore_answers(self, record: Record, rendered: str, answers: list[str]
+                         ) -> tuple[str, list[tuple[int, int]]]:
+        eot = self.family.end_of_turn
+        out: list[str] = []
+        spans: list[tuple[int, int]] = []
+        cursor = 0
+        length = 0
+        for k, answer in enumerate(answers):
+            sentinel = _SENTINEL.format(k)
+            where = rendered.find(sentinel, cursor)
+            if where < 0 or rendered.count(sentinel) != 1:
+                raise DataError(
+                    f"the chat template did not render assistant turn {k + 1} verbatim",
+                    path=record.source, line=record.line, record_id=record.id,
+                    fix="use a chat template that writes assistant text unchanged")
+            before = rendered[cursor:where]
+            out.append(before)
+            length += len(before)
+            # A template's separator space ("Assistant: red") is merged by byte-level BPE into
+            # the answer's first token ("Ġred"), so it belongs to the supervised span.
+            start = length - (len(before) - len(before.rstrip(" ")))
+            out.append(answer)
+            length += len(answer)
+            cursor = where + len(sentinel)
+            if not rendered.startswith(eot, cursor):
+                raise DataError(
+                    f"the chat template does not close assistant turn {k + 1} with {eot} "
+                    f"(found {rendered[cursor:cursor + 20]!r})",
+                    path=record.source, line=record.line, record_id=record.id,
+                    fix=f"use the family's chat template, which ends each turn with {eot}")
+            out.append(eot)
+            length += len(eot)
+            cursor += len(eot)
+            spans.append((start, length))
+        out.append(rendered[cursor:])
+        return "".join(out), spans
+
+    def _tokenize(self, record: Record, text: str, spans: list[tuple[int, int]],
+                  images: list[Image.Image], videos: list[np.ndarray], answers: list[str]
+                  ) -> EncodedSample:
+        kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "add_special_tokens": False,
+                                  "return_text_replacement_offsets": True}
+        if images:
+            # Nested per sample: LLaVA-OneVision gives a multi-image sample fewer tokens per
+            # image than a single one, and only knows it is one sample when grouped.
+            kwargs["images"] = [images]
+        if videos:
+            kwargs["videos"] = videos
+        try:
+            out = self.processor(**kwargs)
+        except Exception as exc:
+            raise DataError(f"the processor rejected this sample: {exc}", path=record.source,
+                            line=record.line, record_id=record.id,
+                            fix="check that the media files are valid images/videos") from exc
+        input_ids = out["input_ids"][0]
+        replacements = out.get("text_replacement_offsets", [[]])
+        replacements = replacements[0] if replacements else []
+        expanded, cuts, media_ranges = _expand(text, spans, replacements)
+        pieces_ids: list[int] = []
+        labels: list[int] = []
+        num_media = 0
+        supervised_ranges = {_shift(s, replacements): _shift(e, replacements) for s, e in spans}
+        for start, end in zip(cuts, cuts[1:], strict=False):
+            if start == end:
+                continue
+            ids = self.tokenizer(expanded[start:end], add_special_tokens=False)["input_ids"]
+            pieces_ids.extend(ids)
+            if any(s <= start and end <= e for s, e in supervised_ranges.items()):
+                labels.extend(ids)
+            else:
+                labels.extend([IGNORE_INDEX] * len(ids))
+            if any(s <= start and end <= e for s, e in media_ranges):
+                num_media += len(ids)
+        if pieces_ids != input_ids.tolist():
+            raise DataError(
+                "tokenizing answer spans on their own gives different tokens than the whole text, "
+                "so the labels cannot be placed exactly",
+                path=record.source, line=record.line, record_id=record.id,
+                fix="use a tokenizer whose pre-tokenizer splits at turn boundaries (byte-level BPE does)")
+        sample = EncodedSample(
+            id=record.id,
+            input_ids=input_ids.long(),
+            labels=torch.tensor(labels, dtype=torch.long),
+            media=self._media_tensors(out),
+            num_media_tokens=num_media,
+            answers=answers,
+        )
+        if spans and sample.num_supervised == 0:
+            raise DataError("the sample has no supervised tokens", path=record.source,
+                            line=record.line, record_id=record.id,
+                            fix="give the assistant turns some text")
+        return sample
+
+    def _media_tensors(self, out: Any) -> dict[str, torch.Tensor]:
+        media: dict[str, torch.Tensor] = {}
+        if self.family.name == "smolvlm":
+            if "pixel_values" in out:
+                media["pixel_values"] = out["pixel_values"][0]
+                media["pixel_attention_mask"] = out["pixel_attention_mask"][0].bool()
+        else:
+            if "pixel_values" in out:
+                media["pixel_values"] = out["pixel_values"]
+                media["image_sizes"] = out["image_sizes"]
+            if "pixel_values_videos" in out:
+                media["pixel_values_videos"] = out["pixel_values_videos"]
+        return media
+
+
+def _shift(position: int, replacements: list[dict]) -> int:
+    """Where a character of the unexpanded text lands after the media expansions before it."""
+    delta = 0
+    for rep in replacements:
+        start, end = rep["span"]
+        if end <= position:
+            new_start, new_end = rep["new_span"]
+            delta += (new_end - new_start) - (end - start)
+    return position + delta
+
+
+def _expand(text: str, spans: list[tuple[int, int]], replacements: list[dict]
+            ) -> tuple[str, list[int], list[tuple[int, int]]]:
+    """The expanded text, the cut points between pieces, and the media pieces' ranges."""
+    parts: list[str] = []
+    cursor = 0
+    for rep in sorted(replacements, key=lambda r: r["span"][0]):
+        start, end = rep["span"]
+        parts.append(text[cursor:start])
+        parts.append(rep["replacement"])
+        cursor = end
+    parts.append(text[cursor:])
+    expanded = "".join(parts)
+    media_ranges = [tuple(rep["new_span"]) for rep in replacements]
+    cuts = {0, len(expanded)}
+    for s, e in spans:
+        cuts.update((_shift(s, replacements), _shift(e, replacements)))
+    for s, e in media_ranges:
+        cuts.update((s, e))
+    return expanded, sorted(cuts), media_ranges

@@ -1,0 +1,1 @@
+"""Model families, tiny offline models, and (later) adapters and attention."""

@@ -1,0 +1,58 @@
+"""Load a model and/or its processor from a local folder or a preset, offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
+
+from hpc_train.config import ModelConfig
+from hpc_train.errors import ConfigError
+from hpc_train.models.families import Family, family_of_model_type, get_family
+from hpc_train.models.tiny import build_tiny
+
+
+def model_family(model: ModelConfig) -> Family:
+    """The family of the configured model; a folder's own ``model_type`` must agree with it."""
+    family = get_family(model.family)
+    if model.path is not None:
+        folder = _model_folder(model.path)
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type", "")
+        found = family_of_model_type(model_type)
+        if found.name != family.name:
+            raise ConfigError(
+                f"{folder}/config.json: model_type '{model_type}' is the {found.name} family, but "
+                f"model.family is '{family.name}'. Fix: set model.family={found.name}"
+            )
+    return family
+
+
+def load_processor(model: ModelConfig) -> Any:
+    """The processor (tokenizer + image/video processors + chat template) of the configured model."""
+    if model.preset == "tiny":
+        return build_tiny(model.family)[1]
+    folder = _model_folder(model.path)
+    return AutoProcessor.from_pretrained(folder, local_files_only=True)
+
+
+def load_model_and_processor(model: ModelConfig, **model_kwargs: object) -> tuple[PreTrainedModel, Any]:
+    """The configured model with its processor (random weights for a preset)."""
+    if model.preset == "tiny":
+        return build_tiny(model.family)
+    folder = _model_folder(model.path)
+    processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    net = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, **model_kwargs)
+    return net, processor
+
+
+def _model_folder(path: str | None) -> Path:
+    folder = Path(path or "")
+    if not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"model.path={path}: no config.json there, so it is not a saved model folder. Fix: point "
+            "model.path at a folder written by save_pretrained (`hpc-train make-tiny smolvlm DIR` "
+            "writes one), or set model.preset=tiny"
+        )
+    return folder

@@ -1,0 +1,85 @@
+"""The data commands as a user runs them: make-data, make-tiny, check-data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hpc_train.cli import main
+
+
+def test_make_tiny_writes_a_loadable_folder(tmp_path, capsys):
+    assert main(["make-tiny", "llava_onevision", str(tmp_path / "m")]) == 0
+    assert "saved to" in capsys.readouterr().out
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("family", ["smolvlm", "llava_onevision"])
+def test_check_data_on_synthetic_set(synthetic_data, tiny_model_dirs, tmp_path, capsys, family):
+    report_path = tmp_path / "audit.json"
+    code = main(["check-data", f"tiny_{family}", f"model.path={tiny_model_dirs[family]}", "model.preset=null",
+                 f"data.train={synthetic_data / 'train.jsonl'}", f"data.media_root={synthetic_data / 'media'}",
+                 "--json", str(report_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    report = json.loads(report_path.read_text())
+    assert report["ok"] and report["records"] == report["usable"] == 40
+    assert set(report["kinds"]) == {"image", "video", "audio", "multi_image", "text"}
+    tokens = report["tokens"]
+    assert tokens["total"]["min"] <= tokens["total"]["median"] <= tokens["total"]["p95"] <= tokens["total"]["max"]
+    assert tokens["media"]["max"] > 0 and tokens["supervised"]["min"] >= 1
+    # The example shows the answer marked as supervised and media collapsed.
+    assert "[[" in report["example"] and "×" in report["example"]
+    assert "tokens per sample" in out and "OK" in out
+
+
+def test_check_data_fails_and_lists_every_problem(synthetic_data, tmp_path, capsys):
+    data = tmp_path / "broken"
+    shutil.copytree(synthetic_data, data)
+    lines = (data / "train.jsonl").read_text().splitlines()[:6]
+    first = json.loads(lines[1])
+    media = next(first[k] for k in ("image", "video", "audio") if k in first)
+    media = media[0] if isinstance(media, list) else media
+    (data / "media" / media).unlink()
+    lines.insert(3, '{"id": "broken json", ')
+    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    code = main(["check-data", "tiny_smolvlm", f"data.train={data / 'train.jsonl'}",
+                 f"data.media_root={data / 'media'}", "data.max_seq_len=20"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert f"train.jsonl:2 [id {first['id']}]" in out and "file not found" in out
+    assert "train.jsonl:4" in out and "JSON" in out
+    assert "over max_seq_len=20" in out
+    assert "FAILED" in out
+
+
+def test_check_data_config_errors_exit_2(capsys):
+    assert main(["check-data", "tiny_smolvlm", "data.max_seqlen=3"]) == 2
+    assert "did you mean 'data.max_seq_len'" in capsys.readouterr().err
+
+
+def test_make_data_cli(tmp_path, capsys):
+    assert main(["make-data", str(tmp_path / "d"), "--n-train", "5", "--n-eval", "5", "--seed", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert sum(summary["counts"]["train"].values()) == 5
+    assert Path(summary["train"]).is_file()
+
+
+def test_convert_proassist_cli(tmp_path, capsys):
+    dialog = {"video_uid": "abc", "video": "v.mp4", "conversation": [
+        {"role": "frames", "start": 0.0, "end": 2.0},
+        {"role": "user", "content": "Next?", "time": 2.0},
+        {"role": "assistant", "content": "Cut.", "time": 2.5}]}
+    src = tmp_path / "dialogs.jsonl"
+    src.write_text(json.dumps(dialog) + "\n")
+    out = tmp_path / "llava.jsonl"
+    assert main(["convert-proassist", str(src), str(out)]) == 0
+    assert "1 records written" in capsys.readouterr().out
+    record = json.loads(out.read_text())
+    assert record["video_clip"] == [0.0, 2.0] and record["conversations"][0]["value"].startswith("<video>")
+    src.write_text('{"video_uid": 1\n')
+    assert main(["convert-proassist", str(src), str(out)]) == 2
+    assert "dialogs.jsonl:1" in capsys.readouterr().err
