@@ -74,7 +74,7 @@ def audit_dataset(config: RunConfig, *, split: str = "train", limit: int | None 
         except DataError as exc:
             report.errors.append(str(exc))
             continue
-        kinds[_kind(record)] += 1
+        kinds[record.kind] += 1
         if len(sample) > config.data.max_seq_len:
             report.over_max_seq_len.append(
                 f"{record.source}:{record.line} [id {record.id}]: {len(sample)} tokens")
@@ -140,16 +140,6 @@ def format_report(report: AuditReport, *, max_errors: int = 20) -> str:
         lines += [f"    {line}" for line in report.example.splitlines()]
     lines.append(f"  {'OK' if report.ok else 'FAILED'} in {report.seconds:.1f} s")
     return "\n".join(lines)
-
-
-def _kind(record: Any) -> str:
-    if record.videos:
-        return "video"
-    if record.audios:
-        return "audio"
-    if len(record.images) > 1:
-        return "multi_image"
-    return "image" if record.images else "text"
 
 
 def _stats(values: list[int]) -> dict[str, float]:

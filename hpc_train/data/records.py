@@ -107,6 +107,17 @@ class Record:
         """True when the record refers to at least one image, video or audio file."""
         return bool(self.images or self.videos or self.audios)
 
+    @property
+    def kind(self) -> str:
+        """``video``, ``audio``, ``multi_image``, ``image`` or ``text`` (for audits and tests)."""
+        if self.videos:
+            return "video"
+        if self.audios:
+            return "audio"
+        if len(self.images) > 1:
+            return "multi_image"
+        return "image" if self.images else "text"
+
 
 class RecordIndex:
     """Byte span and 1-based line of every record of a JSON-array or JSONL file.

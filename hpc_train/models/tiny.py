@@ -8,6 +8,7 @@ wide: bitsandbytes' 4-bit kernels cannot quantize narrower layers.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -86,11 +87,7 @@ def build_tiny_smolvlm(*, image_splitting: bool = False, seed: int = 0,
     config = Idefics3Config(
         vision_config={"hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": 2,
                        "num_attention_heads": 2, "image_size": tile, "patch_size": patch},
-        text_config={"model_type": "llama", "hidden_size": width, "intermediate_size": 2 * width,
-                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                     "vocab_size": len(tokenizer), "max_position_embeddings": 4096,
-                     "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-                     "eos_token_id": tokenizer.eos_token_id, "tie_word_embeddings": False},
+        text_config=_text_config("llama", width, tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         scale_factor=scale,
         tie_word_embeddings=False,
@@ -122,11 +119,7 @@ def build_tiny_llava_onevision(*, seed: int = 0, width: int = 64) -> tuple[PreTr
         vision_config={"model_type": "siglip_vision_model", "hidden_size": width,
                        "intermediate_size": 2 * width, "num_hidden_layers": 2,
                        "num_attention_heads": 2, "image_size": side, "patch_size": patch},
-        text_config={"model_type": "qwen2", "hidden_size": width, "intermediate_size": 2 * width,
-                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                     "vocab_size": len(tokenizer), "max_position_embeddings": 4096,
-                     "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-                     "eos_token_id": tokenizer.eos_token_id, "tie_word_embeddings": False},
+        text_config=_text_config("qwen2", width, tokenizer),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
         vision_feature_select_strategy="full",
@@ -160,7 +153,16 @@ def save_tiny(family: str, out_dir: str | Path, **kwargs: object) -> Path:
     return out
 
 
-def _set_generation_ids(model: PreTrainedModel, tokenizer: object) -> None:
+def _text_config(model_type: str, width: int, tokenizer: Any) -> dict[str, Any]:
+    """A 2-layer language model with grouped-query attention, as the real families use."""
+    return {"model_type": model_type, "hidden_size": width, "intermediate_size": 2 * width,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": len(tokenizer), "max_position_embeddings": 4096,
+            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "tie_word_embeddings": False}
+
+
+def _set_generation_ids(model: PreTrainedModel, tokenizer: Any) -> None:
     gen = model.generation_config
     gen.pad_token_id = tokenizer.pad_token_id
     gen.eos_token_id = tokenizer.eos_token_id

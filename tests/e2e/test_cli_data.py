@@ -39,18 +39,26 @@ def test_check_data_on_synthetic_set(synthetic_data, tiny_model_dirs, tmp_path, 
 def test_check_data_fails_and_lists_every_problem(synthetic_data, tmp_path, capsys):
     data = tmp_path / "broken"
     shutil.copytree(synthetic_data, data)
-    lines = (data / "train.jsonl").read_text().splitlines()[:6]
-    first = json.loads(lines[1])
-    media = next(first[k] for k in ("image", "video", "audio") if k in first)
-    media = media[0] if isinstance(media, list) else media
-    (data / "media" / media).unlink()
+    lines = (data / "train.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    first = next(r for r in records if "image" in r)
+    image = first["image"][0] if isinstance(first["image"], list) else first["image"]
+    (data / "media" / image).unlink()
+    clip = next(r for r in records if "video" in r)
+    (data / "media" / clip["video"]).write_bytes(b"\x00not an mp4" * 100)
     lines.insert(3, '{"id": "broken json", ')
     (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+
+    def line_of(record: dict) -> int:
+        n = records.index(record) + 1
+        return n + 1 if n > 3 else n  # the inserted broken line shifts what follows it
+
     code = main(["check-data", "tiny_smolvlm", f"data.train={data / 'train.jsonl'}",
                  f"data.media_root={data / 'media'}", "data.max_seq_len=20"])
     out = capsys.readouterr().out
     assert code == 1
-    assert f"train.jsonl:2 [id {first['id']}]" in out and "file not found" in out
+    assert f"train.jsonl:{line_of(first)} [id {first['id']}]" in out and "not found" in out
+    assert f"train.jsonl:{line_of(clip)} [id {clip['id']}]: {data / 'media' / clip['video']}" in out
     assert "train.jsonl:4" in out and "JSON" in out
     assert "over max_seq_len=20" in out
     assert "FAILED" in out

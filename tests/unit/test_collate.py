@@ -20,16 +20,6 @@ from hpc_train.models.families import get_family
 FAMILIES = ("smolvlm", "llava_onevision")
 
 
-def kind(record) -> str:
-    if record.videos:
-        return "video"
-    if record.audios:
-        return "audio"
-    if len(record.images) > 1:
-        return "multi_image"
-    return "image" if record.images else "text"
-
-
 def mixed_samples(loaded_tiny, synthetic_data, family):
     cfg = DataConfig(media_root=str(synthetic_data / "media"), video={"num_frames": 4})
     records = read_records(synthetic_data / "train.jsonl", media_root=cfg.media_root)
@@ -38,7 +28,7 @@ def mixed_samples(loaded_tiny, synthetic_data, family):
     wanted = ["text", "image", "multi_image", "video", "audio"]
     picked = {}
     for i, rec in enumerate(records):
-        picked.setdefault(kind(rec), i)
+        picked.setdefault(rec.kind, i)
     assert set(wanted) <= set(picked), picked
     return [dataset[picked[k]] for k in wanted]
 
@@ -111,3 +101,24 @@ def test_llava_videos_of_different_lengths_refused(loaded_tiny, synthetic_data):
                              "media": {"pixel_values_videos": video.media["pixel_values_videos"][:, :2]}})
     with pytest.raises(DataError, match=r"different frame counts \[2, 4\].*Fix: use data.video.sampling=uniform"):
         Collator(get_family("llava_onevision"), 0)([video, shorter])
+
+
+def test_dataloader_workers_decode_video_like_the_main_process(loaded_tiny, synthetic_data):
+    from torch.utils.data import DataLoader
+
+    processor = loaded_tiny["smolvlm"][1]
+    cfg = DataConfig(media_root=str(synthetic_data / "media"), video={"num_frames": 4})
+    records = read_records(synthetic_data / "train.jsonl", media_root=cfg.media_root)
+    dataset = SampleDataset(records, ChatEncoder(processor, get_family("smolvlm")), MediaLoader(cfg), cfg)
+    collate = Collator(get_family("smolvlm"), processor.tokenizer.pad_token_id)
+
+    def run(workers: int) -> list[dict]:
+        loader = DataLoader(dataset, batch_size=8, num_workers=workers, collate_fn=collate)
+        return list(loader)
+
+    inline, parallel = run(0), run(2)
+    assert [b["sample_ids"] for b in inline] == [b["sample_ids"] for b in parallel]
+    assert sum(len(b["sample_ids"]) for b in parallel) == len(records)
+    for a, b in zip(inline, parallel, strict=True):
+        assert torch.equal(a["input_ids"], b["input_ids"])
+        assert torch.equal(a["pixel_values"], b["pixel_values"])
