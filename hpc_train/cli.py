@@ -40,6 +40,18 @@ def _check_data(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _train(args: argparse.Namespace) -> int:
+    from hpc_train.config import load_config
+    from hpc_train.train.trainer import TrainingStopped, run
+
+    config = load_config(args.config, args.overrides)
+    try:
+        return run(config, evaluate_only=args.command == "eval")
+    except TrainingStopped as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
 def _show_config(args: argparse.Namespace) -> int:
     import yaml
 
@@ -66,6 +78,15 @@ def _convert_proassist(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpc-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    for name, text in (("train", "train (or, in baseline mode, evaluate) a model; run under torchrun "
+                                  "or the DeepSpeed launcher for several processes"),
+                       ("eval", "evaluate a model (plus model.adapter) on data.eval: loss, perplexity, "
+                                "answer accuracy -> OUTPUT_DIR/eval_results.json")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("config", help="YAML config or shipped recipe name (e.g. tiny_smolvlm)")
+        p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+        p.set_defaults(func=_train)
 
     p = sub.add_parser("make-data", help="write the synthetic ball/tone dataset (mp4, png, wav, JSONL)")
     p.add_argument("out", help="output folder")

@@ -34,6 +34,12 @@ class ModelConfig(_Section):
     preset: Literal["tiny"] | None = None
     """Build the model from a known config instead of loading ``path``: ``tiny`` is a random
     model of ``family`` small enough for a CPU, with an offline processor."""
+    adapter: str | None = None
+    """A LoRA adapter folder (written by a lora/qlora run) applied on top of the model."""
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """Parameter and compute dtype: ``auto`` is bf16 on a GPU that has it, fp32 otherwise."""
+    freeze: list[Literal["vision", "connector", "llm"]] = []
+    """Module groups whose weights stay fixed (bit-identical after training)."""
 
 
 class VideoConfig(_Section):
@@ -89,6 +95,8 @@ class DataConfig(_Section):
     """A record with a missing or corrupt media file: ``skip`` it (counted) or stop with an error."""
     system_prompt: str | None = None
     """System turn added to records that have none (``null``: none)."""
+    num_workers: int = Field(2, ge=0)
+    """DataLoader worker processes per rank; media are decoded inside each worker."""
     video: VideoConfig = VideoConfig()
     image: ImageConfig = ImageConfig()
     audio: AudioConfig = AudioConfig()
@@ -109,8 +117,74 @@ class TrainConfig(_Section):
     """Stop after this many optimizer steps."""
     lr: float = Field(2e-4, gt=0)
     """Peak learning rate."""
+    lr_groups: dict[Literal["vision", "connector", "llm", "head"], float] = {}
+    """Peak learning rate per module group (e.g. ``{vision: 5e-6, connector: 1e-4}``); groups
+    not listed use ``lr``."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay (not applied to biases and norms)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up from 0 to the peak rate over this many optimizer steps."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Cosine decay ends at this fraction of the peak rate."""
+    grad_clip: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value (``null``: no clipping)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, about a third more compute)."""
+    log_every: int = Field(1, ge=1)
+    """Write a metrics line every N optimizer steps."""
+    eval_every: int = Field(0, ge=0)
+    """Evaluate on ``data.eval`` every N optimizer steps (0: only at the end)."""
+    early_stopping_patience: int | None = Field(None, ge=1)
+    """Stop after this many evaluations without a lower eval loss (``null``: never)."""
+    save_every: int = Field(0, ge=0)
+    """Save a checkpoint every N optimizer steps (0: only at the end and on a signal)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """How many step checkpoints to keep on disk (oldest removed first)."""
+    max_bad_steps: int = Field(0, ge=0)
+    """Optimizer steps with a non-finite loss or gradient to skip before the run stops."""
+    resume: bool = True
+    """Resume from ``output_dir/checkpoints/latest`` when it exists."""
     seed: int = 0
     """Seed for data order, sampling and initialisation."""
+
+
+class LoraConfig(_Section):
+    """LoRA / QLoRA adapters (used when ``train.mode`` is ``lora`` or ``qlora``)."""
+
+    r: int = Field(16, ge=1)
+    """Adapter rank."""
+    alpha: float = Field(32.0, gt=0)
+    """Scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the adapter input."""
+    target: Literal["llm", "llm+connector", "all"] = "llm"
+    """Which linear layers get adapters: the language model's, plus the connector's, or all."""
+    double_quant: bool = True
+    """QLoRA: quantize the 4-bit quantization constants too (saves ~0.4 bit per weight)."""
+    merge_on_export: bool = False
+    """Also write a merged full model next to the adapter at the end of training."""
+
+
+class DeepSpeedConfig(_Section):
+    """Which DeepSpeed config to use; ``"auto"`` values in it are filled from this RunConfig."""
+
+    config: str = "ds_configs/zero2.json"
+    """Path to a DeepSpeed JSON (ZeRO-2: ``zero2.json``, ZeRO-3: ``zero3.json``, ``zero3_offload.json``)."""
+
+
+class EvalConfig(_Section):
+    """Evaluation (``hpc-train eval`` and evaluation during training)."""
+
+    batch_size: int = Field(8, ge=1)
+    """Samples per rank per evaluation forward / generate call."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """Generation length; ``null``: the longest reference answer in tokens + 2."""
+    max_samples: int | None = Field(None, ge=1)
+    """Evaluate at most this many samples (``null``: the whole split)."""
+    generate: bool = True
+    """Also measure answer accuracy by greedy generation (exact match after normalisation)."""
 
 
 class RunConfig(_Section):
@@ -123,6 +197,9 @@ class RunConfig(_Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    lora: LoraConfig = LoraConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _check_model_source(self) -> RunConfig:

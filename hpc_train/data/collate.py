@@ -25,10 +25,18 @@ from hpc_train.models.families import Family
 class Collator:
     """Collate :class:`EncodedSample` items (dropping :class:`Skipped` ones, counted)."""
 
-    def __init__(self, family: Family, pad_token_id: int, *, pad_to_multiple_of: int | None = None) -> None:
+    def __init__(self, family: Family, pad_token_id: int, *, pad_to_multiple_of: int | None = None,
+                 blanks: Sequence[EncodedSample] = (), padding_side: str = "right") -> None:
+        """``blanks``: snippets from :meth:`ChatEncoder.blank_media`; a batch lacking a media
+        kind gets that blank added to its first sample, masked and unsupervised, on the
+        padding side (``left`` for generation prompts, which must end with the prompt)."""
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+        self.padding_side = padding_side
         self.family = family
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.blanks = list(blanks)
 
     def __call__(self, items: Sequence[EncodedSample | Skipped]) -> dict[str, Any]:
         samples = [s for s in items if isinstance(s, EncodedSample)]
@@ -40,13 +48,17 @@ class Collator:
         }
         if not samples:
             return batch
+        for blank in self.blanks:
+            if not any(_has_kind(s, blank) for s in samples):
+                samples = [_add_blank(samples[0], blank, at_start=self.padding_side == "left"),
+                           *samples[1:]]
         length = max(len(s) for s in samples)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch["input_ids"] = torch.stack([_pad1d(s.input_ids, length, self.pad_token_id) for s in samples])
-        batch["labels"] = torch.stack([_pad1d(s.labels, length, IGNORE_INDEX) for s in samples])
-        batch["attention_mask"] = torch.stack(
-            [_pad1d(torch.ones(len(s), dtype=torch.long), length, 0) for s in samples])
+        left = self.padding_side == "left"
+        batch["input_ids"] = torch.stack([_pad1d(s.input_ids, length, self.pad_token_id, left) for s in samples])
+        batch["labels"] = torch.stack([_pad1d(s.labels, length, IGNORE_INDEX, left) for s in samples])
+        batch["attention_mask"] = torch.stack([_pad1d(_mask(s), length, 0, left) for s in samples])
         if self.family.name == "smolvlm":
             batch.update(_idefics3_media(samples))
         else:
@@ -59,8 +71,34 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if k not in ("sample_ids", "skipped", "num_skipped")}
 
 
-def _pad1d(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
-    return F.pad(t, (0, length - t.numel()), value=value)
+def _has_kind(sample: EncodedSample, blank: EncodedSample) -> bool:
+    return any(key in sample.media for key in blank.media if key != "image_sizes")
+
+
+def _add_blank(sample: EncodedSample, blank: EncodedSample, *, at_start: bool) -> EncodedSample:
+    """``sample`` with a masked blank snippet before or after it, media in placeholder order."""
+    first, second = (blank, sample) if at_start else (sample, blank)
+    media = dict(first.media)
+    for key, value in second.media.items():
+        media[key] = torch.cat([media[key], value]) if key in media else value
+    return EncodedSample(
+        id=sample.id, input_ids=torch.cat([first.input_ids, second.input_ids]),
+        labels=torch.cat([first.labels, second.labels]), media=media,
+        num_media_tokens=sample.num_media_tokens + blank.num_media_tokens, answers=sample.answers,
+        masked_head=sample.masked_head + (len(blank) if at_start else 0),
+        masked_tail=sample.masked_tail + (0 if at_start else len(blank)))
+
+
+def _mask(sample: EncodedSample) -> torch.Tensor:
+    mask = torch.ones(len(sample), dtype=torch.long)
+    mask[: sample.masked_head] = 0
+    mask[len(sample) - sample.masked_tail:] = 0
+    return mask
+
+
+def _pad1d(t: torch.Tensor, length: int, value: int, left: bool = False) -> torch.Tensor:
+    pad = length - t.numel()
+    return F.pad(t, (pad, 0) if left else (0, pad), value=value)
 
 
 def _idefics3_media(samples: list[EncodedSample]) -> dict[str, torch.Tensor]:

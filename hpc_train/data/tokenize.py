@@ -60,6 +60,9 @@ class EncodedSample:
     """Tokens that came from expanding media placeholders."""
     answers: list[str]
     """The assistant texts, in order (what the labels must decode to)."""
+    masked_head: int = 0
+    masked_tail: int = 0
+    """Leading / trailing tokens no real token attends to (blank media added for ZeRO, see collate)."""
 
     def __len__(self) -> int:
         return int(self.input_ids.numel())
@@ -108,6 +111,39 @@ class ChatEncoder:
         sample = self._tokenize(record, text, [], images, videos, [])
         sample.answers = [record.turns[last].text]
         return sample
+
+    def blank_media(self) -> list[EncodedSample]:
+        """One blank image (and, for families with a video path, one blank one-frame video),
+        each as the token snippet and media tensors the processor makes for it.
+
+        The collator appends them to a batch that lacks that media kind, so every rank runs
+        the same vision modules every step (ZeRO-3 hangs otherwise, ZeRO-2 crashes).
+        """
+        # Mid-grey, not black: Idefics3 treats an all-zero tile as padding and drops it.
+        grey = np.full((self.family_blank_side, self.family_blank_side, 3), 128, dtype=np.uint8)
+        snippets = [self._snippet("image", images=[Image.fromarray(grey)])]
+        if not self.family.video_as_images:
+            snippets.append(self._snippet("video", videos=[grey[None]]))
+        return snippets
+
+    @property
+    def family_blank_side(self) -> int:
+        size = getattr(self.processor.image_processor, "size", None) or {}
+        return int(size.get("longest_edge") or size.get("height") or size.get("shortest_edge") or 64)
+
+    def _snippet(self, kind: str, *, images: list | None = None, videos: list | None = None
+                 ) -> EncodedSample:
+        token = self.family.image_token if kind == "image" else self.family.video_token
+        kwargs: dict[str, Any] = {"text": [token], "return_tensors": "pt", "add_special_tokens": False}
+        if images:
+            kwargs["images"] = [images]
+        if videos:
+            kwargs["videos"] = videos
+        out = self.processor(**kwargs)
+        ids = out["input_ids"][0].long()
+        return EncodedSample(id=f"<blank {kind}>", input_ids=ids,
+                             labels=torch.full_like(ids, IGNORE_INDEX), media=self._media_tensors(out),
+                             num_media_tokens=len(ids), answers=[])
 
     def decode_spans(self, sample: EncodedSample) -> list[str]:
         """The supervised runs of a sample, decoded (the independent check of the labels)."""

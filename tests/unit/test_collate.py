@@ -122,3 +122,33 @@ def test_dataloader_workers_decode_video_like_the_main_process(loaded_tiny, synt
     for a, b in zip(inline, parallel, strict=True):
         assert torch.equal(a["input_ids"], b["input_ids"])
         assert torch.equal(a["pixel_values"], b["pixel_values"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_blank_media_keep_text_only_batches_running_the_vision_tower(loaded_tiny, synthetic_data, family):
+    model, processor = loaded_tiny[family]
+    encoder = ChatEncoder(processor, get_family(family))
+    text_only = [s for s in mixed_samples(loaded_tiny, synthetic_data, family) if not s.media]
+    plain = Collator(get_family(family), processor.tokenizer.pad_token_id)
+    guarded = Collator(get_family(family), processor.tokenizer.pad_token_id, blanks=encoder.blank_media())
+    a, b = plain(text_only), guarded(text_only)
+    assert "pixel_values" not in a and "pixel_values" in b
+    if family == "llava_onevision":
+        assert "pixel_values_videos" in b
+    n = len(text_only[0])
+    assert not b["attention_mask"][0, n:].any() and (b["labels"][0, n:] == IGNORE_INDEX).all()
+    seen = []
+    hook = model.model.get_submodule(get_family(family).module_groups["vision"][0].removeprefix("model.").rstrip(".")
+                                     ).register_forward_hook(lambda *args: seen.append(1))
+    try:
+        with torch.no_grad():
+            out_a = model(**model_inputs(a), use_cache=False)
+            assert not seen
+            out_b = model(**model_inputs(b), use_cache=False)
+    finally:
+        hook.remove()
+    assert seen, "the vision tower did not run on the guarded batch"
+    # The blank changes nothing the real tokens see: same logits, same loss.
+    diff = (out_a.logits[0, :n] - out_b.logits[0, :n]).abs().max().item()
+    assert diff < 1e-5
+    assert torch.allclose(out_a.loss, out_b.loss, atol=1e-6)

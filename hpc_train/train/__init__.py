@@ -1,0 +1,1 @@
+"""Training: the step loop, DeepSpeed setup and out-of-memory advice."""

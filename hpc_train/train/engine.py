@@ -1,0 +1,123 @@
+"""DeepSpeed config resolution and ``deepspeed.initialize``.
+
+The shipped JSON files stay readable and may say ``"auto"``; every such value is filled
+from the RunConfig here, before DeepSpeed sees the dict, and none may be left over. The
+optimizer is always ours (AdamW over per-group parameter lists), so a DeepSpeed config with
+its own ``optimizer`` or ``scheduler`` block is refused: DeepSpeed would otherwise silently
+replace the per-group learning rates with one global rate.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hpc_train.config import RunConfig
+from hpc_train.errors import ConfigError
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
+
+def read_ds_config(path: str | Path) -> tuple[dict[str, Any], Path]:
+    """The DeepSpeed JSON at ``path`` (relative paths also tried against the package root)."""
+    candidates = [Path(path)]
+    if not Path(path).is_absolute():
+        candidates.append(PACKAGE_ROOT / path)
+    for candidate in candidates:
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text()), candidate
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{candidate}:{exc.lineno}: not valid JSON ({exc.msg}). "
+                                  "Fix: correct the DeepSpeed config") from exc
+    shipped = sorted(p.name for p in (PACKAGE_ROOT / "ds_configs").glob("*.json"))
+    raise ConfigError(f"deepspeed.config={path}: no such file. Fix: use one of ds_configs/ "
+                      f"({', '.join(shipped)}) or a path to your own")
+
+
+def resolve_ds_config(config: RunConfig, world_size: int, *, bf16: bool,
+                      hidden_size: int) -> dict[str, Any]:
+    """The concrete DeepSpeed dict for this run: no ``"auto"`` left, batch sizes consistent."""
+    raw, source = read_ds_config(config.deepspeed.config)
+    for block in ("optimizer", "scheduler"):
+        if block in raw:
+            raise ConfigError(
+                f"{source}: has an '{block}' block. hpc-train builds the optimizer and schedule "
+                "itself so that per-group learning rates (train.lr_groups) are the ones applied; "
+                f"DeepSpeed would silently replace them. Fix: delete the '{block}' block and set "
+                "train.lr / train.lr_groups / train.betas / train.weight_decay / train.warmup_steps")
+    ds = copy.deepcopy(raw)
+    train = config.train
+    micro, accum = train.micro_batch_size, train.grad_accum
+    _fill(ds, "train_micro_batch_size_per_gpu", micro, source)
+    _fill(ds, "gradient_accumulation_steps", accum, source)
+    _fill(ds, "train_batch_size", micro * accum * world_size, source)
+    _fill(ds, "gradient_clipping", train.grad_clip or 0.0, source)
+    ds.setdefault("bf16", {})
+    _fill(ds["bf16"], "enabled", bf16, source, key_path="bf16.enabled")
+    if ds.get("fp16", {}).get("enabled") not in (None, False, "auto"):
+        raise ConfigError(f"{source}: fp16 is not supported (loss scaling interacts badly with "
+                          "4-bit and vision towers). Fix: remove the fp16 block; bf16 is used where available")
+    ds.pop("fp16", None)
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    bucket = hidden_size * hidden_size
+    for key, value in (("reduce_bucket_size", bucket),
+                       ("allgather_bucket_size", bucket),
+                       ("stage3_prefetch_bucket_size", int(0.9 * bucket)),
+                       ("stage3_param_persistence_threshold", 10 * hidden_size)):
+        if key in zero:
+            _fill(zero, key, value, source, key_path=f"zero_optimization.{key}")
+    left = _autos(ds)
+    if left:
+        raise ConfigError(f"{source}: no value is known for {', '.join(left)}. Fix: give numbers there")
+    expected = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size
+    if ds["train_batch_size"] != expected:
+        raise ConfigError(
+            f"{source}: train_batch_size={ds['train_batch_size']} but micro_batch "
+            f"({ds['train_micro_batch_size_per_gpu']}) x grad_accum ({ds['gradient_accumulation_steps']}) "
+            f"x world_size ({world_size}) = {expected}. Fix: set train_batch_size to \"auto\"")
+    return ds
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_optimizer(ds: dict[str, Any]) -> bool:
+    device = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device not in (None, "none")
+
+
+def build_optimizer(groups: list[dict[str, Any]], config: RunConfig, ds: dict[str, Any]
+                    ) -> torch.optim.Optimizer:
+    """AdamW over the per-group parameter lists (DeepSpeed's CPU Adam when it offloads)."""
+    betas = tuple(config.train.betas)
+    if offloads_optimizer(ds):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=config.train.lr, betas=betas, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=config.train.lr, betas=betas)
+
+
+def _fill(node: dict[str, Any], key: str, value: Any, source: Path, *, key_path: str | None = None) -> None:
+    current = node.get(key, "auto")
+    if current == "auto":
+        node[key] = value
+    elif key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps") and current != value:
+        raise ConfigError(
+            f"{source}: {key_path or key}={current} disagrees with the run's value {value}. Fix: set it "
+            "to \"auto\" (the RunConfig is the single source of batch sizes)")
+
+
+def _autos(node: Any, prefix: str = "") -> list[str]:
+    found: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found += _autos(value, f"{prefix}{key}.")
+    elif node == "auto":
+        found.append(prefix.rstrip("."))
+    return found

@@ -1,0 +1,164 @@
+"""Evaluation: token loss and perplexity, and answer accuracy by greedy generation.
+
+The evaluation set is split over ranks in equal shares (the last share padded with
+repeats that count for nothing), so that under ZeRO-3 every rank runs the same number of
+forward passes; generation then runs with ``synced_gpus``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hpc_train.data.collate import Collator, model_inputs
+from hpc_train.data.dataset import MediaLoader, SampleDataset
+from hpc_train.data.records import Record
+from hpc_train.data.tokenize import ChatEncoder, EncodedSample
+from hpc_train.dist import DistInfo, all_reduce_max, all_reduce_sum
+from hpc_train.errors import DataError
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, punctuation removed, whitespace collapsed (exact match compares these)."""
+    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+
+
+@dataclass
+class EvalResult:
+    loss: float | None = None
+    perplexity: float | None = None
+    tokens: int = 0
+    samples: int = 0
+    accuracy: float | None = None
+    correct: int = 0
+    generated: int = 0
+    predictions: list[dict[str, str]] = field(default_factory=list)
+    """Rank 0's share of predictions (id, answer, prediction) for inspection."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens,
+                "samples": self.samples, "accuracy": self.accuracy, "correct": self.correct,
+                "generated": self.generated, "predictions": self.predictions[:50]}
+
+
+def shard(count: int, info: DistInfo) -> list[tuple[int, bool]]:
+    """This rank's (index, counts) pairs: equal length on every rank, repeats flagged False."""
+    per_rank = math.ceil(count / info.world_size) if count else 0
+    out = []
+    for k in range(per_rank):
+        index = k * info.world_size + info.rank
+        out.append((index, True) if index < count else (index % max(count, 1), False))
+    return out
+
+
+def evaluate_loss(model: Any, dataset: SampleDataset, collate: Collator, info: DistInfo,
+                  device: torch.device, *, batch_size: int, dtype: torch.dtype | None = None) -> EvalResult:
+    """Token-weighted mean loss over the (sharded) dataset, and its perplexity."""
+    picks = shard(len(dataset), info)
+    loss_sum = 0.0
+    tokens = 0
+    samples = 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(picks), batch_size):
+            chunk = picks[start:start + batch_size]
+            items = [dataset[i] for i, _ in chunk]
+            counted = [isinstance(s, EncodedSample) and keep for s, (_, keep) in zip(items, chunk, strict=True)]
+            batch = collate(items)
+            if "input_ids" not in batch:
+                continue
+            batch = to_device(batch, device, dtype)
+            logits = model(**{k: v for k, v in model_inputs(batch).items() if k != "labels"},
+                           use_cache=False).logits
+            per_token = _token_losses(logits, batch["labels"])
+            real = [c for s, c in zip(items, counted, strict=True) if isinstance(s, EncodedSample)]
+            weights = torch.tensor(real, dtype=per_token.dtype, device=per_token.device)[:, None]
+            valid = (batch["labels"][:, 1:] != -100).to(per_token.dtype) * weights
+            loss_sum += float((per_token * valid).sum())
+            tokens += int(valid.sum())
+            samples += int(sum(real))
+    loss_sum, tokens, samples = all_reduce_sum([loss_sum, tokens, samples])
+    result = EvalResult(tokens=int(tokens), samples=int(samples))
+    if tokens:
+        result.loss = loss_sum / tokens
+        result.perplexity = math.exp(min(result.loss, 50.0))
+    return result
+
+
+def evaluate_generation(model: Any, records: Sequence[Record], encoder: ChatEncoder,
+                        media: MediaLoader, info: DistInfo, device: torch.device, *,
+                        batch_size: int, max_new_tokens: int | None, synced: bool,
+                        blanks: Sequence[EncodedSample] = (), dtype: torch.dtype | None = None
+                        ) -> EvalResult:
+    """Greedy answers to each record's last question, compared with its last answer."""
+    tokenizer = encoder.tokenizer
+    picks = shard(len(records), info)
+    prompts: list[tuple[EncodedSample | None, bool]] = []
+    for index, keep in picks:
+        record = records[index]
+        try:
+            prompts.append((encoder.encode_prompt(record, media.load(record)), keep))
+        except DataError:
+            prompts.append((None, False))
+    if max_new_tokens is None:
+        longest = max((len(tokenizer(p.answers[0], add_special_tokens=False)["input_ids"])
+                       for p, _ in prompts if p is not None), default=8)
+        max_new_tokens = int(all_reduce_max([longest])[0]) + 2
+    collate = Collator(encoder.family, tokenizer.pad_token_id, blanks=blanks, padding_side="left")
+    eos = [tokenizer.convert_tokens_to_ids(encoder.family.end_of_turn), tokenizer.eos_token_id]
+    correct = generated = 0
+    predictions: list[dict[str, str]] = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            chunk = [(p, keep) for p, keep in prompts[start:start + batch_size]]
+            usable = [(p, keep) for p, keep in chunk if p is not None]
+            if not usable:  # every rank must still join the generate call
+                usable = [(next(p for p, _ in prompts if p is not None), False)]
+            batch = to_device(collate([p for p, _ in usable]), device, dtype)
+            inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                                 synced_gpus=synced)
+            new = out[:, batch["input_ids"].shape[1]:]
+            for (prompt, keep), ids in zip(usable, new, strict=True):
+                if not keep:
+                    continue
+                text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                hit = normalize_answer(text) == normalize_answer(prompt.answers[0])
+                correct += int(hit)
+                generated += 1
+                if len(predictions) < 200:
+                    predictions.append({"id": prompt.id, "answer": prompt.answers[0], "prediction": text})
+    correct, generated = all_reduce_sum([correct, generated])
+    return EvalResult(accuracy=correct / generated if generated else None, correct=int(correct),
+                      generated=int(generated), predictions=predictions)
+
+
+def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    shifted = logits[:, :-1].float()
+    target = labels[:, 1:]
+    losses = torch.nn.functional.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="none")
+    return losses.view(target.shape)
+
+
+def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype | None = None
+              ) -> dict[str, Any]:
+    """Tensors to ``device``; floating-point ones (pixels) also to the model's dtype."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device)
+            if dtype is not None and value.is_floating_point():
+                value = value.to(dtype)
+        out[key] = value
+    return out

@@ -1,0 +1,409 @@
+"""Per-GPU memory of one training step, and which settings would make a run fit.
+
+The estimate exists to *rank* remedies for an out-of-memory error (and to answer "will it
+fit?" before a run), so it is simple and monotone in every knob rather than exact. All
+figures are per GPU, in GiB (2**30 bytes). Assumptions:
+
+* **Weights**: every parameter at ``param_bytes``. QLoRA keeps the LLM's linear weights in
+  4-bit NF4: 0.5 byte/param plus ~3% for the quantisation constants; the embeddings
+  (``vocab_size x hidden_size``), the ``lm_head``, the vision tower and the connector stay at
+  ``param_bytes``. LoRA/QLoRA add ``lora_params`` adapter weights at ``param_bytes``.
+  ZeRO-3 shards weights over ``world_size``. Gathered ZeRO-3 buckets and CUDA/NCCL workspace
+  are ignored.
+* **Gradients**: trainable params x ``param_bytes``; trainable is every unfrozen group in
+  ``full`` mode, ``lora_params`` in ``lora``/``qlora``, nothing in ``baseline`` (evaluation
+  only). ZeRO-2/3 shard them over ``world_size``.
+* **Optimizer**: Adam with an fp32 master copy and two fp32 moments, 12 bytes per trainable
+  param (8 when ``param_bytes == 4``: the weights already are the fp32 master). ZeRO-1 and up
+  shard it over ``world_size``; ``offload_optimizer`` moves it to CPU memory (0 on the GPU).
+* **Activations**: one transformer layer keeps ~34·h bytes per token in bf16 (Korthikanti
+  et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", without
+  recomputation; the attention-score term is dropped because flash attention never
+  materialises it), scaled by ``param_bytes / 2`` for other dtypes, times layers and tokens.
+  With gradient checkpointing each layer keeps only its input (counted as 2·h·param_bytes
+  per token) plus one layer's full activations during its recomputation. The LM sees
+  ``micro_batch x seq_len`` tokens; the vision tower ``micro_batch x frames_per_sample x
+  vision_tokens_per_frame`` tokens with its own hidden size and depth. A tower that is not
+  back-propagated (a frozen vision tower, or anything in ``baseline`` mode) holds just one
+  layer's working set. In ``lora``/``qlora`` an unfrozen vision tower is assumed to carry
+  adapters, so it keeps its activations. The connector's activations are ignored (small).
+* **Logits**: ``micro_batch x seq_len x vocab_size`` in fp32 (upcast for the loss), twice
+  (logits and their gradient); once in ``baseline`` mode, which has no backward.
+* ``seq_len`` is the worst case (a sample filling ``max_seq_len``, padding included).
+
+Advice re-estimates the run with exactly one setting changed (:func:`dataclasses.replace`)
+and keeps the changes that save memory, largest saving first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+GIB = float(2**30)
+
+MODES = ("full", "lora", "qlora", "baseline")
+
+# Korthikanti et al. 2022: 34·s·b·h bytes per layer in 16-bit without recomputation.
+_ACT_BYTES_PER_HIDDEN_BF16 = 34
+# Gradient checkpointing keeps each layer's input; 2·h·param_bytes per token allows for the
+# residual copy some implementations keep beside it.
+_CKPT_ELEMS_PER_HIDDEN = 2
+# bitsandbytes NF4: 4 bits per weight plus double-quantised absmax constants (~3%).
+_NF4_BYTES_PER_PARAM = 0.5 * 1.03
+# Adam states per trainable param: fp32 master + 2 fp32 moments (master dropped in fp32 runs).
+_ADAM_BYTES_MIXED = 12
+_ADAM_BYTES_FP32 = 8
+# When a full fine-tune is advised to switch to QLoRA but has no adapter size yet:
+# rank 16 on the 7 linears (q, k, v, o, gate, up, down) of every LM layer, each ~h x h.
+_DEFAULT_LORA_RANK = 16
+_LORA_LINEARS_PER_LAYER = 7
+# Below this, halving max_seq_len would cut most real samples (media alone often need more).
+_MIN_SEQ_LEN_TO_HALVE = 512
+
+ZERO3_CONFIG = "ds_configs/zero3.json"
+ZERO3_OFFLOAD_CONFIG = "ds_configs/zero3_offload.json"
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What determines per-GPU memory of one training step."""
+
+    params_vision: int
+    params_connector: int
+    params_llm: int  # language model incl. embeddings
+    params_head: int  # lm_head (0 when tied)
+    hidden_size: int  # LM hidden
+    num_layers: int  # LM layers
+    vocab_size: int
+    vision_hidden_size: int
+    vision_layers: int
+    vision_tokens_per_frame: int  # patches the vision tower processes per image/frame
+    lm_tokens_per_frame: int  # tokens one image/frame costs in the LM sequence
+    mode: str  # "full" | "lora" | "qlora" | "baseline"
+    lora_params: int  # trainable adapter params (lora/qlora)
+    freeze_vision: bool
+    freeze_connector: bool
+    freeze_llm: bool
+    zero_stage: int  # 0, 1, 2, 3
+    offload_optimizer: bool
+    world_size: int
+    micro_batch: int
+    seq_len: int  # max_seq_len (tokens per sample, media included)
+    frames_per_sample: int  # images + video frames per sample (vision tower work)
+    param_bytes: int  # 2 for bf16, 4 for fp32
+    gradient_checkpointing: bool
+
+    def __post_init__(self) -> None:
+        # A wrong shape would give a confidently wrong estimate; refuse it instead.
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage {self.zero_stage}: expected 0, 1, 2 or 3")
+        if self.world_size < 1 or self.micro_batch < 1 or self.seq_len < 1:
+            raise ValueError("world_size, micro_batch and seq_len must be at least 1")
+        if self.param_bytes < 1:
+            raise ValueError(f"param_bytes {self.param_bytes}: expected 2 (bf16) or 4 (fp32)")
+        counts = (self.params_vision, self.params_connector, self.params_llm, self.params_head,
+                  self.lora_params, self.frames_per_sample, self.hidden_size, self.num_layers,
+                  self.vocab_size, self.vision_hidden_size, self.vision_layers,
+                  self.vision_tokens_per_frame, self.lm_tokens_per_frame)
+        if min(counts) < 0:
+            raise ValueError("parameter, token and layer counts must not be negative")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Estimated per-GPU memory of one training step, by kind, in GiB."""
+
+    weights_gib: float
+    gradients_gib: float
+    optimizer_gib: float
+    activations_gib: float
+    logits_gib: float
+
+    @property
+    def total_gib(self) -> float:
+        """Sum of all terms."""
+        return (self.weights_gib + self.gradients_gib + self.optimizer_gib
+                + self.activations_gib + self.logits_gib)
+
+
+@dataclass(frozen=True)
+class Advice:
+    """One setting that would lower per-GPU memory, with its estimated effect."""
+
+    setting: str  # a config override a user can paste
+    saving_gib: float  # estimated per-GPU saving vs the current shape
+    new_total_gib: float
+    why: str  # one short sentence
+
+
+# ---------------------------------------------------------------------------------------
+# Estimate
+
+
+def trainable_params(shape: RunShape) -> int:
+    """Parameters that receive gradients and optimizer states."""
+    if shape.mode == "baseline":
+        return 0
+    if shape.mode in ("lora", "qlora"):
+        return shape.lora_params
+    total = 0
+    if not shape.freeze_vision:
+        total += shape.params_vision
+    if not shape.freeze_connector:
+        total += shape.params_connector
+    if not shape.freeze_llm:
+        total += shape.params_llm + shape.params_head
+    return total
+
+
+def default_lora_params(shape: RunShape) -> int:
+    """Adapter size assumed when a run has none yet: rank 16 on the 7 linears of each LM layer."""
+    return shape.num_layers * _LORA_LINEARS_PER_LAYER * _DEFAULT_LORA_RANK * 2 * shape.hidden_size
+
+
+def _weight_bytes(shape: RunShape) -> float:
+    pb = shape.param_bytes
+    other = (shape.params_vision + shape.params_connector + shape.params_head) * pb
+    if shape.mode == "qlora":
+        # Only the LLM's linear layers are quantised; the input embeddings stay dense.
+        embed = min(shape.vocab_size * shape.hidden_size, shape.params_llm)
+        llm = (shape.params_llm - embed) * _NF4_BYTES_PER_PARAM + embed * pb
+    else:
+        llm = shape.params_llm * pb
+    adapters = shape.lora_params * pb if shape.mode in ("lora", "qlora") else 0
+    total = other + llm + adapters
+    return total / shape.world_size if shape.zero_stage >= 3 else total
+
+
+def _tower_activation_bytes(*, hidden: int, layers: int, tokens: int, param_bytes: int,
+                            backward: bool, checkpointing: bool) -> float:
+    if hidden == 0 or layers == 0 or tokens == 0:
+        return 0.0
+    per_layer = _ACT_BYTES_PER_HIDDEN_BF16 * hidden * tokens * param_bytes / 2
+    if not backward:
+        # Forward only: activations are freed layer by layer.
+        return per_layer
+    if checkpointing:
+        return layers * _CKPT_ELEMS_PER_HIDDEN * hidden * param_bytes * tokens + per_layer
+    return layers * per_layer
+
+
+def _lm_backward(shape: RunShape) -> bool:
+    # Every trainable group (adapters included) sits before or inside the LM, so any
+    # training back-propagates through all of it.
+    return trainable_params(shape) > 0
+
+
+def _vision_backward(shape: RunShape) -> bool:
+    return shape.mode != "baseline" and not shape.freeze_vision and shape.params_vision > 0
+
+
+def estimate_memory(shape: RunShape) -> MemoryEstimate:
+    """Estimate per-GPU memory of one training step (see the module docstring for the model)."""
+    trainable = trainable_params(shape)
+    world = shape.world_size
+
+    gradients = trainable * shape.param_bytes
+    if shape.zero_stage >= 2:
+        gradients /= world
+
+    adam = _ADAM_BYTES_FP32 if shape.param_bytes >= 4 else _ADAM_BYTES_MIXED
+    optimizer = 0.0 if shape.offload_optimizer else float(trainable * adam)
+    if shape.zero_stage >= 1:
+        optimizer /= world
+
+    lm_tokens = shape.micro_batch * shape.seq_len
+    vision_tokens = shape.micro_batch * shape.frames_per_sample * shape.vision_tokens_per_frame
+    activations = _tower_activation_bytes(
+        hidden=shape.hidden_size, layers=shape.num_layers, tokens=lm_tokens,
+        param_bytes=shape.param_bytes, backward=_lm_backward(shape),
+        checkpointing=shape.gradient_checkpointing,
+    ) + _tower_activation_bytes(
+        hidden=shape.vision_hidden_size, layers=shape.vision_layers, tokens=vision_tokens,
+        param_bytes=shape.param_bytes, backward=_vision_backward(shape),
+        checkpointing=shape.gradient_checkpointing,
+    )
+
+    copies = 2 if _lm_backward(shape) else 1
+    logits = lm_tokens * shape.vocab_size * 4 * copies
+
+    return MemoryEstimate(
+        weights_gib=_weight_bytes(shape) / GIB,
+        gradients_gib=gradients / GIB,
+        optimizer_gib=optimizer / GIB,
+        activations_gib=activations / GIB,
+        logits_gib=logits / GIB,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Advice
+
+
+def _freeze_setting(shape: RunShape) -> str:
+    # The override replaces the whole list, so it must repeat groups already frozen.
+    groups = ["vision"]
+    if shape.freeze_connector:
+        groups.append("connector")
+    if shape.freeze_llm:
+        groups.append("llm")
+    return f"model.freeze=[{','.join(groups)}]"
+
+
+def _candidates(shape: RunShape) -> list[tuple[str, RunShape, str]]:
+    """(setting, changed shape, why) for every knob that applies to ``shape``."""
+    out: list[tuple[str, RunShape, str]] = []
+    trains = shape.mode != "baseline"
+
+    if shape.micro_batch > 1:
+        new = max(1, shape.micro_batch // 2)
+        factor = shape.micro_batch / new
+        out.append((
+            f"train.micro_batch_size={new}", replace(shape, micro_batch=new),
+            f"Activations and logits scale with the micro-batch; multiply train.grad_accum "
+            f"by {factor:g} to keep the global batch.",
+        ))
+
+    if shape.mode in ("full", "lora") and shape.params_llm > 0:
+        lora = shape.lora_params or default_lora_params(shape)
+        why = ("Stores the LLM's linear weights in 4-bit and trains only low-rank adapters."
+               if shape.mode == "full" else "Stores the LLM's frozen linear weights in 4-bit.")
+        out.append(("train.mode=qlora", replace(shape, mode="qlora", lora_params=lora), why))
+
+    if trains and not shape.freeze_vision and shape.params_vision > 0:
+        why = ("No vision-tower gradients, optimizer states or backward activations."
+               if shape.mode == "full" else "The vision tower keeps no activations for backward.")
+        out.append((_freeze_setting(shape), replace(shape, freeze_vision=True), why))
+
+    if shape.frames_per_sample > 1:
+        frames = shape.frames_per_sample
+        new = max(1, frames // 2)
+        # The worst-case sample fills max_seq_len; dropping frames shortens it by their tokens.
+        media = min(frames * shape.lm_tokens_per_frame, shape.seq_len)
+        seq = max(1, shape.seq_len - round(media * (frames - new) / frames))
+        out.append((
+            f"data.video.max_frames={new}", replace(shape, frames_per_sample=new, seq_len=seq),
+            f"Fewer frames ({frames} -> {new} per sample) shrink vision-tower work and the "
+            f"LM sequence.",
+        ))
+
+    if shape.seq_len > _MIN_SEQ_LEN_TO_HALVE:
+        new = shape.seq_len // 2
+        out.append((
+            f"data.max_seq_len={new}", replace(shape, seq_len=new),
+            "Activations and logits scale with tokens per sample; longer samples are dropped.",
+        ))
+
+    if trains and not shape.gradient_checkpointing:
+        out.append((
+            "train.gradient_checkpointing=true", replace(shape, gradient_checkpointing=True),
+            "Keeps only each layer's input and recomputes the rest in backward (~30% slower).",
+        ))
+
+    if shape.zero_stage < 3:
+        # zero3.json does not offload, so this models the config exactly as it would be pasted.
+        out.append((
+            f"deepspeed.config={ZERO3_CONFIG}",
+            replace(shape, zero_stage=3, offload_optimizer=False),
+            f"Shards weights, gradients and optimizer states over {shape.world_size} GPUs.",
+        ))
+
+    if not (shape.zero_stage == 3 and shape.offload_optimizer) and trains:
+        out.append((
+            f"deepspeed.config={ZERO3_OFFLOAD_CONFIG}",
+            replace(shape, zero_stage=3, offload_optimizer=True),
+            "Shards weights and gradients and keeps Adam states in CPU memory (slower steps).",
+        ))
+    return out
+
+
+def _ranked(shape: RunShape) -> list[tuple[Advice, RunShape]]:
+    current = estimate_memory(shape).total_gib
+    ranked = []
+    for setting, changed, why in _candidates(shape):
+        new_total = estimate_memory(changed).total_gib
+        saving = current - new_total
+        if saving > 1e-9:
+            ranked.append((Advice(setting, saving, new_total, why), changed))
+    # Stable sort: equal savings keep the order above (cheapest-to-apply knobs first).
+    ranked.sort(key=lambda pair: -pair[0].saving_gib)
+    return ranked
+
+
+def rank_oom_advice(shape: RunShape, *, available_gib: float | None = None) -> list[Advice]:
+    """Knobs that apply to ``shape`` and save memory, largest estimated saving first.
+
+    Each is estimated by changing that one setting only. ``available_gib`` does not change
+    the order: the new total is the current total minus the saving, so every knob that fits
+    already ranks ahead of every one that does not; it is accepted so callers can pass the
+    same arguments here and to :func:`format_oom_advice`.
+    """
+    if available_gib is not None and available_gib <= 0:
+        raise ValueError(f"available_gib {available_gib}: expected a positive number")
+    return [advice for advice, _ in _ranked(shape)]
+
+
+def _combination_that_fits(shape: RunShape, available_gib: float) -> list[str] | None:
+    """Greedily stack the best remaining knob until the estimate fits (None if it never does)."""
+    chosen: list[str] = []
+    current = shape
+    while estimate_memory(current).total_gib > available_gib:
+        ranked = [pair for pair in _ranked(current) if pair[0].setting.split("=")[0]
+                  not in {c.split("=")[0] for c in chosen}]
+        if not ranked:
+            return None
+        advice, current = ranked[0]
+        chosen.append(advice.setting)
+    return chosen
+
+
+def format_oom_advice(shape: RunShape, advice: list[Advice], *, available_gib: float | None = None,
+                      error: str | None = None) -> str:
+    """A readable out-of-memory report: the estimate, the ranked knobs, and what would fit."""
+    est = estimate_memory(shape)
+    lines: list[str] = []
+    if error:
+        lines.append(f"Out of memory: {error.strip().splitlines()[0]}")
+    have = f" of {available_gib:.1f} GiB available" if available_gib is not None else ""
+    lines.append(
+        f"Estimated per-GPU memory for this step: {est.total_gib:.1f} GiB{have} "
+        f"(weights {est.weights_gib:.1f}, gradients {est.gradients_gib:.1f}, "
+        f"optimizer {est.optimizer_gib:.1f}, activations {est.activations_gib:.1f}, "
+        f"logits {est.logits_gib:.1f}; mode {shape.mode}, ZeRO-{shape.zero_stage}"
+        f"{' + CPU offload' if shape.offload_optimizer else ''}, {shape.world_size} GPU(s), "
+        f"micro-batch {shape.micro_batch}, seq {shape.seq_len})."
+    )
+    if not advice:
+        lines.append("No single setting is estimated to save memory for this run.")
+        return "\n".join(lines)
+
+    width = max(len(a.setting) for a in advice)
+    lines.append("Settings that would lower it, largest estimated saving first:")
+    lines.append(f"  {'setting':<{width}}  {'saves':>10}  {'new total':>10}  why")
+    for a in advice:
+        lines.append(f"  {a.setting:<{width}}  {a.saving_gib:>6.1f} GiB  {a.new_total_gib:>6.1f} GiB"
+                     f"  {a.why}")
+
+    if available_gib is not None:
+        if est.total_gib <= available_gib:
+            # The model misses what it does not count (fragmentation, workspaces, other
+            # processes), so an OOM below the estimate still calls for headroom.
+            lines.append("The estimate is under the available memory, so the shortfall is in "
+                         "what it does not count (fragmentation, workspaces); any saving helps.")
+        fits = next((a for a in advice if a.new_total_gib <= available_gib), None)
+        if fits is not None:
+            lines.append(f"Would fit in {available_gib:.1f} GiB with one change: {fits.setting} "
+                         f"(estimated {fits.new_total_gib:.1f} GiB).")
+        else:
+            combo = _combination_that_fits(shape, available_gib)
+            if combo:
+                lines.append(f"No single change fits in {available_gib:.1f} GiB; together these "
+                             f"should: {' '.join(combo)}")
+            else:
+                lines.append(f"Even every change above, each applied once, is estimated above "
+                             f"{available_gib:.1f} GiB; use more GPUs or a smaller model.")
+    lines.append("Estimates are approximate (model in hpc_train/train/memory.py); "
+                 "pass the settings as overrides.")
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""Load the model a run trains: source folder, dtype, QLoRA, ZeRO-3 partitioning, adapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
+
+from hpc_train.config import RunConfig
+from hpc_train.dist import DistInfo, barrier
+from hpc_train.models.adapters import apply_freezing, apply_lora, quantization_config
+from hpc_train.models.families import Family
+from hpc_train.models.load import model_family
+from hpc_train.models.tiny import save_tiny
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    processor: Any
+    family: Family
+    dtype: torch.dtype
+    source: Path
+    keepalive: object = None
+    """Holds transformers' ZeRO-3 config for the run (it is only weakly referenced there)."""
+
+
+def compute_dtype(config: RunConfig) -> torch.dtype:
+    """bf16 where a GPU has it (or when asked), fp32 otherwise."""
+    if config.model.dtype == "bf16":
+        return torch.bfloat16
+    if config.model.dtype == "fp32":
+        return torch.float32
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def hidden_size(source: Path) -> int:
+    """The language model's hidden size, read from the folder's config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(source, local_files_only=True)
+    return int(getattr(cfg, "text_config", cfg).hidden_size)
+
+
+def model_source(config: RunConfig, info: DistInfo) -> Path:
+    """The folder to load; a preset is written once (by rank 0) to ``output_dir/base_model``."""
+    if config.model.path is not None:
+        return Path(config.model.path)
+    folder = Path(config.output_dir) / "base_model"
+    if info.is_main and not (folder / "config.json").is_file():
+        save_tiny(config.model.family, folder, seed=config.train.seed)
+    barrier()
+    return folder
+
+
+def load_training_model(config: RunConfig, info: DistInfo, device: torch.device, source: Path,
+                        ds_config: dict[str, Any] | None) -> LoadedModel:
+    """The model with freezing and adapters applied, ready for ``deepspeed.initialize``."""
+    family = model_family(config.model)
+    dtype = compute_dtype(config)
+    mode = config.train.mode
+    stage = int((ds_config or {}).get("zero_optimization", {}).get("stage", 0))
+    kwargs: dict[str, Any] = {"local_files_only": True, "dtype": dtype}
+    zero3_marker = None
+    if mode == "qlora":
+        kwargs["quantization_config"] = quantization_config(family, dtype, config.lora, stage)
+        kwargs["device_map"] = {"": device}
+    elif stage == 3 and ds_config is not None:
+        # Load straight into ZeRO-3 partitions (never a full copy per rank).
+        from transformers.integrations import HfDeepSpeedConfig
+
+        zero3_marker = HfDeepSpeedConfig(ds_config)
+    model: PreTrainedModel = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+    processor = AutoProcessor.from_pretrained(source, local_files_only=True)
+    _no_cache(model)
+    if config.model.adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, config.model.adapter, is_trainable=mode in ("lora", "qlora"))
+    if mode == "baseline":
+        model.requires_grad_(False)
+    elif mode in ("lora", "qlora") and config.model.adapter is None:
+        model.requires_grad_(False)
+        if config.train.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = apply_lora(model, family, config.lora)
+    if config.train.gradient_checkpointing and mode != "baseline":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_freezing(model, family, config.model.freeze)
+    if mode != "qlora" and stage != 3:
+        model.to(device)
+    return LoadedModel(model=model, processor=processor, family=family, dtype=dtype, source=source,
+                       keepalive=zero3_marker)
+
+
+def _no_cache(model: torch.nn.Module) -> None:
+    # transformers skips packed-sequence detection and builds a cache when use_cache is on,
+    # even in train mode; training never wants a cache.
+    config = model.config
+    config.use_cache = False
+    for sub in ("text_config",):
+        if hasattr(config, sub):
+            getattr(config, sub).use_cache = False

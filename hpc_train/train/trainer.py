@@ -1,0 +1,483 @@
+"""The training recipe: ``setup()`` → ``train()`` → ``finish()``, around a DeepSpeed engine.
+
+Our own loop (not ``transformers.Trainer``) so that every phase of a step — data wait,
+forward, backward, optimizer step — is a separate seam for the profiler, the number of
+steps is exact before the run starts, and every rank runs the same modules every step.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from hpc_train.config import RunConfig, save_config
+from hpc_train.data.collate import Collator, model_inputs
+from hpc_train.data.dataset import MediaLoader, SampleDataset
+from hpc_train.data.mixture import read_dataset
+from hpc_train.data.tokenize import IGNORE_INDEX, ChatEncoder
+from hpc_train.dist import (
+    DistInfo,
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    device_for,
+    init_distributed,
+    read_dist_env,
+)
+from hpc_train.errors import HpcTrainError
+from hpc_train.models.adapters import build_param_groups, describe_param_groups
+from hpc_train.train.checkpoint import Checkpointer, TrainState
+from hpc_train.train.data_order import rank_micro_batches, total_steps
+from hpc_train.train.engine import build_optimizer, resolve_ds_config, zero_stage
+from hpc_train.train.evaluate import EvalResult, evaluate_generation, evaluate_loss, to_device
+from hpc_train.train.metrics import MetricsLogger
+from hpc_train.train.model_setup import LoadedModel, load_training_model
+from hpc_train.train.schedule import build_scheduler, lr_multiplier
+
+REQUEUE_EXIT_CODE = 75
+"""Exit status after a signal-triggered checkpoint (EX_TEMPFAIL): the job should be requeued."""
+
+
+class TrainingStopped(HpcTrainError):
+    """The run stopped on purpose (non-finite values, out of memory); the message says why."""
+
+    exit_code = 3
+
+
+class PhaseTimer(Protocol):
+    """What the loop reports to (the profiler implements it)."""
+
+    def phase(self, name: str) -> AbstractContextManager[Any]: ...
+    def step_done(self, *, samples: int, tokens: int, slot_tokens: int) -> None: ...
+
+
+class _NoTimer:
+    def phase(self, name: str) -> AbstractContextManager[Any]:
+        return nullcontext()
+
+    def step_done(self, *, samples: int, tokens: int, slot_tokens: int) -> None:
+        return None
+
+
+class Trainer:
+    """One training (or evaluation-only) run of a :class:`RunConfig`."""
+
+    def __init__(self, config: RunConfig, *, info: DistInfo | None = None,
+                 timer: PhaseTimer | None = None) -> None:
+        self.config = config
+        self.info = info or read_dist_env()
+        self.timer = timer or _NoTimer()
+        self.output = Path(config.output_dir)
+        self._signal: int | None = None
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg, info = self.config, self.info
+        init_distributed(info)
+        torch.manual_seed(cfg.train.seed + info.rank)
+        self.device = device_for(info)
+        if info.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.output / "config.resolved.yaml")
+        self.training = cfg.train.mode != "baseline"
+        self.ds: dict[str, Any] | None = None
+        self.loaded: LoadedModel
+        self._setup_model()
+        self._setup_data()
+        if self.training:
+            self._setup_engine()
+        self._install_signal_handlers()
+
+    def _setup_model(self) -> None:
+        from hpc_train.models.load import model_family
+        from hpc_train.train.model_setup import hidden_size, model_source
+
+        cfg = self.config
+        self.family = model_family(cfg.model)
+        source = model_source(cfg, self.info)
+        if self.training or _wants_zero3(cfg):
+            self.ds = resolve_ds_config(cfg, self.info.world_size, bf16=_bf16(cfg),
+                                        hidden_size=hidden_size(source))
+        self.loaded = load_training_model(cfg, self.info, self.device, source, self.ds)
+        self.encoder = ChatEncoder(self.loaded.processor, self.family, system_prompt=cfg.data.system_prompt)
+        self.blanks = self.encoder.blank_media()
+        self.collate = Collator(self.family, self.encoder.tokenizer.pad_token_id, blanks=self.blanks)
+
+    def _setup_data(self) -> None:
+        cfg = self.config
+        media = MediaLoader(cfg.data)
+        self.media = media
+        self.train_set = None
+        if self.training:
+            if cfg.data.train is None:
+                raise HpcTrainError("data.train is not set. Fix: pass data.train=PATH")
+            records = read_dataset(cfg.data.train, media_root=cfg.data.media_root,
+                                   ids_file=cfg.data.ids_file, seed=cfg.train.seed)
+            self.train_set = SampleDataset(records, self.encoder, media, cfg.data)
+            self.total_steps = total_steps(len(records), micro_batch=cfg.train.micro_batch_size,
+                                           world_size=self.info.world_size,
+                                           grad_accum=cfg.train.grad_accum, epochs=cfg.train.epochs,
+                                           max_steps=cfg.train.max_steps)
+        self.eval_records = None
+        if cfg.data.eval is not None:
+            self.eval_records = read_dataset(cfg.data.eval, media_root=cfg.data.media_root,
+                                             ids_file=cfg.data.ids_file, seed=cfg.train.seed)
+            if cfg.eval.max_samples is not None:
+                self.eval_records = [self.eval_records[i]
+                                     for i in range(min(cfg.eval.max_samples, len(self.eval_records)))]
+            self.eval_set = SampleDataset(self.eval_records, self.encoder, media, cfg.data)
+
+    def _setup_engine(self) -> None:
+        import deepspeed
+
+        cfg, model = self.config, self.loaded.model
+        groups = build_param_groups(model, self.family, cfg)
+        optimizer = build_optimizer([g.as_optimizer_group() for g in groups], cfg, self.ds)
+        scheduler = build_scheduler(optimizer, total_steps=self.total_steps,
+                                    warmup_steps=cfg.train.warmup_steps, min_ratio=cfg.train.min_lr_ratio)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds)
+        self.checkpointer = Checkpointer(self.output / "checkpoints", self.info,
+                                         keep=cfg.train.keep_checkpoints)
+        self.state = TrainState(world_size=self.info.world_size)
+        latest = self.checkpointer.latest() if cfg.train.resume else None
+        if latest is not None:
+            self.state = self.checkpointer.load(self.engine, latest)
+            self._say(f"resumed from {latest} at step {self.state.step}")
+        self.metrics = MetricsLogger(self.output, enabled=self.info.is_main,
+                                     resume_step=self.state.step if latest is not None else None)
+        multiplier = lr_multiplier(self.state.step, total_steps=self.total_steps,
+                                   warmup_steps=cfg.train.warmup_steps, min_ratio=cfg.train.min_lr_ratio)
+        self._say(f"{cfg.train.mode} training, ZeRO-{zero_stage(self.ds)}, world size {self.info.world_size}, "
+                  f"{self.total_steps} optimizer steps "
+                  f"(micro-batch {cfg.train.micro_batch_size} x accumulation {cfg.train.grad_accum} "
+                  f"x {self.info.world_size} ranks)\n{describe_param_groups(model, groups)}\n"
+                  f"learning rate at step {self.state.step}: "
+                  + ", ".join(f"{g.name} {g.lr * multiplier:.3g}" for g in groups))
+
+    def _install_signal_handlers(self) -> None:
+        def request_checkpoint(signum: int, frame: object) -> None:
+            self._signal = signum
+
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, request_checkpoint)
+
+    # -- training ------------------------------------------------------------------------
+
+    def train(self) -> int:
+        """Run to the planned step count; returns the process exit status."""
+        if not self.training:
+            return 0
+        cfg, state = self.config, self.state
+        micro = self._micro_batches()
+        progress = _progress(self.total_steps, state.step, enabled=self.info.is_main)
+        while state.step < self.total_steps:
+            started = time.perf_counter()
+            stats = self._optimizer_step(micro)
+            state.step += 1
+            step_time = time.perf_counter() - started
+            progress.update(1)
+            if state.step % cfg.train.log_every == 0 or state.step == self.total_steps:
+                self._log_step(stats, step_time)
+            stop = self._after_step()
+            if stop is not None:
+                progress.close()
+                return stop
+        progress.close()
+        self.checkpointer.save(self.engine, state)
+        return 0
+
+    def _micro_batches(self) -> Iterator[dict[str, Any]]:
+        cfg, state = self.config, self.state
+        while True:
+            batches = rank_micro_batches(len(self.train_set), epoch=state.epoch, seed=cfg.train.seed,
+                                         rank=self.info.rank, world_size=self.info.world_size,
+                                         micro_batch=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum)
+            loader = DataLoader(self.train_set, batch_sampler=batches[state.micro_index:],
+                                collate_fn=self.collate, num_workers=cfg.data.num_workers,
+                                persistent_workers=False)
+            for batch in loader:
+                state.micro_index += 1
+                yield batch
+            state.epoch += 1
+            state.micro_index = 0
+
+    def _optimizer_step(self, micro: Iterator[dict[str, Any]]) -> dict[str, float]:
+        """Micro-batches until DeepSpeed's accumulation boundary, then its optimizer step."""
+        engine, timer = self.engine, self.timer
+        engine.train()
+        losses: list[float] = []
+        tokens = slot_tokens = supervised = samples = skipped = 0
+        while True:
+            with timer.phase("data_wait"):
+                batch = next(micro)
+            skipped += batch["num_skipped"]
+            if "input_ids" not in batch:  # every sample of this micro-batch was unusable
+                raise TrainingStopped(f"every sample of a micro-batch was skipped: "
+                                      f"{[s.reason for s in batch['skipped']][:3]}")
+            inputs = to_device(model_inputs(batch), self.device, self.loaded.dtype)
+            with timer.phase("forward"):
+                loss = self._forward(inputs)
+            bad, signalled = all_reduce_max([float(not torch.isfinite(loss)), float(self._signal is not None)])
+            if signalled:
+                self._signal = self._signal or signal.SIGUSR1
+            if bad:
+                self._bad_micro_batch(batch["sample_ids"])
+                continue
+            boundary = engine.is_gradient_accumulation_boundary()
+            with timer.phase("backward"):
+                engine.backward(loss)
+            with timer.phase("optimizer"):
+                engine.step()
+            losses.append(float(loss.detach()))
+            real = int(inputs["attention_mask"].sum())
+            tokens += real
+            slot_tokens += int(inputs["attention_mask"].numel())
+            supervised += int((inputs["labels"] != IGNORE_INDEX).sum())
+            samples += len(batch["sample_ids"])
+            if boundary:
+                break
+        self.timer.step_done(samples=samples, tokens=tokens, slot_tokens=slot_tokens)
+        loss_sum, count, tokens, supervised, samples, skipped = all_reduce_sum(
+            [sum(losses), len(losses), tokens, supervised, samples, skipped])
+        norm = engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        if self.config.train.grad_clip and not math.isfinite(norm):
+            raise TrainingStopped(
+                f"step {self.state.step + 1}: the gradient norm is {norm}; the weights may be damaged, so "
+                f"the run stops here. The last good checkpoint is {self.checkpointer.latest()}. "
+                "Fix: lower train.lr, raise train.warmup_steps, or check the data of this step")
+        return {"loss": loss_sum / max(count, 1), "grad_norm": norm, "tokens": tokens,
+                "supervised_tokens": supervised, "samples": samples, "skipped_samples": skipped}
+
+    def _forward(self, inputs: dict[str, Any]) -> torch.Tensor:
+        try:
+            return self.engine(**inputs, use_cache=False).loss
+        except torch.OutOfMemoryError as exc:
+            raise TrainingStopped(self._oom_message(exc)) from exc
+
+    def _bad_micro_batch(self, sample_ids: list[str]) -> None:
+        state = self.state
+        state.bad_steps += 1
+        everyone: list[Any] = [sample_ids]
+        if dist.is_initialized():
+            everyone = [None] * self.info.world_size
+            dist.all_gather_object(everyone, sample_ids)
+        ids = [i for part in everyone for i in part]
+        where = f"step {state.step + 1} (epoch {state.epoch}, micro-batch {state.micro_index})"
+        if state.bad_steps > self.config.train.max_bad_steps:
+            raise TrainingStopped(
+                f"{where}: non-finite loss on samples {ids}. The run stops (train.max_bad_steps="
+                f"{self.config.train.max_bad_steps}); the last good checkpoint is "
+                f"{self.checkpointer.latest()}. Fix: inspect these samples (hpc-train check-data), lower "
+                "train.lr, or allow skips with train.max_bad_steps=N")
+        self._say(f"{where}: non-finite loss on samples {ids}; micro-batch skipped "
+                  f"({state.bad_steps}/{self.config.train.max_bad_steps})")
+
+    def _log_step(self, stats: dict[str, float], step_time: float) -> None:
+        lrs = {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+        self.metrics.log(self.state.step, {
+            **stats, "lr": self.optimizer.param_groups[0]["lr"], **lrs, "epoch": self.state.epoch,
+            "step_time_s": step_time, "tokens_per_s": stats["tokens"] / max(step_time, 1e-9)})
+
+    def _after_step(self) -> int | None:
+        cfg, state = self.config, self.state
+        if self._signal is not None:
+            path = self.checkpointer.save(self.engine, state)
+            self._say(f"signal {signal.Signals(self._signal).name}: checkpoint {path} saved at step "
+                      f"{state.step}; exiting with {REQUEUE_EXIT_CODE} so the job can be requeued")
+            return REQUEUE_EXIT_CODE
+        if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and self.eval_records is not None:
+            if self._evaluate_during_training():
+                self._say(f"early stopping at step {state.step}: no better eval loss in "
+                          f"{cfg.train.early_stopping_patience} evaluations")
+                self.checkpointer.save(self.engine, state)
+                return 0
+        if cfg.train.save_every and state.step % cfg.train.save_every == 0:
+            self.checkpointer.save(self.engine, state)
+        return None
+
+    def _evaluate_during_training(self) -> bool:
+        """Evaluate loss; True when early stopping says stop."""
+        cfg, state = self.config, self.state
+        result = evaluate_loss(self.engine, self.eval_set, self.collate, self.info, self.device,
+                               batch_size=cfg.eval.batch_size, dtype=self.loaded.dtype)
+        self.metrics.log(state.step, {"eval_loss": result.loss, "eval_perplexity": result.perplexity})
+        if result.loss is None:
+            return False
+        if state.best_eval_loss is None or result.loss < state.best_eval_loss:
+            state.best_eval_loss = result.loss
+            state.evals_without_improvement = 0
+            return False
+        state.evals_without_improvement += 1
+        patience = cfg.train.early_stopping_patience
+        return patience is not None and state.evals_without_improvement >= patience
+
+    # -- end -----------------------------------------------------------------------------
+
+    def evaluate(self) -> EvalResult | None:
+        """Loss, perplexity and answer accuracy on ``data.eval``; written to eval_results.json."""
+        cfg = self.config
+        if self.eval_records is None:
+            return None
+        model = self.engine if self.training else self.loaded.model
+        result = evaluate_loss(model, self.eval_set, self.collate, self.info, self.device,
+                               batch_size=cfg.eval.batch_size, dtype=self.loaded.dtype)
+        if cfg.eval.generate:
+            module = self.engine.module if self.training else self.loaded.model
+            generated = evaluate_generation(
+                module, self.eval_records, self.encoder, self.media, self.info, self.device,
+                batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+                synced=self.info.distributed and _wants_zero3(cfg), blanks=self.blanks,
+                dtype=self.loaded.dtype)
+            result.accuracy, result.correct = generated.accuracy, generated.correct
+            result.generated, result.predictions = generated.generated, generated.predictions
+        if self.info.is_main:
+            import json
+
+            payload = {"mode": cfg.train.mode, "model": str(self.loaded.source), "data": cfg.data.eval,
+                       "step": getattr(getattr(self, "state", None), "step", 0), **result.to_dict()}
+            (self.output / "eval_results.json").write_text(json.dumps(payload, indent=2))
+            self._say(f"eval: loss {result.loss:.4f}, perplexity {result.perplexity:.3f}"
+                      + (f", accuracy {result.accuracy:.3f} ({result.correct}/{result.generated})"
+                         if result.accuracy is not None else "")
+                      + f" -> {self.output / 'eval_results.json'}")
+        return result
+
+    def export(self) -> None:
+        """The trained weights: a LoRA adapter (safetensors) or the full model, plus the processor."""
+        if not self.training:
+            return
+        cfg = self.config
+        module = self.engine.module
+        target = self.output / ("adapter" if cfg.train.mode in ("lora", "qlora") else "model")
+        params = [p for p in module.parameters() if p.requires_grad] if target.name == "adapter" \
+            else list(module.parameters())
+        with _gathered(params, zero_stage(self.ds) == 3):
+            if self.info.is_main:
+                module.save_pretrained(target, safe_serialization=True)
+                self.loaded.processor.save_pretrained(target)
+        barrier()
+        if cfg.lora.merge_on_export and cfg.train.mode == "lora":
+            with _gathered(list(module.parameters()), zero_stage(self.ds) == 3):
+                if self.info.is_main:
+                    merged = module.merge_and_unload()
+                    merged.save_pretrained(self.output / "merged", safe_serialization=True)
+                    self.loaded.processor.save_pretrained(self.output / "merged")
+            barrier()
+        self._say(f"exported {target}")
+
+    def finish(self) -> None:
+        if self.training and self.info.is_main:
+            self.metrics.close()
+        barrier()
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _say(self, text: str) -> None:
+        if self.info.is_main:
+            print(text, flush=True)
+
+    def _oom_message(self, exc: BaseException) -> str:
+        from hpc_train.train.memory import format_oom_advice, rank_oom_advice
+
+        shape = run_shape(self.loaded.model, self.config, self.info, self.ds, self.family)
+        available = None
+        if torch.cuda.is_available():
+            available = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+        return format_oom_advice(shape, rank_oom_advice(shape, available_gib=available),
+                                 available_gib=available, error=str(exc))
+
+
+def run_shape(model: torch.nn.Module, config: RunConfig, info: DistInfo, ds: dict[str, Any] | None,
+              family: Any) -> Any:
+    """The :class:`RunShape` of this run, for memory estimates and out-of-memory advice."""
+    from hpc_train.models.adapters import group_of
+    from hpc_train.train.memory import RunShape
+
+    sizes = {"vision": 0, "connector": 0, "llm": 0, "head": 0}
+    lora = 0
+    for name, p in model.named_parameters():
+        count = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        if "lora_" in name:
+            lora += count
+        else:
+            sizes[group_of(name, family)] += count
+    cfg = model.config
+    text = getattr(cfg, "text_config", cfg)
+    vision = getattr(cfg, "vision_config", None)
+    image_size = getattr(vision, "image_size", 384)
+    patch = getattr(vision, "patch_size", 14)
+    zero = (ds or {}).get("zero_optimization", {})
+    frames = config.data.video.max_frames if config.data.video.sampling == "fps" else config.data.video.num_frames
+    return RunShape(
+        params_vision=sizes["vision"], params_connector=sizes["connector"], params_llm=sizes["llm"],
+        params_head=sizes["head"], hidden_size=text.hidden_size, num_layers=text.num_hidden_layers,
+        vocab_size=text.vocab_size, vision_hidden_size=getattr(vision, "hidden_size", 0),
+        vision_layers=getattr(vision, "num_hidden_layers", 0),
+        vision_tokens_per_frame=(image_size // patch) ** 2,
+        lm_tokens_per_frame=max(1, (image_size // patch) ** 2 // max(getattr(cfg, "scale_factor", 1), 1) ** 2),
+        mode=config.train.mode, lora_params=lora, freeze_vision="vision" in config.model.freeze,
+        freeze_connector="connector" in config.model.freeze, freeze_llm="llm" in config.model.freeze,
+        zero_stage=int(zero.get("stage", 0)),
+        offload_optimizer=zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None),
+        world_size=info.world_size, micro_batch=config.train.micro_batch_size,
+        seq_len=config.data.max_seq_len, frames_per_sample=frames,
+        param_bytes=2 if _bf16(config) else 4, gradient_checkpointing=config.train.gradient_checkpointing)
+
+
+def _wants_zero3(config: RunConfig) -> bool:
+    from hpc_train.train.engine import read_ds_config
+
+    raw, _ = read_ds_config(config.deepspeed.config)
+    return int(raw.get("zero_optimization", {}).get("stage", 0)) == 3
+
+
+def _bf16(config: RunConfig) -> bool:
+    from hpc_train.train.model_setup import compute_dtype
+
+    return compute_dtype(config) == torch.bfloat16
+
+
+def _gathered(params: list[torch.nn.Parameter], zero3: bool) -> AbstractContextManager[Any]:
+    if not zero3:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def _progress(total: int, done: int, *, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    # Logs (not terminals) get a line every 30 s instead of a bar redrawn in place.
+    return tqdm(total=total, initial=done, disable=not enabled, desc="train", unit="step",
+                mininterval=0.5 if sys.stderr.isatty() else 30, dynamic_ncols=True)
+
+
+def run(config: RunConfig, *, evaluate_only: bool = False) -> int:
+    """Set up, train (unless ``evaluate_only``), export and evaluate; the exit status."""
+    if evaluate_only:
+        config = config.model_copy(update={"train": config.train.model_copy(update={"mode": "baseline"})})
+    trainer = Trainer(config)
+    trainer.setup()
+    status = trainer.train()
+    if status == 0:
+        trainer.export()
+        trainer.evaluate()
+    trainer.finish()
+    return status
+
+
+__all__ = ["REQUEUE_EXIT_CODE", "Trainer", "TrainingStopped", "run", "run_shape"]
