@@ -97,6 +97,9 @@ class DataConfig(_Section):
     """System turn added to records that have none (``null``: none)."""
     num_workers: int = Field(2, ge=0)
     """DataLoader worker processes per rank; media are decoded inside each worker."""
+    cache_samples: bool = False
+    """Keep every encoded sample in memory after its first use (each worker keeps its own):
+    for small datasets trained for many epochs."""
     video: VideoConfig = VideoConfig()
     image: ImageConfig = ImageConfig()
     audio: AudioConfig = AudioConfig()

@@ -63,11 +63,19 @@ class SampleDataset(Dataset):
         self.encoder = encoder
         self.media = media
         self.data = data
+        self._cache: dict[int, EncodedSample | Skipped] | None = {} if data.cache_samples else None
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> EncodedSample | Skipped:
+        if self._cache is not None:
+            if index not in self._cache:
+                self._cache[index] = self._build(index)
+            return self._cache[index]
+        return self._build(index)
+
+    def _build(self, index: int) -> EncodedSample | Skipped:
         try:
             record = self.records[index]
             sample = self.encoder.encode(record, self.media.load(record))

@@ -9,6 +9,7 @@ on every rank is left out), so no rank waits on a collective another never joins
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -51,3 +52,28 @@ def rank_micro_batches(num_samples: int, *, epoch: int, seed: int, rank: int, wo
                                     grad_accum=grad_accum)
     used = order[: count * micro_batch * world_size].reshape(count, world_size, micro_batch)
     return [batch.tolist() for batch in used[:, rank, :]]
+
+
+class PlannedBatches:
+    """A batch sampler over this rank's micro-batches, starting at a settable position.
+
+    One DataLoader (with persistent workers) serves the whole run; before each pass the
+    loop sets ``position`` to (epoch, next micro-batch), and iteration yields the rest of
+    that epoch.
+    """
+
+    def __init__(self, num_samples: int, *, seed: int, rank: int, world_size: int, micro_batch: int,
+                 grad_accum: int) -> None:
+        self.num_samples = num_samples
+        self.kwargs = {"seed": seed, "rank": rank, "world_size": world_size,
+                       "micro_batch": micro_batch, "grad_accum": grad_accum}
+        self.position = (0, 0)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, start = self.position
+        yield from rank_micro_batches(self.num_samples, epoch=epoch, **self.kwargs)[start:]
+
+    def __len__(self) -> int:
+        return micro_batches_per_epoch(self.num_samples, micro_batch=self.kwargs["micro_batch"],
+                                       world_size=self.kwargs["world_size"],
+                                       grad_accum=self.kwargs["grad_accum"]) - self.position[1]

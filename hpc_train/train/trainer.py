@@ -7,6 +7,7 @@ steps is exact before the run starts, and every rank runs the same modules every
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import sys
@@ -37,7 +38,7 @@ from hpc_train.dist import (
 from hpc_train.errors import HpcTrainError
 from hpc_train.models.adapters import build_param_groups, describe_param_groups
 from hpc_train.train.checkpoint import Checkpointer, TrainState
-from hpc_train.train.data_order import rank_micro_batches, total_steps
+from hpc_train.train.data_order import PlannedBatches, total_steps
 from hpc_train.train.engine import build_optimizer, resolve_ds_config, zero_stage
 from hpc_train.train.evaluate import EvalResult, evaluate_generation, evaluate_loss, to_device
 from hpc_train.train.metrics import MetricsLogger
@@ -46,6 +47,8 @@ from hpc_train.train.schedule import build_scheduler, lr_multiplier
 
 REQUEUE_EXIT_CODE = 75
 """Exit status after a signal-triggered checkpoint (EX_TEMPFAIL): the job should be requeued."""
+REQUEUE_MARKER = "requeue.json"
+"""Written to ``output_dir`` by rank 0 next to that exit; removed when the run starts again."""
 
 
 class TrainingStopped(HpcTrainError):
@@ -90,6 +93,7 @@ class Trainer:
         if info.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.output / "config.resolved.yaml")
+            (self.output / REQUEUE_MARKER).unlink(missing_ok=True)
         self.training = cfg.train.mode != "baseline"
         self.ds: dict[str, Any] | None = None
         self.loaded: LoadedModel
@@ -200,13 +204,15 @@ class Trainer:
 
     def _micro_batches(self) -> Iterator[dict[str, Any]]:
         cfg, state = self.config, self.state
+        planned = PlannedBatches(len(self.train_set), seed=cfg.train.seed, rank=self.info.rank,
+                                 world_size=self.info.world_size, micro_batch=cfg.train.micro_batch_size,
+                                 grad_accum=cfg.train.grad_accum)
+        workers = cfg.data.num_workers
+        loader = DataLoader(self.train_set, batch_sampler=planned, collate_fn=self.collate,
+                            num_workers=workers, persistent_workers=workers > 0,
+                            worker_init_fn=_ignore_stop_signals if workers else None)
         while True:
-            batches = rank_micro_batches(len(self.train_set), epoch=state.epoch, seed=cfg.train.seed,
-                                         rank=self.info.rank, world_size=self.info.world_size,
-                                         micro_batch=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum)
-            loader = DataLoader(self.train_set, batch_sampler=batches[state.micro_index:],
-                                collate_fn=self.collate, num_workers=cfg.data.num_workers,
-                                persistent_workers=False)
+            planned.position = (state.epoch, state.micro_index)
             for batch in loader:
                 state.micro_index += 1
                 yield batch
@@ -217,6 +223,7 @@ class Trainer:
         """Micro-batches until DeepSpeed's accumulation boundary, then its optimizer step."""
         engine, timer = self.engine, self.timer
         engine.train()
+        lrs = {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
         losses: list[float] = []
         tokens = slot_tokens = supervised = samples = skipped = 0
         while True:
@@ -259,7 +266,8 @@ class Trainer:
                 f"the run stops here. The last good checkpoint is {self.checkpointer.latest()}. "
                 "Fix: lower train.lr, raise train.warmup_steps, or check the data of this step")
         return {"loss": loss_sum / max(count, 1), "grad_norm": norm, "tokens": tokens,
-                "supervised_tokens": supervised, "samples": samples, "skipped_samples": skipped}
+                "supervised_tokens": supervised, "samples": samples, "skipped_samples": skipped,
+                "lr": next(iter(lrs.values())), **lrs}
 
     def _forward(self, inputs: dict[str, Any]) -> torch.Tensor:
         try:
@@ -286,17 +294,23 @@ class Trainer:
                   f"({state.bad_steps}/{self.config.train.max_bad_steps})")
 
     def _log_step(self, stats: dict[str, float], step_time: float) -> None:
-        lrs = {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
         self.metrics.log(self.state.step, {
-            **stats, "lr": self.optimizer.param_groups[0]["lr"], **lrs, "epoch": self.state.epoch,
+            **stats, "epoch": self.state.epoch,
             "step_time_s": step_time, "tokens_per_s": stats["tokens"] / max(step_time, 1e-9)})
 
     def _after_step(self) -> int | None:
         cfg, state = self.config, self.state
         if self._signal is not None:
             path = self.checkpointer.save(self.engine, state)
-            self._say(f"signal {signal.Signals(self._signal).name}: checkpoint {path} saved at step "
-                      f"{state.step}; exiting with {REQUEUE_EXIT_CODE} so the job can be requeued")
+            name = signal.Signals(self._signal).name
+            if self.info.is_main:
+                # Launchers between us and the scheduler (torchrun) report their own status;
+                # this marker tells them the stop was a requested one.
+                marker = {"signal": name, "step": state.step, "checkpoint": str(path),
+                          "exit_code": REQUEUE_EXIT_CODE}
+                (self.output / REQUEUE_MARKER).write_text(json.dumps(marker))
+            self._say(f"signal {name}: checkpoint {path} saved at step {state.step}; exiting with "
+                      f"{REQUEUE_EXIT_CODE} so the job can be requeued")
             return REQUEUE_EXIT_CODE
         if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and self.eval_records is not None:
             if self._evaluate_during_training():
@@ -344,8 +358,6 @@ class Trainer:
             result.accuracy, result.correct = generated.accuracy, generated.correct
             result.generated, result.predictions = generated.generated, generated.predictions
         if self.info.is_main:
-            import json
-
             payload = {"mode": cfg.train.mode, "model": str(self.loaded.source), "data": cfg.data.eval,
                        "step": getattr(getattr(self, "state", None), "step", 0), **result.to_dict()}
             (self.output / "eval_results.json").write_text(json.dumps(payload, indent=2))
@@ -435,6 +447,13 @@ def run_shape(model: torch.nn.Module, config: RunConfig, info: DistInfo, ds: dic
         world_size=info.world_size, micro_batch=config.train.micro_batch_size,
         seq_len=config.data.max_seq_len, frames_per_sample=frames,
         param_bytes=2 if _bf16(config) else 4, gradient_checkpointing=config.train.gradient_checkpointing)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    # A scheduler signals the whole process group; only the rank process decides to stop,
+    # at a step boundary, and its workers must survive until then.
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _wants_zero3(config: RunConfig) -> bool:

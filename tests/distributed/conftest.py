@@ -1,0 +1,49 @@
+"""Helpers for real multi-process runs (torchrun + DeepSpeed on CPU, gloo)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUN_TIMEOUT_S = 420  # a hang (e.g. ranks running different modules under ZeRO-3) fails here
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+def hpc_train_cmd(command: str, *args: str, nproc: int = 2) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    if nproc == 1:
+        launcher = [sys.executable]
+    return [*launcher, "-m", "hpc_train", command, *args]
+
+
+def run_hpc_train(command: str, *args: str, nproc: int = 2, timeout: float = RUN_TIMEOUT_S
+                  ) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(hpc_train_cmd(command, *args, nproc=nproc), env=child_env(), capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"hpc-train {command} did not finish in {timeout} s (hang?)\n"
+                             f"{(exc.stderr or b'')[-4000:]}") from exc
+
+
+@pytest.fixture(scope="session")
+def train_args(tiny_model_dirs, synthetic_data):
+    """Overrides that point a tiny recipe at the session's saved model and data."""
+
+    def make(family: str, out: Path, *extra: str) -> list[str]:
+        return [f"tiny_{family}", f"output_dir={out}", f"model.path={tiny_model_dirs[family]}", "model.preset=null",
+                f"data.train={synthetic_data / 'train.jsonl'}", f"data.eval={synthetic_data / 'eval.jsonl'}",
+                f"data.media_root={synthetic_data / 'media'}", "data.num_workers=0",
+                "train.micro_batch_size=4", "eval.max_samples=8", "eval.batch_size=4", *extra]
+
+    return make

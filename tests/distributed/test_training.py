@@ -1,0 +1,212 @@
+"""Real DeepSpeed training on 2 CPU processes (gloo), for both families and every mode."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hpc_train.train.metrics import read_metrics
+from hpc_train.train.trainer import REQUEUE_EXIT_CODE
+
+from .conftest import child_env, hpc_train_cmd, run_hpc_train
+
+FAMILIES = ("smolvlm", "llava_onevision")
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-6000:]
+    return result
+
+
+def losses(out: Path) -> list[float]:
+    return [row["loss"] for row in read_metrics(out / "metrics.jsonl") if "loss" in row]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    """A saved model's weights under the model's own parameter names (as loaded)."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_single_process_exits_with_requeue_status_on_sigterm(tmp_path, train_args):
+    out = tmp_path / "single"
+    args = train_args("smolvlm", out, "train.max_steps=200", "eval.generate=false")
+    proc = subprocess.Popen(hpc_train_cmd("train", *args, nproc=1), env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not ((out / "metrics.jsonl").exists() and read_metrics(out / "metrics.jsonl")):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == REQUEUE_EXIT_CODE, output[-3000:]
+    assert "signal SIGTERM: checkpoint" in output
+    assert (out / "checkpoints" / "latest").is_file()
+
+
+@pytest.fixture(scope="module")
+def zero2_runs(tmp_path_factory, train_args):
+    """Full fine-tunes under ZeRO-2 for both families (compared with ZeRO-3 below)."""
+    runs = {}
+    for family in FAMILIES:
+        out = tmp_path_factory.mktemp(f"z2_{family}")
+        ok(run_hpc_train("train", *train_args(family, out, "train.max_steps=4", "train.mode=full")))
+        runs[family] = out
+    return runs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero2_trains_and_learns(zero2_runs, tiny_model_dirs, family):
+    out = zero2_runs[family]
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert rows[-1]["samples"] == 8  # micro-batch 4 x 2 ranks, every sample counted once
+    assert losses(out)[-1] < losses(out)[0]
+    trained, base = weights(out / "model"), weights(tiny_model_dirs[family])
+    assert trained.keys() == base.keys()
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+    result = json.loads((out / "eval_results.json").read_text())
+    assert result["samples"] == 8 and result["generated"] == 8 and result["loss"] > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero3_matches_zero2(zero2_runs, tmp_path, train_args, family):
+    out = tmp_path / "z3"
+    ok(run_hpc_train("train", *train_args(family, out, "train.max_steps=4", "train.mode=full",
+                                          "deepspeed.config=ds_configs/zero3.json")))
+    assert losses(out) == pytest.approx(losses(zero2_runs[family]), rel=1e-4)
+    z2, z3 = weights(zero2_runs[family] / "model"), weights(out / "model")
+    assert max((z2[k] - z3[k]).abs().max().item() for k in z2) < 1e-4
+
+
+def test_freezing_leaves_frozen_weights_bit_identical(tmp_path, tiny_model_dirs, train_args):
+    out = tmp_path / "frozen"
+    ok(run_hpc_train("train", *train_args("smolvlm", out, "train.max_steps=2", "train.mode=full",
+                                          "model.freeze=[vision,connector]")))
+    trained, base = weights(out / "model"), weights(tiny_model_dirs["smolvlm"])
+    frozen = [k for k in base if k.startswith(("model.vision_model.", "model.connector."))]
+    assert frozen and all(torch.equal(trained[k], base[k]) for k in frozen)
+    moved = [k for k in base if k.startswith("model.text_model.") and not torch.equal(trained[k], base[k])]
+    assert moved
+
+
+def test_per_group_learning_rates_are_the_ones_applied(tmp_path, tiny_model_dirs, train_args):
+    out = tmp_path / "rates"
+    rates = {"vision": 1e-3, "connector": 3e-3, "llm": 1e-4, "head": 3e-4}
+    ok(run_hpc_train("train", *train_args(
+        "smolvlm", out, "train.max_steps=1", "train.mode=full", "train.grad_clip=null",
+        "train.lr_groups={vision: 1e-3, connector: 3e-3, llm: 1e-4, head: 3e-4}", "eval.generate=false")))
+    row = read_metrics(out / "metrics.jsonl")[0]
+    for group, lr in rates.items():
+        assert row[f"lr_{group}"] == pytest.approx(lr)
+    # Adam's first step moves a weight by about lr * sign(grad): the largest change of each
+    # group is its own rate, not the global one.
+    trained, base = weights(out / "model"), weights(tiny_model_dirs["smolvlm"])
+    prefixes = {"vision": "model.vision_model.", "connector": "model.connector.",
+                "llm": "model.text_model.", "head": "lm_head."}
+    for group, prefix in prefixes.items():
+        delta = max((trained[k] - base[k]).abs().max().item() for k in base if k.startswith(prefix))
+        assert rates[group] * 0.5 < delta <= rates[group] * 1.01, (group, delta)
+
+
+@pytest.mark.parametrize("mode", ["lora", "qlora"])
+def test_lora_and_qlora_train_adapters_only(tmp_path, train_args, mode):
+    out = tmp_path / mode
+    result = ok(run_hpc_train("train", *train_args("smolvlm", out, "train.max_steps=3", f"train.mode={mode}",
+                                                   "eval.generate=false")))
+    adapter = out / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    assert tensors and all("lora_" in k for k in tensors)
+    assert all(torch.isfinite(v).all() for v in tensors.values())
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in tensors.items())
+    assert "trainable" in result.stdout and all(map(lambda x: x == x, losses(out)))
+    if mode == "qlora":
+        assert "Linear4bit" in result.stdout or (out / "config.resolved.yaml").is_file()
+
+
+def test_signal_checkpoints_requeues_and_resume_reproduces_losses(tmp_path, train_args):
+    steps = "train.max_steps=14"
+    reference = tmp_path / "reference"
+    ok(run_hpc_train("train", *train_args("smolvlm", reference, steps, "eval.generate=false",
+                                          "lora.dropout=0.1")))
+    out = tmp_path / "interrupted"
+    args = train_args("smolvlm", out, steps, "eval.generate=false", "lora.dropout=0.1")
+    import psutil
+
+    proc = subprocess.Popen(hpc_train_cmd("train", *args), env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(read_metrics(metrics)) >= 3):
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.monotonic() < deadline, "training never reached step 3"
+        time.sleep(0.2)
+    for rank in psutil.Process(proc.pid).children():  # the rank processes, as SLURM signals tasks
+        rank.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=300)
+    # Each rank exits with the requeue status (torchrun itself reports a failed child) and
+    # rank 0 leaves a marker a launcher can read.
+    assert output.count(f"exitcode  : {REQUEUE_EXIT_CODE}") == 2, output[-4000:]
+    marker = json.loads((out / "requeue.json").read_text())
+    saved = (out / "checkpoints" / "latest").read_text().strip()
+    assert marker["checkpoint"].endswith(saved) and marker["signal"] == "SIGUSR1"
+    stopped_at = int(saved.split("-")[1])
+    assert 3 <= stopped_at < 14 and marker["step"] == stopped_at
+    ok(run_hpc_train("train", *args))  # the requeued job
+    assert not (out / "requeue.json").exists()
+    resumed, full = losses(out), losses(reference)
+    assert len(resumed) == len(full) == 14
+    assert resumed == pytest.approx(full, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize(("family", "ds"), [("smolvlm", "zero3"), ("llava_onevision", "zero3"),
+                                            ("llava_onevision", "zero2")])
+def test_rank_with_text_only_batches_does_not_hang(tmp_path, synthetic_data, train_args, family, ds):
+    """Rank 0 sees images and videos, rank 1 only text: every rank must still run the same
+    vision modules, or ZeRO-3 waits forever on a gather the other rank never joins."""
+    from hpc_train.train.data_order import rank_micro_batches
+
+    records = [json.loads(line) for line in (synthetic_data / "train.jsonl").read_text().splitlines()]
+    text = [r for r in records if r["kind"] == "text"]
+    media = [r for r in records if r["kind"] in ("image", "video", "multi_image")]
+    n, micro = 16, 4
+    plan = {rank: [i for batch in rank_micro_batches(n, epoch=0, seed=0, rank=rank, world_size=2,
+                                                     micro_batch=micro, grad_accum=1) for i in batch]
+            for rank in (0, 1)}
+    ordered: list[dict] = [{}] * n
+    text_cycle = (text * n)[: len(plan[1])]
+    for i, record in zip(plan[1], text_cycle, strict=True):
+        ordered[i] = {**record, "id": f"text-{i}"}
+    for i, record in zip(plan[0], media, strict=False):
+        ordered[i] = record
+    assert all(ordered) and any("video" in r for r in ordered)
+    data = tmp_path / "skewed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ordered))
+    out = tmp_path / "run"
+    ok(run_hpc_train("train", *train_args(family, out, f"data.train={data}", "train.max_steps=2",
+                                          "train.mode=full", f"deepspeed.config=ds_configs/{ds}.json",
+                                          "eval.generate=false"), timeout=300))
+    assert len(losses(out)) == 2 and all(loss == loss for loss in losses(out))
+
+
+def test_non_finite_loss_stops_with_step_and_sample_ids(tmp_path, train_args):
+    out = tmp_path / "nan"
+    result = run_hpc_train("train", *train_args("smolvlm", out, "train.max_steps=30", "train.mode=full",
+                                                "train.lr=1e6", "train.grad_clip=null", "train.save_every=1",
+                                                "eval.generate=false"), nproc=1)
+    assert result.returncode == 3, result.stderr[-3000:]
+    message = result.stderr
+    assert "non-finite" in message or "gradient norm" in message
+    assert "last good checkpoint is" in message
+    if "non-finite loss on samples" in message:
+        assert "train_" in message  # the batch's sample ids are named
