@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from hpc_train.errors import HpcTrainError
@@ -52,6 +53,12 @@ def _train(args: argparse.Namespace) -> int:
         return exc.exit_code
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from hpc_train.demo import run_demo
+
+    return run_demo(args.out, nproc=args.nproc, steps=args.steps, zero=args.zero, seed=args.seed)
+
+
 def _show_config(args: argparse.Namespace) -> int:
     import yaml
 
@@ -87,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="YAML config or shipped recipe name (e.g. tiny_smolvlm)")
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
         p.set_defaults(func=_train)
+
+    p = sub.add_parser("demo", help="tiny SmolVLM + synthetic data + DeepSpeed training + evaluation, on CPU")
+    p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    p.add_argument("--nproc", type=int, default=2, help="training processes (default: 2)")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps (default: 600)")
+    p.add_argument("--zero", type=int, choices=[2, 3], default=2, help="ZeRO stage (default: 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_demo)
 
     p = sub.add_parser("make-data", help="write the synthetic ball/tone dataset (mp4, png, wav, JSONL)")
     p.add_argument("out", help="output folder")
@@ -124,10 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def main(argv: list[str] | None = None) -> int:
     # Never reach a model hub: every model comes from a local folder or a preset.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_gpu() else "cuda")
+    # torch.distributed deprecation notices raised inside DeepSpeed: nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -44,6 +44,8 @@ ROLES: dict[str, str] = {
     "assistant": "assistant",
     "system": "system",
 }
+RECORD_KINDS = ("image", "video", "audio", "multi_image", "text")
+"""What :attr:`Record.kind` can be."""
 PLACEHOLDERS = {"image": "<image>", "video": "<video>", "audio": "<speech>"}
 _ALIASES = {"<audio>": "<speech>"}
 

@@ -22,6 +22,8 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
+from hpc_train.data.records import RECORD_KINDS
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
@@ -43,7 +45,7 @@ QUESTION_COLOUR_AFTER = "Which colour comes after {} in the list " + _COLOUR_LIS
 QUESTION_COLOUR_BEFORE = "Which colour comes before {} in the list " + _COLOUR_LIST + "?"
 QUESTION_PITCH_AFTER = "Which tone comes after {} in the list " + _PITCH_LIST + "?"
 
-KINDS = ("image", "video", "audio", "multi_image", "text")
+KINDS = RECORD_KINDS
 SPLITS = ("train", "eval")
 AUDIO_SAMPLE_RATE = 16000
 AUDIO_SECONDS = 1.0

@@ -18,7 +18,7 @@ import torch
 
 from hpc_train.data.collate import Collator, model_inputs
 from hpc_train.data.dataset import MediaLoader, SampleDataset
-from hpc_train.data.records import Record
+from hpc_train.data.records import RECORD_KINDS, Record
 from hpc_train.data.tokenize import ChatEncoder, EncodedSample
 from hpc_train.dist import DistInfo, all_reduce_max, all_reduce_sum
 from hpc_train.errors import DataError
@@ -40,13 +40,16 @@ class EvalResult:
     accuracy: float | None = None
     correct: int = 0
     generated: int = 0
+    accuracy_by_kind: dict[str, float] = field(default_factory=dict)
+    """Accuracy per record kind (image, video, audio, multi_image, text)."""
     predictions: list[dict[str, str]] = field(default_factory=list)
     """Rank 0's share of predictions (id, answer, prediction) for inspection."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens,
                 "samples": self.samples, "accuracy": self.accuracy, "correct": self.correct,
-                "generated": self.generated, "predictions": self.predictions[:50]}
+                "generated": self.generated, "accuracy_by_kind": self.accuracy_by_kind,
+                "predictions": self.predictions[:50]}
 
 
 def shard(count: int, info: DistInfo) -> list[tuple[int, bool]]:
@@ -102,8 +105,10 @@ def evaluate_generation(model: Any, records: Sequence[Record], encoder: ChatEnco
     tokenizer = encoder.tokenizer
     picks = shard(len(records), info)
     prompts: list[tuple[EncodedSample | None, bool]] = []
+    kinds: dict[str, str] = {}
     for index, keep in picks:
         record = records[index]
+        kinds[record.id] = record.kind
         try:
             prompts.append((encoder.encode_prompt(record, media.load(record)), keep))
         except DataError:
@@ -115,6 +120,7 @@ def evaluate_generation(model: Any, records: Sequence[Record], encoder: ChatEnco
     collate = Collator(encoder.family, tokenizer.pad_token_id, blanks=blanks, padding_side="left")
     eos = [tokenizer.convert_tokens_to_ids(encoder.family.end_of_turn), tokenizer.eos_token_id]
     correct = generated = 0
+    per_kind = {kind: [0, 0] for kind in RECORD_KINDS}
     predictions: list[dict[str, str]] = []
     model.eval()
     with torch.no_grad():
@@ -136,11 +142,15 @@ def evaluate_generation(model: Any, records: Sequence[Record], encoder: ChatEnco
                 hit = normalize_answer(text) == normalize_answer(prompt.answers[0])
                 correct += int(hit)
                 generated += 1
+                per_kind[kinds[prompt.id]][0] += int(hit)
+                per_kind[kinds[prompt.id]][1] += 1
                 if len(predictions) < 200:
                     predictions.append({"id": prompt.id, "answer": prompt.answers[0], "prediction": text})
-    correct, generated = all_reduce_sum([correct, generated])
+    counts = all_reduce_sum([correct, generated, *(x for kind in RECORD_KINDS for x in per_kind[kind])])
+    correct, generated = counts[:2]
+    by_kind = {kind: counts[2 + 2 * k] / counts[3 + 2 * k] for k, kind in enumerate(RECORD_KINDS) if counts[3 + 2 * k]}
     return EvalResult(accuracy=correct / generated if generated else None, correct=int(correct),
-                      generated=int(generated), predictions=predictions)
+                      generated=int(generated), accuracy_by_kind=by_kind, predictions=predictions)
 
 
 def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

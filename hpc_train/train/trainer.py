@@ -357,6 +357,7 @@ class Trainer:
                 dtype=self.loaded.dtype)
             result.accuracy, result.correct = generated.accuracy, generated.correct
             result.generated, result.predictions = generated.generated, generated.predictions
+            result.accuracy_by_kind = generated.accuracy_by_kind
         if self.info.is_main:
             payload = {"mode": cfg.train.mode, "model": str(self.loaded.source), "data": cfg.data.eval,
                        "step": getattr(getattr(self, "state", None), "step", 0), **result.to_dict()}

@@ -1,0 +1,118 @@
+"""``hpc-train demo``: the whole product on a laptop CPU in a few minutes.
+
+Builds a tiny random SmolVLM, writes the synthetic dataset, evaluates the untrained model
+(chance level), trains it with DeepSpeed on several processes, evaluates again, and prints
+where everything went. The tiny model really learns the task (the ball's colour, the
+tone's pitch), which is what makes the numbers worth reading.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from hpc_train.train.metrics import read_metrics
+from profiling.stats import summarize
+
+# What makes a tiny random model learn the demo task on 2 CPU cores (measured): 64-wide
+# layers, single-token answers, lr 2e-3 with betas (0.9, 0.98), a cosine schedule long
+# enough that slow starters still converge, labels on the answer only.
+DEMO_TRAIN = {
+    "mode": "full", "micro_batch_size": 8, "grad_accum": 1, "lr": 2.0e-3, "betas": [0.9, 0.98],
+    "warmup_steps": 20, "min_lr_ratio": 0.1, "grad_clip": 1.0, "log_every": 10, "seed": 0,
+}
+
+
+def demo_config(out: Path, *, steps: int, zero: int, family: str) -> dict:
+    data = out / "data"
+    return {
+        "name": "demo",
+        "output_dir": str(out / "run"),
+        "model": {"family": family, "path": str(out / "model"), "dtype": "fp32"},
+        "data": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl"),
+                 "media_root": str(data / "media"), "max_seq_len": 512, "num_workers": 0,
+                 "cache_samples": True, "video": {"sampling": "uniform", "num_frames": 4}},
+        "train": {**DEMO_TRAIN, "max_steps": steps},
+        "deepspeed": {"config": f"ds_configs/zero{zero}.json"},
+        "eval": {"batch_size": 32},
+    }
+
+
+def run_demo(out: str | Path = "demo_out", *, nproc: int = 2, steps: int = 600, zero: int = 2,
+             family: str = "smolvlm", seed: int = 0) -> int:
+    """Run the demo; returns the exit status."""
+    from hpc_train.data.synthetic import SyntheticSpec, make_dataset
+    from hpc_train.models.tiny import save_tiny
+
+    started = time.perf_counter()
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    _say(f"[1/5] synthetic dataset -> {out / 'data'}")
+    if not (out / "data" / "eval.jsonl").is_file():
+        make_dataset(out / "data", SyntheticSpec(seed=seed))
+    _say(f"[2/5] tiny random {family} -> {out / 'model'}")
+    if not (out / "model" / "config.json").is_file():
+        save_tiny(family, out / "model", seed=seed)
+    config_path = out / "demo.yaml"
+    config_path.write_text(yaml.safe_dump(demo_config(out, steps=steps, zero=zero, family=family),
+                                          sort_keys=False))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    _say("[3/5] evaluating the untrained model (chance level)")
+    before_dir = out / "before"
+    status = subprocess.call([sys.executable, "-m", "hpc_train", "eval", str(config_path),
+                              f"output_dir={before_dir}"], env=env)
+    if status:
+        return status
+    _say(f"[4/5] training {steps} steps with DeepSpeed ZeRO-{zero} on {nproc} processes")
+    train_started = time.perf_counter()
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    status = subprocess.call([*launcher, "-m", "hpc_train", "train", str(config_path)], env=env)
+    if status:
+        return status
+    train_wall = time.perf_counter() - train_started
+    _say("[5/5] results")
+    before = json.loads((before_dir / "eval_results.json").read_text())
+    after = json.loads((out / "run" / "eval_results.json").read_text())
+    rows = [r for r in read_metrics(out / "run" / "metrics.jsonl") if "step_time_s" in r]
+    step_time = summarize(r["step_time_s"] for r in rows[1:] or rows)
+    summary = {
+        "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
+        "accuracy_by_kind_before": before["accuracy_by_kind"],
+        "accuracy_by_kind_after": after["accuracy_by_kind"],
+        "eval_loss_before": before["loss"], "eval_loss_after": after["loss"],
+        "steps": steps, "zero_stage": zero, "processes": nproc,
+        "step_time_s_median": step_time["median"], "train_wall_s": round(train_wall, 1),
+        "total_wall_s": round(time.perf_counter() - started, 1),
+    }
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    _say(_format(summary, out))
+    return 0
+
+
+def _format(s: dict, out: Path) -> str:
+    kinds = sorted(s["accuracy_by_kind_after"])
+    lines = ["", "demo finished", f"  held-out accuracy: {s['accuracy_before']:.3f} -> {s['accuracy_after']:.3f}",
+             "  by kind:  " + ", ".join(f"{k} {s['accuracy_by_kind_before'].get(k, 0):.2f} -> "
+                                        f"{s['accuracy_by_kind_after'][k]:.2f}" for k in kinds),
+             f"  eval loss: {s['eval_loss_before']:.3f} -> {s['eval_loss_after']:.3f}",
+             f"  {s['steps']} steps, ZeRO-{s['zero_stage']}, {s['processes']} processes: median step "
+             f"{s['step_time_s_median'] * 1000:.0f} ms, training {s['train_wall_s']:.0f} s, "
+             f"whole demo {s['total_wall_s']:.0f} s",
+             f"  config        {out / 'demo.yaml'}",
+             f"  metrics       {out / 'run' / 'metrics.jsonl'} (TensorBoard: {out / 'run' / 'tensorboard'})",
+             f"  checkpoints   {out / 'run' / 'checkpoints'}",
+             f"  trained model {out / 'run' / 'model'}",
+             f"  evaluation    {out / 'run' / 'eval_results.json'} (before: {out / 'before' / 'eval_results.json'})",
+             f"  summary       {out / 'demo_summary.json'}"]
+    return "\n".join(lines)
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
