@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="tiny SmolVLM + synthetic data + DeepSpeed training + evaluation, on CPU")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--nproc", type=int, default=2, help="training processes (default: 2)")
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps (default: 600)")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps (default: 2000)")
     p.add_argument("--zero", type=int, choices=[2, 3], default=2, help="ZeRO stage (default: 2)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)

@@ -44,7 +44,7 @@ def demo_config(out: Path, *, steps: int, zero: int, family: str) -> dict:
     }
 
 
-def run_demo(out: str | Path = "demo_out", *, nproc: int = 2, steps: int = 600, zero: int = 2,
+def run_demo(out: str | Path = "demo_out", *, nproc: int = 2, steps: int = 2000, zero: int = 2,
              family: str = "smolvlm", seed: int = 0) -> int:
     """Run the demo; returns the exit status."""
     from hpc_train.data.synthetic import SyntheticSpec, make_dataset

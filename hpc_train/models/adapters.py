@@ -129,3 +129,18 @@ def describe_param_groups(model: nn.Module, groups: list[ParamGroup]) -> str:
     for g in groups:
         lines.append(f"  {g.name:<22}{g.numel:>14,}{g.lr:>12.3g}{g.weight_decay:>14.3g}")
     return "\n".join(lines)
+
+
+def describe_quantization(model: nn.Module, family: Family) -> str | None:
+    """Which groups hold 4-bit layers (None when nothing is quantized)."""
+    counts: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if type(module).__name__ == "Linear4bit":
+            group = group_of(name, family)
+            counts[group] = counts.get(group, 0) + 1
+    if not counts:
+        return None
+    kept = [g for g in family.module_groups if g not in counts]
+    return (f"4-bit NF4: {sum(counts.values())} linear layers ("
+            + ", ".join(f"{g} {n}" for g, n in counts.items())
+            + f"); unquantized: {', '.join(kept)}")

@@ -64,10 +64,12 @@ def resolve_ds_config(config: RunConfig, world_size: int, *, bf16: bool,
                           "4-bit and vision towers). Fix: remove the fp16 block; bf16 is used where available")
     ds.pop("fp16", None)
     zero = ds.setdefault("zero_optimization", {"stage": 0})
-    bucket = hidden_size * hidden_size
+    # Gradient buckets: at least 50M elements, so a small model is reduced in a few
+    # collectives instead of one per layer (each collective has a fixed latency).
+    bucket = max(hidden_size * hidden_size, 50_000_000)
     for key, value in (("reduce_bucket_size", bucket),
                        ("allgather_bucket_size", bucket),
-                       ("stage3_prefetch_bucket_size", int(0.9 * bucket)),
+                       ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
                        ("stage3_param_persistence_threshold", 10 * hidden_size)):
         if key in zero:
             _fill(zero, key, value, source, key_path=f"zero_optimization.{key}")

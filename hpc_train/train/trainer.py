@@ -36,7 +36,11 @@ from hpc_train.dist import (
     read_dist_env,
 )
 from hpc_train.errors import HpcTrainError
-from hpc_train.models.adapters import build_param_groups, describe_param_groups
+from hpc_train.models.adapters import (
+    build_param_groups,
+    describe_param_groups,
+    describe_quantization,
+)
 from hpc_train.train.checkpoint import Checkpointer, TrainState
 from hpc_train.train.data_order import PlannedBatches, total_steps
 from hpc_train.train.engine import build_optimizer, resolve_ds_config, zero_stage
@@ -169,6 +173,9 @@ class Trainer:
                   f"x {self.info.world_size} ranks)\n{describe_param_groups(model, groups)}\n"
                   f"learning rate at step {self.state.step}: "
                   + ", ".join(f"{g.name} {g.lr * multiplier:.3g}" for g in groups))
+        quantized = describe_quantization(model, self.family)
+        if quantized:
+            self._say(quantized)
 
     def _install_signal_handlers(self) -> None:
         def request_checkpoint(signum: int, frame: object) -> None:

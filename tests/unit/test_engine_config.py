@@ -10,7 +10,12 @@ import pytest
 from hpc_train.config import load_config
 from hpc_train.dist import DistInfo
 from hpc_train.errors import ConfigError
-from hpc_train.train.data_order import PlannedBatches, rank_micro_batches, steps_per_epoch, total_steps
+from hpc_train.train.data_order import (
+    PlannedBatches,
+    rank_micro_batches,
+    steps_per_epoch,
+    total_steps,
+)
 from hpc_train.train.engine import resolve_ds_config, zero_stage
 from hpc_train.train.evaluate import normalize_answer, shard
 from hpc_train.train.schedule import lr_multiplier
@@ -71,7 +76,7 @@ def test_schedule_warmup_then_cosine_to_floor():
     assert lr_multiplier(55, **kw) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_multiplier(100, **kw) == pytest.approx(0.1)
     values = [lr_multiplier(s, **kw) for s in range(10, 101)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
 
 
 @pytest.mark.parametrize(("n", "micro", "world", "accum"), [(100, 4, 2, 3), (37, 2, 3, 1), (64, 8, 1, 2)])
