@@ -31,9 +31,11 @@ class ModelConfig(_Section):
     """Model family: ``smolvlm`` (SmolVLM / SmolVLM2, transformers' Idefics3) or ``llava_onevision``."""
     path: str | None = None
     """Local folder written by ``save_pretrained`` (model + processor). Never a hub id: nothing is downloaded."""
-    preset: Literal["tiny"] | None = None
-    """Build the model from a known config instead of loading ``path``: ``tiny`` is a random
-    model of ``family`` small enough for a CPU, with an offline processor."""
+    preset: str | None = None
+    """Build the model from a known config instead of loading ``path`` (random weights, offline
+    processor): ``tiny`` (a CPU-sized model of ``family``) or a published architecture:
+    ``smolvlm-256m``, ``smolvlm-500m``, ``smolvlm-2.2b``, ``smolvlm2-2.2b``,
+    ``llava-onevision-0.5b``, ``llava-onevision-7b``."""
     adapter: str | None = None
     """A LoRA adapter folder (written by a lora/qlora run) applied on top of the model."""
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
@@ -203,6 +205,21 @@ class RunConfig(_Section):
     lora: LoraConfig = LoraConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _check_preset(self) -> RunConfig:
+        preset = self.model.preset
+        if preset is not None and preset != "tiny":
+            from hpc_train.models.presets import get_preset
+
+            try:
+                found = get_preset(preset)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+            if found.family != self.model.family:
+                raise ValueError(f"model.preset={preset} is a {found.family} model but model.family is "
+                                 f"{self.model.family}; set model.family={found.family}")
+        return self
 
     @model_validator(mode="after")
     def _check_model_source(self) -> RunConfig:

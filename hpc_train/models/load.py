@@ -11,7 +11,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedM
 from hpc_train.config import ModelConfig
 from hpc_train.errors import ConfigError
 from hpc_train.models.families import Family, family_of_model_type, get_family
-from hpc_train.models.tiny import build_tiny
+from hpc_train.models.tiny import build_preset, build_tiny, preset_processor
 
 
 def model_family(model: ModelConfig) -> Family:
@@ -33,6 +33,8 @@ def load_processor(model: ModelConfig) -> Any:
     """The processor (tokenizer + image/video processors + chat template) of the configured model."""
     if model.preset == "tiny":
         return build_tiny(model.family)[1]
+    if model.preset is not None:
+        return preset_processor(model.preset)
     folder = _model_folder(model.path)
     return AutoProcessor.from_pretrained(folder, local_files_only=True)
 
@@ -41,6 +43,8 @@ def load_model_and_processor(model: ModelConfig, **model_kwargs: object) -> tupl
     """The configured model with its processor (random weights for a preset)."""
     if model.preset == "tiny":
         return build_tiny(model.family)
+    if model.preset is not None:
+        return build_preset(model.preset)
     folder = _model_folder(model.path)
     processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
     net = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, **model_kwargs)

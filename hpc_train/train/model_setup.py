@@ -14,7 +14,7 @@ from hpc_train.dist import DistInfo, barrier
 from hpc_train.models.adapters import apply_freezing, apply_lora, quantization_config
 from hpc_train.models.families import Family
 from hpc_train.models.load import model_family
-from hpc_train.models.tiny import save_tiny
+from hpc_train.models.tiny import save_preset, save_tiny
 
 
 @dataclass
@@ -53,7 +53,10 @@ def model_source(config: RunConfig, info: DistInfo) -> Path:
         return Path(config.model.path)
     folder = Path(config.output_dir) / "base_model"
     if info.is_main and not (folder / "config.json").is_file():
-        save_tiny(config.model.family, folder, seed=config.train.seed)
+        if config.model.preset == "tiny":
+            save_tiny(config.model.family, folder, seed=config.train.seed)
+        else:
+            save_preset(config.model.preset, folder, seed=config.train.seed)
     barrier()
     return folder
 

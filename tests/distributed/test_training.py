@@ -121,8 +121,9 @@ def test_per_group_learning_rates_are_the_ones_applied(tmp_path, tiny_model_dirs
 @pytest.mark.parametrize("mode", ["lora", "qlora"])
 def test_lora_and_qlora_train_adapters_only(tmp_path, train_args, mode):
     out = tmp_path / mode
+    extra = ["train.gradient_checkpointing=true"] if mode == "qlora" else []
     result = ok(run_hpc_train("train", *train_args("smolvlm", out, "train.max_steps=3", f"train.mode={mode}",
-                                                   "eval.generate=false")))
+                                                   "eval.generate=false", *extra)))
     adapter = out / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
     tensors = load_file(adapter / "adapter_model.safetensors")
@@ -221,3 +222,13 @@ def test_non_finite_loss_stops_with_step_and_sample_ids(tmp_path, train_args):
     assert "last good checkpoint is" in message
     if "non-finite loss on samples" in message:
         assert "train_" in message  # the batch's sample ids are named
+
+
+def test_qlora_under_zero3_on_llava_onevision(tmp_path, train_args):
+    out = tmp_path / "qlora_z3"
+    result = ok(run_hpc_train("train", *train_args("llava_onevision", out, "train.max_steps=2", "train.mode=qlora",
+                                                   "deepspeed.config=ds_configs/zero3.json", "eval.generate=false")))
+    assert "4-bit NF4" in result.stdout
+    tensors = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert tensors and all(torch.isfinite(v).all() for v in tensors.values())
+    assert len(losses(out)) == 2

@@ -91,3 +91,21 @@ def test_convert_proassist_cli(tmp_path, capsys):
     src.write_text('{"video_uid": 1\n')
     assert main(["convert-proassist", str(src), str(out)]) == 2
     assert "dialogs.jsonl:1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    """The README's first command, shortened: every stage runs and reports (accuracy itself is
+    measured by the full demo, see the README)."""
+    from hpc_train.demo import run_demo
+
+    out = tmp_path / "demo"
+    assert run_demo(out, nproc=2, steps=12) == 0
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["steps"] == 12 and summary["processes"] == 2 and summary["zero_stage"] == 2
+    assert summary["accuracy_before"] is not None and summary["accuracy_after"] is not None
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    for path in ("run/metrics.jsonl", "run/model/model.safetensors", "run/eval_results.json",
+                 "before/eval_results.json", "demo.yaml"):
+        assert (out / path).is_file(), path
+    assert "demo finished" in capsys.readouterr().out

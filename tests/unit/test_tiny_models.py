@@ -69,3 +69,24 @@ def test_family_mismatch_with_folder_is_explained(tiny_model_dirs):
 def test_folder_without_config_is_explained(tmp_path):
     with pytest.raises(ConfigError, match="no config.json there.*make-tiny"):
         load_model_and_processor(ModelConfig(family="smolvlm", path=str(tmp_path)))
+
+
+def test_published_preset_gets_a_matching_offline_processor():
+    from hpc_train.models.presets import get_preset
+    from hpc_train.models.tiny import preset_processor
+
+    processor = preset_processor("smolvlm-256m")
+    preset = get_preset("smolvlm-256m")
+    assert processor.image_seq_len == preset.tokens_per_image
+    assert processor.image_processor.max_image_size["longest_edge"] == preset.image_size
+    vocab = preset.build_config().text_config.vocab_size
+    assert len(processor.tokenizer) < vocab  # every id the tokenizer makes is a row of the embedding
+
+
+def test_unknown_or_mismatched_preset_is_refused():
+    from hpc_train.config import load_config
+
+    with pytest.raises(ConfigError, match="did you mean 'smolvlm-256m'"):
+        load_config(None, ["model.preset=smolvlm-265m"])
+    with pytest.raises(ConfigError, match="set model.family=llava_onevision"):
+        load_config(None, ["model.preset=llava-onevision-0.5b"])
