@@ -78,6 +78,11 @@ def quantization_config(family: Family, compute_dtype: torch.dtype, lora: LoraCo
     )
 
 
+def full_numel(param: torch.Tensor) -> int:
+    """Elements of a parameter, also when ZeRO-3 holds only this rank's partition of it."""
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
 @dataclass
 class ParamGroup:
     """One optimizer parameter group: a module group with or without weight decay."""
@@ -89,7 +94,7 @@ class ParamGroup:
 
     @property
     def numel(self) -> int:
-        return sum(p.numel() for p in self.params)
+        return sum(full_numel(p) for p in self.params)
 
     def as_optimizer_group(self) -> dict[str, Any]:
         return {"params": self.params, "lr": self.lr, "weight_decay": self.weight_decay,
@@ -122,7 +127,7 @@ def build_param_groups(model: nn.Module, family: Family, config: RunConfig) -> l
 
 def describe_param_groups(model: nn.Module, groups: list[ParamGroup]) -> str:
     """The table printed at step 0: what is trained, how much, at which rate."""
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(full_numel(p) for p in model.parameters())
     trainable = sum(g.numel for g in groups)
     lines = [f"parameters: {total:,} total, {trainable:,} trainable ({100 * trainable / max(total, 1):.2f}%)",
              f"  {'group':<22}{'params':>14}{'lr':>12}{'weight decay':>14}"]

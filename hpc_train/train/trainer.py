@@ -103,8 +103,15 @@ class Trainer:
         self.loaded: LoadedModel
         self._setup_model()
         self._setup_data()
+        self.eval_model = self.loaded.model
         if self.training:
             self._setup_engine()
+            self.eval_model = self.engine
+        elif self.ds is not None:
+            # Evaluation under ZeRO-3: the engine gathers each layer's partitions as it runs.
+            import deepspeed
+
+            self.eval_model = deepspeed.initialize(model=self.loaded.model, config=self.ds)[0]
         self._install_signal_handlers()
 
     def _setup_model(self) -> None:
@@ -352,11 +359,10 @@ class Trainer:
         cfg = self.config
         if self.eval_records is None:
             return None
-        model = self.engine if self.training else self.loaded.model
-        result = evaluate_loss(model, self.eval_set, self.collate, self.info, self.device,
+        result = evaluate_loss(self.eval_model, self.eval_set, self.collate, self.info, self.device,
                                batch_size=cfg.eval.batch_size, dtype=self.loaded.dtype)
         if cfg.eval.generate:
-            module = self.engine.module if self.training else self.loaded.model
+            module = getattr(self.eval_model, "module", self.eval_model)
             generated = evaluate_generation(
                 module, self.eval_records, self.encoder, self.media, self.info, self.device,
                 batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
@@ -423,13 +429,13 @@ class Trainer:
 def run_shape(model: torch.nn.Module, config: RunConfig, info: DistInfo, ds: dict[str, Any] | None,
               family: Any) -> Any:
     """The :class:`RunShape` of this run, for memory estimates and out-of-memory advice."""
-    from hpc_train.models.adapters import group_of
+    from hpc_train.models.adapters import full_numel, group_of
     from hpc_train.train.memory import RunShape
 
     sizes = {"vision": 0, "connector": 0, "llm": 0, "head": 0}
     lora = 0
     for name, p in model.named_parameters():
-        count = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        count = full_numel(p)
         if "lora_" in name:
             lora += count
         else:

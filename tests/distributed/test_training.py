@@ -232,3 +232,16 @@ def test_qlora_under_zero3_on_llava_onevision(tmp_path, train_args):
     tensors = load_file(out / "adapter" / "adapter_model.safetensors")
     assert tensors and all(torch.isfinite(v).all() for v in tensors.values())
     assert len(losses(out)) == 2
+
+
+def test_baseline_evaluation_under_zero3_matches_single_process(tmp_path, train_args):
+    z3, single = tmp_path / "z3", tmp_path / "single"
+    ok(run_hpc_train("train", *train_args("llava_onevision", z3, "train.mode=baseline",
+                                          "deepspeed.config=ds_configs/zero3.json")))
+    ok(run_hpc_train("eval", *train_args("llava_onevision", single), nproc=1))
+    a = json.loads((z3 / "eval_results.json").read_text())
+    b = json.loads((single / "eval_results.json").read_text())
+    assert a["mode"] == b["mode"] == "baseline" and not (z3 / "checkpoints").exists()
+    assert a["samples"] == b["samples"] == 8
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert a["accuracy"] == b["accuracy"]

@@ -1,0 +1,141 @@
+"""Sequence packing: which samples share a row, and the packed row itself.
+
+Plan: best-fit decreasing over the samples' token lengths into rows of ``max_seq_len``
+(deterministic for a seed and epoch: ties are broken by a seeded shuffle, and the rows'
+order is shuffled per epoch), rows dealt round-robin to ranks in equal numbers, so the
+number of optimizer steps is known before training starts.
+
+Row: the samples' tokens one after another, ``position_ids`` restarting at 0 for each
+sample, ``cu_seqlens`` marking the boundaries for a varlen attention, and the label of each
+sample's first token set to -100 so no sample is ever trained to predict the next sample's
+first token from its own last one. The samples' media are concatenated in the same order,
+so each sample's media tokens meet its own features.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hpc_train.data.tokenize import IGNORE_INDEX, EncodedSample
+from hpc_train.errors import DataError
+
+
+@dataclass(frozen=True)
+class PackPlan:
+    """Rows of sample indices for one epoch, and how full they are."""
+
+    rows: list[list[int]]
+    real_tokens: int
+    slots: int
+
+    @property
+    def efficiency(self) -> float:
+        """Real tokens / token slots (1.0: no padding at all)."""
+        return self.real_tokens / self.slots if self.slots else 0.0
+
+
+def plan_packs(lengths: Sequence[int], max_seq_len: int, *, seed: int, epoch: int) -> PackPlan:
+    """Best-fit decreasing: each sample, longest first, goes to the fullest row it still fits."""
+    lengths = [int(n) for n in lengths]
+    too_long = [i for i, n in enumerate(lengths) if n > max_seq_len]
+    if too_long:
+        i = too_long[0]
+        raise DataError(f"sample {i} is {lengths[i]} tokens, longer than data.max_seq_len={max_seq_len} "
+                        f"({len(too_long)} such samples)",
+                        fix="raise data.max_seq_len, use fewer frames, or set data.truncation=drop")
+    rng = np.random.default_rng([seed, epoch, 1])
+    order = rng.permutation(len(lengths))  # seeded tie-break among equal lengths
+    order = sorted(order.tolist(), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    # Free space of each open row, kept sorted with the row's id for best-fit lookups.
+    free: list[tuple[int, int]] = []
+    for i in order:
+        need = lengths[i]
+        at = bisect.bisect_left(free, (need, -1))
+        if at < len(free):
+            space, row = free.pop(at)
+            rows[row].append(i)
+            bisect.insort(free, (space - need, row))
+        else:
+            rows.append([i])
+            bisect.insort(free, (max_seq_len - need, len(rows) - 1))
+    shuffled = rng.permutation(len(rows))
+    rows = [rows[k] for k in shuffled]
+    real = sum(lengths)
+    return PackPlan(rows=rows, real_tokens=real, slots=len(rows) * max_seq_len)
+
+
+def rank_rows(plan: PackPlan, *, rank: int, world_size: int, rows_per_step: int) -> list[list[int]]:
+    """This rank's rows: round-robin, cut so every rank has the same whole number of steps."""
+    usable = (len(plan.rows) // (world_size * rows_per_step)) * world_size * rows_per_step
+    return plan.rows[rank:usable:world_size]
+
+
+def pack_samples(samples: Sequence[EncodedSample], *, pad_token_id: int, family_name: str,
+                 pad_to: int | None = None) -> dict[str, torch.Tensor | list[str]]:
+    """One packed row (batch of 1) from several encoded samples."""
+    if not samples:
+        raise ValueError("nothing to pack")
+    ids, labels, positions, starts = [], [], [], [0]
+    for s in samples:
+        n = len(s)
+        ids.append(s.input_ids)
+        lab = s.labels.clone()
+        lab[0] = IGNORE_INDEX
+        labels.append(lab)
+        positions.append(torch.arange(n))
+        starts.append(starts[-1] + n)
+    input_ids = torch.cat(ids)
+    label_row = torch.cat(labels)
+    position_ids = torch.cat(positions)
+    total = int(input_ids.numel())
+    if pad_to is not None and pad_to > total:
+        # The padding is its own "sample" so no real token attends to it.
+        extra = pad_to - total
+        input_ids = torch.cat([input_ids, torch.full((extra,), pad_token_id)])
+        label_row = torch.cat([label_row, torch.full((extra,), IGNORE_INDEX)])
+        position_ids = torch.cat([position_ids, torch.arange(extra)])
+        starts.append(pad_to)
+    cu = torch.tensor(starts, dtype=torch.int32)
+    batch: dict[str, torch.Tensor | list[str]] = {
+        "input_ids": input_ids[None],
+        "labels": label_row[None],
+        "position_ids": position_ids[None],
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": int((cu[1:] - cu[:-1]).max()),
+        "max_length_k": int((cu[1:] - cu[:-1]).max()),
+        "sample_ids": [s.id for s in samples],
+    }
+    batch.update(_packed_media(samples, family_name))
+    return batch
+
+
+def _packed_media(samples: Sequence[EncodedSample], family_name: str) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    if family_name == "smolvlm":
+        tiles = [s.media["pixel_values"] for s in samples if "pixel_values" in s.media]
+        if tiles:
+            out["pixel_values"] = torch.cat(tiles)[None]
+            out["pixel_attention_mask"] = torch.cat(
+                [s.media["pixel_attention_mask"] for s in samples if "pixel_values" in s.media])[None]
+        return out
+    images = [s for s in samples if "pixel_values" in s.media]
+    if images:
+        patches = max(s.media["pixel_values"].shape[1] for s in images)
+        out["pixel_values"] = torch.cat([torch.nn.functional.pad(
+            s.media["pixel_values"], (0, 0, 0, 0, 0, 0, 0, patches - s.media["pixel_values"].shape[1]))
+            for s in images])
+        out["image_sizes"] = torch.cat([s.media["image_sizes"] for s in images])
+        # Per sample, not per row: LLaVA-OneVision tiles a lone image (anyres) but not the
+        # images of a multi-image sample, and the processor counted tokens that way.
+        out["batch_num_images"] = torch.tensor([s.media["pixel_values"].shape[0] for s in images])
+    videos = [s.media["pixel_values_videos"] for s in samples if "pixel_values_videos" in s.media]
+    if videos:
+        out["pixel_values_videos"] = torch.cat(videos)
+    return out

@@ -1,0 +1,82 @@
+"""The varlen attention for packed rows, registered with transformers' attention interface.
+
+A packed row carries ``cu_seq_lens_q`` (sample boundaries); attention then runs per sample:
+flash-attn's varlen kernel on a GPU that has it, otherwise an exact PyTorch path (causal SDPA
+per sample). Without ``cu_seq_lens_q`` (an ordinary padded batch, generation) it is plain
+SDPA with the usual mask. Only the language model uses it; vision towers keep their own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+VARLEN = "hpc_varlen"
+
+
+def _flash_varlen() -> Any:
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """(batch, heads, seq, dim) in; (batch, seq, heads, dim) out, as transformers expects."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError("a packed batch must be one row (batch size 1); got "
+                         f"{query.shape[0]} rows with cu_seq_lens")
+    dropout = dropout if module.training else 0.0
+    flash = _flash_varlen()
+    if flash is not None and query.is_cuda:
+        out = flash(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                    cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=kwargs["max_length_q"],
+                    max_seqlen_k=kwargs["max_length_k"], dropout_p=dropout, softmax_scale=scaling,
+                    causal=True)
+        return out[None], None
+    bounds = cu.tolist()  # one small host copy per layer call; exact on any device
+    groups = query.shape[1] // key.shape[1]
+    pieces = []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        q = query[:, :, start:end]
+        k = key[:, :, start:end]
+        v = value[:, :, start:end]
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        pieces.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True))
+    return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
+
+
+def register_varlen_attention() -> None:
+    """Make ``attn_implementation="hpc_varlen"`` known to transformers (idempotent)."""
+    AttentionInterface.register(VARLEN, varlen_attention)
+    # Unpacked batches still need the ordinary padding + causal mask.
+    AttentionMaskInterface.register(VARLEN, sdpa_mask)
+
+
+def use_varlen_attention(model: torch.nn.Module) -> None:
+    """Switch the language model (not the vision tower) to the varlen attention."""
+    register_varlen_attention()
+    config = model.config
+    text = getattr(config, "text_config", None)
+    if text is None:
+        raise ValueError("the model has no text_config; packing supports vision-language models only")
+    text._attn_implementation = VARLEN
+
+
+def uses_varlen_attention(model: torch.nn.Module) -> bool:
+    text = getattr(model.config, "text_config", None)
+    return getattr(text, "_attn_implementation", None) == VARLEN

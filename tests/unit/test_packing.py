@@ -1,0 +1,122 @@
+"""Packing is exact: each sample in a packed row gets the logits, loss and gradients it gets alone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from hpc_train.config import DataConfig
+from hpc_train.data.collate import Collator, model_inputs
+from hpc_train.data.dataset import MediaLoader, SampleDataset
+from hpc_train.data.packing import pack_samples, plan_packs, rank_rows
+from hpc_train.data.records import read_records
+from hpc_train.data.tokenize import IGNORE_INDEX, ChatEncoder
+from hpc_train.errors import DataError
+from hpc_train.models.attention import use_varlen_attention, uses_varlen_attention
+from hpc_train.models.families import get_family
+
+FAMILIES = ("smolvlm", "llava_onevision")
+
+
+def mixed(loaded_tiny, synthetic_data, family):
+    cfg = DataConfig(media_root=str(synthetic_data / "media"), video={"num_frames": 4})
+    records = read_records(synthetic_data / "train.jsonl", media_root=cfg.media_root)
+    dataset = SampleDataset(records, ChatEncoder(loaded_tiny[family][1], get_family(family)),
+                            MediaLoader(cfg), cfg)
+    picked = {}
+    for i, rec in enumerate(records):
+        picked.setdefault(rec.kind, i)
+    return [dataset[picked[k]] for k in ("image", "text", "multi_image", "video", "audio")]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def packed_case(request, loaded_tiny, synthetic_data):
+    family = request.param
+    model, processor = loaded_tiny[family]
+    model = copy.deepcopy(model).float().eval()
+    use_varlen_attention(model)
+    assert uses_varlen_attention(model)
+    return family, model, processor, mixed(loaded_tiny, synthetic_data, family)
+
+
+def grad_of(param: torch.nn.Parameter) -> torch.Tensor:
+    return param.grad.clone() if param.grad is not None else torch.zeros_like(param)
+
+
+def packed_inputs(batch):
+    return {k: v for k, v in batch.items() if k != "sample_ids"}
+
+
+def test_packed_logits_equal_separate_logits(packed_case):
+    family, model, processor, samples = packed_case
+    batch = pack_samples(samples, pad_token_id=processor.tokenizer.pad_token_id, family_name=family)
+    collate = Collator(get_family(family), processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        packed = model(**packed_inputs(batch), use_cache=False).logits[0]
+        start = 0
+        for s in samples:
+            alone = model(**model_inputs(collate([s])), use_cache=False).logits[0]
+            diff = (packed[start:start + len(s)] - alone).abs().max().item()
+            assert diff <= 1e-5, (s.id, diff)
+            start += len(s)
+
+
+def test_pack_loss_and_gradients_equal_token_weighted_separate(packed_case):
+    family, model, processor, samples = packed_case
+    collate = Collator(get_family(family), processor.tokenizer.pad_token_id)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    total_tokens = sum(int((s.labels[1:] != IGNORE_INDEX).sum()) for s in samples)
+    separate = 0.0
+    for s in samples:
+        loss = model(**model_inputs(collate([s])), use_cache=False).loss
+        n = int((s.labels[1:] != IGNORE_INDEX).sum())
+        (loss * n / total_tokens).backward()
+        separate += float(loss.detach()) * n / total_tokens
+    expected = [grad_of(p) for p in params]
+    model.zero_grad()
+    batch = pack_samples(samples, pad_token_id=processor.tokenizer.pad_token_id, family_name=family)
+    loss = model(**packed_inputs(batch), use_cache=False).loss
+    loss.backward()
+    assert float(loss) == pytest.approx(separate, rel=1e-5)
+    worst = max((grad_of(p) - e).abs().max().item() for p, e in zip(params, expected, strict=True))
+    assert worst <= 1e-5
+
+
+def test_packed_row_layout(packed_case):
+    family, _, processor, samples = packed_case
+    batch = pack_samples(samples, pad_token_id=processor.tokenizer.pad_token_id, family_name=family, pad_to=400)
+    lengths = [len(s) for s in samples]
+    cu = batch["cu_seq_lens_q"].tolist()
+    assert cu[: len(samples) + 1] == [0, *torch.tensor(lengths).cumsum(0).tolist()] and cu[-1] == 400
+    starts = cu[:-1]
+    assert all(batch["position_ids"][0, s] == 0 for s in starts)
+    # No sample is trained to predict the next sample's first token.
+    assert all(batch["labels"][0, s] == IGNORE_INDEX for s in starts)
+    assert "attention_mask" not in batch  # an all-ones mask would defeat packed-sequence handling
+
+
+def test_plan_best_fit_decreasing_is_deterministic_and_tight():
+    lengths = [30, 70, 50, 50, 20, 80, 10, 90, 40, 60] * 10
+    a = plan_packs(lengths, 100, seed=0, epoch=0)
+    b = plan_packs(lengths, 100, seed=0, epoch=0)
+    c = plan_packs(lengths, 100, seed=0, epoch=1)
+    assert a.rows == b.rows and a.rows != c.rows
+    assert sorted(i for row in a.rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 100 for row in a.rows)
+    assert a.efficiency == 1.0  # these lengths pair up exactly into full rows
+
+
+def test_plan_rejects_a_sample_longer_than_a_row():
+    with pytest.raises(DataError, match="sample 1 is 130 tokens, longer than data.max_seq_len=100"):
+        plan_packs([10, 130], 100, seed=0, epoch=0)
+
+
+def test_rank_rows_equal_whole_steps():
+    plan = plan_packs([10] * 95, 40, seed=0, epoch=0)  # 24 rows
+    shares = [rank_rows(plan, rank=r, world_size=3, rows_per_step=2) for r in range(3)]
+    assert {len(s) for s in shares} == {8}
+    flat = [tuple(row) for s in shares for row in s]
+    assert len(flat) == len(set(flat))
