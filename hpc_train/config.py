@@ -99,6 +99,9 @@ class DataConfig(_Section):
     """System turn added to records that have none (``null``: none)."""
     num_workers: int = Field(2, ge=0)
     """DataLoader worker processes per rank; media are decoded inside each worker."""
+    packing: bool = False
+    """Pack several samples into each row of ``max_seq_len`` tokens (best-fit decreasing), with a
+    varlen attention so no sample sees another; ``train.micro_batch_size`` then counts rows."""
     cache_samples: bool = False
     """Keep every encoded sample in memory after its first use (each worker keeps its own):
     for small datasets trained for many epochs."""

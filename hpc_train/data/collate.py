@@ -59,6 +59,8 @@ class Collator:
         batch["input_ids"] = torch.stack([_pad1d(s.input_ids, length, self.pad_token_id, left) for s in samples])
         batch["labels"] = torch.stack([_pad1d(s.labels, length, IGNORE_INDEX, left) for s in samples])
         batch["attention_mask"] = torch.stack([_pad1d(_mask(s), length, 0, left) for s in samples])
+        batch["num_real_tokens"] = int(batch["attention_mask"].sum())
+        batch["num_slots"] = int(batch["attention_mask"].numel())
         if self.family.name == "smolvlm":
             batch.update(_idefics3_media(samples))
         else:
@@ -66,9 +68,12 @@ class Collator:
         return batch
 
 
+BOOKKEEPING = ("sample_ids", "skipped", "num_skipped", "num_real_tokens", "num_slots")
+
+
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     """The keys of a batch that go into ``model(**...)`` (bookkeeping keys removed)."""
-    return {k: v for k, v in batch.items() if k not in ("sample_ids", "skipped", "num_skipped")}
+    return {k: v for k, v in batch.items() if k not in BOOKKEEPING}
 
 
 def _has_kind(sample: EncodedSample, blank: EncodedSample) -> bool:

@@ -15,7 +15,7 @@ so each sample's media tokens meet its own features.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,3 +139,67 @@ def _packed_media(samples: Sequence[EncodedSample], family_name: str) -> dict[st
     if videos:
         out["pixel_values_videos"] = torch.cat(videos)
     return out
+
+
+class PlannedPacks:
+    """A batch sampler over this rank's packed micro-batches (``rows_per_micro`` rows each),
+    yielding the sample indices of each micro-batch; ``position`` = (epoch, micro-batch)."""
+
+    def __init__(self, lengths: Sequence[int], max_seq_len: int, *, seed: int, rank: int, world_size: int,
+                 rows_per_micro: int, grad_accum: int) -> None:
+        self.usable = [i for i, n in enumerate(lengths) if n >= 0]
+        self.lengths = [lengths[i] for i in self.usable]
+        self.max_seq_len = max_seq_len
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.rows_per_micro, self.grad_accum = rows_per_micro, grad_accum
+        self.position = (0, 0)
+
+    def plan(self, epoch: int) -> PackPlan:
+        return plan_packs(self.lengths, self.max_seq_len, seed=self.seed, epoch=epoch)
+
+    def micro_batches(self, epoch: int) -> list[list[int]]:
+        rows = rank_rows(self.plan(epoch), rank=self.rank, world_size=self.world_size,
+                         rows_per_step=self.rows_per_micro * self.grad_accum)
+        groups = [rows[k:k + self.rows_per_micro] for k in range(0, len(rows), self.rows_per_micro)]
+        return [[self.usable[i] for row in group for i in row] for group in groups]
+
+    def steps_per_epoch(self) -> int:
+        rows = len(self.plan(0).rows)  # best-fit decreasing makes the same number every epoch
+        return rows // (self.world_size * self.rows_per_micro * self.grad_accum)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, start = self.position
+        yield from self.micro_batches(epoch)[start:]
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch() * self.grad_accum - self.position[1]
+
+
+class PackedCollator:
+    """Packs a micro-batch's samples into one row of ``pad_to`` slots (dropping, and counting,
+    skipped ones); a row lacking a media kind gets a blank of it as a last, unsupervised sample."""
+
+    def __init__(self, family_name: str, pad_token_id: int, *, pad_to: int,
+                 blanks: Sequence[EncodedSample] = ()) -> None:
+        self.family_name = family_name
+        self.pad_token_id = pad_token_id
+        self.pad_to = pad_to
+        self.blanks = list(blanks)
+
+    def __call__(self, items: Sequence[object]) -> dict[str, object]:
+        samples = [s for s in items if isinstance(s, EncodedSample)]
+        skipped = [s for s in items if not isinstance(s, EncodedSample)]
+        batch: dict[str, object] = {"sample_ids": [s.id for s in samples], "skipped": skipped,
+                                    "num_skipped": len(skipped)}
+        if not samples:
+            return batch
+        real = sum(len(s) for s in samples)
+        for blank in self.blanks:
+            if not any(key in s.media for s in samples for key in blank.media if key != "image_sizes"):
+                samples.append(blank)
+        batch.update(pack_samples(samples, pad_token_id=self.pad_token_id, family_name=self.family_name,
+                                  pad_to=self.pad_to))
+        batch["sample_ids"] = [s.id for s in samples if not s.id.startswith("<blank")]
+        batch["num_real_tokens"] = real
+        batch["num_slots"] = max(self.pad_to, int(batch["input_ids"].shape[1]))
+        return batch

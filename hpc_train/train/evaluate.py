@@ -131,9 +131,10 @@ def evaluate_generation(model: Any, records: Sequence[Record], encoder: ChatEnco
                 usable = [(next(p for p, _ in prompts if p is not None), False)]
             batch = to_device(collate([p for p, _ in usable]), device, dtype)
             inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-                                 synced_gpus=synced)
+            with _gathered_loose_parameters(model):
+                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                     eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                                     synced_gpus=synced)
             new = out[:, batch["input_ids"].shape[1]:]
             for (prompt, keep), ids in zip(usable, new, strict=True):
                 if not keep:
@@ -151,6 +152,21 @@ def evaluate_generation(model: Any, records: Sequence[Record], encoder: ChatEnco
     by_kind = {kind: counts[2 + 2 * k] / counts[3 + 2 * k] for k, kind in enumerate(RECORD_KINDS) if counts[3 + 2 * k]}
     return EvalResult(accuracy=correct / generated if generated else None, correct=int(correct),
                       generated=int(generated), accuracy_by_kind=by_kind, predictions=predictions)
+
+
+def _gathered_loose_parameters(model: Any) -> Any:
+    """Under ZeRO-3, gather parameters that container modules own directly (LLaVA-OneVision's
+    ``image_newline``): generate() calls helpers such as ``get_image_features`` outside the
+    owner's forward, where DeepSpeed's hooks would not gather them."""
+    import contextlib
+
+    loose = [p for m in model.modules() if any(True for _ in m.children())
+             for p in m.parameters(recurse=False) if hasattr(p, "ds_id")]
+    if not loose:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(loose, modifier_rank=None)
 
 
 def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

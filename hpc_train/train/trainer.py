@@ -24,7 +24,9 @@ from torch.utils.data import DataLoader
 from hpc_train.config import RunConfig, save_config
 from hpc_train.data.collate import Collator, model_inputs
 from hpc_train.data.dataset import MediaLoader, SampleDataset
+from hpc_train.data.lengths import sample_lengths
 from hpc_train.data.mixture import read_dataset
+from hpc_train.data.packing import PackedCollator, PlannedPacks
 from hpc_train.data.tokenize import IGNORE_INDEX, ChatEncoder
 from hpc_train.dist import (
     DistInfo,
@@ -41,6 +43,7 @@ from hpc_train.models.adapters import (
     describe_param_groups,
     describe_quantization,
 )
+from hpc_train.models.attention import use_varlen_attention
 from hpc_train.train.checkpoint import Checkpointer, TrainState
 from hpc_train.train.data_order import PlannedBatches, total_steps
 from hpc_train.train.engine import build_optimizer, resolve_ds_config, zero_stage
@@ -140,10 +143,13 @@ class Trainer:
             records = read_dataset(cfg.data.train, media_root=cfg.data.media_root,
                                    ids_file=cfg.data.ids_file, seed=cfg.train.seed)
             self.train_set = SampleDataset(records, self.encoder, media, cfg.data)
-            self.total_steps = total_steps(len(records), micro_batch=cfg.train.micro_batch_size,
-                                           world_size=self.info.world_size,
-                                           grad_accum=cfg.train.grad_accum, epochs=cfg.train.epochs,
-                                           max_steps=cfg.train.max_steps)
+            if cfg.data.packing:
+                self._setup_packing(records)
+            else:
+                self.total_steps = total_steps(len(records), micro_batch=cfg.train.micro_batch_size,
+                                               world_size=self.info.world_size,
+                                               grad_accum=cfg.train.grad_accum, epochs=cfg.train.epochs,
+                                               max_steps=cfg.train.max_steps)
         self.eval_records = None
         if cfg.data.eval is not None:
             self.eval_records = read_dataset(cfg.data.eval, media_root=cfg.data.media_root,
@@ -152,6 +158,30 @@ class Trainer:
                 self.eval_records = [self.eval_records[i]
                                      for i in range(min(cfg.eval.max_samples, len(self.eval_records)))]
             self.eval_set = SampleDataset(self.eval_records, self.encoder, media, cfg.data)
+
+    def _setup_packing(self, records: Any) -> None:
+        """Lengths (computed once by rank 0, cached), the plan, and the exact step count."""
+        cfg = self.config
+        use_varlen_attention(self.loaded.model)
+        cache = self.output / "lengths"
+        if self.info.is_main:
+            sample_lengths(records, self.encoder, cfg.data, cache_dir=cache, source=cfg.data.train)
+        barrier()
+        lengths = sample_lengths(records, self.encoder, cfg.data, cache_dir=cache, source=cfg.data.train)
+        self.packs = PlannedPacks(lengths, cfg.data.max_seq_len, seed=cfg.train.seed, rank=self.info.rank,
+                                  world_size=self.info.world_size, rows_per_micro=cfg.train.micro_batch_size,
+                                  grad_accum=cfg.train.grad_accum)
+        per_epoch = self.packs.steps_per_epoch()
+        if per_epoch == 0:
+            raise HpcTrainError("packing made fewer rows than one optimizer step needs. Fix: lower "
+                                "train.micro_batch_size / train.grad_accum, or add data")
+        self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
+        plan = self.packs.plan(0)
+        unusable = len(lengths) - len(self.packs.usable)
+        self._say(f"packing: {len(plan.rows)} rows of {cfg.data.max_seq_len} tokens from "
+                  f"{len(self.packs.usable)} samples ({unusable} unusable), efficiency "
+                  f"{100 * plan.efficiency:.1f}%, {per_epoch} optimizer steps per epoch")
+        self.packing_efficiency = plan.efficiency
 
     def _setup_engine(self) -> None:
         import deepspeed
@@ -218,11 +248,18 @@ class Trainer:
 
     def _micro_batches(self) -> Iterator[dict[str, Any]]:
         cfg, state = self.config, self.state
-        planned = PlannedBatches(len(self.train_set), seed=cfg.train.seed, rank=self.info.rank,
-                                 world_size=self.info.world_size, micro_batch=cfg.train.micro_batch_size,
-                                 grad_accum=cfg.train.grad_accum)
+        if cfg.data.packing:
+            planned: Any = self.packs
+            collate: Any = PackedCollator(
+                self.family.name, self.encoder.tokenizer.pad_token_id, blanks=self.blanks,
+                pad_to=cfg.data.max_seq_len * cfg.train.micro_batch_size)
+        else:
+            planned = PlannedBatches(len(self.train_set), seed=cfg.train.seed, rank=self.info.rank,
+                                     world_size=self.info.world_size, micro_batch=cfg.train.micro_batch_size,
+                                     grad_accum=cfg.train.grad_accum)
+            collate = self.collate
         workers = cfg.data.num_workers
-        loader = DataLoader(self.train_set, batch_sampler=planned, collate_fn=self.collate,
+        loader = DataLoader(self.train_set, batch_sampler=planned, collate_fn=collate,
                             num_workers=workers, persistent_workers=workers > 0,
                             worker_init_fn=_ignore_stop_signals if workers else None)
         while True:
@@ -262,16 +299,15 @@ class Trainer:
             with timer.phase("optimizer"):
                 engine.step()
             losses.append(float(loss.detach()))
-            real = int(inputs["attention_mask"].sum())
-            tokens += real
-            slot_tokens += int(inputs["attention_mask"].numel())
+            tokens += batch["num_real_tokens"]
+            slot_tokens += batch["num_slots"]
             supervised += int((inputs["labels"] != IGNORE_INDEX).sum())
             samples += len(batch["sample_ids"])
             if boundary:
                 break
         self.timer.step_done(samples=samples, tokens=tokens, slot_tokens=slot_tokens)
-        loss_sum, count, tokens, supervised, samples, skipped = all_reduce_sum(
-            [sum(losses), len(losses), tokens, supervised, samples, skipped])
+        loss_sum, count, tokens, slots, supervised, samples, skipped = all_reduce_sum(
+            [sum(losses), len(losses), tokens, slot_tokens, supervised, samples, skipped])
         norm = engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
         if self.config.train.grad_clip and not math.isfinite(norm):
@@ -279,7 +315,7 @@ class Trainer:
                 f"step {self.state.step + 1}: the gradient norm is {norm}; the weights may be damaged, so "
                 f"the run stops here. The last good checkpoint is {self.checkpointer.latest()}. "
                 "Fix: lower train.lr, raise train.warmup_steps, or check the data of this step")
-        return {"loss": loss_sum / max(count, 1), "grad_norm": norm, "tokens": tokens,
+        return {"loss": loss_sum / max(count, 1), "grad_norm": norm, "tokens": tokens, "slot_tokens": slots,
                 "supervised_tokens": supervised, "samples": samples, "skipped_samples": skipped,
                 "lr": next(iter(lrs.values())), **lrs}
 

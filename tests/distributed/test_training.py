@@ -245,3 +245,41 @@ def test_baseline_evaluation_under_zero3_matches_single_process(tmp_path, train_
     assert a["samples"] == b["samples"] == 8
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     assert a["accuracy"] == b["accuracy"]
+
+
+def planned_steps(stdout: str) -> int:
+    line = next(x for x in stdout.splitlines() if "optimizer steps (micro-batch" in x)
+    return int(line.split(" optimizer steps")[0].rsplit(" ", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def packed_single(tmp_path_factory, train_args):
+    out = tmp_path_factory.mktemp("packed_single")
+    result = ok(run_hpc_train("train", *train_args(
+        "smolvlm", out, "data.packing=true", "data.max_seq_len=128", "train.micro_batch_size=1",
+        "train.grad_accum=2", "train.epochs=2", "train.mode=full", "train.log_every=1", "eval.generate=false"),
+        nproc=1))
+    return out, result
+
+
+def test_packed_run_takes_exactly_the_planned_steps(packed_single):
+    out, result = packed_single
+    assert "packing:" in result.stdout and "efficiency" in result.stdout
+    steps = planned_steps(result.stdout)
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert max(r["epoch"] for r in rows) >= 1  # the plan spans both epochs
+    assert all(r["tokens"] <= r["slot_tokens"] for r in rows)
+
+
+@pytest.mark.parametrize("ds", ["zero2", "zero3"])
+def test_packed_two_ranks_match_single_process(packed_single, tmp_path, train_args, ds):
+    """Same global batch: 2 ranks x 1 row vs 1 process x 2 accumulated rows."""
+    single, _ = packed_single
+    out = tmp_path / ds
+    result = ok(run_hpc_train("train", *train_args(
+        "smolvlm", out, "data.packing=true", "data.max_seq_len=128", "train.micro_batch_size=1",
+        "train.grad_accum=1", "train.epochs=2", "train.mode=full", "train.log_every=1", "eval.generate=false",
+        f"deepspeed.config=ds_configs/{ds}.json")))
+    assert planned_steps(result.stdout) == len(losses(single))
+    assert losses(out) == pytest.approx(losses(single), rel=1e-4)

@@ -120,3 +120,38 @@ def test_rank_rows_equal_whole_steps():
     assert {len(s) for s in shares} == {8}
     flat = [tuple(row) for s in shares for row in s]
     assert len(flat) == len(set(flat))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lengths_without_pixels_equal_encoded_lengths(loaded_tiny, synthetic_data, family, tmp_path):
+    from hpc_train.data.lengths import sample_lengths
+
+    cfg = DataConfig(media_root=str(synthetic_data / "media"), video={"num_frames": 4})
+    records = read_records(synthetic_data / "train.jsonl", media_root=cfg.media_root)
+    encoder = ChatEncoder(loaded_tiny[family][1], get_family(family))
+    estimated = sample_lengths(records, encoder, cfg, cache_dir=tmp_path, source=synthetic_data / "train.jsonl")
+    actual = [len(encoder.encode(r, MediaLoader(cfg).load(r))) for r in records]
+    assert estimated == actual
+    assert len(list(tmp_path.glob("*.json"))) == 1  # cached
+    again = sample_lengths(records, encoder, cfg, cache_dir=tmp_path, source=synthetic_data / "train.jsonl")
+    assert again == estimated
+    other = DataConfig(media_root=cfg.media_root, video={"num_frames": 2})
+    sample_lengths(records, encoder, other, cache_dir=tmp_path, source=synthetic_data / "train.jsonl")
+    assert len(list(tmp_path.glob("*.json"))) == 2  # a setting that changes lengths gets its own cache
+
+
+@pytest.mark.parametrize(("world", "rows", "accum"), [(1, 1, 1), (2, 1, 2), (3, 2, 1)])
+def test_planned_packs_give_the_planned_steps_every_epoch(world, rows, accum):
+    from hpc_train.data.packing import PlannedPacks
+
+    lengths = [(7 * i) % 90 + 10 for i in range(300)] + [-1, -1]  # two unusable samples
+    packs = [PlannedPacks(lengths, 128, seed=3, rank=r, world_size=world, rows_per_micro=rows, grad_accum=accum)
+             for r in range(world)]
+    steps = packs[0].steps_per_epoch()
+    assert steps > 0
+    for epoch in range(3):
+        per_rank = [p.micro_batches(epoch) for p in packs]
+        assert {len(m) for m in per_rank} == {steps * accum}
+        seen = [i for m in per_rank for batch in m for i in batch]
+        assert len(seen) == len(set(seen)) and not {300, 301} & set(seen)
+        assert all(sum(lengths[i] for i in batch) <= 128 * rows for m in per_rank for batch in m)

@@ -1,0 +1,112 @@
+"""Each sample's token length (text + media tokens) without decoding any pixels.
+
+Media are replaced by blank stand-ins of their true sizes (image sizes from the file header,
+video frame counts and sizes from the container, audio as its fixed spectrogram picture)
+and the sample goes through the same chat encoder as in training, so the length is exact by
+construction. Lengths are cached per dataset file, keyed by the file's size and mtime and
+by everything that changes a length (processor, frames, system prompt).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from hpc_train.config import DataConfig
+from hpc_train.data.media import VideoFrames, VideoSampling, probe_video, sample_frame_indices
+from hpc_train.data.records import Record
+from hpc_train.data.tokenize import ChatEncoder, SampleMedia
+from hpc_train.errors import DataError
+
+UNUSABLE = -1
+"""Length recorded for a record that cannot be encoded (it is left out of every pack)."""
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as image:  # reads the header only
+            return image.size
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read the image header ({exc})",
+                        fix="check the file, or set data.on_bad_sample: skip") from exc
+
+
+def _video_shape(path: Path) -> tuple[int, int]:
+    import cv2
+
+    capture = cv2.VideoCapture(str(path))
+    try:
+        width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
+        height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    finally:
+        capture.release()
+    if width <= 0 or height <= 0:
+        raise DataError(f"{path}: cannot read the video's frame size",
+                        fix="re-encode the video, or set data.on_bad_sample: skip")
+    return width, height
+
+
+def stand_in_media(record: Record, data: DataConfig) -> SampleMedia:
+    """Blank media with the sizes and frame counts the real ones would have."""
+    sampling = VideoSampling(mode=data.video.sampling, num_frames=data.video.num_frames,
+                             fps=data.video.fps, max_frames=data.video.max_frames)
+    images = []
+    for path in record.images:
+        if data.image.aspect_4to1 or data.image.max_side is not None:
+            from hpc_train.data.media import load_image  # these change the size: apply them
+
+            images.append(load_image(path, aspect_4to1=data.image.aspect_4to1, max_side=data.image.max_side))
+        else:
+            images.append(Image.new("RGB", _image_size(path), (128, 128, 128)))
+    videos = []
+    for path in record.videos:
+        count, fps = probe_video(path)
+        frames = len(sample_frame_indices(count, fps, sampling, clip=record.video_clip))
+        width, height = _video_shape(path)
+        videos.append(VideoFrames(frames=np.zeros((frames, height, width, 3), dtype=np.uint8),
+                                  timestamps=np.zeros(frames), native_fps=fps, num_source_frames=count))
+    side = data.audio.image_size
+    audios = [Image.new("RGB", (side, side)) for _ in record.audios]
+    return SampleMedia(images=images, videos=videos, audios=audios)
+
+
+def sample_lengths(records: Sequence[Record], encoder: ChatEncoder, data: DataConfig, *,
+                   cache_dir: str | Path | None = None, source: str | Path | None = None) -> list[int]:
+    """Token length of every record (``UNUSABLE`` for one that cannot be encoded)."""
+    cache = _cache_file(cache_dir, source, encoder, data) if cache_dir and source else None
+    if cache is not None and cache.is_file():
+        cached = json.loads(cache.read_text())
+        if len(cached) == len(records):
+            return cached
+    lengths = []
+    for record in records:
+        try:
+            lengths.append(len(encoder.encode(record, stand_in_media(record, data))))
+        except DataError:
+            lengths.append(UNUSABLE)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(lengths))
+        os.replace(tmp, cache)
+    return lengths
+
+
+def _cache_file(cache_dir: str | Path, source: str | Path, encoder: ChatEncoder, data: DataConfig) -> Path:
+    path = Path(source)
+    stat = path.stat()
+    key = json.dumps({
+        "file": str(path.resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns,
+        "video": data.video.model_dump(), "image": data.image.model_dump(),
+        "audio": data.audio.model_dump(), "system": data.system_prompt, "media_root": data.media_root,
+        "ids": data.ids_file, "template": encoder.processor.chat_template,
+        "tokenizer": len(encoder.tokenizer), "family": encoder.family.name,
+        "image_processor": encoder.processor.image_processor.to_json_string(),
+    }, sort_keys=True, default=str)
+    return Path(cache_dir) / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
