@@ -70,6 +70,13 @@ def plan_packs(lengths: Sequence[int], max_seq_len: int, *, seed: int, epoch: in
     return PackPlan(rows=rows, real_tokens=real, slots=len(rows) * max_seq_len)
 
 
+def drop_too_long(lengths: Sequence[int], max_seq_len: int) -> tuple[list[int], int]:
+    """Lengths with samples over ``max_seq_len`` marked unusable (-1), and how many there were
+    (``data.truncation: drop``; with ``error`` the plan refuses them instead)."""
+    out = [n if n <= max_seq_len else -1 for n in lengths]
+    return out, sum(1 for n in lengths if n > max_seq_len)
+
+
 def rank_rows(plan: PackPlan, *, rank: int, world_size: int, rows_per_step: int) -> list[list[int]]:
     """This rank's rows: round-robin, cut so every rank has the same whole number of steps."""
     usable = (len(plan.rows) // (world_size * rows_per_step)) * world_size * rows_per_step

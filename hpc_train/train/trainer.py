@@ -26,7 +26,7 @@ from hpc_train.data.collate import Collator, model_inputs
 from hpc_train.data.dataset import MediaLoader, SampleDataset
 from hpc_train.data.lengths import sample_lengths
 from hpc_train.data.mixture import read_dataset
-from hpc_train.data.packing import PackedCollator, PlannedPacks
+from hpc_train.data.packing import PackedCollator, PlannedPacks, drop_too_long
 from hpc_train.data.tokenize import IGNORE_INDEX, ChatEncoder
 from hpc_train.dist import (
     DistInfo,
@@ -168,6 +168,10 @@ class Trainer:
             sample_lengths(records, self.encoder, cfg.data, cache_dir=cache, source=cfg.data.train)
         barrier()
         lengths = sample_lengths(records, self.encoder, cfg.data, cache_dir=cache, source=cfg.data.train)
+        if cfg.data.truncation == "drop":
+            lengths, dropped = drop_too_long(lengths, cfg.data.max_seq_len)
+            if dropped:
+                self._say(f"packing: {dropped} samples over data.max_seq_len={cfg.data.max_seq_len} dropped")
         self.packs = PlannedPacks(lengths, cfg.data.max_seq_len, seed=cfg.train.seed, rank=self.info.rank,
                                   world_size=self.info.world_size, rows_per_micro=cfg.train.micro_batch_size,
                                   grad_accum=cfg.train.grad_accum)
