@@ -35,6 +35,10 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if cu is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    if key.shape[2] != query.shape[2]:
+        # transformers builds a KV cache when use_cache is on (even in training), which would
+        # prepend past keys to a packed row and make every boundary wrong.
+        raise ValueError("a packed row cannot be run with a KV cache: call the model with use_cache=False")
     if query.shape[0] != 1:
         raise ValueError("a packed batch must be one row (batch size 1); got "
                          f"{query.shape[0]} rows with cu_seq_lens")

@@ -155,3 +155,41 @@ def test_planned_packs_give_the_planned_steps_every_epoch(world, rows, accum):
         seen = [i for m in per_rank for batch in m for i in batch]
         assert len(seen) == len(set(seen)) and not {300, 301} & set(seen)
         assert all(sum(lengths[i] for i in batch) <= 128 * rows for m in per_rank for batch in m)
+
+
+def test_packed_row_immune_to_use_cache_and_refuses_a_filled_cache(packed_case):
+    """transformers skips packed-sequence detection when a cache exists; our boundaries come
+    from cu_seqlens, so use_cache=True changes nothing, and a non-empty cache is refused."""
+    from types import SimpleNamespace
+
+    from hpc_train.models.attention import varlen_attention
+
+    family, model, processor, samples = packed_case
+    batch = pack_samples(samples[:3], pad_token_id=processor.tokenizer.pad_token_id, family_name=family)
+    with torch.no_grad():
+        cached = model(**packed_inputs(batch), use_cache=True).logits
+        plain = model(**packed_inputs(batch), use_cache=False).logits
+    assert (cached - plain).abs().max().item() <= 1e-6
+    q, kv = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 6, 8)
+    cu = torch.tensor([0, 2, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        varlen_attention(SimpleNamespace(training=False), q, kv, kv, None, cu_seq_lens_q=cu,
+                         cu_seq_lens_k=cu, max_length_q=2, max_length_k=2)
+
+
+def test_varlen_attention_equals_block_diagonal_sdpa():
+    from types import SimpleNamespace
+
+    from hpc_train.models.attention import varlen_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 10, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
+    cu = torch.tensor([0, 3, 7, 10], dtype=torch.int32)
+    out, _ = varlen_attention(SimpleNamespace(training=False), q, k, v, None, cu_seq_lens_q=cu,
+                              cu_seq_lens_k=cu, max_length_q=4, max_length_k=4)
+    allowed = torch.zeros(10, 10, dtype=torch.bool)
+    for a, b in ((0, 3), (3, 7), (7, 10)):
+        allowed[a:b, a:b] = torch.ones(b - a, b - a).tril().bool()
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=allowed)
+    assert torch.allclose(out, reference.transpose(1, 2), atol=1e-6)
