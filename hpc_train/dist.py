@@ -90,19 +90,19 @@ def barrier() -> None:
 
 def all_reduce_max(values: list[float]) -> list[float]:
     """Element-wise maximum over ranks (a flag raised on any rank is raised on all)."""
-    if not dist.is_initialized():
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+    return _all_reduce(values, dist.ReduceOp.MAX)
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Element-wise sum over ranks."""
+    return _all_reduce(values, dist.ReduceOp.SUM)
+
+
+def _all_reduce(values: list[float], op: dist.ReduceOp) -> list[float]:
     if not dist.is_initialized():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=op)
     return t.tolist()
 
 

@@ -44,3 +44,23 @@ def loaded_tiny(tiny_model_dirs: dict[str, Path]) -> dict[str, tuple]:
         model.eval()
         loaded[family] = (model, processor)
     return loaded
+
+
+def mixed_samples(loaded_tiny: dict, synthetic_data: Path, family: str) -> list:
+    """One encoded sample of each kind: text-only, image, two images, video, audio."""
+    from hpc_train.config import DataConfig
+    from hpc_train.data.dataset import MediaLoader, SampleDataset
+    from hpc_train.data.records import read_records
+    from hpc_train.data.tokenize import ChatEncoder
+    from hpc_train.models.families import get_family
+
+    cfg = DataConfig(media_root=str(synthetic_data / "media"), video={"num_frames": 4})
+    records = read_records(synthetic_data / "train.jsonl", media_root=cfg.media_root)
+    dataset = SampleDataset(records, ChatEncoder(loaded_tiny[family][1], get_family(family)),
+                            MediaLoader(cfg), cfg)
+    picked: dict[str, int] = {}
+    for i, rec in enumerate(records):
+        picked.setdefault(rec.kind, i)
+    wanted = ["text", "image", "multi_image", "video", "audio"]
+    assert set(wanted) <= set(picked), picked
+    return [dataset[picked[k]] for k in wanted]

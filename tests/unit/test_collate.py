@@ -16,21 +16,9 @@ from hpc_train.data.records import read_records
 from hpc_train.data.tokenize import IGNORE_INDEX, ChatEncoder
 from hpc_train.errors import DataError
 from hpc_train.models.families import get_family
+from tests.conftest import mixed_samples
 
 FAMILIES = ("smolvlm", "llava_onevision")
-
-
-def mixed_samples(loaded_tiny, synthetic_data, family):
-    cfg = DataConfig(media_root=str(synthetic_data / "media"), video={"num_frames": 4})
-    records = read_records(synthetic_data / "train.jsonl", media_root=cfg.media_root)
-    dataset = SampleDataset(records, ChatEncoder(loaded_tiny[family][1], get_family(family)),
-                            MediaLoader(cfg), cfg)
-    wanted = ["text", "image", "multi_image", "video", "audio"]
-    picked = {}
-    for i, rec in enumerate(records):
-        picked.setdefault(rec.kind, i)
-    assert set(wanted) <= set(picked), picked
-    return [dataset[picked[k]] for k in wanted]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -9,26 +9,16 @@ import torch
 
 from hpc_train.config import DataConfig
 from hpc_train.data.collate import Collator, model_inputs
-from hpc_train.data.dataset import MediaLoader, SampleDataset
+from hpc_train.data.dataset import MediaLoader
 from hpc_train.data.packing import pack_samples, plan_packs, rank_rows
 from hpc_train.data.records import read_records
 from hpc_train.data.tokenize import IGNORE_INDEX, ChatEncoder
 from hpc_train.errors import DataError
 from hpc_train.models.attention import use_varlen_attention, uses_varlen_attention
 from hpc_train.models.families import get_family
+from tests.conftest import mixed_samples
 
 FAMILIES = ("smolvlm", "llava_onevision")
-
-
-def mixed(loaded_tiny, synthetic_data, family):
-    cfg = DataConfig(media_root=str(synthetic_data / "media"), video={"num_frames": 4})
-    records = read_records(synthetic_data / "train.jsonl", media_root=cfg.media_root)
-    dataset = SampleDataset(records, ChatEncoder(loaded_tiny[family][1], get_family(family)),
-                            MediaLoader(cfg), cfg)
-    picked = {}
-    for i, rec in enumerate(records):
-        picked.setdefault(rec.kind, i)
-    return [dataset[picked[k]] for k in ("image", "text", "multi_image", "video", "audio")]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -38,7 +28,7 @@ def packed_case(request, loaded_tiny, synthetic_data):
     model = copy.deepcopy(model).float().eval()
     use_varlen_attention(model)
     assert uses_varlen_attention(model)
-    return family, model, processor, mixed(loaded_tiny, synthetic_data, family)
+    return family, model, processor, mixed_samples(loaded_tiny, synthetic_data, family)
 
 
 def grad_of(param: torch.nn.Parameter) -> torch.Tensor:
