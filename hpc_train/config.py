@@ -102,6 +102,10 @@ class DataConfig(_Section):
     packing: bool = False
     """Pack several samples into each row of ``max_seq_len`` tokens (best-fit decreasing), with a
     varlen attention so no sample sees another; ``train.micro_batch_size`` then counts rows."""
+    packing_loss: Literal["token", "sample"] = "token"
+    """With packing: ``token`` averages over every supervised token of the row (the same as
+    the unpacked samples together); ``sample`` averages each sample's own token mean, so short
+    answers weigh as much as long ones."""
     cache_samples: bool = False
     """Keep every encoded sample in memory after its first use (each worker keeps its own):
     for small datasets trained for many epochs."""

@@ -26,7 +26,7 @@ from hpc_train.data.collate import Collator, model_inputs
 from hpc_train.data.dataset import MediaLoader, SampleDataset
 from hpc_train.data.lengths import sample_lengths
 from hpc_train.data.mixture import read_dataset
-from hpc_train.data.packing import PackedCollator, PlannedPacks, drop_too_long
+from hpc_train.data.packing import PackedCollator, PlannedPacks, drop_too_long, per_sample_mean_loss
 from hpc_train.data.tokenize import IGNORE_INDEX, ChatEncoder
 from hpc_train.dist import (
     DistInfo,
@@ -325,6 +325,11 @@ class Trainer:
 
     def _forward(self, inputs: dict[str, Any]) -> torch.Tensor:
         try:
+            if self.config.data.packing and self.config.data.packing_loss == "sample":
+                labels = inputs["labels"]
+                logits = self.engine(**{k: v for k, v in inputs.items() if k != "labels"},
+                                     use_cache=False).logits
+                return per_sample_mean_loss(logits, labels, inputs["cu_seq_lens_q"])
             return self.engine(**inputs, use_cache=False).loss
         except torch.OutOfMemoryError as exc:
             raise TrainingStopped(self._oom_message(exc)) from exc

@@ -283,3 +283,13 @@ def test_packed_two_ranks_match_single_process(packed_single, tmp_path, train_ar
         f"deepspeed.config=ds_configs/{ds}.json")))
     assert planned_steps(result.stdout) == len(losses(single))
     assert losses(out) == pytest.approx(losses(single), rel=1e-4)
+
+
+def test_packed_training_with_per_sample_loss(tmp_path, train_args):
+    out = tmp_path / "sample_loss"
+    ok(run_hpc_train("train", *train_args(
+        "llava_onevision", out, "data.packing=true", "data.packing_loss=sample", "data.max_seq_len=256",
+        "train.micro_batch_size=1", "train.max_steps=3", "train.mode=full", "train.log_every=1",
+        "eval.generate=false")))
+    values = losses(out)
+    assert len(values) == 3 and all(v == v and v > 0 for v in values)

@@ -183,3 +183,24 @@ def test_varlen_attention_equals_block_diagonal_sdpa():
     reference = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=allowed)
     assert torch.allclose(out, reference.transpose(1, 2), atol=1e-6)
+
+
+def test_per_sample_mean_loss_option(packed_case):
+    from hpc_train.data.packing import per_sample_mean_loss
+
+    family, model, processor, samples = packed_case
+    # Give the first sample a single supervised token, so samples weigh differently per token.
+    first = copy.copy(samples[0])
+    first.labels = first.labels.clone()
+    first.labels[(first.labels != IGNORE_INDEX).nonzero()[-1]] = IGNORE_INDEX
+    samples = [first, *samples[1:]]
+    collate = Collator(get_family(family), processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        separate = [float(model(**model_inputs(collate([s])), use_cache=False).loss) for s in samples]
+        batch = pack_samples(samples, pad_token_id=processor.tokenizer.pad_token_id, family_name=family, pad_to=500)
+        inputs = {k: v for k, v in packed_inputs(batch).items() if k != "labels"}
+        logits = model(**inputs, use_cache=False).logits
+        loss = per_sample_mean_loss(logits, batch["labels"], batch["cu_seq_lens_q"])
+    assert float(loss) == pytest.approx(sum(separate) / len(separate), rel=1e-5)
+    token_mean = model(**packed_inputs(batch), use_cache=False).loss
+    assert abs(float(token_mean) - float(loss)) > 1e-4  # the two options really differ here
