@@ -74,13 +74,31 @@ def device_for(info: DistInfo) -> torch.device:
 
 
 def init_distributed(info: DistInfo, *, timeout_s: float = 1800) -> None:
-    """Join the process group (NCCL on GPUs, gloo on CPUs); nothing for a world of one."""
-    if not info.distributed or dist.is_initialized():
+    """Join the process group (NCCL on GPUs, gloo on CPUs).
+
+    A world of one gets a group of its own too: DeepSpeed would otherwise look for MPI to
+    discover the topology, and fail where no MPI library is installed.
+    """
+    if dist.is_initialized():
         return
     import deepspeed
 
+    if not info.distributed:
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def barrier() -> None:
