@@ -285,17 +285,24 @@ class Trainer:
             with timer.phase("data_wait"):
                 batch = next(micro)
             skipped += batch["num_skipped"]
-            if "input_ids" not in batch:  # every sample of this micro-batch was unusable
-                raise TrainingStopped(f"every sample of a micro-batch was skipped: "
-                                      f"{[s.reason for s in batch['skipped']][:3]}")
+            empty = "input_ids" not in batch
+            if empty:
+                # Every sample was unusable. This rank still runs a forward (a lone blank, no
+                # labels) so the others are not left waiting in a collective, then all skip.
+                batch = {**self.collate([self.blanks[0]]), "sample_ids": [], "skipped": batch["skipped"]}
             inputs = to_device(model_inputs(batch), self.device, self.loaded.dtype)
             with timer.phase("forward"):
                 loss = self._forward(inputs)
-            bad, signalled = all_reduce_max([float(not torch.isfinite(loss)), float(self._signal is not None)])
+            nonfinite, anyone_empty, signalled = all_reduce_max(
+                [float(not empty and not torch.isfinite(loss)), float(empty), float(self._signal is not None)])
             if signalled:
                 self._signal = self._signal or signal.SIGUSR1
-            if bad:
+            if nonfinite:
                 self._bad_micro_batch(batch["sample_ids"])
+                continue
+            if anyone_empty:  # data.on_bad_sample=skip left a rank nothing: skip it everywhere
+                self._say(f"step {self.state.step + 1}: a micro-batch had no usable sample "
+                          f"({[s.reason for s in batch['skipped']][:2]}); skipped on every rank")
                 continue
             boundary = engine.is_gradient_accumulation_boundary()
             with timer.phase("backward"):

@@ -293,3 +293,29 @@ def test_packed_training_with_per_sample_loss(tmp_path, train_args):
         "eval.generate=false")))
     values = losses(out)
     assert len(values) == 3 and all(v == v and v > 0 for v in values)
+
+
+def test_rank_whose_micro_batch_is_all_skipped_does_not_stall_the_others(tmp_path, synthetic_data, train_args):
+    import shutil
+
+    from hpc_train.train.data_order import rank_micro_batches
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_data, data)
+    records = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    kept = [r for r in records if r["kind"] != "text"][:16]
+    assert len(kept) == 16
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    doomed = rank_micro_batches(16, epoch=0, seed=0, rank=1, world_size=2, micro_batch=4, grad_accum=1)[0]
+    for i in doomed:
+        for key in ("image", "video", "audio"):
+            paths = kept[i].get(key, [])
+            for path in [paths] if isinstance(paths, str) else paths:
+                (data / "media" / path).unlink(missing_ok=True)
+    out = tmp_path / "run"
+    result = ok(run_hpc_train("train", *train_args(
+        "smolvlm", out, f"data.train={data / 'train.jsonl'}", f"data.media_root={data / 'media'}",
+        "data.on_bad_sample=skip", "train.max_steps=2", "train.mode=full", "eval.generate=false",
+        "data.eval=null"), timeout=300))
+    assert "no usable sample" in result.stdout
+    assert len(losses(out)) == 2
