@@ -49,7 +49,7 @@ class Collator:
         if not samples:
             return batch
         for blank in self.blanks:
-            if not any(_has_kind(s, blank) for s in samples):
+            if not any(has_media_kind(s, blank) for s in samples):
                 samples = [_add_blank(samples[0], blank, at_start=self.padding_side == "left"),
                            *samples[1:]]
         length = max(len(s) for s in samples)
@@ -64,7 +64,7 @@ class Collator:
         if self.family.name == "smolvlm":
             batch.update(_idefics3_media(samples))
         else:
-            batch.update(_llava_onevision_media(samples))
+            batch.update(llava_onevision_media(samples))
         return batch
 
 
@@ -76,7 +76,8 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if k not in BOOKKEEPING}
 
 
-def _has_kind(sample: EncodedSample, blank: EncodedSample) -> bool:
+def has_media_kind(sample: EncodedSample, blank: EncodedSample) -> bool:
+    """Whether ``sample`` carries the media kind of a blank snippet (image / video)."""
     return any(key in sample.media for key in blank.media if key != "image_sizes")
 
 
@@ -126,7 +127,12 @@ def _idefics3_media(samples: list[EncodedSample]) -> dict[str, torch.Tensor]:
     return {"pixel_values": pixels, "pixel_attention_mask": mask}
 
 
-def _llava_onevision_media(samples: list[EncodedSample]) -> dict[str, torch.Tensor]:
+def llava_onevision_media(samples: Sequence[EncodedSample]) -> dict[str, torch.Tensor]:
+    """The media of several samples in LLaVA-OneVision's layout (padded rows and packed rows alike).
+
+    ``batch_num_images`` is per sample: LLaVA-OneVision tiles a lone image (anyres) but not
+    the images of a multi-image sample, and the processor counted tokens that way.
+    """
     out: dict[str, torch.Tensor] = {}
     images = [s.media["pixel_values"] for s in samples if "pixel_values" in s.media]
     if images:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hpc_train.data.collate import has_media_kind, llava_onevision_media
 from hpc_train.data.tokenize import IGNORE_INDEX, EncodedSample
 from hpc_train.errors import DataError
 
@@ -132,20 +133,7 @@ def _packed_media(samples: Sequence[EncodedSample], family_name: str) -> dict[st
             out["pixel_attention_mask"] = torch.cat(
                 [s.media["pixel_attention_mask"] for s in samples if "pixel_values" in s.media])[None]
         return out
-    images = [s for s in samples if "pixel_values" in s.media]
-    if images:
-        patches = max(s.media["pixel_values"].shape[1] for s in images)
-        out["pixel_values"] = torch.cat([torch.nn.functional.pad(
-            s.media["pixel_values"], (0, 0, 0, 0, 0, 0, 0, patches - s.media["pixel_values"].shape[1]))
-            for s in images])
-        out["image_sizes"] = torch.cat([s.media["image_sizes"] for s in images])
-        # Per sample, not per row: LLaVA-OneVision tiles a lone image (anyres) but not the
-        # images of a multi-image sample, and the processor counted tokens that way.
-        out["batch_num_images"] = torch.tensor([s.media["pixel_values"].shape[0] for s in images])
-    videos = [s.media["pixel_values_videos"] for s in samples if "pixel_values_videos" in s.media]
-    if videos:
-        out["pixel_values_videos"] = torch.cat(videos)
-    return out
+    return llava_onevision_media(samples)
 
 
 class PlannedPacks:
@@ -202,7 +190,7 @@ class PackedCollator:
             return batch
         real = sum(len(s) for s in samples)
         for blank in self.blanks:
-            if not any(key in s.media for s in samples for key in blank.media if key != "image_sizes"):
+            if not any(has_media_kind(s, blank) for s in samples):
                 samples.append(blank)
         batch.update(pack_samples(samples, pad_token_id=self.pad_token_id, family_name=self.family_name,
                                   pad_to=self.pad_to))

@@ -145,21 +145,6 @@ class ChatEncoder:
                              labels=torch.full_like(ids, IGNORE_INDEX), media=self._media_tensors(out),
                              num_media_tokens=len(ids), answers=[])
 
-    def decode_spans(self, sample: EncodedSample) -> list[str]:
-        """The supervised runs of a sample, decoded (the independent check of the labels)."""
-        mask = (sample.labels != IGNORE_INDEX).tolist()
-        ids = sample.input_ids.tolist()
-        runs, current = [], []
-        for token, supervised in zip(ids, mask, strict=True):
-            if supervised:
-                current.append(token)
-            elif current:
-                runs.append(current)
-                current = []
-        if current:
-            runs.append(current)
-        return [self.tokenizer.decode(run, skip_special_tokens=False) for run in runs]
-
     # -- steps --------------------------------------------------------------------------
 
     def _messages(self, record: Record, media: SampleMedia, *, with_answers: bool

@@ -125,8 +125,7 @@ def evaluate_generation(model: Any, records: Sequence[Record], encoder: ChatEnco
     model.eval()
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
-            chunk = [(p, keep) for p, keep in prompts[start:start + batch_size]]
-            usable = [(p, keep) for p, keep in chunk if p is not None]
+            usable = [(p, keep) for p, keep in prompts[start:start + batch_size] if p is not None]
             if not usable:  # every rank must still join the generate call
                 usable = [(next(p for p, _ in prompts if p is not None), False)]
             batch = to_device(collate([p for p, _ in usable]), device, dtype)

@@ -164,10 +164,12 @@ class Trainer:
         cfg = self.config
         use_varlen_attention(self.loaded.model)
         cache = self.output / "lengths"
+        # Rank 0 measures and caches; the others read its cache instead of measuring again.
         if self.info.is_main:
-            sample_lengths(records, self.encoder, cfg.data, cache_dir=cache, source=cfg.data.train)
+            lengths = sample_lengths(records, self.encoder, cfg.data, cache_dir=cache, source=cfg.data.train)
         barrier()
-        lengths = sample_lengths(records, self.encoder, cfg.data, cache_dir=cache, source=cfg.data.train)
+        if not self.info.is_main:
+            lengths = sample_lengths(records, self.encoder, cfg.data, cache_dir=cache, source=cfg.data.train)
         if cfg.data.truncation == "drop":
             lengths, dropped = drop_too_long(lengths, cfg.data.max_seq_len)
             if dropped:
