@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hpc_train.errors import ConfigError
 
@@ -199,6 +199,28 @@ class EvalConfig(_Section):
     """Also measure answer accuracy by greedy generation (exact match after normalisation)."""
 
 
+class ProfileConfig(_Section):
+    """The profiler: phase timing, throughput, memory and MFU to ``output_dir/profile/``."""
+
+    enabled: bool = True
+    """Write ``profile/rank<k>.json`` and the merged ``profile/report.json``."""
+    warmup_steps: int = Field(2, ge=0)
+    """Steps left out of the statistics (a run shorter than this keeps its last step)."""
+    copy_to: str | None = None
+    """Also copy ``report.json`` here; ``{mode}`` and ``{name}`` are filled in (recipes:
+    ``results/profiling/{mode}_profiling.json``)."""
+
+    @field_validator("copy_to")
+    @classmethod
+    def _placeholders(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                value.format(mode="mode", name="name")
+            except (KeyError, IndexError, ValueError):
+                raise ValueError(f"{value!r} may only use the placeholders {{mode}} and {{name}}") from None
+        return value
+
+
 class RunConfig(_Section):
     """Everything one run needs. Load with :func:`load_config`."""
 
@@ -212,6 +234,7 @@ class RunConfig(_Section):
     lora: LoraConfig = LoraConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     eval: EvalConfig = EvalConfig()
+    profile: ProfileConfig = ProfileConfig()
 
     @model_validator(mode="after")
     def _check_preset(self) -> RunConfig:

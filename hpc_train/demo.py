@@ -41,6 +41,7 @@ def demo_config(out: Path, *, steps: int, zero: int, family: str) -> dict:
         "train": {**DEMO_TRAIN, "max_steps": steps},
         "deepspeed": {"config": f"ds_configs/zero{zero}.json"},
         "eval": {"batch_size": 32},
+        "profile": {"copy_to": str(out / "results" / "profiling" / "{mode}_profiling.json")},
     }
 
 
@@ -93,7 +94,22 @@ def run_demo(out: str | Path = "demo_out", *, nproc: int = 2, steps: int = 2000,
     }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     _say(_format(summary, out))
+    _say(_profile_comparison(out / "results" / "profiling"))
     return 0
+
+
+def _profile_comparison(folder: Path) -> str:
+    """The baseline (untrained evaluation) and training reports side by side, and a chart."""
+    from profiling.compare import compare_table, plot
+    from profiling.report import read_report
+
+    paths = [folder / "baseline_profiling.json", folder / "full_profiling.json"]
+    reports = [read_report(p) for p in paths]
+    labels = ["baseline", "full"]
+    chart = plot(reports, labels, folder / "compare.png")
+    return (f"\nprofiles: {paths[0]}, {paths[1]} (chart: {chart})\n"
+            f"{compare_table(reports, labels)}\n"
+            f"  again with: hpc-profile compare {paths[0]} {paths[1]} --markdown")
 
 
 def _format(s: dict, out: Path) -> str:

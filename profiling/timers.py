@@ -28,30 +28,49 @@ class StepRecord:
     samples: int
     tokens: int
     slot_tokens: int
+    images: int = 0
+    epoch: int = 0
 
 
 @dataclass
 class _PendingStep:
     wall_ms: float
     events: list[tuple[str, object, object]]
-    samples: int
-    tokens: int
-    slot_tokens: int
+    counts: dict[str, int]
 
 
 @dataclass
 class PhaseTimer:
-    """Times the phases of each step; ``records`` holds the steps after warm-up."""
+    """Times the phases of each step; ``records`` holds the steps after warm-up.
+
+    A run shorter than its warm-up still keeps its last step: ``warmup_excluded`` says how
+    many were left out.
+    """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     warmup_steps: int = 1
-    records: list[StepRecord] = field(default_factory=list)
-    steps_seen: int = 0
+    all_records: list[StepRecord] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._cuda = self.device.type == "cuda"
         self._events: list[tuple[str, object, object]] = []
         self._pending: _PendingStep | None = None
+        self._step_started = time.perf_counter()
+
+    @property
+    def steps_seen(self) -> int:
+        return len(self.all_records)
+
+    @property
+    def warmup_excluded(self) -> int:
+        return min(self.warmup_steps, max(0, self.steps_seen - 1))
+
+    @property
+    def records(self) -> list[StepRecord]:
+        return self.all_records[self.warmup_excluded:]
+
+    def restart_clock(self) -> None:
+        """The next step starts now (call before the first step, after setup)."""
         self._step_started = time.perf_counter()
 
     @contextmanager
@@ -73,13 +92,15 @@ class PhaseTimer:
             finally:
                 self._events.append((name, began, time.perf_counter()))
 
-    def step_done(self, *, samples: int, tokens: int, slot_tokens: int) -> None:
+    def step_done(self, *, samples: int, tokens: int, slot_tokens: int, images: int = 0, epoch: int = 0) -> None:
         """Close the current step (call once per optimizer step, after its optimizer phase)."""
         now = time.perf_counter()
         wall_ms = (now - self._step_started) * 1000.0
         self._step_started = now
         self._resolve_pending()
-        self._pending = _PendingStep(wall_ms, self._events, samples, tokens, slot_tokens)
+        counts = {"samples": samples, "tokens": tokens, "slot_tokens": slot_tokens, "images": images,
+                  "epoch": epoch}
+        self._pending = _PendingStep(wall_ms, self._events, counts)
         self._events = []
         if not self._cuda:
             self._resolve_pending()
@@ -102,7 +123,4 @@ class PhaseTimer:
             else:
                 elapsed = (end - start) * 1000.0
             phases[name] = phases.get(name, 0.0) + elapsed
-        self.steps_seen += 1
-        if self.steps_seen > self.warmup_steps:
-            self.records.append(StepRecord(pending.wall_ms, phases, pending.samples, pending.tokens,
-                                           pending.slot_tokens))
+        self.all_records.append(StepRecord(pending.wall_ms, phases, **pending.counts))

@@ -125,7 +125,8 @@ def build_tiny_llava_onevision(*, seed: int = 0, width: int = 64) -> tuple[PreTr
     config = LlavaOnevisionConfig(
         vision_config={"model_type": "siglip_vision_model", "hidden_size": width,
                        "intermediate_size": 2 * width, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": side, "patch_size": patch},
+                       "num_attention_heads": 2, "image_size": side, "patch_size": patch,
+                       "vision_use_head": False},  # as the published models: its output is unused
         text_config=_text_config("qwen2", width, tokenizer),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),

@@ -22,6 +22,7 @@ from hpc_train.data.records import RECORD_KINDS, Record
 from hpc_train.data.tokenize import ChatEncoder, EncodedSample
 from hpc_train.dist import DistInfo, all_reduce_max, all_reduce_sum
 from hpc_train.errors import DataError
+from hpc_train.train.timing import NoTimer, StepTimer
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -63,8 +64,13 @@ def shard(count: int, info: DistInfo) -> list[tuple[int, bool]]:
 
 
 def evaluate_loss(model: Any, dataset: SampleDataset, collate: Collator, info: DistInfo,
-                  device: torch.device, *, batch_size: int, dtype: torch.dtype | None = None) -> EvalResult:
-    """Token-weighted mean loss over the (sharded) dataset, and its perplexity."""
+                  device: torch.device, *, batch_size: int, dtype: torch.dtype | None = None,
+                  timer: StepTimer | None = None) -> EvalResult:
+    """Token-weighted mean loss over the (sharded) dataset, and its perplexity.
+
+    With a ``timer``, each batch is a profiled step (data wait and forward phases).
+    """
+    timer = timer or NoTimer()
     picks = shard(len(dataset), info)
     loss_sum = 0.0
     tokens = 0
@@ -72,15 +78,20 @@ def evaluate_loss(model: Any, dataset: SampleDataset, collate: Collator, info: D
     model.eval()
     with torch.no_grad():
         for start in range(0, len(picks), batch_size):
+            timer.step_begin()
             chunk = picks[start:start + batch_size]
-            items = [dataset[i] for i, _ in chunk]
+            with timer.phase("data_wait"):
+                items = [dataset[i] for i, _ in chunk]
+                batch = collate(items)
             counted = [isinstance(s, EncodedSample) and keep for s, (_, keep) in zip(items, chunk, strict=True)]
-            batch = collate(items)
             if "input_ids" not in batch:
                 continue
             batch = to_device(batch, device, dtype)
-            logits = model(**{k: v for k, v in model_inputs(batch).items() if k != "labels"},
-                           use_cache=False).logits
+            with timer.phase("forward"):
+                logits = model(**{k: v for k, v in model_inputs(batch).items() if k != "labels"},
+                               use_cache=False).logits
+            timer.step_done(samples=len(batch["sample_ids"]), tokens=batch["num_real_tokens"],
+                            slot_tokens=batch["num_slots"])
             per_token = _token_losses(logits, batch["labels"])
             real = [c for s, c in zip(items, counted, strict=True) if isinstance(s, EncodedSample)]
             weights = torch.tensor(real, dtype=per_token.dtype, device=per_token.device)[:, None]

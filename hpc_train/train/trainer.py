@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -50,7 +50,10 @@ from hpc_train.train.engine import build_optimizer, resolve_ds_config, zero_stag
 from hpc_train.train.evaluate import EvalResult, evaluate_generation, evaluate_loss, to_device
 from hpc_train.train.metrics import MetricsLogger
 from hpc_train.train.model_setup import LoadedModel, load_training_model
+from hpc_train.train.profile_report import describe_run, trainability, vision_tower, write_profile
 from hpc_train.train.schedule import build_scheduler, lr_multiplier
+from hpc_train.train.timing import NoTimer, StepTimer
+from profiling.profiler import Profiler
 
 REQUEUE_EXIT_CODE = 75
 """Exit status after a signal-triggered checkpoint (EX_TEMPFAIL): the job should be requeued."""
@@ -64,31 +67,17 @@ class TrainingStopped(HpcTrainError):
     exit_code = 3
 
 
-class PhaseTimer(Protocol):
-    """What the loop reports to (the profiler implements it)."""
-
-    def phase(self, name: str) -> AbstractContextManager[Any]: ...
-    def step_done(self, *, samples: int, tokens: int, slot_tokens: int) -> None: ...
-
-
-class _NoTimer:
-    def phase(self, name: str) -> AbstractContextManager[Any]:
-        return nullcontext()
-
-    def step_done(self, *, samples: int, tokens: int, slot_tokens: int) -> None:
-        return None
-
-
 class Trainer:
     """One training (or evaluation-only) run of a :class:`RunConfig`."""
 
-    def __init__(self, config: RunConfig, *, info: DistInfo | None = None,
-                 timer: PhaseTimer | None = None) -> None:
+    def __init__(self, config: RunConfig, *, info: DistInfo | None = None) -> None:
         self.config = config
         self.info = info or read_dist_env()
-        self.timer = timer or _NoTimer()
+        self.profiler: Profiler | None = None
+        self.timer: StepTimer = NoTimer()
         self.output = Path(config.output_dir)
         self._signal: int | None = None
+        self._first_step = 1
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -97,25 +86,36 @@ class Trainer:
         init_distributed(info)
         torch.manual_seed(cfg.train.seed + info.rank)
         self.device = device_for(info)
-        if info.is_main:
-            self.output.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.output / "config.resolved.yaml")
-            (self.output / REQUEUE_MARKER).unlink(missing_ok=True)
         self.training = cfg.train.mode != "baseline"
-        self.ds: dict[str, Any] | None = None
-        self.loaded: LoadedModel
-        self._setup_model()
-        self._setup_data()
-        self.eval_model = self.loaded.model
-        if self.training:
-            self._setup_engine()
-            self.eval_model = self.engine
-        elif self.ds is not None:
-            # Evaluation under ZeRO-3: the engine gathers each layer's partitions as it runs.
-            import deepspeed
+        if cfg.profile.enabled:
+            self.profiler = Profiler(self.device, warmup_steps=cfg.profile.warmup_steps, rank=info.rank,
+                                     local_rank=info.local_rank, world_size=info.world_size,
+                                     workload="training" if self.training else "evaluation")
+            self.timer = self.profiler
+        with self.timer.section("setup"):
+            if info.is_main:
+                self.output.mkdir(parents=True, exist_ok=True)
+                save_config(cfg, self.output / "config.resolved.yaml")
+                (self.output / REQUEUE_MARKER).unlink(missing_ok=True)
+            self.ds: dict[str, Any] | None = None
+            self.loaded: LoadedModel
+            self._setup_model()
+            self._setup_data()
+            self.eval_model = self.loaded.model
+            if self.training:
+                self._setup_engine()
+                self.eval_model = self.engine
+            elif self.ds is not None:
+                # Evaluation under ZeRO-3: the engine gathers each layer's partitions as it runs.
+                import deepspeed
 
-            self.eval_model = deepspeed.initialize(model=self.loaded.model, config=self.ds)[0]
-        self._install_signal_handlers()
+                self.eval_model = deepspeed.initialize(model=self.loaded.model, config=self.ds)[0]
+            self._install_signal_handlers()
+        if self.profiler is not None:
+            self.profiler.describe_model(self.loaded.model.config, trainability(self.loaded.model, self.family))
+            tower = vision_tower(self.loaded.model, self.family)
+            if tower is not None:
+                self.profiler.count_images(tower)
 
     def _setup_model(self) -> None:
         from hpc_train.models.load import model_family
@@ -205,6 +205,7 @@ class Trainer:
         latest = self.checkpointer.latest() if cfg.train.resume else None
         if latest is not None:
             self.state = self.checkpointer.load(self.engine, latest)
+            self._first_step = self.state.step + 1
             self._say(f"resumed from {latest} at step {self.state.step}")
         self.metrics = MetricsLogger(self.output, enabled=self.info.is_main,
                                      resume_step=self.state.step if latest is not None else None)
@@ -233,11 +234,16 @@ class Trainer:
         """Run to the planned step count; returns the process exit status."""
         if not self.training:
             return 0
-        cfg, state = self.config, self.state
         micro = self._micro_batches()
-        progress = _progress(self.total_steps, state.step, enabled=self.info.is_main)
+        progress = _progress(self.total_steps, self.state.step, enabled=self.info.is_main)
+        with self.timer.section("train"):
+            return self._train_loop(micro, progress)
+
+    def _train_loop(self, micro: Iterator[dict[str, Any]], progress: Any) -> int:
+        cfg, state = self.config, self.state
         while state.step < self.total_steps:
             started = time.perf_counter()
+            self.timer.step_begin()
             stats = self._optimizer_step(micro)
             state.step += 1
             step_time = time.perf_counter() - started
@@ -318,7 +324,7 @@ class Trainer:
             samples += len(batch["sample_ids"])
             if boundary:
                 break
-        self.timer.step_done(samples=samples, tokens=tokens, slot_tokens=slot_tokens)
+        self.timer.step_done(samples=samples, tokens=tokens, slot_tokens=slot_tokens, epoch=self.state.epoch)
         loss_sum, count, tokens, slots, supervised, samples, skipped = all_reduce_sum(
             [sum(losses), len(losses), tokens, slot_tokens, supervised, samples, skipped])
         norm = engine.get_global_grad_norm()
@@ -381,7 +387,9 @@ class Trainer:
                       f"{REQUEUE_EXIT_CODE} so the job can be requeued")
             return REQUEUE_EXIT_CODE
         if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and self.eval_records is not None:
-            if self._evaluate_during_training():
+            with self.timer.section("eval"):
+                stop = self._evaluate_during_training()
+            if stop:
                 self._say(f"early stopping at step {state.step}: no better eval loss in "
                           f"{cfg.train.early_stopping_patience} evaluations")
                 self.checkpointer.save(self.engine, state)
@@ -413,15 +421,19 @@ class Trainer:
         cfg = self.config
         if self.eval_records is None:
             return None
-        result = evaluate_loss(self.eval_model, self.eval_set, self.collate, self.info, self.device,
-                               batch_size=cfg.eval.batch_size, dtype=self.loaded.dtype)
+        # An evaluation-only run's steps are its evaluation batches.
+        with self.timer.section("eval"):
+            result = evaluate_loss(self.eval_model, self.eval_set, self.collate, self.info, self.device,
+                                   batch_size=cfg.eval.batch_size, dtype=self.loaded.dtype,
+                                   timer=None if self.training else self.timer)
         if cfg.eval.generate:
             module = getattr(self.eval_model, "module", self.eval_model)
-            generated = evaluate_generation(
-                module, self.eval_records, self.encoder, self.media, self.info, self.device,
-                batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-                synced=self.info.distributed and _wants_zero3(cfg), blanks=self.blanks,
-                dtype=self.loaded.dtype)
+            with self.timer.section("generate"):
+                generated = evaluate_generation(
+                    module, self.eval_records, self.encoder, self.media, self.info, self.device,
+                    batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+                    synced=self.info.distributed and _wants_zero3(cfg), blanks=self.blanks,
+                    dtype=self.loaded.dtype)
             result.accuracy, result.correct = generated.accuracy, generated.correct
             result.generated, result.predictions = generated.generated, generated.predictions
             result.accuracy_by_kind = generated.accuracy_by_kind
@@ -439,6 +451,10 @@ class Trainer:
         """The trained weights: a LoRA adapter (safetensors) or the full model, plus the processor."""
         if not self.training:
             return
+        with self.timer.section("export"):
+            self._export()
+
+    def _export(self) -> None:
         cfg = self.config
         module = self.engine.module
         target = self.output / ("adapter" if cfg.train.mode in ("lora", "qlora") else "model")
@@ -459,8 +475,17 @@ class Trainer:
         self._say(f"exported {target}")
 
     def finish(self) -> None:
+        """Close the metrics and write the profiling reports (also after a signal stop)."""
         if self.training and self.info.is_main:
             self.metrics.close()
+        if self.profiler is not None:
+            run = describe_run(self.config, self.info, zero_stage=zero_stage(self.ds) if self.ds else None,
+                               planned_steps=getattr(self, "total_steps", None),
+                               packing_efficiency=getattr(self, "packing_efficiency", None))
+            path = write_profile(self.profiler, self.config, self.info, run, dtype=self.loaded.dtype,
+                                 first_step=self._first_step)
+            if path is not None:
+                self._say(f"profile -> {path} (hpc-profile show {path})")
         barrier()
 
     # -- helpers -------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+FAMILIES = ("smolvlm", "llava_onevision")
 RUN_TIMEOUT_S = 420  # a hang (e.g. ranks running different modules under ZeRO-3) fails here
 
 
@@ -36,6 +37,11 @@ def run_hpc_train(command: str, *args: str, nproc: int = 2, timeout: float = RUN
                              f"{(exc.stderr or b'')[-4000:]}") from exc
 
 
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-6000:]
+    return result
+
+
 @pytest.fixture(scope="session")
 def train_args(tiny_model_dirs, synthetic_data):
     """Overrides that point a tiny recipe at the session's saved model and data."""
@@ -47,3 +53,14 @@ def train_args(tiny_model_dirs, synthetic_data):
                 "train.micro_batch_size=4", "eval.max_samples=8", "eval.batch_size=4", *extra]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def zero2_runs(tmp_path_factory, train_args):
+    """Full fine-tunes on 2 ranks under ZeRO-2 for both families, 4 steps each."""
+    runs = {}
+    for family in FAMILIES:
+        out = tmp_path_factory.mktemp(f"z2_{family}")
+        ok(run_hpc_train("train", *train_args(family, out, "train.max_steps=4", "train.mode=full")))
+        runs[family] = out
+    return runs

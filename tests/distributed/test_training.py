@@ -15,14 +15,7 @@ from safetensors.torch import load_file
 from hpc_train.train.metrics import read_metrics
 from hpc_train.train.trainer import REQUEUE_EXIT_CODE
 
-from .conftest import child_env, hpc_train_cmd, run_hpc_train
-
-FAMILIES = ("smolvlm", "llava_onevision")
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stderr[-6000:]
-    return result
+from .conftest import FAMILIES, child_env, hpc_train_cmd, ok, run_hpc_train
 
 
 def losses(out: Path) -> list[float]:
@@ -51,17 +44,6 @@ def test_single_process_exits_with_requeue_status_on_sigterm(tmp_path, train_arg
     assert proc.returncode == REQUEUE_EXIT_CODE, output[-3000:]
     assert "signal SIGTERM: checkpoint" in output
     assert (out / "checkpoints" / "latest").is_file()
-
-
-@pytest.fixture(scope="module")
-def zero2_runs(tmp_path_factory, train_args):
-    """Full fine-tunes under ZeRO-2 for both families (compared with ZeRO-3 below)."""
-    runs = {}
-    for family in FAMILIES:
-        out = tmp_path_factory.mktemp(f"z2_{family}")
-        ok(run_hpc_train("train", *train_args(family, out, "train.max_steps=4", "train.mode=full")))
-        runs[family] = out
-    return runs
 
 
 @pytest.mark.parametrize("family", FAMILIES)

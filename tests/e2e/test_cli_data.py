@@ -106,6 +106,9 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert summary["accuracy_before"] is not None and summary["accuracy_after"] is not None
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     for path in ("run/metrics.jsonl", "run/model/model.safetensors", "run/eval_results.json",
-                 "before/eval_results.json", "demo.yaml"):
+                 "before/eval_results.json", "demo.yaml", "run/profile/report.json", "run/profile/rank1.json",
+                 "results/profiling/baseline_profiling.json", "results/profiling/full_profiling.json",
+                 "results/profiling/compare.png"):
         assert (out / path).is_file(), path
-    assert "demo finished" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "demo finished" in printed and "backward mean (ms)" in printed

@@ -1,0 +1,88 @@
+"""The trainer's side of profiling: what the run is, and writing the reports on rank 0.
+
+Rank reports travel to rank 0 over the process group, so the merged report is complete
+even when nodes share no filesystem.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import hpc_train
+from hpc_train.config import RunConfig
+from hpc_train.dist import DistInfo
+from hpc_train.models.adapters import full_numel, group_of
+from hpc_train.models.families import Family
+from profiling.environment import collect_environment
+from profiling.flops import Trainability
+from profiling.profiler import Profiler
+from profiling.report import merge_reports, write_json
+
+PROFILE_DIR = "profile"
+
+
+def trainability(model: torch.nn.Module, family: Family) -> Trainability:
+    """Which components train their own weights, and how many LoRA parameters each has."""
+    trains: set[str] = set()
+    lora: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        group = group_of(name, family)
+        if "lora_" in name:
+            lora[group] = lora.get(group, 0) + full_numel(param)
+        else:
+            trains.add(group)
+    return Trainability(trains=frozenset(trains), lora_params=lora)
+
+
+def vision_tower(model: torch.nn.Module, family: Family) -> torch.nn.Module | None:
+    """The module that encodes images, found by its name (also inside a PEFT wrapper)."""
+    suffix = family.module_groups["vision"][0].rstrip(".")
+    for name, module in model.named_modules():
+        if name == suffix or name.endswith("." + suffix):
+            return module
+    return None
+
+
+def describe_run(config: RunConfig, info: DistInfo, *, zero_stage: int | None, planned_steps: int | None,
+                 packing_efficiency: float | None) -> dict[str, Any]:
+    """The ``run`` block of the report."""
+    cfg = config
+    return {
+        "name": cfg.name, "mode": cfg.train.mode, "model": cfg.model.preset or cfg.model.path,
+        "family": cfg.model.family, "dtype": cfg.model.dtype, "zero_stage": zero_stage,
+        "micro_batch_size": cfg.train.micro_batch_size, "grad_accum": cfg.train.grad_accum,
+        "eval_batch_size": cfg.eval.batch_size,
+        "global_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum * info.world_size,
+        "max_seq_len": cfg.data.max_seq_len, "packing": cfg.data.packing,
+        "packing_efficiency": packing_efficiency,
+        "gradient_checkpointing": cfg.train.gradient_checkpointing, "planned_steps": planned_steps,
+        "output_dir": str(Path(cfg.output_dir).resolve()), "config_hash": cfg.digest(),
+    }
+
+
+def write_profile(profiler: Profiler, config: RunConfig, info: DistInfo, run: dict[str, Any], *,
+                  dtype: torch.dtype, first_step: int = 1) -> Path | None:
+    """Every rank's report to rank 0, which writes them and the merged report; its path on
+    rank 0, ``None`` elsewhere."""
+    mine = profiler.rank_report(dtype=dtype, first_step=first_step)
+    everyone: list[Any] = [mine]
+    if dist.is_initialized() and info.world_size > 1:
+        everyone = [None] * info.world_size if info.is_main else []
+        dist.gather_object(mine, everyone if info.is_main else None, dst=0)
+    if not info.is_main:
+        return None
+    folder = Path(config.output_dir) / PROFILE_DIR
+    for report in everyone:
+        write_json(folder / f"rank{report['rank']}.json", report)
+    environment = collect_environment(profiler.device, Path(hpc_train.__file__).parent)
+    merged = merge_reports(everyone, run=run, environment=environment)
+    path = write_json(folder / "report.json", merged)
+    if config.profile.copy_to:
+        write_json(Path(config.profile.copy_to.format(mode=config.train.mode, name=config.name)), merged)
+    return path

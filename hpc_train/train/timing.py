@@ -1,0 +1,31 @@
+"""What the training and evaluation loops report to: the profiler, or nothing."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Protocol
+
+
+class StepTimer(Protocol):
+    """The loop's seams (:class:`profiling.profiler.Profiler` implements them)."""
+
+    def phase(self, name: str) -> AbstractContextManager[Any]: ...
+    def section(self, name: str) -> AbstractContextManager[Any]: ...
+    def step_begin(self) -> None: ...
+    def step_done(self, *, samples: int, tokens: int, slot_tokens: int, epoch: int = 0) -> None: ...
+
+
+class NoTimer:
+    """Profiling off: every seam is free."""
+
+    def phase(self, name: str) -> AbstractContextManager[Any]:
+        return nullcontext()
+
+    def section(self, name: str) -> AbstractContextManager[Any]:
+        return nullcontext()
+
+    def step_begin(self) -> None:
+        return None
+
+    def step_done(self, *, samples: int, tokens: int, slot_tokens: int, epoch: int = 0) -> None:
+        return None

@@ -1,0 +1,124 @@
+"""The profiler a training or evaluation loop reports to, and that writes one rank's report.
+
+The loop calls :meth:`Profiler.step_begin` and :meth:`Profiler.step_done` around each
+step and :meth:`Profiler.phase` around data wait, forward, backward and optimizer step; :meth:`Profiler.section` times the
+parts of a run that are not steps (setup, evaluation, export). Images through the vision
+tower are counted by a hook during the forward phase only, so gradient-checkpointing
+recomputation (which runs in backward) is not counted twice.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from profiling.flops import ModelShape, Trainability, UnknownArchitecture, peak_tflops, shape_of
+from profiling.memory import peak_memory
+from profiling.report import build_rank_report, flops_section
+from profiling.timers import PhaseTimer
+
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+class Profiler:
+    """Phase timing, throughput, memory and FLOPs of one rank."""
+
+    def __init__(self, device: torch.device, *, warmup_steps: int = 2, rank: int = 0, local_rank: int = 0,
+                 world_size: int = 1, workload: str = "training") -> None:
+        self.device = device
+        self.timer = PhaseTimer(device=device, warmup_steps=warmup_steps)
+        self.rank, self.local_rank, self.world_size = rank, local_rank, world_size
+        self.workload = workload
+        self._started = time.perf_counter()
+        self._sections: dict[str, float] = {}
+        self._phase: str | None = None
+        self._images = 0
+        self._last_step_end = self._started
+        self._epochs: dict[int, dict[str, float]] = {}
+        self._shape: ModelShape | None = None
+        self._trainability = Trainability()
+        self._unknown = "the model was not described to the profiler"
+        self._hooks: list[Any] = []
+
+    # -- what the loop calls -------------------------------------------------------------
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self._phase = name
+        try:
+            with self.timer.phase(name):
+                yield
+        finally:
+            self._phase = None
+
+    def step_begin(self) -> None:
+        """A step starts now: setup, evaluation and checkpoints between steps are not step time."""
+        self.timer.restart_clock()
+        if not self._epochs:  # epochs count from the first step, not from setup
+            self._last_step_end = time.perf_counter()
+
+    def step_done(self, *, samples: int, tokens: int, slot_tokens: int, epoch: int = 0) -> None:
+        images, self._images = self._images, 0
+        self.timer.step_done(samples=samples, tokens=tokens, slot_tokens=slot_tokens, images=images, epoch=epoch)
+        now = time.perf_counter()
+        entry = self._epochs.setdefault(epoch, {"epoch": epoch, "steps": 0, "wall_s": 0.0})
+        entry["steps"] += 1
+        entry["wall_s"] += now - self._last_step_end
+        self._last_step_end = now
+
+    @contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        """Wall time of a part of the run (summed when entered again)."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sections[name] = self._sections.get(name, 0.0) + time.perf_counter() - began
+
+    # -- what the model tells it ---------------------------------------------------------
+
+    def describe_model(self, config: Any, trainability: Trainability) -> None:
+        """The architecture (a transformers config) and what trains, for FLOPs and MFU."""
+        self._trainability = trainability
+        try:
+            self._shape = shape_of(config)
+        except (UnknownArchitecture, AttributeError) as exc:
+            self._shape, self._unknown = None, f"FLOPs unknown: {exc}"
+
+    def count_images(self, vision_tower: torch.nn.Module) -> None:
+        """Count images (frames, tiles) the vision tower encodes in forward phases."""
+
+        def count(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if self._phase != "forward":
+                return
+            pixels = args[0] if args else kwargs.get("pixel_values")
+            if isinstance(pixels, torch.Tensor) and pixels.dim() == 4:
+                self._images += pixels.shape[0]
+
+        self._hooks.append(vision_tower.register_forward_pre_hook(count, with_kwargs=True))
+
+    # -- the report ----------------------------------------------------------------------
+
+    def rank_report(self, *, dtype: torch.dtype = torch.float32, first_step: int = 1) -> dict[str, Any]:
+        """This rank's report (reads the last step's events: call once, after the loop)."""
+        self.timer.finish()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        records = self.timer.records
+        cuda = self.device.type == "cuda"
+        device_name = torch.cuda.get_device_name(self.device) if cuda else "cpu"
+        peak = peak_tflops(device_name if cuda else None, DTYPE_NAMES.get(dtype, "fp32"))
+        flops = flops_section(records, self._shape, self._trainability, peak, unknown_reason=self._unknown)
+        wall = {"total": time.perf_counter() - self._started, **self._sections,
+                "epochs": sorted(self._epochs.values(), key=lambda e: e["epoch"])}
+        return build_rank_report(
+            records, warmup_excluded=self.timer.warmup_excluded, rank=self.rank, local_rank=self.local_rank,
+            world_size=self.world_size, host=socket.gethostname(), device=str(self.device),
+            device_name=device_name, workload=self.workload, memory=peak_memory(self.device), flops=flops,
+            wall_s=wall, first_step=first_step)

@@ -1,0 +1,66 @@
+"""A readable summary of one report (``hpc-profile show``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from profiling.compare import DASH, lookup
+from profiling.stats import STAT_KEYS
+
+
+def _num(value: Any, unit: str = "", digits: int = 4) -> str:
+    if value is None:
+        return DASH
+    return f"{value:.{digits}g}{unit}"
+
+
+def show(report: Mapping[str, Any]) -> str:
+    run, env = report["run"], report["environment"]
+    steps = report["steps"]
+    zero = run.get("zero_stage")
+    batch = (f"micro-batch {run.get('micro_batch_size')} x accumulation {run.get('grad_accum')}"
+             if report["workload"] == "training" else f"batch {run.get('eval_batch_size')}")
+    lines = [
+        f"{report['workload']} run {run.get('name', '?')!s}: mode {run.get('mode')}, model {run.get('model')}",
+        f"  {'no DeepSpeed' if zero is None else f'ZeRO-{zero}'}, {run.get('world_size')} ranks on "
+        f"{run.get('nodes')} node(s) ({', '.join(env.get('hosts', []))}), {batch}, "
+        f"sequence length {run.get('max_seq_len')}, packing {run.get('packing')}",
+        f"  device {lookup(report, 'per_rank.0.device_name')}, torch {env.get('torch')}, deepspeed "
+        f"{env.get('deepspeed')}, transformers {env.get('transformers')}, CUDA {env.get('cuda') or DASH}",
+        f"  steps {steps['first']}..{steps['last']}: {steps['measured']} measured after {steps['warmup_excluded']} "
+        "warm-up",
+        "",
+        f"  {'(ms)':<12}" + "".join(f"{k:>10}" for k in STAT_KEYS[1:]),
+    ]
+    series = [("step", report["step_ms"]), *report["phases_ms"].items()]
+    for name, stats in series:
+        if stats is None:
+            lines.append(f"  {name:<12}" + f"{DASH:>10}" * (len(STAT_KEYS) - 1))
+        else:
+            lines.append(f"  {name:<12}" + "".join(f"{stats[k]:>10.2f}" for k in STAT_KEYS[1:]))
+    coverage = report["phase_coverage"]
+    lines.append(f"  phases cover {_num(coverage and 100 * coverage, '%', 3)} of step time")
+    t = report["throughput"] or {}
+    lines += [
+        "",
+        f"  throughput: {_num(t.get('samples_per_s'))} samples/s, {_num(t.get('tokens_per_s'))} tokens/s "
+        f"({_num(t.get('tokens_per_s_per_device'))} per device), {_num(t.get('images_per_s'))} images/s; "
+        f"padding efficiency {_num(report['padding_efficiency'] and 100 * report['padding_efficiency'], '%', 3)}",
+    ]
+    m = report["memory"]
+    lines.append(f"  memory: GPU peak allocated {_num(m.get('gpu_peak_allocated_gib'), ' GiB')}, reserved "
+                 f"{_num(m.get('gpu_peak_reserved_gib'), ' GiB')}, host peak RSS {_num(m.get('host_peak_rss_gib'), ' GiB')}")
+    f = report["flops"]
+    mfu = f.get("mfu")
+    lines.append(f"  FLOPs: {_num(f.get('achieved_tflops_per_device'))} TFLOP/s per device; MFU "
+                 f"{_num(mfu and 100 * mfu, '%', 3)} (peak: {f.get('peak_source')})")
+    slow = report["slowest_rank"]
+    if run.get("world_size", 1) > 1:
+        lines.append(f"  slowest rank {slow['rank']} on {slow['host']} ({_num(slow['step_ms_mean'], ' ms')} "
+                     f"per step; fastest rank {slow['fastest_rank']}: {_num(slow['fastest_step_ms_mean'], ' ms')})")
+    wall = report["wall_s"]
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in wall.items() if isinstance(v, int | float))
+    lines.append(f"  wall (s): {parts}; epochs: " + (", ".join(
+        f"{e['epoch']}: {e['steps']} steps {e['wall_s']:.1f} s" for e in wall.get("epochs", [])) or DASH))
+    return "\n".join(lines)

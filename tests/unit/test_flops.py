@@ -1,0 +1,116 @@
+"""FLOPs counting from the architecture, and the peak-rate table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hpc_train.models.adapters import group_of
+from hpc_train.models.families import get_family
+from profiling.flops import (
+    ModelShape,
+    Trainability,
+    TransformerShape,
+    UnknownArchitecture,
+    mfu,
+    peak_tflops,
+    shape_of,
+    step_flops,
+)
+
+FAMILIES = ("smolvlm", "llava_onevision")
+
+
+def linear_weights(model: torch.nn.Module, family: str) -> dict[str, int]:
+    """Weights of every nn.Linear per component, as the model really has them."""
+    sizes: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            group = group_of(name + ".weight", get_family(family))
+            sizes[group] = sizes.get(group, 0) + module.weight.numel()
+    return sizes
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matmul_counts_match_the_models_linear_layers(loaded_tiny, family):
+    model = loaded_tiny[family][0]
+    shape = shape_of(model.config)
+    real = linear_weights(model, family)
+    assert shape.text.matmul_params() == real["llm"]
+    assert shape.vision.matmul_params() == real["vision"]
+    assert shape.text.hidden * shape.vocab == real["head"]
+    rows = shape.vision_tokens_per_image
+    if family == "smolvlm":  # the connector's linear runs once per pixel-shuffled token
+        rows //= model.config.scale_factor ** 2
+    assert shape.connector_flops_per_image == 2 * real["connector"] * rows
+
+
+def test_published_smolvlm_counts_match_its_parameter_count():
+    from hpc_train.models.presets import count_parameters, get_preset
+
+    shape = shape_of(get_preset("smolvlm-256m").build_config())
+    counts = count_parameters("smolvlm-256m")
+    text = shape.text
+    # besides the matmuls, the language model has its input embedding and 2 norms per layer + 1
+    assert counts["llm"] + counts["head"] == (text.matmul_params() + 2 * text.hidden * shape.vocab
+                                              + (2 * text.layers + 1) * text.hidden)
+    # the vision tower's other weights: position embeddings, biases, norms
+    assert 0.98 < (shape.vision.matmul_params() + shape.patch_embed_params) / counts["vision"] < 1.0
+
+
+SMALL = ModelShape(text=TransformerShape(layers=2, hidden=8, q_dim=8, kv_dim=4, intermediate=16,
+                                         gated_mlp=True, causal=True), vocab=10,
+                   vision=TransformerShape(layers=1, hidden=4, q_dim=4, kv_dim=4, intermediate=8,
+                                           gated_mlp=False, causal=False),
+                   vision_tokens_per_image=9, patch_embed_params=12, connector_flops_per_image=100.0)
+
+
+def test_forward_flops_by_hand():
+    flops = step_flops(SMALL, Trainability(), tokens=20, samples=2, images=3)
+    text_params = 2 * (8 * (8 + 8) + 8 * 8 + 3 * 8 * 16)  # per layer: q,k,v,o + gate/up/down
+    text = 2 * text_params * 20 + 4 * 2 * 8 * (10 / 2) * 20  # causal: a token sees half of 10
+    head = 2 * 8 * 10 * 20
+    vision_params = 4 * (4 + 8) + 4 * 4 + 2 * 4 * 8 + 12
+    vision = (2 * vision_params * 9 + 4 * 1 * 4 * 9 * 9) * 3
+    assert flops.forward == pytest.approx(text + head + vision + 100.0 * 3)
+    assert flops.backward == 0  # evaluation: nothing trains
+
+
+def test_backward_follows_what_trains():
+    counts = {"tokens": 512, "samples": 4, "images": 8}
+    full = step_flops(SMALL, Trainability(trains=frozenset({"vision", "connector", "llm", "head"})), **counts)
+    frozen_vision = step_flops(SMALL, Trainability(trains=frozenset({"connector", "llm", "head"})), **counts)
+    lora = step_flops(SMALL, Trainability(lora_params={"llm": 64}), **counts)
+    # activation gradients (1x forward) plus weight gradients (the matmul part; attention has none)
+    text_params = 2 * (8 * (8 + 8) + 8 * 8 + 3 * 8 * 16)
+    matmuls = 2 * text_params * 512 + 2 * 8 * 10 * 512 + (2 * (4 * 12 + 16 + 64 + 12) * 9 + 100.0) * 8
+    assert full.backward == pytest.approx(full.forward + matmuls)
+    assert frozen_vision.backward < full.backward
+    # LoRA on the language model: activation gradients through llm and head, adapters' own work
+    no_vision = step_flops(SMALL, Trainability(), tokens=512, samples=4, images=0).forward
+    assert lora.forward - full.forward == pytest.approx(2 * 64 * 512)
+    assert lora.backward == pytest.approx(no_vision + 4 * 64 * 512)
+
+
+@pytest.mark.parametrize(("name", "dtype", "expected"), [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.4), ("NVIDIA H100 PCIe", "bf16", 756.0),
+    ("NVIDIA A100-SXM4-80GB", "fp32", 19.5), ("NVIDIA H200", "fp16", 989.4), ("NVIDIA L4", "bf16", 121.0),
+    ("NVIDIA L40S", "bf16", 362.05), ("NVIDIA H100 NVL", "bf16", None), ("NVIDIA GeForce RTX 4090", "bf16", None),
+    (None, "bf16", None), ("cpu", "fp32", None),
+])
+def test_peak_table_names_only_what_it_knows(name, dtype, expected):
+    peak = peak_tflops(name, dtype)
+    assert peak.tflops == expected
+    assert peak.source.startswith("unknown") == (expected is None)
+
+
+def test_mfu_is_left_out_when_the_peak_is_unknown():
+    assert mfu(1e15, 1.0, 2, peak_tflops("NVIDIA H100 NVL", "bf16")) is None
+    assert mfu(989.4e12, 1.0, 2, peak_tflops("NVIDIA H100 80GB HBM3", "bf16")) == pytest.approx(0.5)
+
+
+def test_unknown_architectures_are_refused():
+    from types import SimpleNamespace
+
+    with pytest.raises(UnknownArchitecture, match="gpt2"):
+        shape_of(SimpleNamespace(model_type="gpt2"))
