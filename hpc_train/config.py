@@ -216,7 +216,7 @@ class ProfileConfig(_Section):
         if value is not None:
             try:
                 value.format(mode="mode", name="name")
-            except (KeyError, IndexError, ValueError):
+            except (KeyError, IndexError, ValueError, AttributeError):
                 raise ValueError(f"{value!r} may only use the placeholders {{mode}} and {{name}}") from None
         return value
 

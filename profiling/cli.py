@@ -71,7 +71,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     ranks = [read_report(p, RANK_KIND) for p in args.ranks]
-    base = json.loads(Path(args.like).read_text()) if args.like else {}
+    base = read_report(args.like) if args.like else {}
     merged = merge_reports(ranks, run=base.get("run", {}), environment=base.get("environment", {}))
     print(f"merged {len(ranks)} ranks -> {write_json(args.output, merged)}")
     return 0

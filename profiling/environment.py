@@ -38,7 +38,7 @@ def git_commit(code_dir: str | Path) -> tuple[str | None, bool | None]:
     try:
         # Tracked, not merely inside some repository (a venv under a checkout is not the code).
         git("ls-files", "--error-unmatch", "__init__.py")
-        return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no", "."))
+        return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
         return None, None
 

@@ -7,10 +7,11 @@ between runs that differ only in how they spend extra work.
 
 Backward is counted per component (vision tower, connector, language model, head):
 
-- weights trained: activation gradients (1x forward) + weight gradients (1x the matmul
-  part of forward), the usual "backward = 2x forward";
+- weights trained: activation gradients (1x forward, 2x for attention scores and values,
+  which have no weights but two operands that need gradients) + weight gradients (1x the
+  matmul part of forward): the usual "backward = 2x forward";
 - frozen but something before it trains (e.g. the language model under LoRA): activation
-  gradients only, 1x forward;
+  gradients only;
 - frozen with nothing trainable before it (a frozen vision tower): nothing;
 - LoRA adapters: 2 FLOPs per adapter parameter per token forward, 4 backward.
 
@@ -75,6 +76,8 @@ class ModelShape:
     vision_head_flops_per_image: float = 0.0
     """SigLIP's attention-pooling head, when the config keeps it (it runs though unused)."""
     connector_flops_per_image: float = 0.0
+    connector_tokens_per_image: int = 0
+    """Rows the connector's linear layers see per image (Idefics3: after pixel shuffle)."""
 
 
 def _dims(cfg: Any) -> tuple[int, int, int]:
@@ -104,8 +107,10 @@ def shape_of(config: Any) -> ModelShape:
     patches = (vision_cfg.image_size // vision_cfg.patch_size) ** 2
     scale = getattr(config, "scale_factor", None)
     if scale:  # Idefics3: pixel shuffle, then one linear to the text width per output token
-        connector = 2.0 * (v_hidden * scale * scale * hidden) * (patches // (scale * scale))
+        rows = patches // (scale * scale)
+        connector = 2.0 * (v_hidden * scale * scale * hidden) * rows
     else:  # LLaVA: a two-layer MLP on every patch
+        rows = patches
         connector = 2.0 * (v_hidden * hidden + hidden * hidden) * patches
     head = 0.0
     if getattr(vision_cfg, "vision_use_head", False):  # one probe token attends to every patch
@@ -113,7 +118,8 @@ def shape_of(config: Any) -> ModelShape:
                       + 2 * v_hidden * vision_cfg.intermediate_size) + 4.0 * v_hidden * patches
     return ModelShape(text=text, vocab=text_cfg.vocab_size, vision=vision, vision_tokens_per_image=patches,
                       patch_embed_params=vision_cfg.num_channels * vision_cfg.patch_size ** 2 * v_hidden,
-                      vision_head_flops_per_image=head, connector_flops_per_image=connector)
+                      vision_head_flops_per_image=head, connector_flops_per_image=connector,
+                      connector_tokens_per_image=rows)
 
 
 @dataclass(frozen=True)
@@ -160,15 +166,17 @@ def step_flops(shape: ModelShape, trainability: Trainability, *, tokens: int, sa
         weights["vision"] = (2.0 * (shape.vision.matmul_params() + shape.patch_embed_params) * per_image
                              + shape.vision_head_flops_per_image) * images
         forward["vision"] = weights["vision"] + shape.vision.attention_flops_per_token(per_image) * per_image * images
-    work_items = {"vision": images * shape.vision_tokens_per_image, "connector": images * shape.vision_tokens_per_image,
-                  "llm": tokens, "head": tokens}
+    work_items = {"vision": images * shape.vision_tokens_per_image,
+                  "connector": images * shape.connector_tokens_per_image, "llm": tokens, "head": tokens}
     lora_forward = {c: 2.0 * trainability.lora_params.get(c, 0) * work_items[c] for c in COMPONENTS}
     backward = 0.0
     for index, component in enumerate(COMPONENTS):
         # Gradients must pass through this component when it, or anything fed into it, trains.
         upstream = COMPONENTS[:index + 1]
         if any(c in trainability.trains or trainability.lora_params.get(c, 0) for c in upstream):
-            backward += forward[component]  # activation gradients
+            # activation gradients: 1x the forward, and once more for attention, whose two
+            # operands (scores and values) both need gradients
+            backward += forward[component] + (forward[component] - weights[component])
         if component in trainability.trains:
             backward += weights[component]
         backward += 2.0 * lora_forward[component]

@@ -9,6 +9,7 @@ recomputation (which runs in backward) is not counted twice.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -23,6 +24,11 @@ from profiling.report import build_rank_report, flops_section
 from profiling.timers import PhaseTimer
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def host_name() -> str:
+    """The node's name as the scheduler knows it (SLURM), else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 class Profiler:
@@ -119,6 +125,6 @@ class Profiler:
                 "epochs": sorted(self._epochs.values(), key=lambda e: e["epoch"])}
         return build_rank_report(
             records, warmup_excluded=self.timer.warmup_excluded, rank=self.rank, local_rank=self.local_rank,
-            world_size=self.world_size, host=socket.gethostname(), device=str(self.device),
+            world_size=self.world_size, host=host_name(), device=str(self.device),
             device_name=device_name, workload=self.workload, memory=peak_memory(self.device), flops=flops,
             wall_s=wall, first_step=first_step)

@@ -118,11 +118,16 @@ def merge_reports(ranks: Sequence[Mapping[str, Any]], *, run: Mapping[str, Any],
     series = [r["series"]["step_ms"] for r in ranks]
     length = min(len(s) for s in series)
     step_ms = summarize(max(s[i] for s in series) for i in range(length)) if length else None
+    notes = []
+    if len({len(s) for s in series}) > 1:
+        notes.append(f"ranks measured different numbers of steps ({', '.join(str(len(s)) for s in series)}); "
+                     f"step_ms takes the per-step maximum over the first {length}")
     seconds = max((r["totals"]["measured_s"] for r in ranks), default=0.0)
     totals = {k: sum(r["totals"][k] for r in ranks) for k in ("samples", "tokens", "slot_tokens", "images")}
     throughput = _rates(totals, seconds)
     if throughput is not None:
-        throughput["tokens_per_s_per_device"] = throughput["tokens_per_s"] / len(ranks)
+        for key in list(throughput):
+            throughput[f"{key}_per_device"] = throughput[key] / len(ranks)
     memory = {k: _max_or_none(r["memory"].get(k) for r in ranks) for k in ranks[0]["memory"]}
     flops = dict(slowest["flops"])
     achieved = [r["flops"]["achieved_tflops_per_device"] for r in ranks]
@@ -149,6 +154,7 @@ def merge_reports(ranks: Sequence[Mapping[str, Any]], *, run: Mapping[str, Any],
         "memory": memory,
         "flops": flops,
         "wall_s": dict(ranks[0]["wall_s"]),
+        "notes": notes,
         "slowest_rank": {
             "rank": slowest["rank"], "host": slowest["host"],
             "step_ms_mean": slowest["step_ms"]["mean"] if slowest["step_ms"] else None,
@@ -177,7 +183,7 @@ _REQUIRED: dict[str, dict[str, Any]] = {
     RANK_KIND: {**_COMMON, "rank": int, "local_rank": int, "world_size": int, "host": str, "device": str,
                 "device_name": str, "totals": dict, "series": dict},
     REPORT_KIND: {**_COMMON, "created_utc": str, "run": dict, "environment": dict, "slowest_rank": dict,
-                  "per_rank": list},
+                  "per_rank": list, "notes": list},
 }
 
 
@@ -214,7 +220,16 @@ def validate(report: Any, kind: str | None = None, *, source: str = "report") ->
                 raise ReportError(f"{source}: {name}.{stat} is missing or not a number")
     if found == REPORT_KIND:
         for i, rank in enumerate(report["per_rank"]):
-            validate({**rank, "series": {}}, RANK_KIND, source=f"{source}: per_rank[{i}]")
+            validate({**rank, "series": {"step_ms": []}}, RANK_KIND, source=f"{source}: per_rank[{i}]")
+    else:
+        for key in ("samples", "tokens", "slot_tokens", "images", "measured_s"):
+            if not isinstance(report["totals"].get(key), _NUM):
+                raise ReportError(f"{source}: totals.{key} is missing or not a number")
+        steps = report["series"].get("step_ms")
+        if not isinstance(steps, list) or not all(isinstance(v, _NUM) for v in steps):
+            raise ReportError(f"{source}: series.step_ms must be a list of numbers")
+        if not isinstance(report["flops"].get("achieved_tflops_per_device", 0), (*_NUM, type(None))):
+            raise ReportError(f"{source}: flops.achieved_tflops_per_device is not a number")
     return report
 
 

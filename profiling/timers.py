@@ -70,8 +70,9 @@ class PhaseTimer:
         return self.all_records[self.warmup_excluded:]
 
     def restart_clock(self) -> None:
-        """The next step starts now (call before the first step, after setup)."""
+        """The next step starts now; phases of a step that was abandoned (a skipped batch) are dropped."""
         self._step_started = time.perf_counter()
+        self._events = []
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:

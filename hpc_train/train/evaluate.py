@@ -90,13 +90,14 @@ def evaluate_loss(model: Any, dataset: SampleDataset, collate: Collator, info: D
             with timer.phase("forward"):
                 logits = model(**{k: v for k, v in model_inputs(batch).items() if k != "labels"},
                                use_cache=False).logits
-            timer.step_done(samples=len(batch["sample_ids"]), tokens=batch["num_real_tokens"],
-                            slot_tokens=batch["num_slots"])
             per_token = _token_losses(logits, batch["labels"])
             real = [c for s, c in zip(items, counted, strict=True) if isinstance(s, EncodedSample)]
             weights = torch.tensor(real, dtype=per_token.dtype, device=per_token.device)[:, None]
             valid = (batch["labels"][:, 1:] != -100).to(per_token.dtype) * weights
             loss_sum += float((per_token * valid).sum())
+            # the float() above waited for the GPU: the step's wall time includes its work
+            timer.step_done(samples=len(batch["sample_ids"]), tokens=batch["num_real_tokens"],
+                            slot_tokens=batch["num_slots"])
             tokens += int(valid.sum())
             samples += int(sum(real))
     loss_sum, tokens, samples = all_reduce_sum([loss_sum, tokens, samples])

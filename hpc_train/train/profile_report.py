@@ -6,6 +6,7 @@ even when nodes share no filesystem.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,23 +67,42 @@ def describe_run(config: RunConfig, info: DistInfo, *, zero_stage: int | None, p
     }
 
 
+def rank_file(config: RunConfig, rank: int) -> Path:
+    return Path(config.output_dir) / PROFILE_DIR / f"rank{rank}.json"
+
+
+def write_rank_profile(profiler: Profiler, config: RunConfig, info: DistInfo, *, dtype: torch.dtype,
+                       first_step: int = 1) -> dict[str, Any]:
+    """This rank's report to ``profile/rank<k>.json`` on its own node (no collectives: also
+    safe on the way out of a crash); returns it."""
+    mine = profiler.rank_report(dtype=dtype, first_step=first_step)
+    write_json(rank_file(config, info.rank), mine)
+    return mine
+
+
 def write_profile(profiler: Profiler, config: RunConfig, info: DistInfo, run: dict[str, Any], *,
                   dtype: torch.dtype, first_step: int = 1) -> Path | None:
-    """Every rank's report to rank 0, which writes them and the merged report; its path on
-    rank 0, ``None`` elsewhere."""
-    mine = profiler.rank_report(dtype=dtype, first_step=first_step)
+    """Each rank writes its report; rank 0 also gathers them all and writes the merged one.
+    Returns the merged report's path on rank 0 (``None`` elsewhere, or when it failed)."""
+    mine = write_rank_profile(profiler, config, info, dtype=dtype, first_step=first_step)
     everyone: list[Any] = [mine]
     if dist.is_initialized() and info.world_size > 1:
         everyone = [None] * info.world_size if info.is_main else []
         dist.gather_object(mine, everyone if info.is_main else None, dst=0)
     if not info.is_main:
         return None
-    folder = Path(config.output_dir) / PROFILE_DIR
-    for report in everyone:
-        write_json(folder / f"rank{report['rank']}.json", report)
-    environment = collect_environment(profiler.device, Path(hpc_train.__file__).parent)
-    merged = merge_reports(everyone, run=run, environment=environment)
-    path = write_json(folder / "report.json", merged)
-    if config.profile.copy_to:
-        write_json(Path(config.profile.copy_to.format(mode=config.train.mode, name=config.name)), merged)
+    # A report that cannot be written must not fail a finished run, nor leave the other
+    # ranks waiting at the next barrier: say so and go on.
+    try:
+        for report in everyone:  # nodes without a shared filesystem: rank 0 keeps them all
+            if not rank_file(config, report["rank"]).is_file():
+                write_json(rank_file(config, report["rank"]), report)
+        environment = collect_environment(profiler.device, Path(hpc_train.__file__).parent)
+        merged = merge_reports(everyone, run=run, environment=environment)
+        path = write_json(Path(config.output_dir) / PROFILE_DIR / "report.json", merged)
+        if config.profile.copy_to:
+            write_json(Path(config.profile.copy_to.format(mode=config.train.mode, name=config.name)), merged)
+    except (OSError, ValueError) as exc:
+        print(f"warning: the profiling report was not written: {exc}", file=sys.stderr, flush=True)
+        return None
     return path

@@ -50,7 +50,14 @@ from hpc_train.train.engine import build_optimizer, resolve_ds_config, zero_stag
 from hpc_train.train.evaluate import EvalResult, evaluate_generation, evaluate_loss, to_device
 from hpc_train.train.metrics import MetricsLogger
 from hpc_train.train.model_setup import LoadedModel, load_training_model
-from hpc_train.train.profile_report import describe_run, trainability, vision_tower, write_profile
+from hpc_train.train.profile_report import (
+    describe_run,
+    rank_file,
+    trainability,
+    vision_tower,
+    write_profile,
+    write_rank_profile,
+)
 from hpc_train.train.schedule import build_scheduler, lr_multiplier
 from hpc_train.train.timing import NoTimer, StepTimer
 from profiling.profiler import Profiler
@@ -488,6 +495,18 @@ class Trainer:
                 self._say(f"profile -> {path} (hpc-profile show {path})")
         barrier()
 
+    def save_rank_profile(self) -> None:
+        """This rank's report only, without collectives: for the way out of a failed run."""
+        if self.profiler is None:
+            return
+        try:
+            path = rank_file(self.config, self.info.rank)
+            write_rank_profile(self.profiler, self.config, self.info, dtype=self.loaded.dtype,
+                               first_step=self._first_step)
+            print(f"rank {self.info.rank}: profile of the steps so far -> {path}", file=sys.stderr, flush=True)
+        except Exception as exc:  # the original error matters more than this one
+            print(f"rank {self.info.rank}: no profile written ({exc})", file=sys.stderr, flush=True)
+
     # -- helpers -------------------------------------------------------------------------
 
     def _say(self, text: str) -> None:
@@ -584,10 +603,14 @@ def run(config: RunConfig, *, evaluate_only: bool = False) -> int:
         config = config.model_copy(update={"train": config.train.model_copy(update={"mode": "baseline"})})
     trainer = Trainer(config)
     trainer.setup()
-    status = trainer.train()
-    if status == 0:
-        trainer.export()
-        trainer.evaluate()
+    try:
+        status = trainer.train()
+        if status == 0:
+            trainer.export()
+            trainer.evaluate()
+    except BaseException:
+        trainer.save_rank_profile()  # what was measured up to the failure (hpc-profile merge)
+        raise
     trainer.finish()
     return status
 

@@ -81,15 +81,27 @@ def test_backward_follows_what_trains():
     full = step_flops(SMALL, Trainability(trains=frozenset({"vision", "connector", "llm", "head"})), **counts)
     frozen_vision = step_flops(SMALL, Trainability(trains=frozenset({"connector", "llm", "head"})), **counts)
     lora = step_flops(SMALL, Trainability(lora_params={"llm": 64}), **counts)
-    # activation gradients (1x forward) plus weight gradients (the matmul part; attention has none)
+    # activation gradients (1x forward, 2x for attention: scores and values both need them)
+    # plus weight gradients (the matmul part)
     text_params = 2 * (8 * (8 + 8) + 8 * 8 + 3 * 8 * 16)
     matmuls = 2 * text_params * 512 + 2 * 8 * 10 * 512 + (2 * (4 * 12 + 16 + 64 + 12) * 9 + 100.0) * 8
-    assert full.backward == pytest.approx(full.forward + matmuls)
+    attention = 4 * 2 * 8 * (512 / 4 / 2) * 512 + 4 * 1 * 4 * 9 * 9 * 8
+    assert full.backward == pytest.approx(full.forward + attention + matmuls)
     assert frozen_vision.backward < full.backward
     # LoRA on the language model: activation gradients through llm and head, adapters' own work
     no_vision = step_flops(SMALL, Trainability(), tokens=512, samples=4, images=0).forward
+    text_attention = 4 * 2 * 8 * (512 / 4 / 2) * 512
     assert lora.forward - full.forward == pytest.approx(2 * 64 * 512)
-    assert lora.backward == pytest.approx(no_vision + 4 * 64 * 512)
+    assert lora.backward == pytest.approx(no_vision + text_attention + 4 * 64 * 512)
+
+
+def test_lora_on_the_smolvlm_connector_counts_its_pixel_shuffled_rows(loaded_tiny):
+    config = loaded_tiny["smolvlm"][0].config
+    shape = shape_of(config)
+    assert shape.connector_tokens_per_image == shape.vision_tokens_per_image // config.scale_factor ** 2
+    base = step_flops(shape, Trainability(), tokens=100, samples=2, images=3)
+    adapted = step_flops(shape, Trainability(lora_params={"connector": 10}), tokens=100, samples=2, images=3)
+    assert adapted.forward - base.forward == pytest.approx(2 * 10 * 3 * shape.connector_tokens_per_image)
 
 
 @pytest.mark.parametrize(("name", "dtype", "expected"), [

@@ -77,6 +77,15 @@ def test_merge_names_the_slowest_rank_and_sums_throughput():
     validate(report, "report")
 
 
+def test_merge_notes_ranks_with_different_step_counts():
+    report = merge_reports([rank_report(0, [10.0, 12.0, 11.0]), rank_report(1, [9.0, 13.0])], run={},
+                           environment={})
+    assert report["step_ms"]["count"] == 2 and report["step_ms"]["max"] == 13.0
+    assert report["notes"] == ["ranks measured different numbers of steps (3, 2); step_ms takes the per-step "
+                               "maximum over the first 2"]
+    assert merged()["notes"] == []
+
+
 def test_merge_refuses_missing_or_mixed_ranks():
     with pytest.raises(ReportError, match=r"do not cover ranks 0..2"):
         merge_reports([rank_report(0, [1.0], world=3), rank_report(2, [1.0], world=3)], run={}, environment={})
@@ -125,6 +134,11 @@ def test_unreadable_files_get_clear_errors(tmp_path):
         read_report(other)
     with pytest.raises(ReportError, match="cannot read"):
         read_report(tmp_path / "missing.json")
+    hollow = rank_report(0, [1.0])
+    hollow["series"] = {}
+    write_json(rank, hollow)
+    with pytest.raises(ReportError, match="series.step_ms must be a list of numbers"):
+        read_report(rank, "rank")
 
 
 def report_fields(report: dict) -> set[str]:
@@ -183,4 +197,18 @@ def test_profiler_counts_images_in_forward_only_and_times_sections():
     assert report["flops"]["mfu"] is None and "described" in " ".join(report["flops"]["notes"])
     assert report["memory"]["host_peak_rss_gib"] > 0.01
     tower(torch.zeros(2, 3, 4, 4))  # the hook is gone after the report
-    assert report["totals"]["images"] == 9
+    with profiler.phase("forward"):
+        tower(torch.zeros(2, 3, 4, 4))
+    assert profiler._images == 0
+
+
+def test_a_step_that_never_closed_leaves_nothing_in_the_next():
+    profiler = Profiler(torch.device("cpu"), warmup_steps=0)
+    profiler.step_begin()
+    with profiler.phase("data_wait"):  # an evaluation batch that turned out empty: no step_done
+        pass
+    profiler.step_begin()
+    with profiler.phase("forward"):
+        pass
+    profiler.step_done(samples=1, tokens=1, slot_tokens=1)
+    assert list(profiler.timer.records[0].phases_ms) == ["forward"]
