@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from hpc_train.errors import HpcTrainError
+from hpc_train.errors import ConfigError, HpcTrainError
 
 
 def _make_data(args: argparse.Namespace) -> int:
@@ -70,7 +70,43 @@ def _show_config(args: argparse.Namespace) -> int:
             print(f"| `{key}` | `{default}` | {text} |")
         return 0
     config = load_config(args.config, args.overrides)
+    if args.get:
+        value: object = config.to_dict()
+        for part in args.get.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise ConfigError(f"--get {args.get}: no such key. Fix: see hpc-train show-config --keys")
+            value = value[part]
+        print(value if not isinstance(value, dict | list) else yaml.safe_dump(value, sort_keys=False), end="\n")
+        return 0
     print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def _topology(args: argparse.Namespace) -> int:
+    import socket
+
+    from hpc_train.dist import read_dist_env
+
+    info = read_dist_env()
+    host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    print(f"topology on {host}: {info.describe()}", flush=True)
+    if args.check:
+        import torch
+        import torch.distributed as dist
+
+        from hpc_train.dist import init_distributed
+
+        init_distributed(info, timeout_s=args.timeout)
+        total = torch.ones(1)
+        dist.all_reduce(total)
+        hosts: list[object] = [None] * info.world_size
+        dist.all_gather_object(hosts, host)
+        if int(total.item()) != info.world_size:
+            raise ConfigError(f"all_reduce over {info.world_size} ranks gave {int(total.item())}")
+        if info.is_main:
+            print(f"process group OK: {info.world_size} ranks on {len(set(hosts))} node(s): "
+                  f"{', '.join(sorted(set(map(str, hosts))))}", flush=True)
+        dist.destroy_process_group()
     return 0
 
 
@@ -120,7 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default=None, help="YAML config or shipped recipe name")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.add_argument("--keys", action="store_true", help="list every config key with its default and meaning")
+    p.add_argument("--get", metavar="KEY", help="print only this key's value (e.g. output_dir)")
     p.set_defaults(func=_show_config)
+
+    p = sub.add_parser("topology", help="print this process's rank / world / master as the launcher gave them")
+    p.add_argument("--check", action="store_true", help="also join the process group and all_reduce across it")
+    p.add_argument("--timeout", type=float, default=120, help="seconds to wait for the other ranks (--check)")
+    p.set_defaults(func=_topology)
 
     p = sub.add_parser("convert-proassist", help="convert ProAssist-style dialogs to LLaVA JSONL")
     p.add_argument("input", help="ProAssist dialogs (JSON or JSONL)")

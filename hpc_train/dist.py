@@ -1,7 +1,5 @@
-"""Who am I in the job: rank, world size, and the process group.
-
-Reads what torchrun and the DeepSpeed launcher export (RANK, LOCAL_RANK, WORLD_SIZE, ...).
-A plain ``python`` run is a world of one and needs no process group.
+"""The process group: joined from the topology the launcher gave (torchrun, the DeepSpeed
+launcher, srun or mpirun), and the few collectives the loop needs.
 """
 
 from __future__ import annotations
@@ -9,60 +7,16 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from hpc_train.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """This process's place in the job."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    local_world_size: int = 1
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
+from hpc_train.topology import DistInfo, discover
 
 
 def read_dist_env(env: Mapping[str, str] | None = None) -> DistInfo:
-    """The topology the launcher exported, checked for consistency."""
-    env = os.environ if env is None else env
-
-    def number(name: str, default: int) -> int:
-        raw = env.get(name)
-        if raw is None or raw == "":
-            return default
-        try:
-            return int(raw)
-        except ValueError:
-            raise ConfigError(f"environment variable {name}={raw!r} is not an integer. "
-                              "Fix: launch with torchrun or the DeepSpeed launcher") from None
-
-    world = number("WORLD_SIZE", 1)
-    rank = number("RANK", 0)
-    local_rank = number("LOCAL_RANK", 0)
-    local_world = number("LOCAL_WORLD_SIZE", world)
-    if not 0 <= rank < world:
-        raise ConfigError(f"RANK={rank} is outside WORLD_SIZE={world}. Fix: check the launcher's variables")
-    if not 0 <= local_rank < max(local_world, 1):
-        raise ConfigError(f"LOCAL_RANK={local_rank} is outside LOCAL_WORLD_SIZE={local_world}. "
-                          "Fix: check the launcher's variables")
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world,
-                    master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-                    master_port=number("MASTER_PORT", 29500))
+    """This process's topology, from whichever launcher started it (see :mod:`hpc_train.topology`)."""
+    return discover(env)
 
 
 def device_for(info: DistInfo) -> torch.device:
@@ -89,6 +43,9 @@ def init_distributed(info: DistInfo, *, timeout_s: float = 1800) -> None:
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    elif info.source in ("slurm", "mpi"):
+        # torch's env:// rendezvous (and DeepSpeed's) reads these; srun and mpirun do not set them.
+        os.environ.update(info.as_env())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
 

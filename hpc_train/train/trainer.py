@@ -91,6 +91,7 @@ class Trainer:
     def setup(self) -> None:
         cfg, info = self.config, self.info
         init_distributed(info)
+        self._say(f"topology: {info.describe()}")
         torch.manual_seed(cfg.train.seed + info.rank)
         self.device = device_for(info)
         self.training = cfg.train.mode != "baseline"
@@ -278,9 +279,12 @@ class Trainer:
                                      grad_accum=cfg.train.grad_accum)
             collate = self.collate
         workers = cfg.data.num_workers
+        # A generator of its own: creating the loader's iterator draws a seed, and drawing it
+        # from the global RNG would shift every later dropout mask of a resumed run.
         loader = DataLoader(self.train_set, batch_sampler=planned, collate_fn=collate,
                             num_workers=workers, persistent_workers=workers > 0,
-                            worker_init_fn=_ignore_stop_signals if workers else None)
+                            worker_init_fn=_ignore_stop_signals if workers else None,
+                            generator=torch.Generator().manual_seed(cfg.train.seed + self.info.rank))
         while True:
             planned.position = (state.epoch, state.micro_index)
             for batch in loader:

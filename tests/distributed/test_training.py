@@ -131,10 +131,11 @@ def test_lora_and_qlora_train_adapters_only(tmp_path, train_args, mode):
 def test_signal_checkpoints_requeues_and_resume_reproduces_losses(tmp_path, train_args):
     steps = "train.max_steps=14"
     reference = tmp_path / "reference"
-    ok(run_hpc_train("train", *train_args("smolvlm", reference, steps, "eval.generate=false",
+    # LoRA with dropout: the resumed run must draw the very same dropout masks
+    ok(run_hpc_train("train", *train_args("smolvlm", reference, steps, "eval.generate=false", "train.mode=lora",
                                           "lora.dropout=0.1")))
     out = tmp_path / "interrupted"
-    args = train_args("smolvlm", out, steps, "eval.generate=false", "lora.dropout=0.1")
+    args = train_args("smolvlm", out, steps, "eval.generate=false", "train.mode=lora", "lora.dropout=0.1")
     import psutil
 
     proc = subprocess.Popen(hpc_train_cmd("train", *args), env=child_env(), stdout=subprocess.PIPE,

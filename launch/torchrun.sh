@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One torchrun per node, under srun: c10d rendezvous on the job's first node.
+#
+#   srun --ntasks-per-node=1 launch/torchrun.sh train CONFIG [key=value ...]
+#
+# Any hpc-train command works (`train`, `eval`, `topology --check`). Outside SLURM it runs
+# a single node. Environment (each with a default):
+#   NPROC_PER_NODE  processes on this node (default: GPUs SLURM gave the node, else 1)
+#   MASTER_PORT     rendezvous port (default 20000 + job id % 20000: jobs sharing a node differ)
+#   RDZV_HOST       rendezvous host (default: the first host of the job)
+#   MAX_RESTARTS    torchrun restarts of failed workers (default 0: a failed rank fails the job)
+#
+# SIGUSR1 / SIGTERM reach this script (srun forwards them); it passes them to the training
+# processes themselves, which checkpoint at the next step boundary. (torchrun would end its
+# workers on SIGTERM without that chance, and dies on SIGUSR1.)
+set -euo pipefail
+
+gpus_on_node() {
+  if [[ -n ${SLURM_GPUS_ON_NODE:-} ]]; then echo "$SLURM_GPUS_ON_NODE"
+  elif [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .
+  else echo 0; fi
+}
+
+nodes=${SLURM_NNODES:-1}
+node_rank=${SLURM_NODEID:-0}
+if [[ -n ${SLURM_JOB_NODELIST:-} ]]; then
+  first_host=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+else
+  first_host=127.0.0.1
+fi
+rdzv_host=${RDZV_HOST:-$first_host}
+port=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-9500} % 20000))}
+nproc=${NPROC_PER_NODE:-$(gpus_on_node)}
+((nproc > 0)) || nproc=1
+node_name=${SLURMD_NODENAME:-$(hostname -s)}
+
+echo "[torchrun.sh] node $node_rank of $nodes ($node_name): $nproc process(es), c10d rendezvous" \
+     "$rdzv_host:$port, id ${SLURM_JOB_ID:-local}, command: $*"
+
+python -m torch.distributed.run --nnodes="$nodes" --nproc_per_node="$nproc" \
+  --rdzv_backend=c10d --rdzv_endpoint="$rdzv_host:$port" --rdzv_id="${SLURM_JOB_ID:-local}" \
+  --max_restarts="${MAX_RESTARTS:-0}" -m hpc_train "$@" &
+agent=$!
+
+forward() { pkill "-$1" -P "$agent" 2>/dev/null || true; }
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+
+status=0
+while :; do
+  wait "$agent" && status=0 || status=$?
+  kill -0 "$agent" 2>/dev/null || break  # wait returned for a signal, not because torchrun ended
+done
+exit "$status"

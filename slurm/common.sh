@@ -1,0 +1,115 @@
+# Shared by slurm/baseline.slurm, lora.slurm and qlora.slurm (sourced, not run).
+#
+# Every tunable is an environment variable with a default; set it on the sbatch line
+# (`CONFIG=my.yaml sbatch slurm/lora.slurm`) or export it before. Config overrides are
+# the arguments after the template: `sbatch -N 2 slurm/lora.slurm train.lr=1e-4 data.train=x.jsonl`.
+#
+#   CONFIG           recipe name or YAML file (each template sets its own default)
+#   OUTPUT_DIR       where the run writes (default: the config's output_dir,
+#                    results/training/<mode> in the shipped recipes)
+#   LAUNCHER         torchrun (one per node, c10d rendezvous) | deepspeed (deepspeed
+#                    --launcher slurm) | srun (one task per process)     (default torchrun)
+#   NPROC_PER_NODE   processes per node (default: the GPUs SLURM gave the node, else 1)
+#   MASTER_PORT      rendezvous port (default 20000 + job id % 20000)
+#   HPC_TRAIN_ROOT   the hpc-train checkout (default: the directory sbatch was run from)
+#   VENV             virtualenv to activate (default $HPC_TRAIN_ROOT/.venv when it exists)
+#   OMP_NUM_THREADS  CPU threads per process (default: CPUs per task / processes per node)
+#   NCCL_DEBUG       NCCL's log level (default WARN; INFO to debug a hang)
+#   NCCL_SOCKET_IFNAME, NCCL_IB_DISABLE, NCCL_IB_HCA
+#                    unset by default; set them to your cluster's network (e.g. ib0 / eth0)
+#   TORCH_NCCL_ASYNC_ERROR_HANDLING  (default 1) a dead rank ends the others instead of hanging them
+#
+# Preemption: the templates ask for SIGUSR1 some minutes before the time limit
+# (--signal=B:USR1@...). This script passes it on to the training processes, which save a
+# checkpoint at the next step boundary and exit; the job then requeues itself
+# (`scontrol requeue`) and, when it runs again, resumes from that checkpoint.
+
+set -euo pipefail
+
+hpc_log() { echo "[$(date +%H:%M:%S)] [hpc-train] $*"; }
+
+HPC_TRAIN_ROOT=${HPC_TRAIN_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
+cd "$HPC_TRAIN_ROOT"
+if [[ ! -f launch/torchrun.sh ]]; then
+  echo "[hpc-train] error: $HPC_TRAIN_ROOT is not an hpc-train checkout. Fix: run sbatch from the" \
+       "checkout, or set HPC_TRAIN_ROOT=/path/to/hpc-train" >&2
+  exit 2
+fi
+VENV=${VENV:-$HPC_TRAIN_ROOT/.venv}
+if [[ -f $VENV/bin/activate ]]; then
+  # shellcheck disable=SC1091
+  . "$VENV/bin/activate"
+fi
+command -v python >/dev/null || { echo "[hpc-train] error: no python on PATH. Fix: set VENV" >&2; exit 2; }
+
+LAUNCHER=${LAUNCHER:-torchrun}
+if [[ -z ${NPROC_PER_NODE:-} ]]; then
+  NPROC_PER_NODE=${SLURM_GPUS_ON_NODE:-0}
+  ((NPROC_PER_NODE > 0)) || NPROC_PER_NODE=1
+fi
+export NPROC_PER_NODE
+export MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-9500} % 20000))}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-$NPROC_PER_NODE} / NPROC_PER_NODE > 0 ? ${SLURM_CPUS_PER_TASK:-$NPROC_PER_NODE} / NPROC_PER_NODE : 1 ))}
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
+export PYTHONUNBUFFERED=1
+
+OVERRIDES=("$@")
+[[ -n ${OUTPUT_DIR:-} ]] && OVERRIDES+=("output_dir=$OUTPUT_DIR")
+# Resolving the config here fails fast, with the config's own message, before any rank starts.
+OUTPUT_DIR=$(python -m hpc_train show-config "$CONFIG" "${OVERRIDES[@]}" --get output_dir) || {
+  echo "[hpc-train] error: the config does not resolve (message above); nothing was launched" >&2
+  exit 2
+}
+MODE=$(python -m hpc_train show-config "$CONFIG" "${OVERRIDES[@]}" --get train.mode)
+mkdir -p "$OUTPUT_DIR"
+
+hosts=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | paste -sd, -)
+hpc_log "job ${SLURM_JOB_ID:-?} (${SLURM_JOB_NAME:-?}), restart ${SLURM_RESTART_COUNT:-0}: $MODE, config $CONFIG"
+hpc_log "nodes ${SLURM_NNODES:-1} ($hosts) x $NPROC_PER_NODE process(es), launcher $LAUNCHER," \
+        "master port $MASTER_PORT, OMP_NUM_THREADS $OMP_NUM_THREADS"
+hpc_log "output $OUTPUT_DIR; overrides: ${OVERRIDES[*]:-(none)}"
+
+signalled=""
+forward_signal() {  # the batch shell got $1: pass it to the ranks, keep waiting for them
+  signalled=$1
+  hpc_log "got SIG$1: asking the ranks to checkpoint and stop"
+  [[ -n ${launched:-} ]] && kill "-$1" "$launched" 2>/dev/null || true
+}
+trap 'forward_signal USR1' USR1
+trap 'forward_signal TERM' TERM
+
+case $LAUNCHER in
+  torchrun)
+    srun --ntasks-per-node=1 --kill-on-bad-exit=1 launch/torchrun.sh train "$CONFIG" "${OVERRIDES[@]}" & ;;
+  deepspeed)
+    launch/deepspeed.sh train "$CONFIG" "${OVERRIDES[@]}" & ;;
+  srun)
+    srun --ntasks-per-node="$NPROC_PER_NODE" --kill-on-bad-exit=1 \
+      python -m hpc_train train "$CONFIG" "${OVERRIDES[@]}" & ;;
+  *)
+    echo "[hpc-train] error: LAUNCHER=$LAUNCHER; use torchrun, deepspeed or srun" >&2; exit 2 ;;
+esac
+launched=$!
+
+status=0
+while :; do
+  wait "$launched" && status=0 || status=$?
+  kill -0 "$launched" 2>/dev/null || break  # a trapped signal interrupted wait; the ranks still run
+done
+
+if [[ $signalled == USR1 && -f $OUTPUT_DIR/requeue.json ]]; then
+  hpc_log "checkpoint saved ($(cat "$OUTPUT_DIR/requeue.json")); requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+if ((status != 0)); then
+  hpc_log "failed with exit status $status (see the ranks' messages above)"
+  exit "$status"
+fi
+report=$OUTPUT_DIR/profile/report.json
+hpc_log "done: $OUTPUT_DIR"
+[[ -f $report ]] && python -m profiling.cli show "$report"
+exit 0

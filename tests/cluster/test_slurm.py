@@ -1,0 +1,157 @@
+"""The shipped SLURM templates against a real SLURM: 2 nodes, CPU ranks (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hpc_train.train.metrics import read_metrics
+from profiling.report import read_report
+
+from .conftest import ROOT, job_state, log_of, processes_of_job, sbatch, wait_for_job, wait_until
+
+TEMPLATES = ("baseline", "lora", "qlora")
+
+
+@pytest.fixture(scope="module")
+def job_args(tiny_model_dirs, synthetic_data):
+    """Config overrides that point a template at the tiny model and the synthetic data."""
+
+    def make(out: Path, *extra: str) -> list[str]:
+        return [f"model.path={tiny_model_dirs['smolvlm']}", "model.preset=null", "model.dtype=fp32",
+                f"data.train={synthetic_data / 'train.jsonl'}", f"data.eval={synthetic_data / 'eval.jsonl'}",
+                f"data.media_root={synthetic_data / 'media'}", "data.num_workers=0", "data.max_seq_len=512",
+                "train.micro_batch_size=4", "train.grad_accum=1", "train.max_steps=12", "train.log_every=1",
+                "eval.max_samples=8", "eval.batch_size=4", "eval.generate=false", f"output_dir={out}",
+                f"profile.copy_to={out.parent / 'results' / 'profiling' / '{mode}_profiling.json'}", *extra]
+
+    return make
+
+
+def ok_job(cluster, *args: str, extra_env: dict[str, str] | None = None) -> tuple[str, dict[str, str]]:
+    submitted = sbatch(cluster, "--parsable", *args, extra_env=extra_env)
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip().split(";")[0]
+    state = wait_for_job(cluster, job)
+    return job, state
+
+
+@pytest.fixture(scope="module")
+def template_runs(cluster, job_args, tmp_path_factory):
+    """Each template once on 2 nodes. baseline: a CPU-only allocation (no GPUs) with plain
+    srun; lora: the template as shipped (one fake GPU per node → one rank per node, torchrun);
+    qlora: the DeepSpeed launcher."""
+    runs = {}
+    how = {"baseline": (["--gpus-per-node=0"], {"LAUNCHER": "srun"}),
+           "lora": ([], {}),
+           "qlora": ([], {"LAUNCHER": "deepspeed"})}
+    for mode in TEMPLATES:
+        root = tmp_path_factory.mktemp(f"slurm_{mode}")
+        options, env = how[mode]
+        log = ROOT / "logs" if mode == "baseline" else root
+        output = [] if mode == "baseline" else [f"--output={root}/%x-%j.out"]
+        job, state = ok_job(cluster, "-N", "2", *options, *output, f"slurm/{mode}.slurm",
+                            *job_args(root / "out"), extra_env=env)
+        path = log / f"hpc-{mode}-{job}.out"
+        runs[mode] = {"job": job, "state": state, "out": root / "out", "root": root, "log": log_of(path)}
+        if mode == "baseline":
+            path.unlink(missing_ok=True)  # the template's own logs/ folder: leave the checkout clean
+    return runs
+
+
+@pytest.mark.parametrize("mode", TEMPLATES)
+def test_template_completes_on_two_nodes(template_runs, mode):
+    run = template_runs[mode]
+    assert run["state"]["JobState"] == "COMPLETED" and run["state"]["ExitCode"] == "0:0", run["log"][-6000:]
+    assert run["state"]["NumNodes"] == "2"
+    report = read_report(run["out"] / "profile" / "report.json")
+    assert report["environment"]["hosts"] == ["slnode1", "slnode2"]
+    assert report["run"]["world_size"] == 2 and report["run"]["nodes"] == 2 and report["run"]["mode"] == mode
+    assert report["environment"]["slurm_job_id"] == run["job"]
+    assert read_report(run["root"] / "results" / "profiling" / f"{mode}_profiling.json") == report
+    assert "nodes 2 (slnode1,slnode2)" in run["log"]
+    evaluated = json.loads((run["out"] / "eval_results.json").read_text())
+    assert evaluated["samples"] == 8
+    if mode == "baseline":
+        assert report["workload"] == "evaluation" and not (run["out"] / "metrics.jsonl").exists()
+        assert "from slurm" in run["log"]  # plain srun: ranks from SLURM_PROCID / SLURM_NTASKS
+    else:
+        rows = [r for r in read_metrics(run["out"] / "metrics.jsonl") if "loss" in r]
+        assert [r["step"] for r in rows] == list(range(1, 13))
+        assert (run["out"] / "adapter" / "adapter_model.safetensors").is_file()
+    if mode == "lora":
+        assert "[torchrun.sh] node 0 of 2" in run["log"] and "[torchrun.sh] node 1 of 2" in run["log"]
+    if mode == "qlora":
+        assert "[deepspeed.sh] 2 node(s) (slnode1 slnode2)" in run["log"]
+
+
+def test_test_only_accepts_every_template(cluster):
+    for mode in TEMPLATES:
+        checked = sbatch(cluster, "--test-only", "-N", "2", f"slurm/{mode}.slurm")
+        assert checked.returncode == 0, checked.stderr
+        assert "to start at" in checked.stderr
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["-N", "3"], "More processors requested than permitted"),
+    (["--gpus-per-node=8"], "Requested node configuration is not available"),
+])
+def test_impossible_resources_fail_with_slurms_own_message(cluster, options, message):
+    refused = sbatch(cluster, *options, "slurm/qlora.slurm")
+    assert refused.returncode != 0 and refused.stdout == ""
+    assert f"sbatch: error: Batch job submission failed: {message}" in refused.stderr
+    checked = sbatch(cluster, "--test-only", *options, "slurm/qlora.slurm")
+    assert checked.returncode != 0 and "allocation failure" in checked.stderr
+
+
+def test_preempted_job_checkpoints_requeues_and_matches_the_uninterrupted_run(cluster, job_args, template_runs,
+                                                                               tmp_path):
+    out = tmp_path / "out"
+    submitted = sbatch(cluster, "--parsable", "-N", "2", f"--output={tmp_path}/%x-%j.out", "slurm/lora.slurm",
+                       *job_args(out))
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip()
+    wait_until(lambda: (out / "metrics.jsonl").is_file() and read_metrics(out / "metrics.jsonl"), 300,
+               "the first logged step")
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=cluster, check=True, timeout=30)
+    state = wait_for_job(cluster, job)
+    log = log_of(tmp_path / f"hpc-lora-{job}.out")
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", log[-6000:]
+    assert "got SIGUSR1" in log and "requeueing job" in log and "resumed from" in log
+    resumed_at = int(log.split("resumed from")[1].split(" at step ")[1].split()[0])
+    assert 1 <= resumed_at < 12  # it really stopped part-way
+    final = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r][-1]
+    reference = [r["loss"] for r in read_metrics(template_runs["lora"]["out"] / "metrics.jsonl") if "loss" in r]
+    assert final == pytest.approx(reference[-1], rel=1e-5)
+
+
+def test_a_rank_that_dies_fails_the_job_without_a_hang(cluster, job_args, tmp_path):
+    out = tmp_path / "out"
+    submitted = sbatch(cluster, "--parsable", "-N", "2", f"--output={tmp_path}/%x-%j.out", "slurm/lora.slurm",
+                       *job_args(out, "train.max_steps=100000"))
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip()
+    wait_until(lambda: (out / "metrics.jsonl").is_file() and read_metrics(out / "metrics.jsonl"), 300,
+               "the first logged step")
+    victims = processes_of_job(job, "slnode2")
+    assert len(victims) == 1, victims
+    os.kill(victims[0], signal.SIGKILL)
+    state = wait_for_job(cluster, job, timeout=180)
+    log = log_of(tmp_path / f"hpc-lora-{job}.out")
+    assert state["JobState"] == "FAILED" and state["ExitCode"] != "0:0", log[-4000:]
+    assert "failed with exit status" in log
+    assert job_state(cluster, job)["Restarts"] == "0"  # a crash is not a preemption: no requeue
+
+
+def test_our_nodelist_reading_matches_scontrol(cluster):
+    from hpc_train.topology import expand_nodelist
+
+    for nodelist in ("slnode[1-2]", "node[01-03,7],gpu5", "rack[1-2]-n[8-9]"):
+        expanded = subprocess.run(["scontrol", "show", "hostnames", nodelist], env=cluster, capture_output=True,
+                                  text=True, timeout=30, check=True).stdout.split()
+        assert expand_nodelist(nodelist) == expanded

@@ -1,0 +1,77 @@
+"""Topology discovery from each launcher's variables, and the errors when they disagree."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpc_train.errors import ConfigError
+from hpc_train.topology import DistInfo, discover, expand_nodelist
+
+STEP = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SLURM_NNODES": "2", "SLURM_STEP_NUM_NODES": "2"}
+
+
+def slurm_step(procid: int, ntasks: int, per_node: str, nodeid: int, localid: int) -> dict[str, str]:
+    return {**STEP, "SLURM_PROCID": str(procid), "SLURM_NTASKS": str(ntasks), "SLURM_STEP_NUM_TASKS": str(ntasks),
+            "SLURM_STEP_TASKS_PER_NODE": per_node, "SLURM_NODEID": str(nodeid), "SLURM_LOCALID": str(localid)}
+
+
+def test_nothing_is_a_world_of_one():
+    assert discover({}) == DistInfo()
+
+
+def test_srun_tasks_read_slurm():
+    info = discover(slurm_step(3, 4, "2(x2)", 1, 1), hostnames=expand_nodelist)
+    assert (info.rank, info.world_size, info.local_rank, info.local_world_size) == (3, 4, 1, 2)
+    assert (info.node_rank, info.num_nodes, info.source) == (1, 2, "slurm")
+    assert (info.master_addr, info.master_port) == ("gpu07", 20000 + 4242)
+    assert discover({**slurm_step(0, 4, "2(x2)", 0, 0), "MASTER_PORT": "1234"},
+                    hostnames=expand_nodelist).master_port == 1234
+
+
+def test_a_batch_script_is_not_a_task():
+    batch = {k: v for k, v in slurm_step(0, 4, "2(x2)", 0, 0).items() if k != "SLURM_STEP_ID"}
+    assert discover(batch).source == "single"
+
+
+def test_torchrun_inside_srun_believes_torchrun():
+    env = {**slurm_step(1, 2, "1(x2)", 1, 0), "TORCHELASTIC_RUN_ID": "4242", "RANK": "5", "LOCAL_RANK": "1",
+           "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1", "MASTER_ADDR": "gpu07",
+           "MASTER_PORT": "29400"}
+    info = discover(env)
+    assert (info.rank, info.local_rank, info.world_size, info.node_rank, info.num_nodes) == (5, 1, 8, 1, 2)
+    assert info.source == "torchrun" and info.as_env()["GROUP_RANK"] == "1"
+
+
+def test_launchers_that_disagree_are_an_error():
+    env = {**slurm_step(0, 2, "1(x2)", 0, 0), "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "gpu07"}
+    with pytest.raises(ConfigError, match=r"env says RANK=1 of WORLD_SIZE=2, slurm says SLURM_PROCID=0 of "
+                                          r"SLURM_STEP_NUM_TASKS=2.*one launcher"):
+        discover(env)
+    # srun around an MPI launch counts different processes: nothing to compare
+    mpi = {**slurm_step(0, 2, "1(x2)", 0, 0), "OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4"}
+    info = discover(mpi, mpi=lambda: DistInfo(rank=3, world_size=4, local_world_size=2, source="mpi"))
+    assert info.rank == 3 and info.source == "mpi"
+    clash = {**slurm_step(0, 4, "2(x2)", 0, 0), "OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4"}
+    with pytest.raises(ConfigError, match="mpi says OMPI_COMM_WORLD_RANK=3 of OMPI_COMM_WORLD_SIZE=4, slurm says"):
+        discover(clash, mpi=lambda: DistInfo(rank=3, world_size=4, local_world_size=2, source="mpi"))
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"RANK": "0"}, "WORLD_SIZE is not set while RANK is"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "rank 2 is outside world size 2"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "2"}, "local rank 3 is outside"),
+    ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x' is not an integer"),
+])
+def test_bad_variables_name_themselves(env, message):
+    with pytest.raises(ConfigError, match=message):
+        discover(env)
+
+
+@pytest.mark.parametrize(("nodelist", "hosts"), [
+    ("gpu5", ["gpu5"]),
+    ("node[01-03,7],gpu5", ["node01", "node02", "node03", "node7", "gpu5"]),
+    ("rack[1-2]-n[8-9]", ["rack1-n8", "rack1-n9", "rack2-n8", "rack2-n9"]),
+])
+def test_nodelists_expand_like_scontrol(nodelist, hosts):
+    assert expand_nodelist(nodelist) == hosts
