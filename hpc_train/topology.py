@@ -110,18 +110,29 @@ def discover(env: Mapping[str, str] | None = None, *,
         info = _from_torch_env(e, "torchrun")
     elif e.has("RANK") or e.has("WORLD_SIZE"):
         info = _from_torch_env(e, "env")
-    elif "mpi" in readings:
+    elif "mpi" in readings and not _same(readings.get("slurm"), readings["mpi"]):
         info = (mpi or _mpi_topology)()
+        said = readings["mpi"]
+        if (info.rank, info.world_size) != (said.rank, said.world_size):
+            raise ConfigError(
+                f"mpi4py sees rank {info.rank} of {info.world_size}, but the MPI launcher says {said.names}: "
+                "mpi4py was built against another MPI than the one that started this job. Fix: load your "
+                "MPI, then `pip install --force-reinstall --no-binary mpi4py mpi4py`")
         if "MASTER_ADDR" in e.env or "MASTER_PORT" in e.env:
             info = _replace(info, master_addr=e.get("MASTER_ADDR", info.master_addr),
                             master_port=e.int("MASTER_PORT", info.master_port))
     elif "slurm" in readings:
+        # also srun's own PMI variables (MpiDefault=pmi2): the step says it all, no MPI needed
         info = _from_slurm(e, hostnames or slurm_hostnames)
     else:
         info = DistInfo()
     _check_agreement(info, readings)
     _check_ranges(info)
     return info
+
+
+def _same(a: _Reading | None, b: _Reading) -> bool:
+    return a is not None and (a.rank, a.world_size) == (b.rank, b.world_size)
 
 
 def _readings(e: _Env) -> dict[str, _Reading]:
@@ -269,22 +280,22 @@ def _replace(info: DistInfo, **changes: object) -> DistInfo:
 
 
 def _check_agreement(info: DistInfo, readings: Mapping[str, _Reading]) -> None:
-    chosen = readings.get(info.source)
-    others = [r for r in readings.values() if r.source != info.source]
-    if chosen is None and info.source in ("torchrun", "single"):
-        return
-    for other in others:
-        # Launchers nested at different levels (srun around mpirun, say) count different
-        # processes; only two views of the same processes can contradict each other.
-        size = chosen.world_size if chosen else info.world_size
-        rank = chosen.rank if chosen else info.rank
-        if other.world_size == size and other.rank != rank:
-            said = chosen.names if chosen else f"rank {rank} of {size}"
-            raise ConfigError(
-                f"the launchers disagree about this process: {info.source} says {said}, {other.source} says "
-                f"{other.names}. Fix: start each process once, with one launcher (e.g. `srun python -m "
-                f"hpc_train ...`, or `srun --ntasks-per-node=1 launch/torchrun.sh ...`, or `mpirun ...`), "
-                "and do not export RANK / WORLD_SIZE into the job by hand")
+    env, slurm = readings.get("env"), readings.get("slurm")
+    if info.source == "env" and env is not None:
+        # Each srun task is one process: an explicit environment inside a step describes the
+        # same processes (a launcher that starts several per task would set more, not fewer).
+        for other in (slurm, readings.get("mpi")):
+            if other is None:
+                continue
+            if (other.world_size == env.world_size and other.rank != env.rank) or (
+                    other.source == "slurm" and env.world_size < other.world_size):
+                raise ConfigError(
+                    f"the launchers disagree about this process: the environment says {env.names}, "
+                    f"{other.source} says {other.names}. Fix: start each process once, with one launcher "
+                    "(e.g. `srun python -m hpc_train ...`, `srun --ntasks-per-node=1 launch/torchrun.sh ...`, "
+                    "or `mpirun ...`), and do not export RANK / WORLD_SIZE into the job by hand")
+    # MPI beside a SLURM step is not compared: mpirun's daemons run as a step of their own,
+    # so its ranks inherit the daemon's SLURM_PROCID (a node index), not a rank.
 
 
 def _check_ranges(info: DistInfo) -> None:

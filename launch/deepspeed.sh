@@ -12,7 +12,8 @@ set -euo pipefail
 mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 nproc=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
 ((nproc > 0)) || nproc=1
-export MASTER_ADDR=${hosts[0]}
+cpus=$(( ${SLURM_CPUS_PER_TASK:-$nproc} / nproc > 0 ? ${SLURM_CPUS_PER_TASK:-$nproc} / nproc : 1 ))
+export MASTER_ADDR=${MASTER_ADDR:-${hosts[0]}}
 export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 hostfile=${TMPDIR:-/tmp}/hpc-train-hostfile-$SLURM_JOB_ID
 : >"$hostfile"
@@ -23,5 +24,5 @@ echo "[deepspeed.sh] ${#hosts[@]} node(s) (${hosts[*]}) x $nproc process(es), ma
      "hostfile $hostfile, command: $*"
 # srun's own options: one task per slot on every node, and a failed rank ends the step.
 exec deepspeed --hostfile "$hostfile" --launcher slurm --no_ssh_check \
-  --launcher_args "--ntasks-per-node=$nproc --kill-on-bad-exit=1" \
+  --launcher_args "--nodes=${#hosts[@]} --ntasks-per-node=$nproc --cpus-per-task=$cpus --kill-on-bad-exit=1" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$main" "$@"

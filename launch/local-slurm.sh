@@ -35,7 +35,7 @@ alive() {  # alive PIDFILE: the process in PIDFILE runs, is ours, and is not a z
   [[ -f $1 ]] || return 1
   pid=$(cat "$1" 2>/dev/null) || return 1
   [[ -n $pid && -d /proc/$pid ]] || return 1
-  grep -q "$BASE" "/proc/$pid/cmdline" 2>/dev/null || return 1
+  grep -qF "$BASE" "/proc/$pid/cmdline" 2>/dev/null || return 1
   [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]]
 }
 
@@ -48,13 +48,13 @@ install_packages() {
   command -v apt-get >/dev/null || die "missing ${missing[*]}; install the packages ${PACKAGES[*]} (or your distribution's slurm and munge)"
   say "installing ${PACKAGES[*]}"
   # The packages' scripts would start system-wide daemons; a policy-rc.d that says no keeps them off.
-  local policy=/usr/sbin/policy-rc.d made_policy=0
+  local policy=/usr/sbin/policy-rc.d
   if [[ ! -e $policy ]]; then
-    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && made_policy=1
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy"
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT  # also when the install fails: never leave it behind
   fi
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
-  ((made_policy)) && rm -f "$policy"
   return 0
 }
 
@@ -160,6 +160,12 @@ start() {
     return 0
   fi
   install_packages
+  # Root runs what slurm.conf says: a base another user could write to would be theirs to command.
+  if [[ -e $BASE ]]; then
+    [[ $(stat -c %u "$BASE") == 0 && ! -L $BASE ]] || die "$BASE exists and is not root's own folder; remove it or set LOCAL_SLURM_BASE"
+    [[ $(( 0$(stat -c %a "$BASE") & 022 )) == 0 ]] || die "$BASE is writable by others; remove it or set LOCAL_SLURM_BASE"
+  fi
+  mkdir -p -m 755 "$BASE"
   mkdir -p "$BASE"/{etc,run,log,state/ctld,munge}
   chmod 700 "$BASE/munge"
   for ((i = 1; i <= nodes; i++)); do mkdir -p "$BASE/state/slurmd-$PREFIX$i"; done
@@ -180,8 +186,9 @@ start() {
   # Daemons get no terminal and no inherited pipes: a caller capturing output must not hang.
   slurmctld -f "$SLURM_CONF" </dev/null >>"$BASE/log/slurmctld.out" 2>&1
   for ((i = 1; i <= nodes; i++)); do
-    alive "$BASE/run/slurmd-$PREFIX$i.pid" \
-      || slurmd -f "$SLURM_CONF" -N "$PREFIX$i" </dev/null >>"$BASE/log/slurmd.out" 2>&1
+    # a node daemon left from an earlier start would keep the earlier configuration
+    if alive "$BASE/run/slurmd-$PREFIX$i.pid"; then kill "$(cat "$BASE/run/slurmd-$PREFIX$i.pid")"; sleep 1; fi
+    slurmd -f "$SLURM_CONF" -N "$PREFIX$i" </dev/null >>"$BASE/log/slurmd.out" 2>&1
   done
   wait_idle "$nodes"
   say "up: $nodes nodes ($PREFIX[1-$nodes]) x $cpus CPUs$( ((gpus)) && echo " x $gpus fake GPUs"), partition debug"

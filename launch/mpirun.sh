@@ -27,4 +27,4 @@ fi
 extra=(${MPIRUN_ARGS:-})
 
 echo "[mpirun.sh] $np rank(s) via $("$mpirun" --version 2>&1 | head -n 1), command: $*"
-exec "$mpirun" "${args[@]}" "${extra[@]}" python -m hpc_train "$@"
+exec "$mpirun" "${args[@]}" ${extra[@]+"${extra[@]}"} python -m hpc_train "$@"

@@ -37,12 +37,15 @@ node_name=${SLURMD_NODENAME:-$(hostname -s)}
 echo "[torchrun.sh] node $node_rank of $nodes ($node_name): $nproc process(es), c10d rendezvous" \
      "$rdzv_host:$port, id ${SLURM_JOB_ID:-local}, command: $*"
 
-python -m torch.distributed.run --nnodes="$nodes" --nproc_per_node="$nproc" \
+# SLURM delivers a step's signals to every process in it, torchrun's agent included, and
+# torchrun dies of SIGUSR1: it must ignore it (its workers install their own handler).
+(trap '' USR1; exec python -m torch.distributed.run --nnodes="$nodes" --nproc_per_node="$nproc" \
   --rdzv_backend=c10d --rdzv_endpoint="$rdzv_host:$port" --rdzv_id="${SLURM_JOB_ID:-local}" \
-  --max_restarts="${MAX_RESTARTS:-0}" -m hpc_train "$@" &
+  --max_restarts="${MAX_RESTARTS:-0}" -m hpc_train "$@") &
 agent=$!
 
-forward() { pkill "-$1" -P "$agent" 2>/dev/null || true; }
+stopping=""
+forward() { stopping=$1; pkill "-$1" -P "$agent" 2>/dev/null || true; }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 
@@ -51,4 +54,11 @@ while :; do
   wait "$agent" && status=0 || status=$?
   kill -0 "$agent" 2>/dev/null || break  # wait returned for a signal, not because torchrun ended
 done
+if [[ $stopping == USR1 && $status != 0 ]]; then
+  # The workers stopped on request (torchrun reports that as a failure). Exiting 0 keeps
+  # srun from tearing down other nodes that may still be finishing the same checkpoint;
+  # the batch script decides from the requeue marker.
+  echo "[torchrun.sh] node $node_rank: workers stopped after SIGUSR1 (torchrun status $status)"
+  exit 0
+fi
 exit "$status"

@@ -23,6 +23,8 @@
 # (--signal=B:USR1@...). This script passes it on to the training processes, which save a
 # checkpoint at the next step boundary and exit; the job then requeues itself
 # (`scontrol requeue`) and, when it runs again, resumes from that checkpoint.
+# OUTPUT_DIR must be on a filesystem every node sees (checkpoints are written by all ranks
+# and renamed by rank 0), as cluster home / project / scratch filesystems are.
 
 set -euo pipefail
 
@@ -58,50 +60,67 @@ export PYTHONUNBUFFERED=1
 
 OVERRIDES=("$@")
 [[ -n ${OUTPUT_DIR:-} ]] && OVERRIDES+=("output_dir=$OUTPUT_DIR")
+# ${a[@]+"${a[@]}"}: an empty "${a[@]}" is an error under set -u in bash < 4.4 (RHEL 7).
 # Resolving the config here fails fast, with the config's own message, before any rank starts.
-OUTPUT_DIR=$(python -m hpc_train show-config "$CONFIG" "${OVERRIDES[@]}" --get output_dir) || {
+OUTPUT_DIR=$(python -m hpc_train show-config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} --get output_dir) || {
   echo "[hpc-train] error: the config does not resolve (message above); nothing was launched" >&2
   exit 2
 }
-MODE=$(python -m hpc_train show-config "$CONFIG" "${OVERRIDES[@]}" --get train.mode)
+MODE=$(python -m hpc_train show-config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} --get train.mode)
 mkdir -p "$OUTPUT_DIR"
 
+NODES=${SLURM_NNODES:-1}
+CPUS=()  # srun's --cpus-per-task, when the job asked for one
+[[ -n ${SLURM_CPUS_PER_TASK:-} ]] && CPUS=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+SPLIT=()  # the same CPUs shared by NPROC_PER_NODE tasks
+[[ -n ${SLURM_CPUS_PER_TASK:-} ]] && SPLIT=(--cpus-per-task=$((SLURM_CPUS_PER_TASK / NPROC_PER_NODE > 0 ? SLURM_CPUS_PER_TASK / NPROC_PER_NODE : 1)))
 hosts=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | paste -sd, -)
 hpc_log "job ${SLURM_JOB_ID:-?} (${SLURM_JOB_NAME:-?}), restart ${SLURM_RESTART_COUNT:-0}: $MODE, config $CONFIG"
-hpc_log "nodes ${SLURM_NNODES:-1} ($hosts) x $NPROC_PER_NODE process(es), launcher $LAUNCHER," \
+hpc_log "nodes $NODES ($hosts) x $NPROC_PER_NODE process(es), launcher $LAUNCHER," \
         "master port $MASTER_PORT, OMP_NUM_THREADS $OMP_NUM_THREADS"
 hpc_log "output $OUTPUT_DIR; overrides: ${OVERRIDES[*]:-(none)}"
 
 signalled=""
+launched=""
 forward_signal() {  # the batch shell got $1: pass it to the ranks, keep waiting for them
   signalled=$1
   hpc_log "got SIG$1: asking the ranks to checkpoint and stop"
-  [[ -n ${launched:-} ]] && kill "-$1" "$launched" 2>/dev/null || true
+  # Every job step's processes, whatever started them (torchrun, srun, DeepSpeed's
+  # launcher); not this batch shell.
+  [[ -n $launched ]] && { scancel --signal="$1" "$SLURM_JOB_ID" 2>/dev/null || kill "-$1" "$launched" 2>/dev/null || true; }
 }
 trap 'forward_signal USR1' USR1
 trap 'forward_signal TERM' TERM
 
+# srun is given every count explicitly: a step inherits SLURM_NTASKS from the batch job,
+# and (Slurm >= 22.05) not its --cpus-per-task.
 case $LAUNCHER in
   torchrun)
-    srun --ntasks-per-node=1 --kill-on-bad-exit=1 launch/torchrun.sh train "$CONFIG" "${OVERRIDES[@]}" & ;;
+    srun --nodes="$NODES" --ntasks="$NODES" --ntasks-per-node=1 ${CPUS[@]+"${CPUS[@]}"} \
+      --kill-on-bad-exit=1 launch/torchrun.sh train "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} & ;;
   deepspeed)
-    launch/deepspeed.sh train "$CONFIG" "${OVERRIDES[@]}" & ;;
+    launch/deepspeed.sh train "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} & ;;
   srun)
-    srun --ntasks-per-node="$NPROC_PER_NODE" --kill-on-bad-exit=1 \
-      python -m hpc_train train "$CONFIG" "${OVERRIDES[@]}" & ;;
+    srun --nodes="$NODES" --ntasks=$((NODES * NPROC_PER_NODE)) --ntasks-per-node="$NPROC_PER_NODE" \
+      ${SPLIT[@]+"${SPLIT[@]}"} --kill-on-bad-exit=1 python -m hpc_train train "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} & ;;
   *)
     echo "[hpc-train] error: LAUNCHER=$LAUNCHER; use torchrun, deepspeed or srun" >&2; exit 2 ;;
 esac
 launched=$!
+[[ -n $signalled ]] && forward_signal "$signalled"  # it came while the config was being read
 
-status=0
-while :; do
-  wait "$launched" && status=0 || status=$?
-  kill -0 "$launched" 2>/dev/null || break  # a trapped signal interrupted wait; the ranks still run
+while kill -0 "$launched" 2>/dev/null; do
+  wait "$launched" || true  # returns early when a trapped signal arrives
 done
+status=0
+wait "$launched" || status=$?
 
-if [[ $signalled == USR1 && -f $OUTPUT_DIR/requeue.json ]]; then
-  hpc_log "checkpoint saved ($(cat "$OUTPUT_DIR/requeue.json")); requeueing job $SLURM_JOB_ID"
+if [[ $signalled == USR1 ]] && { [[ -f $OUTPUT_DIR/requeue.json ]] || ((status != 0)); }; then
+  if [[ -f $OUTPUT_DIR/requeue.json ]]; then
+    hpc_log "checkpoint saved ($(cat "$OUTPUT_DIR/requeue.json")); requeueing job $SLURM_JOB_ID"
+  else  # stopped before a checkpoint could be written (e.g. still loading): start again
+    hpc_log "stopped before a checkpoint (status $status); requeueing job $SLURM_JOB_ID to start again"
+  fi
   scontrol requeue "$SLURM_JOB_ID"
   exit 0
 fi

@@ -394,6 +394,9 @@ class Trainer:
                 marker = {"signal": name, "step": state.step, "checkpoint": str(path),
                           "exit_code": REQUEUE_EXIT_CODE}
                 (self.output / REQUEUE_MARKER).write_text(json.dumps(marker))
+            # No rank exits before the marker exists: a launcher that ends the job when one
+            # task exits (srun --kill-on-bad-exit) must not stop rank 0 before it writes it.
+            barrier()
             self._say(f"signal {name}: checkpoint {path} saved at step {state.step}; exiting with "
                       f"{REQUEUE_EXIT_CODE} so the job can be requeued")
             return REQUEUE_EXIT_CODE

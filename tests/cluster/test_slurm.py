@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,13 +44,13 @@ def ok_job(cluster, *args: str, extra_env: dict[str, str] | None = None) -> tupl
 
 @pytest.fixture(scope="module")
 def template_runs(cluster, job_args, tmp_path_factory):
-    """Each template once on 2 nodes. baseline: a CPU-only allocation (no GPUs) with plain
-    srun; lora: the template as shipped (one fake GPU per node → one rank per node, torchrun);
-    qlora: the DeepSpeed launcher."""
+    """Each template once on 2 nodes. baseline: a CPU-only allocation (no GPUs), plain srun
+    with 2 tasks per node; lora: the template as shipped (one fake GPU per node, one rank per
+    node, torchrun); qlora: the DeepSpeed launcher on 2 GPUs per node (4 ranks)."""
     runs = {}
-    how = {"baseline": (["--gpus-per-node=0"], {"LAUNCHER": "srun"}),
+    how = {"baseline": (["--gpus-per-node=0"], {"LAUNCHER": "srun", "NPROC_PER_NODE": "2"}),
            "lora": ([], {}),
-           "qlora": ([], {"LAUNCHER": "deepspeed"})}
+           "qlora": (["--gpus-per-node=2"], {"LAUNCHER": "deepspeed"})}
     for mode in TEMPLATES:
         root = tmp_path_factory.mktemp(f"slurm_{mode}")
         options, env = how[mode]
@@ -71,7 +72,9 @@ def test_template_completes_on_two_nodes(template_runs, mode):
     assert run["state"]["NumNodes"] == "2"
     report = read_report(run["out"] / "profile" / "report.json")
     assert report["environment"]["hosts"] == ["slnode1", "slnode2"]
-    assert report["run"]["world_size"] == 2 and report["run"]["nodes"] == 2 and report["run"]["mode"] == mode
+    ranks = 2 if mode == "lora" else 4
+    assert report["run"]["world_size"] == ranks and report["run"]["nodes"] == 2 and report["run"]["mode"] == mode
+    assert sorted(r["host"] for r in report["per_rank"]) == sorted(["slnode1", "slnode2"] * (ranks // 2))
     assert report["environment"]["slurm_job_id"] == run["job"]
     assert read_report(run["root"] / "results" / "profiling" / f"{mode}_profiling.json") == report
     assert "nodes 2 (slnode1,slnode2)" in run["log"]
@@ -87,7 +90,7 @@ def test_template_completes_on_two_nodes(template_runs, mode):
     if mode == "lora":
         assert "[torchrun.sh] node 0 of 2" in run["log"] and "[torchrun.sh] node 1 of 2" in run["log"]
     if mode == "qlora":
-        assert "[deepspeed.sh] 2 node(s) (slnode1 slnode2)" in run["log"]
+        assert "[deepspeed.sh] 2 node(s) (slnode1 slnode2) x 2 process(es)" in run["log"]
 
 
 def test_test_only_accepts_every_template(cluster):
@@ -109,11 +112,12 @@ def test_impossible_resources_fail_with_slurms_own_message(cluster, options, mes
     assert checked.returncode != 0 and "allocation failure" in checked.stderr
 
 
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_preempted_job_checkpoints_requeues_and_matches_the_uninterrupted_run(cluster, job_args, template_runs,
-                                                                               tmp_path):
+                                                                               tmp_path, launcher):
     out = tmp_path / "out"
     submitted = sbatch(cluster, "--parsable", "-N", "2", f"--output={tmp_path}/%x-%j.out", "slurm/lora.slurm",
-                       *job_args(out))
+                       *job_args(out), extra_env={"LAUNCHER": launcher})
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.strip()
     wait_until(lambda: (out / "metrics.jsonl").is_file() and read_metrics(out / "metrics.jsonl"), 300,
@@ -123,6 +127,7 @@ def test_preempted_job_checkpoints_requeues_and_matches_the_uninterrupted_run(cl
     log = log_of(tmp_path / f"hpc-lora-{job}.out")
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", log[-6000:]
     assert "got SIGUSR1" in log and "requeueing job" in log and "resumed from" in log
+    assert "checkpoint saved" in log and "exit code 138" not in log  # nothing died of the signal itself
     resumed_at = int(log.split("resumed from")[1].split(" at step ")[1].split()[0])
     assert 1 <= resumed_at < 12  # it really stopped part-way
     final = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r][-1]
@@ -155,3 +160,16 @@ def test_our_nodelist_reading_matches_scontrol(cluster):
         expanded = subprocess.run(["scontrol", "show", "hostnames", nodelist], env=cluster, capture_output=True,
                                   text=True, timeout=30, check=True).stdout.split()
         assert expand_nodelist(nodelist) == expanded
+
+
+def test_topology_check_across_nodes_and_a_hand_exported_rank(cluster):
+    checked = subprocess.run(["srun", "-N", "2", "--ntasks-per-node=1", sys.executable, "-m", "hpc_train", "topology",
+                              "--check"], env=cluster, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    assert "process group OK: 2 ranks on 2 node(s): slnode1, slnode2" in checked.stdout
+    assert "topology on slnode2: rank 1/2 (local 0/1, node 1/2)" in checked.stdout
+    exported = subprocess.run(["srun", "-N", "2", "--ntasks-per-node=1", "--export=ALL,RANK=0,WORLD_SIZE=1",
+                               sys.executable, "-m", "hpc_train", "topology"], env=cluster, cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+    assert exported.returncode != 0
+    assert "the environment says RANK=0 of WORLD_SIZE=1, slurm says SLURM_PROCID=1" in exported.stderr

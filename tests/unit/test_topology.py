@@ -45,16 +45,27 @@ def test_torchrun_inside_srun_believes_torchrun():
 
 def test_launchers_that_disagree_are_an_error():
     env = {**slurm_step(0, 2, "1(x2)", 0, 0), "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "gpu07"}
-    with pytest.raises(ConfigError, match=r"env says RANK=1 of WORLD_SIZE=2, slurm says SLURM_PROCID=0 of "
-                                          r"SLURM_STEP_NUM_TASKS=2.*one launcher"):
+    with pytest.raises(ConfigError, match=r"the environment says RANK=1 of WORLD_SIZE=2, slurm says SLURM_PROCID=0 "
+                                          r"of SLURM_STEP_NUM_TASKS=2.*one launcher"):
         discover(env)
-    # srun around an MPI launch counts different processes: nothing to compare
-    mpi = {**slurm_step(0, 2, "1(x2)", 0, 0), "OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4"}
-    info = discover(mpi, mpi=lambda: DistInfo(rank=3, world_size=4, local_world_size=2, source="mpi"))
-    assert info.rank == 3 and info.source == "mpi"
-    clash = {**slurm_step(0, 4, "2(x2)", 0, 0), "OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4"}
-    with pytest.raises(ConfigError, match="mpi says OMPI_COMM_WORLD_RANK=3 of OMPI_COMM_WORLD_SIZE=4, slurm says"):
-        discover(clash, mpi=lambda: DistInfo(rank=3, world_size=4, local_world_size=2, source="mpi"))
+    # RANK=0 WORLD_SIZE=1 exported into a 2-task step: every task would train alone as rank 0
+    alone = {**slurm_step(1, 2, "1(x2)", 1, 0), "RANK": "0", "WORLD_SIZE": "1"}
+    with pytest.raises(ConfigError, match="the environment says RANK=0 of WORLD_SIZE=1, slurm says SLURM_PROCID=1"):
+        discover(alone)
+
+
+def test_mpi_inside_slurm():
+    # mpirun in a batch job: its ranks inherit the daemon step's SLURM_PROCID (a node index)
+    nested = {**slurm_step(0, 2, "1(x2)", 0, 0), "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"}
+    info = discover(nested, mpi=lambda: DistInfo(rank=1, world_size=2, local_world_size=2, source="mpi"))
+    assert (info.rank, info.source) == (1, "mpi")
+    # srun with MpiDefault=pmi2 sets PMI_RANK = SLURM_PROCID: the step says it all, no mpi4py
+    pmi = {**slurm_step(3, 4, "2(x2)", 1, 1), "PMI_RANK": "3", "PMI_SIZE": "4"}
+    assert discover(pmi, hostnames=expand_nodelist).source == "slurm"
+    # an mpi4py built for another MPI starts every rank as a singleton: refuse, do not train alone
+    with pytest.raises(ConfigError, match="mpi4py sees rank 0 of 1, but the MPI launcher says "
+                                          "OMPI_COMM_WORLD_RANK=1 of OMPI_COMM_WORLD_SIZE=2"):
+        discover({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"}, mpi=lambda: DistInfo(source="mpi"))
 
 
 @pytest.mark.parametrize(("env", "message"), [
