@@ -71,12 +71,13 @@ def _show_config(args: argparse.Namespace) -> int:
         return 0
     config = load_config(args.config, args.overrides)
     if args.get:
-        value: object = config.to_dict()
-        for part in args.get.split("."):
-            if not isinstance(value, dict) or part not in value:
-                raise ConfigError(f"--get {args.get}: no such key. Fix: see hpc-train show-config --keys")
-            value = value[part]
-        print(value if not isinstance(value, dict | list) else yaml.safe_dump(value, sort_keys=False), end="\n")
+        for key in args.get:  # one line each, in the order asked
+            value: object = config.to_dict()
+            for part in key.split("."):
+                if not isinstance(value, dict) or part not in value:
+                    raise ConfigError(f"--get {key}: no such key. Fix: see hpc-train show-config --keys")
+                value = value[part]
+            print(value if not isinstance(value, dict | list) else yaml.safe_dump(value, sort_keys=False), end="\n")
         return 0
     print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
     return 0
@@ -157,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default=None, help="YAML config or shipped recipe name")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.add_argument("--keys", action="store_true", help="list every config key with its default and meaning")
-    p.add_argument("--get", metavar="KEY", help="print only this key's value (e.g. output_dir)")
+    p.add_argument("--get", metavar="KEY", action="append",
+                   help="print only this key's value (e.g. output_dir); repeat for several, one per line")
     p.set_defaults(func=_show_config)
 
     p = sub.add_parser("topology", help="print this process's rank / world / master as the launcher gave them")

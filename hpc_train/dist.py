@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
-from hpc_train.topology import DistInfo, discover
+from hpc_train.topology import DistInfo, discover, free_port
 
 
 def read_dist_env(env: Mapping[str, str] | None = None) -> DistInfo:
@@ -42,20 +42,12 @@ def init_distributed(info: DistInfo, *, timeout_s: float = 1800) -> None:
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     elif info.source in ("slurm", "mpi"):
         # torch's env:// rendezvous (and DeepSpeed's) reads these; srun and mpirun do not set them.
         os.environ.update(info.as_env())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def barrier() -> None:

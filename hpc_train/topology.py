@@ -25,7 +25,7 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hpc_train.errors import ConfigError
 
@@ -119,7 +119,7 @@ def discover(env: Mapping[str, str] | None = None, *,
                 "mpi4py was built against another MPI than the one that started this job. Fix: load your "
                 "MPI, then `pip install --force-reinstall --no-binary mpi4py mpi4py`")
         if "MASTER_ADDR" in e.env or "MASTER_PORT" in e.env:
-            info = _replace(info, master_addr=e.get("MASTER_ADDR", info.master_addr),
+            info = replace(info, master_addr=e.get("MASTER_ADDR", info.master_addr),
                             master_port=e.int("MASTER_PORT", info.master_port))
     elif "slurm" in readings:
         # also srun's own PMI variables (MpiDefault=pmi2): the step says it all, no MPI needed
@@ -259,7 +259,7 @@ def _mpi_topology() -> DistInfo:
     host = socket.gethostname()
     hosts = world.allgather(host)
     order = list(dict.fromkeys(hosts))  # nodes numbered in the order of their first rank
-    master = world.bcast((host, _free_port()) if world.Get_rank() == 0 else None, root=0)
+    master = world.bcast((host, free_port()) if world.Get_rank() == 0 else None, root=0)
     info = DistInfo(rank=world.Get_rank(), local_rank=local.Get_rank(), world_size=world.Get_size(),
                     local_world_size=local.Get_size(), master_addr=master[0], master_port=master[1],
                     node_rank=order.index(host), num_nodes=len(order), source="mpi")
@@ -267,16 +267,11 @@ def _mpi_topology() -> DistInfo:
     return info
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a rendezvous this process will host)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))
         return int(sock.getsockname()[1])
-
-
-def _replace(info: DistInfo, **changes: object) -> DistInfo:
-    from dataclasses import replace
-
-    return replace(info, **changes)
 
 
 def _check_agreement(info: DistInfo, readings: Mapping[str, _Reading]) -> None:

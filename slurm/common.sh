@@ -62,11 +62,13 @@ OVERRIDES=("$@")
 [[ -n ${OUTPUT_DIR:-} ]] && OVERRIDES+=("output_dir=$OUTPUT_DIR")
 # ${a[@]+"${a[@]}"}: an empty "${a[@]}" is an error under set -u in bash < 4.4 (RHEL 7).
 # Resolving the config here fails fast, with the config's own message, before any rank starts.
-OUTPUT_DIR=$(python -m hpc_train show-config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} --get output_dir) || {
+resolved=$(python -m hpc_train show-config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} \
+  --get output_dir --get train.mode) || {
   echo "[hpc-train] error: the config does not resolve (message above); nothing was launched" >&2
   exit 2
 }
-MODE=$(python -m hpc_train show-config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} --get train.mode)
+OUTPUT_DIR=${resolved%%$'\n'*}
+MODE=${resolved#*$'\n'}
 mkdir -p "$OUTPUT_DIR"
 
 NODES=${SLURM_NNODES:-1}

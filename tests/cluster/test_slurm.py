@@ -112,16 +112,21 @@ def test_impossible_resources_fail_with_slurms_own_message(cluster, options, mes
     assert checked.returncode != 0 and "allocation failure" in checked.stderr
 
 
+def start_training(cluster, tmp_path: Path, out: Path, args: list[str], env: dict[str, str] | None = None) -> str:
+    """Submit the lora template on 2 nodes; its job id once the first step is logged."""
+    submitted = sbatch(cluster, "--parsable", "-N", "2", f"--output={tmp_path}/%x-%j.out", "slurm/lora.slurm",
+                       *args, extra_env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    wait_until(lambda: (out / "metrics.jsonl").is_file() and read_metrics(out / "metrics.jsonl"), 300,
+               "the first logged step")
+    return submitted.stdout.strip()
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_preempted_job_checkpoints_requeues_and_matches_the_uninterrupted_run(cluster, job_args, template_runs,
                                                                                tmp_path, launcher):
     out = tmp_path / "out"
-    submitted = sbatch(cluster, "--parsable", "-N", "2", f"--output={tmp_path}/%x-%j.out", "slurm/lora.slurm",
-                       *job_args(out), extra_env={"LAUNCHER": launcher})
-    assert submitted.returncode == 0, submitted.stderr
-    job = submitted.stdout.strip()
-    wait_until(lambda: (out / "metrics.jsonl").is_file() and read_metrics(out / "metrics.jsonl"), 300,
-               "the first logged step")
+    job = start_training(cluster, tmp_path, out, job_args(out), {"LAUNCHER": launcher})
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=cluster, check=True, timeout=30)
     state = wait_for_job(cluster, job)
     log = log_of(tmp_path / f"hpc-lora-{job}.out")
@@ -137,12 +142,7 @@ def test_preempted_job_checkpoints_requeues_and_matches_the_uninterrupted_run(cl
 
 def test_a_rank_that_dies_fails_the_job_without_a_hang(cluster, job_args, tmp_path):
     out = tmp_path / "out"
-    submitted = sbatch(cluster, "--parsable", "-N", "2", f"--output={tmp_path}/%x-%j.out", "slurm/lora.slurm",
-                       *job_args(out, "train.max_steps=100000"))
-    assert submitted.returncode == 0, submitted.stderr
-    job = submitted.stdout.strip()
-    wait_until(lambda: (out / "metrics.jsonl").is_file() and read_metrics(out / "metrics.jsonl"), 300,
-               "the first logged step")
+    job = start_training(cluster, tmp_path, out, job_args(out, "train.max_steps=100000"))
     victims = processes_of_job(job, "slnode2")
     assert len(victims) == 1, victims
     os.kill(victims[0], signal.SIGKILL)
