@@ -84,6 +84,9 @@ class Trainer:
         self.timer: StepTimer = NoTimer()
         self.output = Path(config.output_dir)
         self._signal: int | None = None
+        self._stop_agreed: int | None = None
+        """A stop signal every rank knows of (agreed in the step's all-reduce), so all stop at
+        the same step; the local ``_signal`` can arrive on one rank after that all-reduce."""
         self._first_step = 1
 
     # -- setup ---------------------------------------------------------------------------
@@ -315,7 +318,7 @@ class Trainer:
             nonfinite, anyone_empty, signalled = all_reduce_max(
                 [float(not empty and not torch.isfinite(loss)), float(empty), float(self._signal is not None)])
             if signalled:
-                self._signal = self._signal or signal.SIGUSR1
+                self._stop_agreed = self._signal or signal.SIGUSR1
             if nonfinite:
                 self._bad_micro_batch(batch["sample_ids"])
                 continue
@@ -385,9 +388,9 @@ class Trainer:
 
     def _after_step(self) -> int | None:
         cfg, state = self.config, self.state
-        if self._signal is not None:
+        if self._stop_agreed is not None:
             path = self.checkpointer.save(self.engine, state)
-            name = signal.Signals(self._signal).name
+            name = signal.Signals(self._stop_agreed).name
             if self.info.is_main:
                 # Launchers between us and the scheduler (torchrun) report their own status;
                 # this marker tells them the stop was a requested one.
