@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         make_dataset(base, SyntheticSpec(n_train=120, n_eval=1, seed=args.seed))
-        data = DataConfig(media_root=str(base / "media"), video={"num_frames": 8}, max_seq_len=args.max_seq_len)
+        data = DataConfig(video={"num_frames": 8}, max_seq_len=args.max_seq_len)
         for mix in ("text-heavy", "video-heavy"):
             records = read_records(write_mix(mix, base, args.samples, args.seed), media_root=data.media_root)
             dataset = SampleDataset(records, encoder, MediaLoader(data), data)

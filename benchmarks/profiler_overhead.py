@@ -58,7 +58,7 @@ def main() -> int:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     with tempfile.TemporaryDirectory() as tmp:
         make_dataset(tmp, SyntheticSpec(n_train=64, n_eval=8, seed=0))
-        cfg = DataConfig(media_root=str(Path(tmp) / "media"), video={"num_frames": 4})
+        cfg = DataConfig(video={"num_frames": 4})
         records = read_records(Path(tmp) / "train.jsonl", media_root=cfg.media_root)
         encoder = ChatEncoder(processor, get_family(family))
         dataset = SampleDataset(records, encoder, MediaLoader(cfg), cfg)

@@ -1,4 +1,5 @@
-"""The ``hpc-train`` command: make-data, make-tiny, check-data, show-config, convert-proassist."""
+"""The ``hpc-train`` command: train, eval, demo, doctor, make-data, make-tiny, check-data, show-config,
+convert-proassist, topology."""
 
 from __future__ import annotations
 
@@ -112,6 +113,31 @@ def _topology(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from hpc_train.doctor import (
+        Check,
+        RunNeeds,
+        blockers,
+        format_table,
+        needs_of_config,
+        run_checks,
+        write_json,
+    )
+
+    needs = RunNeeds(Path(args.output_dir or "."))
+    unread: list[Check] = []
+    if args.config is not None:
+        try:
+            needs = needs_of_config(args.config, args.overrides, args.output_dir)
+        except ImportError as exc:  # the config itself needs packages this environment lacks
+            unread.append(Check("config", "fail", f"{args.config}: not read", f"{exc}"))
+    checks = [*unread, *run_checks(needs, min_free_gib=args.min_free_gib)]
+    print(format_table(checks), flush=True)
+    if args.json:
+        write_json(checks, args.json)
+    return 1 if blockers(checks) else 0
+
+
 def _convert_proassist(args: argparse.Namespace) -> int:
     from hpc_train.data.proassist import convert_proassist
 
@@ -167,6 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120, help="seconds to wait for the other ranks (--check)")
     p.set_defaults(func=_topology)
 
+    p = sub.add_parser("doctor", help="check this machine before a long job (versions against the tested pins, "
+                                      "GPUs, kernels, launchers, output folder); exit 1 on a blocker")
+    p.add_argument("config", nargs="?", default=None, help="the run's config (its output_dir, mode, DeepSpeed "
+                                                           "config); without one only the machine is checked")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--output-dir", default=None, help="the folder the run writes to (default: the config's "
+                                                      "output_dir, else the current folder)")
+    p.add_argument("--min-free-gib", type=float, default=2.0, help="free disk below this is a blocker (default 2)")
+    p.add_argument("--json", default=None, help="also write the checks as JSON to this file")
+    p.set_defaults(func=_doctor)
+
     p = sub.add_parser("convert-proassist", help="convert ProAssist-style dialogs to LLaVA JSONL")
     p.add_argument("input", help="ProAssist dialogs (JSON or JSONL)")
     p.add_argument("output", help="JSONL file to write")
@@ -184,17 +221,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+def _default_accelerator() -> None:
+    if "DS_ACCELERATOR" in os.environ:
+        return
+    try:
+        import torch
+    except ImportError:  # `hpc-train doctor` says so; nothing else runs without torch
+        return
+    os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hpc_train.extensions import use_environment_extensions_dir
+
     # Never reach a model hub: every model comes from a local folder or a preset.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_gpu() else "cuda")
+    _default_accelerator()
+    use_environment_extensions_dir()
     # torch.distributed deprecation notices raised inside DeepSpeed: nothing a user can act on.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
     args = build_parser().parse_args(argv)

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from hpc_train.errors import ConfigError
 
@@ -235,6 +243,27 @@ class RunConfig(_Section):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     eval: EvalConfig = EvalConfig()
     profile: ProfileConfig = ProfileConfig()
+    _origins: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    def __eq__(self, other: object) -> bool:
+        """The same settings, wherever each was set."""
+        if not isinstance(other, RunConfig):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like every pydantic model
+
+    def origin(self, key: str) -> str | None:
+        """Where the dotted ``key`` was set: ``file:line``, ``override 'k=v'``, or ``None`` (default)."""
+        return self._origins.get(key)
+
+    def mixed_origin_note(self, key: str, other: str) -> str | None:
+        """A note naming both, when one of two settings that belong together came from the config
+        file and the other from an override (a recipe's media folder kept for an overridden dataset)."""
+        mine, theirs = self.origin(key), self.origin(other)
+        if mine is None or theirs is None or mine.startswith("override") == theirs.startswith("override"):
+            return None
+        return f"{key} was set by {mine}, but {other} by {theirs}"
 
     @model_validator(mode="after")
     def _check_preset(self) -> RunConfig:
@@ -320,14 +349,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         data = loaded
         lines = _key_lines(text)
         _check_keys(data, RunConfig, prefix="", source=source, lines=lines)
+    origins = {key: f"{source}:{line}" for key, line in lines.items()}
     for override in overrides:
         key, value = _parse_override(override)
         _check_keys(_nest(key, value), RunConfig, prefix="", source=f"override '{override}'", lines={})
         _set_dotted(data, key, value)
+        origins[key] = f"override '{override}'"
     try:
-        return RunConfig.model_validate(data)
+        config = RunConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, source, lines, overrides)) from exc
+    config._origins = origins
+    return config
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:

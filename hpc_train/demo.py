@@ -36,7 +36,7 @@ def demo_config(out: Path, *, steps: int, zero: int, family: str) -> dict:
         "output_dir": str(out / "run"),
         "model": {"family": family, "path": str(out / "model"), "dtype": "fp32"},
         "data": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl"),
-                 "media_root": str(data / "media"), "max_seq_len": 512, "num_workers": 0,
+                 "max_seq_len": 512, "num_workers": 0,
                  "cache_samples": True, "video": {"sampling": "uniform", "num_frames": 4}},
         "train": {**DEMO_TRAIN, "max_steps": steps},
         "deepspeed": {"config": f"ds_configs/zero{zero}.json"},

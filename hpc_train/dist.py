@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
+from hpc_train.extensions import skip_shared_memory_comm
 from hpc_train.topology import DistInfo, discover, free_port
 
 
@@ -47,6 +48,8 @@ def init_distributed(info: DistInfo, *, timeout_s: float = 1800) -> None:
         # torch's env:// rendezvous (and DeepSpeed's) reads these; srun and mpirun do not set them.
         os.environ.update(info.as_env())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "gloo":
+        skip_shared_memory_comm()
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 

@@ -18,6 +18,8 @@
 #   NCCL_SOCKET_IFNAME, NCCL_IB_DISABLE, NCCL_IB_HCA
 #                    unset by default; set them to your cluster's network (e.g. ib0 / eth0)
 #   TORCH_NCCL_ASYNC_ERROR_HANDLING  (default 1) a dead rank ends the others instead of hanging them
+#   DOCTOR           1 (default): `hpc-train doctor` checks this node in the batch shell before
+#                    any rank starts, and a blocker (a FAIL row) stops the job; 0 skips it
 #
 # Preemption: the templates ask for SIGUSR1 some minutes before the time limit
 # (--signal=B:USR1@...). This script passes it on to the training processes, which save a
@@ -69,6 +71,13 @@ resolved=$(python -m hpc_train show-config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES
 }
 OUTPUT_DIR=${resolved%%$'\n'*}
 MODE=${resolved#*$'\n'}
+if [[ ${DOCTOR:-1} != 0 ]]; then
+  python -m hpc_train doctor "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} --output-dir "$OUTPUT_DIR" || {
+    echo "[hpc-train] error: hpc-train doctor found a blocker on $(hostname -s) (the FAIL rows above);" \
+         "nothing was launched. Fix those, or set DOCTOR=0 to launch anyway" >&2
+    exit 2
+  }
+fi
 mkdir -p "$OUTPUT_DIR"
 
 NODES=${SLURM_NNODES:-1}

@@ -54,7 +54,7 @@ def mixed_samples(loaded_tiny: dict, synthetic_data: Path, family: str) -> list:
     from hpc_train.data.tokenize import ChatEncoder
     from hpc_train.models.families import get_family
 
-    cfg = DataConfig(media_root=str(synthetic_data / "media"), video={"num_frames": 4})
+    cfg = DataConfig(video={"num_frames": 4})
     records = read_records(synthetic_data / "train.jsonl", media_root=cfg.media_root)
     dataset = SampleDataset(records, ChatEncoder(loaded_tiny[family][1], get_family(family)),
                             MediaLoader(cfg), cfg)

@@ -15,7 +15,7 @@ from typing import Any
 
 from hpc_train.config import RunConfig
 from hpc_train.data.dataset import MediaLoader
-from hpc_train.data.mixture import read_dataset
+from hpc_train.data.mixture import read_split
 from hpc_train.data.tokenize import IGNORE_INDEX, ChatEncoder, EncodedSample
 from hpc_train.errors import ConfigError, DataError
 from hpc_train.models.load import load_processor, model_family
@@ -56,8 +56,7 @@ def audit_dataset(config: RunConfig, *, split: str = "train", limit: int | None 
     if path is None:
         raise ConfigError(f"data.{split} is not set. Fix: pass data.{split}=PATH")
     started = time.perf_counter()
-    records = read_dataset(path, media_root=config.data.media_root, ids_file=config.data.ids_file,
-                           seed=config.train.seed)
+    records = read_split(config, split)
     family = model_family(config.model)
     encoder = ChatEncoder(load_processor(config.model), family, system_prompt=config.data.system_prompt)
     media = MediaLoader(config.data)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from hpc_train.config import RunConfig
 from hpc_train.data.records import Record, RecordFile, read_id_filter
 from hpc_train.errors import DataError
 
@@ -217,8 +218,10 @@ def _resolve_entry(entry: object, k: int, line: int | None, yaml_path: Path,
 
 def read_dataset(path: str | Path, media_root: str | Path | None = None,
                  ids_file: str | Path | None = None, seed: int = 0,
-                 check_media_exists: bool = True) -> collections.abc.Sequence[Record]:
-    """Open a dataset: ``.yaml``/``.yml`` is a Mixture, anything else one RecordFile."""
+                 check_media_exists: bool = True,
+                 media_root_note: str | None = None) -> collections.abc.Sequence[Record]:
+    """Open a dataset: ``.yaml``/``.yml`` is a Mixture, anything else one RecordFile
+    (``media_root_note``: see :class:`RecordFile`)."""
     p = Path(path)
     if p.suffix.lower() in (".yaml", ".yml"):
         if media_root is not None or ids_file is not None:
@@ -227,7 +230,16 @@ def read_dataset(path: str | Path, media_root: str | Path | None = None,
                                         "mixture YAML")
         return Mixture.from_yaml(p, seed=seed, check_media_exists=check_media_exists)
     ids = read_id_filter(ids_file) if ids_file is not None else None
-    return RecordFile(p, media_root=media_root, ids=ids, check_media_exists=check_media_exists)
+    return RecordFile(p, media_root=media_root, ids=ids, check_media_exists=check_media_exists,
+                      media_root_note=media_root_note)
 
 
-__all__ = ["Mixture", "MixtureSource", "read_dataset"]
+def read_split(config: RunConfig, split: str) -> collections.abc.Sequence[Record]:
+    """The records of ``data.train`` or ``data.eval``, with the config's media root and id filter."""
+    data = config.data
+    return read_dataset(getattr(data, split), media_root=data.media_root, ids_file=data.ids_file,
+                        seed=config.train.seed,
+                        media_root_note=config.mixed_origin_note("data.media_root", f"data.{split}"))
+
+
+__all__ = ["Mixture", "MixtureSource", "read_dataset", "read_split"]

@@ -399,13 +399,17 @@ class RecordFile(collections.abc.Sequence[Record]):
     """
 
     def __init__(self, path: str | Path, media_root: str | Path | None = None,
-                 ids: set[str] | None = None, check_media_exists: bool = True) -> None:
+                 ids: set[str] | None = None, check_media_exists: bool = True,
+                 media_root_note: str | None = None) -> None:
+        """``media_root_note``: where ``media_root`` came from, when that may explain a missing
+        file (a recipe's media folder kept while the dataset was overridden)."""
         self._index = RecordIndex(path)
         self.path = self._index.path
         self.format = self._index.format
         root = Path(media_root).expanduser() if media_root is not None else self.path.parent
         self.media_root = root.absolute()
         self.check_media_exists = check_media_exists
+        self.media_root_note = media_root_note
         self.missing_ids: set[str] = set()
         if ids is not None:
             self._filter(ids)
@@ -453,7 +457,7 @@ class RecordFile(collections.abc.Sequence[Record]):
                 fix='each record must be an object like {"id": ..., "conversations": [...]}')
         rid = _record_id(obj, self._index, i)
         return _parse(obj, rid=rid, path=self.path, line=line, media_root=self.media_root,
-                      check_exists=self.check_media_exists)
+                      check_exists=self.check_media_exists, media_root_note=self.media_root_note)
 
     def location(self, i: int) -> tuple[Path, int]:
         """(file, line) of record ``i`` without parsing it."""
@@ -498,7 +502,7 @@ def _record_id(obj: dict, index: RecordIndex, i: int) -> str:
 
 
 def _parse(obj: dict, *, rid: str, path: Path, line: int, media_root: Path,
-           check_exists: bool) -> Record:
+           check_exists: bool, media_root_note: str | None = None) -> Record:
     """Validate one record object and build a Record."""
 
     def fail(problem: str, fix: str, error: type[DataError] = DataError) -> DataError:
@@ -577,6 +581,12 @@ def _parse(obj: dict, *, rid: str, path: Path, line: int, media_root: Path,
             if not full.is_absolute():
                 full = media_root / full
             if check_exists and not full.exists():
+                if media_root_note is not None:
+                    raise fail(f"{kind} file not found: {full} (media_root: {media_root}; "
+                               f"{media_root_note})",
+                               "set data.media_root to the folder this dataset's media paths are "
+                               "relative to, or data.media_root=null for the dataset file's folder",
+                               MediaError)
                 raise fail(f"{kind} file not found: {full} (media_root: "
                            f"{media_root})",
                            "check media_root (relative media paths resolve against it; "

@@ -277,7 +277,9 @@ def _text_question(rng: np.random.Generator) -> tuple[str, str]:
     return QUESTION_PITCH_AFTER.format(pitches[i]), pitches[i + 1]
 
 
-def _make_split(split: str, n: int, spec: SyntheticSpec, media: Path) -> list[dict]:
+def _make_split(split: str, n: int, spec: SyntheticSpec, out: Path) -> list[dict]:
+    """Records whose media paths are relative to ``out`` (the dataset files' folder, the default
+    ``data.media_root``)."""
     split_code = SPLITS.index(split)
     plan_rng = np.random.default_rng([spec.seed, split_code, 0])
     counts = spec.counts(n)
@@ -296,27 +298,27 @@ def _make_split(split: str, n: int, spec: SyntheticSpec, media: Path) -> list[di
         label = label_pool[kind].pop()
         rec: dict = {"id": rid, "kind": kind}
         if kind == "image":
-            rel = f"images/{rid}.png"
-            _save_png(render_image(rng, label, spec.size), media / rel)
+            rel = f"media/images/{rid}.png"
+            _save_png(render_image(rng, label, spec.size), out / rel)
             rec["image"] = rel
             convo = [_turn("human", "<image>\n" + QUESTION_COLOUR), _turn("gpt", label)]
         elif kind == "video":
-            rel = f"videos/{rid}.mp4"
-            _save_mp4(render_video(rng, label, spec.size, spec.video_frames), media / rel,
+            rel = f"media/videos/{rid}.mp4"
+            _save_mp4(render_video(rng, label, spec.size, spec.video_frames), out / rel,
                       spec.video_fps)
             rec["video"] = rel
             convo = [_turn("human", "<video>\n" + QUESTION_COLOUR), _turn("gpt", label)]
         elif kind == "audio":
-            rel = f"audio/{rid}.wav"
-            sf.write(media / rel, render_tone(rng, label), AUDIO_SAMPLE_RATE, subtype="PCM_16")
+            rel = f"media/audio/{rid}.wav"
+            sf.write(out / rel, render_tone(rng, label), AUDIO_SAMPLE_RATE, subtype="PCM_16")
             rec["audio"] = rel
             convo = [_turn("human", "<speech>\n" + QUESTION_PITCH), _turn("gpt", label)]
         elif kind == "multi_image":
             # A different first colour, so answering needs the right picture.
             first = str(rng.choice([c for c in COLOURS if c != label]))
-            rels = [f"images/{rid}_1.png", f"images/{rid}_2.png"]
+            rels = [f"media/images/{rid}_1.png", f"media/images/{rid}_2.png"]
             for colour, rel in zip((first, label), rels, strict=True):
-                _save_png(render_image(rng, colour, spec.size), media / rel)
+                _save_png(render_image(rng, colour, spec.size), out / rel)
             rec["image"] = rels
             convo = [_turn("human", "<image>\n<image>\n" + QUESTION_SECOND), _turn("gpt", label)]
             if seen[kind] % 2 == 0:  # every second one, so any split with 2+ has multi-turn data
@@ -345,8 +347,8 @@ def _readme(spec: SyntheticSpec, counts: dict[str, dict[str, int]]) -> str:
     lines = [
         "Synthetic multimodal dataset written by hpc_train.data.synthetic.make_dataset.",
         "",
-        "train.jsonl / eval.jsonl: LLaVA-style records; media paths are relative to media/",
-        "(set data.media_root to this folder's media/ directory).",
+        "train.jsonl / eval.jsonl: LLaVA-style records; media paths (media/...) are relative to",
+        "this folder, the default data.media_root: data.train=<this folder>/train.jsonl is enough.",
         "",
         f"- image: {spec.size}x{spec.size} PNG of one ball; '<image>\\n{QUESTION_COLOUR}' -> colour",
         f"- video: mp4 (mp4v), {spec.video_frames} frames at {spec.video_fps} fps, the ball moves",
@@ -383,7 +385,7 @@ def make_dataset(out_dir: str | Path, spec: SyntheticSpec | None = None) -> dict
     counts: dict[str, dict[str, int]] = {}
     paths: dict[str, str] = {}
     for split, n in (("train", spec.n_train), ("eval", spec.n_eval)):
-        records = _make_split(split, n, spec, media)
+        records = _make_split(split, n, spec, out)
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         path = out / f"{split}.jsonl"
         _write_atomic(path, text)
@@ -392,7 +394,7 @@ def make_dataset(out_dir: str | Path, spec: SyntheticSpec | None = None) -> dict
     _write_atomic(out / "README.txt", _readme(spec, counts))
     return {
         "out_dir": str(out),
-        "media_root": str(media),
+        "media": str(media),
         "train": paths["train"],
         "eval": paths["eval"],
         "readme": str(out / "README.txt"),

@@ -16,15 +16,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from hpc_train.models.varlen_backend import FLASH_ATTN, flash_varlen, varlen_backend
+
 VARLEN = "hpc_varlen"
-
-
-def _flash_varlen() -> Any:
-    try:
-        from flash_attn import flash_attn_varlen_func
-    except ImportError:
-        return None
-    return flash_attn_varlen_func
 
 
 def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -43,9 +37,8 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         raise ValueError("a packed batch must be one row (batch size 1); got "
                          f"{query.shape[0]} rows with cu_seq_lens")
     dropout = dropout if module.training else 0.0
-    flash = _flash_varlen()
-    if flash is not None and query.is_cuda:
-        out = flash(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+    if varlen_backend(query.is_cuda) == FLASH_ATTN:
+        out = flash_varlen()(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
                     cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=kwargs["max_length_q"],
                     max_seqlen_k=kwargs["max_length_k"], dropout_p=dropout, softmax_scale=scaling,
                     causal=True)

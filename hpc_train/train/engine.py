@@ -18,6 +18,7 @@ import torch
 
 from hpc_train.config import RunConfig
 from hpc_train.errors import ConfigError
+from hpc_train.extensions import announce_build
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,13 +95,15 @@ def offloads_optimizer(ds: dict[str, Any]) -> bool:
     return device not in (None, "none")
 
 
-def build_optimizer(groups: list[dict[str, Any]], config: RunConfig, ds: dict[str, Any]
+def build_optimizer(groups: list[dict[str, Any]], config: RunConfig, ds: dict[str, Any], *, main: bool = True
                     ) -> torch.optim.Optimizer:
-    """AdamW over the per-group parameter lists (DeepSpeed's CPU Adam when it offloads)."""
+    """AdamW over the per-group parameter lists (DeepSpeed's CPU Adam when it offloads).
+    ``main``: this process says so when CPU Adam still has to be compiled."""
     betas = tuple(config.train.betas)
     if offloads_optimizer(ds):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+        announce_build("cpu_adam", "CPU Adam for optimizer offload", main=main)
         return DeepSpeedCPUAdam(groups, lr=config.train.lr, betas=betas, adamw_mode=True)
     return torch.optim.AdamW(groups, lr=config.train.lr, betas=betas)
 

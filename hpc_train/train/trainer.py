@@ -25,7 +25,7 @@ from hpc_train.config import RunConfig, save_config
 from hpc_train.data.collate import Collator, model_inputs
 from hpc_train.data.dataset import MediaLoader, SampleDataset
 from hpc_train.data.lengths import sample_lengths
-from hpc_train.data.mixture import read_dataset
+from hpc_train.data.mixture import read_split
 from hpc_train.data.packing import PackedCollator, PlannedPacks, drop_too_long, per_sample_mean_loss
 from hpc_train.data.tokenize import IGNORE_INDEX, ChatEncoder
 from hpc_train.dist import (
@@ -151,8 +151,7 @@ class Trainer:
         if self.training:
             if cfg.data.train is None:
                 raise HpcTrainError("data.train is not set. Fix: pass data.train=PATH")
-            records = read_dataset(cfg.data.train, media_root=cfg.data.media_root,
-                                   ids_file=cfg.data.ids_file, seed=cfg.train.seed)
+            records = read_split(cfg, "train")
             self.train_set = SampleDataset(records, self.encoder, media, cfg.data)
             if cfg.data.packing:
                 self._setup_packing(records)
@@ -163,8 +162,7 @@ class Trainer:
                                                max_steps=cfg.train.max_steps)
         self.eval_records = None
         if cfg.data.eval is not None:
-            self.eval_records = read_dataset(cfg.data.eval, media_root=cfg.data.media_root,
-                                             ids_file=cfg.data.ids_file, seed=cfg.train.seed)
+            self.eval_records = read_split(cfg, "eval")
             if cfg.eval.max_samples is not None:
                 self.eval_records = [self.eval_records[i]
                                      for i in range(min(cfg.eval.max_samples, len(self.eval_records)))]
@@ -205,7 +203,8 @@ class Trainer:
 
         cfg, model = self.config, self.loaded.model
         groups = build_param_groups(model, self.family, cfg)
-        optimizer = build_optimizer([g.as_optimizer_group() for g in groups], cfg, self.ds)
+        optimizer = build_optimizer([g.as_optimizer_group() for g in groups], cfg, self.ds,
+                                    main=self.info.local_rank == 0)
         scheduler = build_scheduler(optimizer, total_steps=self.total_steps,
                                     warmup_steps=cfg.train.warmup_steps, min_ratio=cfg.train.min_lr_ratio)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

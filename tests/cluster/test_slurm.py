@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 
 from hpc_train.train.metrics import read_metrics
 from profiling.report import read_report
+from tests.read_only import read_only_dir
 
 from .conftest import ROOT, job_state, log_of, processes_of_job, sbatch, wait_for_job, wait_until
 
@@ -26,7 +28,7 @@ def job_args(tiny_model_dirs, synthetic_data):
     def make(out: Path, *extra: str) -> list[str]:
         return [f"model.path={tiny_model_dirs['smolvlm']}", "model.preset=null", "model.dtype=fp32",
                 f"data.train={synthetic_data / 'train.jsonl'}", f"data.eval={synthetic_data / 'eval.jsonl'}",
-                f"data.media_root={synthetic_data / 'media'}", "data.num_workers=0", "data.max_seq_len=512",
+                "data.num_workers=0", "data.max_seq_len=512",
                 "train.micro_batch_size=4", "train.grad_accum=1", "train.max_steps=12", "train.log_every=1",
                 "eval.max_samples=8", "eval.batch_size=4", "eval.generate=false", f"output_dir={out}",
                 f"profile.copy_to={out.parent / 'results' / 'profiling' / '{mode}_profiling.json'}", *extra]
@@ -78,6 +80,9 @@ def test_template_completes_on_two_nodes(template_runs, mode):
     assert report["environment"]["slurm_job_id"] == run["job"]
     assert read_report(run["root"] / "results" / "profiling" / f"{mode}_profiling.json") == report
     assert "nodes 2 (slnode1,slnode2)" in run["log"]
+    # The batch shell checked the node first: the allocation as SLURM gave it, and nothing blocking.
+    assert "hpc-train doctor: no blockers" in run["log"]
+    assert re.search(rf"SLURM job +INFO +job {run['job']} \(hpc-{mode}\)", run["log"]), run["log"][-6000:]
     evaluated = json.loads((run["out"] / "eval_results.json").read_text())
     assert evaluated["samples"] == 8
     if mode == "baseline":
@@ -110,6 +115,17 @@ def test_impossible_resources_fail_with_slurms_own_message(cluster, options, mes
     assert f"sbatch: error: Batch job submission failed: {message}" in refused.stderr
     checked = sbatch(cluster, "--test-only", *options, "slurm/qlora.slurm")
     assert checked.returncode != 0 and "allocation failure" in checked.stderr
+
+
+def test_a_blocker_found_by_the_doctor_stops_the_job_before_any_rank(cluster, job_args, tmp_path):
+    with read_only_dir(tmp_path / "ro") as ro:
+        job, state = ok_job(cluster, "-N", "2", f"--output={tmp_path}/%x-%j.out", "slurm/lora.slurm",
+                            *job_args(ro / "out"))
+    log = log_of(tmp_path / f"hpc-lora-{job}.out")
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "2:0", log[-4000:]
+    assert "output dir" in log and "not writable" in log
+    assert "hpc-train doctor found a blocker on" in log and "nothing was launched" in log
+    assert "[torchrun.sh]" not in log and not (ro / "out").exists()
 
 
 def start_training(cluster, tmp_path: Path, out: Path, args: list[str], env: dict[str, str] | None = None) -> str:

@@ -27,11 +27,11 @@ def hpc_train_cmd(command: str, *args: str, nproc: int = 2) -> list[str]:
     return [*launcher, "-m", "hpc_train", command, *args]
 
 
-def run_hpc_train(command: str, *args: str, nproc: int = 2, timeout: float = RUN_TIMEOUT_S
-                  ) -> subprocess.CompletedProcess:
+def run_hpc_train(command: str, *args: str, nproc: int = 2, timeout: float = RUN_TIMEOUT_S,
+                  env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(hpc_train_cmd(command, *args, nproc=nproc), env=child_env(), capture_output=True,
-                              text=True, timeout=timeout)
+        return subprocess.run(hpc_train_cmd(command, *args, nproc=nproc), env={**child_env(), **(env or {})},
+                              capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(f"hpc-train {command} did not finish in {timeout} s (hang?)\n"
                              f"{(exc.stderr or b'')[-4000:]}") from exc
@@ -49,7 +49,7 @@ def train_args(tiny_model_dirs, synthetic_data):
     def make(family: str, out: Path, *extra: str) -> list[str]:
         return [f"tiny_{family}", f"output_dir={out}", f"model.path={tiny_model_dirs[family]}", "model.preset=null",
                 f"data.train={synthetic_data / 'train.jsonl'}", f"data.eval={synthetic_data / 'eval.jsonl'}",
-                f"data.media_root={synthetic_data / 'media'}", "data.num_workers=0",
+                "data.num_workers=0",
                 "train.micro_batch_size=4", "eval.max_samples=8", "eval.batch_size=4", *extra]
 
     return make

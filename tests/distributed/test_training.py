@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -150,8 +151,10 @@ def test_signal_checkpoints_requeues_and_resume_reproduces_losses(tmp_path, trai
         rank.send_signal(signal.SIGUSR1)
     output, _ = proc.communicate(timeout=300)
     # Each rank exits with the requeue status (torchrun itself reports a failed child) and
-    # rank 0 leaves a marker a launcher can read.
-    assert output.count(f"exitcode  : {REQUEUE_EXIT_CODE}") == 2, output[-4000:]
+    # rank 0 leaves a marker a launcher can read. torchrun lists every rank that had exited when
+    # it looked and stops the rest, so a loaded machine may show one rank here, never another code.
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", output)
+    assert codes and set(codes) == {str(REQUEUE_EXIT_CODE)}, output[-4000:]
     marker = json.loads((out / "requeue.json").read_text())
     saved = (out / "checkpoints" / "latest").read_text().strip()
     assert marker["checkpoint"].endswith(saved) and marker["signal"] == "SIGUSR1"
@@ -188,9 +191,10 @@ def test_rank_with_text_only_batches_does_not_hang(tmp_path, synthetic_data, tra
     data = tmp_path / "skewed.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ordered))
     out = tmp_path / "run"
-    ok(run_hpc_train("train", *train_args(family, out, f"data.train={data}", "train.max_steps=2",
-                                          "train.mode=full", f"deepspeed.config=ds_configs/{ds}.json",
-                                          "eval.generate=false"), timeout=300))
+    ok(run_hpc_train("train", *train_args(family, out, f"data.train={data}", f"data.media_root={synthetic_data}",
+                                          "train.max_steps=2", "train.mode=full",
+                                          f"deepspeed.config=ds_configs/{ds}.json", "eval.generate=false"),
+                     timeout=300))
     assert len(losses(out)) == 2 and all(loss == loss for loss in losses(out))
 
 
@@ -294,10 +298,10 @@ def test_rank_whose_micro_batch_is_all_skipped_does_not_stall_the_others(tmp_pat
         for key in ("image", "video", "audio"):
             paths = kept[i].get(key, [])
             for path in [paths] if isinstance(paths, str) else paths:
-                (data / "media" / path).unlink(missing_ok=True)
+                (data / path).unlink(missing_ok=True)
     out = tmp_path / "run"
     result = ok(run_hpc_train("train", *train_args(
-        "smolvlm", out, f"data.train={data / 'train.jsonl'}", f"data.media_root={data / 'media'}",
+        "smolvlm", out, f"data.train={data / 'train.jsonl'}",
         "data.on_bad_sample=skip", "train.max_steps=2", "train.mode=full", "eval.generate=false",
         "data.eval=null"), timeout=300))
     assert "no usable sample" in result.stdout

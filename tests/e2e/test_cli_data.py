@@ -21,7 +21,7 @@ def test_make_tiny_writes_a_loadable_folder(tmp_path, capsys):
 def test_check_data_on_synthetic_set(synthetic_data, tiny_model_dirs, tmp_path, capsys, family):
     report_path = tmp_path / "audit.json"
     code = main(["check-data", f"tiny_{family}", f"model.path={tiny_model_dirs[family]}", "model.preset=null",
-                 f"data.train={synthetic_data / 'train.jsonl'}", f"data.media_root={synthetic_data / 'media'}",
+                 f"data.train={synthetic_data / 'train.jsonl'}",
                  "--json", str(report_path)])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -43,9 +43,9 @@ def test_check_data_fails_and_lists_every_problem(synthetic_data, tmp_path, caps
     records = [json.loads(line) for line in lines]
     first = next(r for r in records if "image" in r)
     image = first["image"][0] if isinstance(first["image"], list) else first["image"]
-    (data / "media" / image).unlink()
+    (data / image).unlink()
     clip = next(r for r in records if "video" in r)
-    (data / "media" / clip["video"]).write_bytes(b"\x00not an mp4" * 100)
+    (data / clip["video"]).write_bytes(b"\x00not an mp4" * 100)
     lines.insert(3, '{"id": "broken json", ')
     (data / "train.jsonl").write_text("\n".join(lines) + "\n")
 
@@ -53,15 +53,31 @@ def test_check_data_fails_and_lists_every_problem(synthetic_data, tmp_path, caps
         n = records.index(record) + 1
         return n + 1 if n > 3 else n  # the inserted broken line shifts what follows it
 
-    code = main(["check-data", "tiny_smolvlm", f"data.train={data / 'train.jsonl'}",
-                 f"data.media_root={data / 'media'}", "data.max_seq_len=20"])
+    code = main(["check-data", "tiny_smolvlm", f"data.train={data / 'train.jsonl'}", "data.media_root=null",
+                 "data.max_seq_len=20"])
     out = capsys.readouterr().out
     assert code == 1
     assert f"train.jsonl:{line_of(first)} [id {first['id']}]" in out and "not found" in out
-    assert f"train.jsonl:{line_of(clip)} [id {clip['id']}]: {data / 'media' / clip['video']}" in out
+    assert f"train.jsonl:{line_of(clip)} [id {clip['id']}]: {data / clip['video']}" in out
     assert "train.jsonl:4" in out and "JSON" in out
     assert "over max_seq_len=20" in out
     assert "FAILED" in out
+
+
+def test_make_data_output_needs_only_data_train(tmp_path, synthetic_data, capsys):
+    """The documented default media root (the dataset file's folder) fits make-data's records,
+    and a media root kept from a config file for a dataset given on the command line is named."""
+    assert main(["check-data", "tiny_smolvlm", f"data.train={synthetic_data / 'train.jsonl'}", "--limit", "12"]) == 0
+    capsys.readouterr()
+    config = tmp_path / "run.yaml"
+    config.write_text("model:\n  preset: tiny\ndata:\n  train: elsewhere/train.jsonl\n"
+                      f"  media_root: {tmp_path / 'old_media'}\n")
+    override = f"data.train={synthetic_data / 'train.jsonl'}"
+    assert main(["check-data", str(config), override, "--limit", "12"]) == 1
+    out = capsys.readouterr().out
+    assert f"data.media_root was set by {config}:5, but data.train by override '{override}'" in out
+    assert "Fix: set data.media_root to the folder this dataset's media paths are relative to, or " \
+           "data.media_root=null for the dataset file's folder" in out
 
 
 def test_check_data_config_errors_exit_2(capsys):

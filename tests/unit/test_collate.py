@@ -95,7 +95,7 @@ def test_dataloader_workers_decode_video_like_the_main_process(loaded_tiny, synt
     from torch.utils.data import DataLoader
 
     processor = loaded_tiny["smolvlm"][1]
-    cfg = DataConfig(media_root=str(synthetic_data / "media"), video={"num_frames": 4})
+    cfg = DataConfig(video={"num_frames": 4})
     records = read_records(synthetic_data / "train.jsonl", media_root=cfg.media_root)
     dataset = SampleDataset(records, ChatEncoder(processor, get_family("smolvlm")), MediaLoader(cfg), cfg)
     collate = Collator(get_family("smolvlm"), processor.tokenizer.pad_token_id)

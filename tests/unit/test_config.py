@@ -108,3 +108,17 @@ def test_readme_documents_every_key():
 
     missing = [key for key, _, _ in describe_keys() if f"| `{key}` |" not in readme]
     assert not missing, f"README's configuration table lacks {missing}"
+
+
+def test_every_setting_knows_where_it_was_set(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  preset: tiny\ndata:\n  train: a.jsonl\n  media_root: media/\n")
+    cfg = load_config(path, ["data.train=b.jsonl"])
+    assert cfg.origin("data.media_root") == f"{path}:5" and cfg.origin("data.train") == "override 'data.train=b.jsonl'"
+    assert cfg.origin("data.eval") is None
+    note = cfg.mixed_origin_note("data.media_root", "data.train")
+    assert note == f"data.media_root was set by {path}:5, but data.train by override 'data.train=b.jsonl'"
+    assert load_config(path).mixed_origin_note("data.media_root", "data.train") is None
+    both = load_config(path, ["data.train=b.jsonl", "data.media_root=m/"])
+    assert both.mixed_origin_note("data.media_root", "data.train") is None
+    assert both == load_config(None, ["model.preset=tiny", "data.train=b.jsonl", "data.media_root=m/"])

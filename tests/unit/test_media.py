@@ -145,7 +145,7 @@ def video_set(tmp_path_factory) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("videos")
     make_dataset(out, SyntheticSpec(n_train=3, n_eval=0, kinds=("video",), seed=7))
     records = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
-    return out / "media", records
+    return out, records
 
 
 @pytest.fixture(scope="module")

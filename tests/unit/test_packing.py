@@ -116,7 +116,7 @@ def test_rank_rows_equal_whole_steps():
 def test_lengths_without_pixels_equal_encoded_lengths(loaded_tiny, synthetic_data, family, tmp_path):
     from hpc_train.data.lengths import sample_lengths
 
-    cfg = DataConfig(media_root=str(synthetic_data / "media"), video={"num_frames": 4})
+    cfg = DataConfig(video={"num_frames": 4})
     records = read_records(synthetic_data / "train.jsonl", media_root=cfg.media_root)
     encoder = ChatEncoder(loaded_tiny[family][1], get_family(family))
     estimated = sample_lengths(records, encoder, cfg, cache_dir=tmp_path, source=synthetic_data / "train.jsonl")
@@ -125,7 +125,7 @@ def test_lengths_without_pixels_equal_encoded_lengths(loaded_tiny, synthetic_dat
     assert len(list(tmp_path.glob("*.json"))) == 1  # cached
     again = sample_lengths(records, encoder, cfg, cache_dir=tmp_path, source=synthetic_data / "train.jsonl")
     assert again == estimated
-    other = DataConfig(media_root=cfg.media_root, video={"num_frames": 2})
+    other = DataConfig(video={"num_frames": 2})
     sample_lengths(records, encoder, other, cache_dir=tmp_path, source=synthetic_data / "train.jsonl")
     assert len(list(tmp_path.glob("*.json"))) == 2  # a setting that changes lengths gets its own cache
 

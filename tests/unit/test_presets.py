@@ -102,7 +102,18 @@ def test_smallest_preset_runs_a_forward_pass_with_one_image():
         out = model(input_ids=input_ids, pixel_values=pixel_values, labels=input_ids)
 
     assert out.logits.shape == (1, input_ids.shape[1], config.text_config.vocab_size)
-    # One tile's worth of image features, whether or not they come back flattened.
+    # One tile's worth of image features that reach the language model.
     hidden = config.text_config.hidden_size
-    assert out.image_hidden_states.reshape(-1, hidden).shape == (preset.tokens_per_image, hidden)
+    assert _image_features(out).reshape(-1, hidden).shape == (preset.tokens_per_image, hidden)
     assert torch.isfinite(out.loss)
+
+
+def _image_features(out) -> torch.Tensor:
+    """The connector's output, from either transformers layout: up to 5.23 ``image_hidden_states``
+    (one tensor); from 5.24 ``image_outputs.pooler_output`` (a tensor per sample), where
+    ``image_hidden_states`` is deprecated and is to become the per-layer vision states."""
+    image_outputs = getattr(out, "image_outputs", None)
+    if image_outputs is None:
+        return out.image_hidden_states
+    pooled = image_outputs.pooler_output
+    return torch.cat(list(pooled)) if isinstance(pooled, list | tuple) else pooled

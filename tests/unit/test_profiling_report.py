@@ -212,3 +212,29 @@ def test_a_step_that_never_closed_leaves_nothing_in_the_next():
         pass
     profiler.step_done(samples=1, tokens=1, slot_tokens=1)
     assert list(profiler.timer.records[0].phases_ms) == ["forward"]
+
+
+@pytest.mark.parametrize("family", ["smolvlm", "llava_onevision"])
+def test_profiler_counts_the_real_towers_images(loaded_tiny, synthetic_data, family):
+    """Through the real model of the installed transformers (which changed how it hands image
+    features around in 5.24): one count per tile (SmolVLM, padding tiles not) or per anyres patch
+    and video frame (LLaVA-OneVision) of a mixed batch."""
+    from hpc_train.data.collate import Collator, model_inputs
+    from hpc_train.models.families import get_family
+    from hpc_train.train.profile_report import vision_tower
+    from tests.conftest import mixed_samples
+
+    model, processor = loaded_tiny[family]
+    samples = mixed_samples(loaded_tiny, synthetic_data, family)
+    # A sample's tensor is (tiles, C, H, W) for SmolVLM, (images | videos, patches | frames, C, H, W)
+    # for LLaVA-OneVision: every leading dimension is a picture the tower encodes.
+    expected = sum(t.shape[:-3].numel() for s in samples for key, t in s.media.items()
+                   if key in ("pixel_values", "pixel_values_videos"))
+    profiler = Profiler(torch.device("cpu"), warmup_steps=0)
+    profiler.count_images(vision_tower(model, get_family(family)))
+    profiler.step_begin()
+    with profiler.phase("forward"), torch.no_grad():
+        model(**model_inputs(Collator(get_family(family), processor.tokenizer.pad_token_id)(samples)),
+              use_cache=False)
+    profiler.step_done(samples=len(samples), tokens=1, slot_tokens=1, epoch=0)
+    assert profiler.rank_report()["totals"]["images"] == expected > 0

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from hpc_train.data.media import VideoSampling, load_audio, load_image, load_video
+from hpc_train.data.records import read_records
 from hpc_train.data.synthetic import (
     COLOURS,
     KINDS,
@@ -54,7 +55,7 @@ def test_counts_per_split_and_kind(dataset):
         assert counted == summary["counts"][split] == SPEC.counts(n)
         assert all(v >= 1 for v in counted.values()), counted  # every kind present
         assert len({r["id"] for r in recs}) == n
-    assert summary["media_root"] == str(out / "media")
+    assert summary["media"] == str(out / "media")
 
 
 def test_files_exist_and_nothing_half_written(dataset):
@@ -67,7 +68,16 @@ def test_files_exist_and_nothing_half_written(dataset):
         for rec in _records(out / f"{split}.jsonl"):
             for rel in _media_paths(rec):
                 assert not Path(rel).is_absolute()
-                assert (out / "media" / rel).stat().st_size > 0, rel
+                assert (out / rel).stat().st_size > 0, rel
+
+
+def test_records_resolve_against_the_default_media_root(dataset):
+    """Relative to the dataset file's folder, the documented default: no data.media_root needed."""
+    out, _ = dataset
+    for split in ("train", "eval"):
+        records = read_records(out / f"{split}.jsonl")  # checks that every media file exists
+        media = [p for r in records for p in (*r.images, *r.videos, *r.audios)]
+        assert media and all(p.is_relative_to(out / "media") for p in media)
 
 
 def test_record_format(dataset):
@@ -119,7 +129,7 @@ def test_image_content_matches_answer(dataset):
         else:
             continue
         for rel, colour in pairs:
-            img = np.asarray(load_image(out / "media" / rel))
+            img = np.asarray(load_image(out / rel))
             assert img.shape == (SPEC.size, SPEC.size, 3)
             assert dominant_palette_colour(img) == colour, rel
             checked += 1
@@ -131,7 +141,7 @@ def test_video_decodes_shows_colour_and_moves(dataset):
     videos = [r for r in _records(out / "train.jsonl") if r["kind"] == "video"]
     assert videos
     for rec in videos:
-        clip = load_video(out / "media" / rec["video"], VideoSampling(num_frames=SPEC.video_frames))
+        clip = load_video(out / rec["video"], VideoSampling(num_frames=SPEC.video_frames))
         assert clip.num_source_frames == SPEC.video_frames
         assert clip.native_fps == pytest.approx(SPEC.video_fps)
         target = np.array(COLOURS[rec["answer"]], dtype=np.float64)
@@ -152,7 +162,7 @@ def test_audio_pitch_matches_answer(dataset):
              if r["kind"] == "audio"]
     assert audio
     for rec in audio:
-        wave = load_audio(out / "media" / rec["audio"])
+        wave = load_audio(out / rec["audio"])
         assert len(wave) == 16000 and 0.2 < np.abs(wave).max() <= 1.0
         spec = np.abs(np.fft.rfft(wave))
         peak = np.fft.rfftfreq(len(wave), 1 / 16000)[spec.argmax()]

@@ -108,7 +108,7 @@ def test_multi_turn_mixed_media_labels(loaded_tiny, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_synthetic_record_has_exact_labels(loaded_tiny, synthetic_data, family):
     encoder = encoder_for(loaded_tiny, family)
-    records = read_records(synthetic_data / "train.jsonl", media_root=synthetic_data / "media")
+    records = read_records(synthetic_data / "train.jsonl")
     loader = MediaLoader(DataConfig(video={"num_frames": 4}))
     seen_multi_turn = 0
     for rec in records:
@@ -169,7 +169,7 @@ def test_more_placeholders_than_media_is_an_error(loaded_tiny):
 
 
 def dataset_for(loaded_tiny, synthetic_data, **data) -> SampleDataset:
-    cfg = DataConfig(media_root=str(synthetic_data / "media"), **data)
+    cfg = DataConfig(**data)
     records = read_records(synthetic_data / "train.jsonl", media_root=cfg.media_root,
                            check_media_exists=False)
     return SampleDataset(records, encoder_for(loaded_tiny, "smolvlm"), MediaLoader(cfg), cfg)

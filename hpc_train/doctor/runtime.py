@@ -1,0 +1,49 @@
+"""What the run imports and compiles at start-up: the media decoders and DeepSpeed's ops."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import shutil
+
+from hpc_train.doctor.table import Check
+
+
+def import_check(module: str, label: str) -> Check:
+    """Import ``module`` for real: a wheel missing a system library fails here, not hours later."""
+    if importlib.util.find_spec(module) is None:
+        return Check(label, "info", "not checked", f"{module} is not installed (above)")
+    try:
+        importlib.import_module(module)
+    except Exception as exc:
+        return Check(label, "fail", f"{module} does not import", f"{type(exc).__name__}: {str(exc)[:160]}")
+    return Check(label, "ok", f"{module} imports")
+
+
+def media_checks() -> list[Check]:
+    return [import_check("decord", "video decoding"), import_check("librosa", "audio loading"),
+            import_check("soundfile", "audio files (libsndfile)")]
+
+
+def deepspeed_check(*, offload: bool) -> Check:
+    """The accelerator DeepSpeed picked and whether the ops a run compiles can be built here."""
+    if importlib.util.find_spec("deepspeed") is None:
+        return Check("DeepSpeed ops", "info", "not checked", "deepspeed is not installed (above)")
+    try:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.git_version_info import installed_ops
+    except Exception as exc:
+        return Check("DeepSpeed ops", "fail", "deepspeed does not import", str(exc)[:200])
+    accelerator = get_accelerator().device_name()
+    compatible = deepspeed.ops.__compatible_ops__
+    compiler = shutil.which("c++") or shutil.which("g++")
+    prebuilt = sorted(k for k, v in installed_ops.items() if v)
+    found = f"accelerator {accelerator}; prebuilt: {', '.join(prebuilt) or 'none'}"
+    if offload and not (compatible.get("cpu_adam") and compiler):
+        return Check("DeepSpeed ops", "fail", found, "the config offloads the optimizer, which needs DeepSpeed's "
+                     "CPU Adam compiled here, and it cannot be (no C++ compiler, or the op is incompatible). Fix: "
+                     "install g++ (or load a compiler module), or use ds_configs/zero3.json")
+    if offload:
+        return Check("DeepSpeed ops", "ok", found, "CPU Adam (optimizer offload) compiles on first use")
+    return Check("DeepSpeed ops", "ok", found, "no compiled op needed (the optimizer is torch's AdamW)")

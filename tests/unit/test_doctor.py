@@ -1,0 +1,108 @@
+"""hpc-train doctor's checks, each given the situation it judges (this machine's real packages,
+an environment a scheduler would set, a GPU as torch would describe it)."""
+
+from __future__ import annotations
+
+from hpc_train.doctor import RunNeeds, blockers, format_table, run_checks
+from hpc_train.doctor.accelerator import (
+    Gpu,
+    cuda_check,
+    cuda_unusable_reason,
+    gpu_checks,
+    gpus_allocated,
+)
+from hpc_train.doctor.machine import output_checks, slurm_job_check
+from hpc_train.doctor.packages import package_check, package_checks, requirements
+from hpc_train.pins import Pins, drift, read_pins
+
+H100 = Gpu("NVIDIA H100 80GB HBM3", 79.6, (9, 0), True)
+
+
+def test_pins_cover_every_requirement_at_a_version_inside_its_range():
+    pins = read_pins()
+    assert pins.python and pins.python.startswith("3.")
+    needed = requirements()
+    assert {"torch", "transformers", "deepspeed", "peft", "bitsandbytes", "decord"} <= set(needed)
+    for name, spec in needed.items():
+        row = package_check(name, spec, pins)
+        assert row.status != "fail", row
+
+
+def test_this_environment_is_the_pinned_one():
+    """The suite runs in the environment the README's install line makes: no drift at all."""
+    pins = read_pins()
+    assert drift(pins, list(requirements())) == {}
+    rows = {c.name: c for c in package_checks(pins)}
+    assert rows["torch"].status == "ok" and rows["torch"].note == "as tested"
+
+
+def test_drift_and_out_of_range_are_named_per_package():
+    pins = Pins({"torch": "0.0.1", "pyyaml": "0.0.2"}, "3.11.7")
+    torch_row = package_check("torch", ">=2.14,<3", pins)
+    assert torch_row.status == "warn" and torch_row.note == "drift: tested 0.0.1"
+    assert package_check("torch", ">=99", pins).status == "fail"
+    missing = package_check("no-such-package-hpc", "", pins)
+    assert missing.status == "fail" and missing.found == "not installed"
+    assert set(drift(pins)) == {"torch", "pyyaml"}
+
+
+def test_a_gpu_without_a_datasheet_peak_is_named_and_does_not_block():
+    unknown = Gpu("NVIDIA Quantum X1", 96.0, (10, 0), True)
+    rows = gpu_checks([unknown])
+    assert rows[0].status == "warn" and "'NVIDIA Quantum X1'" in rows[0].note and "unknown" in rows[0].note
+    assert not blockers(rows)
+
+
+def test_gpus_of_one_kind_share_a_row_and_bf16_follows_the_oldest():
+    rows = gpu_checks([H100] * 4)
+    assert [r.name for r in rows] == ["GPU 0-3", "compute dtype"]
+    assert "989.4 TFLOP/s" in rows[0].note and rows[1].found == "bf16"
+    v100 = Gpu("Tesla V100-SXM2-32GB", 31.7, (7, 0), False)
+    rows = gpu_checks([H100, v100])
+    assert [r.name for r in rows] == ["GPU 0", "GPU 1", "compute dtype"]
+    assert rows[-1].status == "warn" and rows[-1].found == "fp32"
+
+
+def test_gpus_given_but_cuda_unusable_is_a_warning_with_the_reason():
+    import torch
+
+    env = {"SLURM_GPUS_ON_NODE": "2", "CUDA_VISIBLE_DEVICES": "0,1"}
+    assert gpus_allocated(env) == "SLURM_GPUS_ON_NODE=2"
+    assert gpus_allocated({"CUDA_VISIBLE_DEVICES": ""}) is None
+    row = cuda_check(torch, env)
+    if torch.cuda.is_available():  # a GPU machine: the situation cannot be made here
+        assert row.status == "ok"
+    else:
+        assert row.status == "warn" and "SLURM_GPUS_ON_NODE=2" in row.note and "train on the CPU" in row.note
+        assert cuda_check(torch, {}).status == "info"
+    assert ">= 580" in cuda_unusable_reason("13.0", "550.54.15")
+    assert "CPU-only" in cuda_unusable_reason(None, None)
+
+
+def test_slurm_allocation_is_described():
+    env = {"SLURM_JOB_ID": "42", "SLURM_JOB_NAME": "hpc-lora", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_NTASKS": "2", "SLURM_CPUS_PER_TASK": "16",
+           "SLURM_GPUS_ON_NODE": "4"}
+    row = slurm_job_check(env)
+    assert row.found == "job 42 (hpc-lora)"
+    assert "2 node(s) gpu[01-02]" in row.note and "16 CPU(s) per task" in row.note and "GPUs on this node: 4" in row.note
+    assert slurm_job_check({}) is None
+
+
+def test_free_disk_below_the_minimum_blocks(tmp_path):
+    rows = {c.name: c for c in output_checks(tmp_path / "new" / "run", min_free_gib=1e9, warn_free_gib=2e9)}
+    assert rows["output dir"].status == "ok" and "to be made in" in rows["output dir"].found
+    assert rows["free disk"].status == "fail"
+    (tmp_path / "file").write_text("x")
+    assert output_checks(tmp_path / "file" / "run", min_free_gib=0, warn_free_gib=0)[0].status == "fail"
+
+
+def test_the_whole_table_on_this_machine_has_no_blocker(tmp_path):
+    checks = run_checks(RunNeeds(tmp_path), min_free_gib=0.01, warn_free_gib=0.01)
+    names = [c.name for c in checks]
+    for expected in ("python", "torch", "transformers", "CUDA", "NCCL", "compute dtype", "packing attention",
+                     "bitsandbytes (QLoRA)", "DeepSpeed ops", "video decoding", "audio loading", "mpirun",
+                     "SLURM", "output dir", "free disk"):
+        assert expected in names
+    assert not blockers(checks), format_table(checks)
+    assert "hpc-train doctor: no blockers" in format_table(checks)
