@@ -74,21 +74,28 @@ def package_checks(pins: Pins) -> list[Check]:
     needed = requirements()
     rows = [package_check(name, needed.get(name, ""), pins) for name in KEY_PACKAGES]
     others = [package_check(name, spec, pins) for name, spec in needed.items() if name not in KEY_PACKAGES]
-    rows.append(_summary("other requirements", others))
+    rows = _fix_once([*rows, _summary("other requirements", others)])
+    return [*rows, _other_pins_check(pins, {normalize(n) for n in (*KEY_PACKAGES, *needed)})]
+
+
+def _fix_once(rows: list[Check]) -> list[Check]:
+    """The install command, on the first row with a missing package (one command installs all)."""
     missing = [i for i, r in enumerate(rows) if r.status == "fail" and "not installed" in f"{r.found} {r.note}"]
-    if missing:  # one fix, on the first row that needs it
+    if missing:
         first = rows[missing[0]]
-        rows[missing[0]] = Check(first.name, "fail", first.found,
-                                 f"{first.note}; " * bool(first.note) + f"Fix: {INSTALL_FIX} installs them all")
-    known = {normalize(n) for n in (*KEY_PACKAGES, *needed)}
-    # A pin that is not installed is fine here: it belongs to another platform's wheels.
-    rest = {n: v for n, v in drift(pins, [n for n in sorted(pins.versions) if n not in known]).items()
-            if v[0] is not None}
-    named = ", ".join(f"{n} {have} (tested {want})" for n, (have, want) in rest.items())
-    rows.append(Check("other pinned packages", "warn" if rest else "ok",
-                      f"{len(pins.versions) - len(known & set(pins.versions)) - len(rest)} as tested or absent",
-                      f"drift: {named}" if rest else ""))
+        note = f"{first.note}; " * bool(first.note) + f"Fix: {INSTALL_FIX} installs them all"
+        rows[missing[0]] = Check(first.name, "fail", first.found, note)
     return rows
+
+
+def _other_pins_check(pins: Pins, required: set[str]) -> Check:
+    """The pins of what the requirements pull in. One that is not installed is fine here: it
+    belongs to another platform's wheels."""
+    rest = [n for n in sorted(pins.versions) if n not in required]
+    drifted = {n: v for n, v in drift(pins, rest).items() if v[0] is not None}
+    named = ", ".join(f"{n} {have} (tested {want})" for n, (have, want) in drifted.items())
+    return Check("other pinned packages", "warn" if drifted else "ok",
+                 f"{len(rest) - len(drifted)} as tested or absent", f"drift: {named}" if drifted else "")
 
 
 def _summary(name: str, checks: list[Check]) -> Check:

@@ -190,10 +190,11 @@ def set_token_ids(model: PreTrainedModel, tokenizer: Any) -> None:
         for name in ("video_token_id", "video_token_index"):
             if hasattr(config, name):
                 setattr(config, name, video)
-    for cfg in (config, getattr(config, "text_config", None)):
-        if cfg is not None:
-            cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = (
-                tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    # The language model's config holds the special tokens (transformers deprecates
+    # Idefics3's top-level pad_token_id in its favour; generation reads generation_config).
+    text = getattr(config, "text_config", None) or config
+    text.pad_token_id, text.bos_token_id, text.eos_token_id = (
+        tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
     gen = model.generation_config
     gen.pad_token_id = tokenizer.pad_token_id
     gen.eos_token_id = tokenizer.eos_token_id
