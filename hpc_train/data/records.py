@@ -501,6 +501,12 @@ def _record_id(obj: dict, index: RecordIndex, i: int) -> str:
     return str(rid)
 
 
+FIX_MISSING_MEDIA = ("check media_root (relative media paths resolve against it; default: the dataset file's "
+                     "folder) and the path in the record")
+FIX_MIXED_MEDIA_ROOT = ("set data.media_root to the folder this dataset's media paths are relative to, or "
+                        "data.media_root=null for the dataset file's folder")
+
+
 def _parse(obj: dict, *, rid: str, path: Path, line: int, media_root: Path,
            check_exists: bool, media_root_note: str | None = None) -> Record:
     """Validate one record object and build a Record."""
@@ -581,17 +587,9 @@ def _parse(obj: dict, *, rid: str, path: Path, line: int, media_root: Path,
             if not full.is_absolute():
                 full = media_root / full
             if check_exists and not full.exists():
-                if media_root_note is not None:
-                    raise fail(f"{kind} file not found: {full} (media_root: {media_root}; "
-                               f"{media_root_note})",
-                               "set data.media_root to the folder this dataset's media paths are "
-                               "relative to, or data.media_root=null for the dataset file's folder",
-                               MediaError)
-                raise fail(f"{kind} file not found: {full} (media_root: "
-                           f"{media_root})",
-                           "check media_root (relative media paths resolve against it; "
-                           "default: the dataset file's folder) and the path in the record",
-                           MediaError)
+                where = f"media_root: {media_root}" + (f"; {media_root_note}" if media_root_note else "")
+                raise fail(f"{kind} file not found: {full} ({where})",
+                           FIX_MIXED_MEDIA_ROOT if media_root_note else FIX_MISSING_MEDIA, MediaError)
             out.append(full)
         resolved[kind] = tuple(out)
     turns = tuple(Turn(role, text) for role, text in zip(roles, texts, strict=True))
