@@ -55,16 +55,11 @@ def run_checks(needs: RunNeeds, *, env: Mapping[str, str] | None = None, min_fre
     """Every check, in the order of the table."""
     env = os.environ if env is None else env
     pins = read_pins()
-    checks = [python_check(pins), Check("platform", "info", f"{platform.system()} {platform.machine()}",
-                                        f"{len(os.sched_getaffinity(0))} CPU(s) for this process"),
-              *package_checks(pins), *torch_checks(env, qlora=needs.qlora)]
-    torch_imports = not any(c.name == "CUDA" and c.found == "torch does not import" for c in checks)
-    if torch_imports:
-        checks.append(deepspeed_check(offload=needs.offload))
-    checks += media_checks()
-    checks += launcher_checks()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     job = slurm_job_check(env)
-    checks += [job] if job else []
-    checks += output_checks(needs.output_dir, min_free_gib=min_free_gib, warn_free_gib=warn_free_gib)
-    checks.append(extensions_check(env))
-    return checks
+    return [python_check(pins),
+            Check("platform", "info", f"{platform.system()} {platform.machine()}", f"{cpus} CPU(s) for this process"),
+            *package_checks(pins), *torch_checks(env, qlora=needs.qlora), deepspeed_check(offload=needs.offload),
+            *media_checks(), *launcher_checks(), *([job] if job else []),
+            *output_checks(needs.output_dir, min_free_gib=min_free_gib, warn_free_gib=warn_free_gib),
+            extensions_check(env)]
