@@ -165,7 +165,8 @@ class TrainConfig(_Section):
     max_bad_steps: int = Field(0, ge=0)
     """Optimizer steps with a non-finite loss or gradient to skip before the run stops."""
     resume: bool = True
-    """Resume from ``output_dir/checkpoints/latest`` when it exists."""
+    """Resume from the newest checkpoint in ``output_dir/checkpoints`` that verifies; ``false`` starts
+    over and moves the old checkpoints to ``checkpoints.before-<time>/``."""
     seed: int = 0
     """Seed for data order, sampling and initialisation."""
 

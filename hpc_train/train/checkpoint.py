@@ -1,10 +1,17 @@
-"""Atomic checkpoints and resume.
+"""Checkpoints that survive every crash, and the resume that trusts only verified ones.
 
 A checkpoint is written under ``checkpoints/.tmp/<tag>`` by every rank (DeepSpeed's model,
-optimizer and scheduler state, plus each rank's RNG state and the trainer's position), then
-renamed to ``checkpoints/<tag>`` by rank 0, and only then is ``checkpoints/latest`` (a text
-file naming the tag) replaced. A crash at any point leaves the previous checkpoint and the
-``latest`` pointer intact.
+optimizer and scheduler state, each rank's RNG state, the trainer's position), its manifest
+(every file's size and SHA-256, :mod:`hpc_train.train.manifest`) is written last, and only then
+is it renamed to ``checkpoints/<tag>`` and ``checkpoints/latest`` pointed at it. A checkpoint is
+never replaced in place: saving the step that was just saved (or loaded) does nothing, and a
+folder of the same name from an earlier run is moved aside before the new one is renamed in.
+
+A resume verifies the newest checkpoint against its manifest and falls back to the newest one
+that verifies, saying which it skipped and why. Checkpoints that exist but none verify stop the
+run with their names, never a silent start from step 0; ``train.resume=false`` starts over and
+keeps the old checkpoints in ``checkpoints.before-<time>/``. RNG state loads with
+``weights_only=True``: a checkpoint folder can hold data, never code.
 """
 
 from __future__ import annotations
@@ -12,18 +19,29 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from hpc_train.dist import DistInfo, barrier
+from hpc_train.errors import HpcTrainError
+from hpc_train.train.manifest import MANIFEST, problems, write_manifest
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
+STAGING = ".tmp"
+TAG = re.compile(r"step-\d{8}")
+
+
+class CheckpointError(HpcTrainError):
+    """No checkpoint can be resumed from, or one cannot be loaded."""
 
 
 @dataclass
@@ -46,57 +64,156 @@ def tag_for(step: int) -> str:
 
 
 class Checkpointer:
-    """Saves and restores checkpoints under ``root`` (shared by all ranks)."""
+    """Saves and restores checkpoints under ``root`` (shared by all ranks). Every method is
+    collective: all ranks call it at the same point."""
 
     def __init__(self, root: str | Path, info: DistInfo, *, keep: int = 2) -> None:
         self.root = Path(root)
         self.info = info
         self.keep = keep
+        self.saved_step: int | None = None
+        """The step whose checkpoint is on disk and current (saved or loaded by this run)."""
+
+    def prepare(self, *, resume: bool) -> list[str]:
+        """Before anything is saved or loaded: drop half-written saves; when not resuming, move an
+        earlier run's checkpoints aside. Returns what was done, to be said."""
+        said = []
+        if self.info.is_main:
+            shutil.rmtree(self.root / STAGING, ignore_errors=True)
+            if not resume and self.tags():
+                aside = self.root.with_name(f"{self.root.name}.before-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.replace(self.root, aside)
+                said.append(f"train.resume=false: the earlier checkpoints were moved to {aside}")
+        barrier()
+        return said
+
+    def tags(self) -> list[str]:
+        """Checkpoint folders, newest first."""
+        if not self.root.is_dir():
+            return []
+        return sorted((p.name for p in self.root.iterdir() if TAG.fullmatch(p.name) and p.is_dir()), reverse=True)
 
     def latest(self) -> Path | None:
+        """The newest complete checkpoint (its manifest written), for messages."""
+        done = [t for t in self.tags() if (self.root / t / MANIFEST).is_file()]
+        return self.root / done[0] if done else None
+
+    def resume_point(self) -> tuple[Path | None, list[str]]:
+        """The newest checkpoint that verifies, and notes on what was skipped and why; ``None``
+        when there is no checkpoint at all."""
+        tags = _from_main(self.tags())
+        notes = _from_main(self._pointer_notes(tags))
+        for tag in tags:
+            bad = problems(self.root / tag)
+            if not bad:
+                return self.root / tag, notes
+            notes.append(f"{tag} skipped: {'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
+        if tags or (self.root / LATEST).exists():
+            raise CheckpointError(
+                f"{self.root}: no checkpoint can be resumed from ({'; '.join(notes)}). Fix: restore or remove "
+                "the broken checkpoints, or start over with train.resume=false (the old ones are then kept "
+                f"in {self.root.name}.before-<time>/)")
+        return None, notes
+
+    def _pointer_notes(self, tags: list[str]) -> list[str]:
         pointer = self.root / LATEST
-        if not pointer.is_file():
-            return None
-        path = self.root / pointer.read_text().strip()
-        return path if path.is_dir() else None
+        if not pointer.exists():
+            return [f"{LATEST} is missing"] if tags else []
+        try:
+            named = pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            return [f"{LATEST} cannot be read"]
+        if not named:
+            return [f"{LATEST} is empty"]
+        if named not in tags:
+            return [f"{LATEST} names {named!r}, which is not there"]
+        if named != tags[0]:
+            return [f"{LATEST} names {named}, but {tags[0]} is newer (the run stopped before updating {LATEST})"]
+        return []
 
     def save(self, engine: Any, state: TrainState) -> Path:
-        """Collective: every rank must call it at the same step."""
+        """Write a checkpoint of ``state`` (nothing when this step's is already on disk)."""
         tag = tag_for(state.step)
-        staging = self.root / ".tmp"
-        if self.info.is_main:
-            shutil.rmtree(staging / tag, ignore_errors=True)
-            staging.mkdir(parents=True, exist_ok=True)
-        barrier()
-        engine.save_checkpoint(str(staging), tag=tag, save_latest=False)
-        torch.save(_rng_state(), staging / tag / f"rng_rank{self.info.rank}.pt")
-        barrier()
         final = self.root / tag
+        if self.saved_step == state.step:
+            return final
+        started = time.perf_counter()
+        staging = self.root / STAGING / tag
         if self.info.is_main:
-            (staging / tag / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(staging / tag, final)
-            _write_atomic(self.root / LATEST, tag)
-            self._prune()
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.parent.mkdir(parents=True, exist_ok=True)
         barrier()
+        engine.save_checkpoint(str(staging.parent), tag=tag, save_latest=False)
+        torch.save(_rng_state(), staging / f"rng_rank{self.info.rank}.pt")
+        if self.info.is_main:
+            (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+        barrier()
+        write_manifest(staging, step=state.step, world_size=self.info.world_size, main=self.info.is_main)
+        if self.info.is_main:
+            self._publish(staging, final)
+            size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
+            print(f"saved checkpoint {final} (step {state.step}, {size / 2**20:.1f} MiB, "
+                  f"{time.perf_counter() - started:.1f} s)", flush=True)
+        barrier()
+        self.saved_step = state.step
         return final
 
+    def _publish(self, staging: Path, final: Path) -> None:
+        """Rename the finished checkpoint in, point ``latest`` at it, prune the old ones."""
+        replaced = staging.with_name(f"{final.name}.replaced")
+        if final.exists():  # an earlier run's folder of this name: aside first, never overwritten
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
+        os.replace(staging, final)
+        _write_atomic(self.root / LATEST, final.name)
+        shutil.rmtree(replaced, ignore_errors=True)
+        self._prune(newest=final.name)
+
+    def _prune(self, *, newest: str) -> None:
+        """Keep the ``keep`` newest complete checkpoints (the one just written among them) and
+        nothing incomplete older than it."""
+        done = [t for t in self.tags() if (self.root / t / MANIFEST).is_file()]
+        keep = set(done[: self.keep]) | {newest}
+        for tag in self.tags():
+            if tag not in keep and tag < newest:
+                shutil.rmtree(self.root / tag, ignore_errors=True)
+
     def load(self, engine: Any, path: Path) -> TrainState:
-        """Restore model, optimizer, scheduler and RNG; return the trainer's position."""
-        loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name,
-                                           load_optimizer_states=True, load_lr_scheduler_states=True)
+        """Restore model, optimizer, scheduler and RNG from a verified checkpoint; return the
+        trainer's position."""
+        try:
+            loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name,
+                                               load_optimizer_states=True, load_lr_scheduler_states=True)
+        except Exception as exc:  # verified files that still do not fit this run's model or world
+            raise CheckpointError(f"{path}: DeepSpeed cannot load it into this run ({type(exc).__name__}: "
+                                  f"{str(exc)[:300]}). Fix: resume with the model, ZeRO stage and world size it was "
+                                  "saved with, or start over with train.resume=false") from exc
         if loaded is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
-        state = TrainState(**json.loads((path / STATE_FILE).read_text()))
-        rng = path / f"rng_rank{self.info.rank}.pt"
-        if rng.is_file() and state.world_size == self.info.world_size:
-            _set_rng_state(torch.load(rng, weights_only=False))
+            raise CheckpointError(f"{path}: DeepSpeed found no checkpoint there. Fix: start over with "
+                                  "train.resume=false")
+        state = _train_state(path / STATE_FILE)
+        if state.world_size == self.info.world_size:
+            restore_rng(path / f"rng_rank{self.info.rank}.pt")
+        self.saved_step = state.step
         return state
 
-    def _prune(self) -> None:
-        tags = sorted(p for p in self.root.glob("step-*") if p.is_dir())
-        for old in tags[: max(len(tags) - self.keep, 0)]:
-            shutil.rmtree(old, ignore_errors=True)
+
+def _train_state(path: Path) -> TrainState:
+    saved = json.loads(path.read_text())
+    known = {f.name for f in fields(TrainState)}
+    if not isinstance(saved, dict) or not set(saved) <= known:
+        raise CheckpointError(f"{path}: not a trainer state this hpc-train writes (keys {sorted(saved)}). Fix: "
+                              "start over with train.resume=false")
+    return TrainState(**saved)
+
+
+def _from_main(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (one directory listing decides for all nodes)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -106,15 +223,31 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors, numbers and lists (loadable with ``weights_only=True``)."""
+    version, keys, gauss = random.getstate()
+    kind, np_keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(keys), gauss],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
+def restore_rng(path: Path) -> None:
+    """Set every generator from a file :func:`_rng_state` wrote; tensors and numbers only, so a
+    file planted in the output folder cannot run code in the job."""
+    _set_rng_state(torch.load(path, weights_only=True))
+
+
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

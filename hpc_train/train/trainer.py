@@ -212,7 +212,13 @@ class Trainer:
         self.checkpointer = Checkpointer(self.output / "checkpoints", self.info,
                                          keep=cfg.train.keep_checkpoints)
         self.state = TrainState(world_size=self.info.world_size)
-        latest = self.checkpointer.latest() if cfg.train.resume else None
+        for said in self.checkpointer.prepare(resume=cfg.train.resume):
+            self._say(said)
+        latest = None
+        if cfg.train.resume:
+            latest, notes = self.checkpointer.resume_point()
+            for note in notes:
+                self._say(f"checkpoints: {note}")
         if latest is not None:
             self.state = self.checkpointer.load(self.engine, latest)
             self._first_step = self.state.step + 1
