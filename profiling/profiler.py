@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +30,17 @@ DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp
 def host_name() -> str:
     """The node's name as the scheduler knows it (SLURM), else the host name."""
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started, imports and start-up included (Linux's /proc;
+    ``None`` elsewhere)."""
+    try:
+        after_name = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time after boot
+        return float(Path("/proc/uptime").read_text().split()[0]) - started
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class Profiler:
@@ -121,7 +133,8 @@ class Profiler:
         device_name = torch.cuda.get_device_name(self.device) if cuda else "cpu"
         peak = peak_tflops(device_name if cuda else None, DTYPE_NAMES.get(dtype, "fp32"))
         flops = flops_section(records, self._shape, self._trainability, peak, unknown_reason=self._unknown)
-        wall = {"total": time.perf_counter() - self._started, **self._sections,
+        total = process_age_s()
+        wall = {"total": total if total is not None else time.perf_counter() - self._started, **self._sections,
                 "epochs": sorted(self._epochs.values(), key=lambda e: e["epoch"])}
         return build_rank_report(
             records, warmup_excluded=self.timer.warmup_excluded, rank=self.rank, local_rank=self.local_rank,

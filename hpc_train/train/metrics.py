@@ -21,9 +21,10 @@ class MetricsLogger:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(f"{line}\n" for line in kept))
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [line for line in lines if json.loads(line).get("step", 0) <= resume_step]
+            if kept != lines:  # a file with nothing to drop is left as it is
+                self.path.write_text("".join(f"{line}\n" for line in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
 

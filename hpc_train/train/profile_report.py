@@ -6,6 +6,8 @@ even when nodes share no filesystem.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ from profiling.profiler import Profiler
 from profiling.report import merge_reports, write_json
 
 PROFILE_DIR = "profile"
+PROFILE_REPORT = f"{PROFILE_DIR}/report.json"
+"""The merged report, relative to ``output_dir``."""
 
 
 def trainability(model: torch.nn.Module, family: Family) -> Trainability:
@@ -80,6 +84,25 @@ def write_rank_profile(profiler: Profiler, config: RunConfig, info: DistInfo, *,
     return mine
 
 
+def keep_earlier_report(path: Path, first_step: int) -> Path | None:
+    """A resumed run (from step ``first_step``) must not replace the report of the steps before
+    it: that report is renamed after the steps it measured. Returns its new name."""
+    if first_step <= 1 or not path.is_file():
+        return None
+    try:
+        steps = json.loads(path.read_text())["steps"]
+        span = f"{int(steps['first'])}-{int(steps['last'])}"
+    except (OSError, ValueError, KeyError, TypeError):
+        span = f"before-{first_step}"
+    kept = path.with_name(f"report.steps-{span}.json")
+    n = 1
+    while kept.exists():
+        n += 1
+        kept = path.with_name(f"report.steps-{span}.{n}.json")
+    os.replace(path, kept)
+    return kept
+
+
 def write_profile(profiler: Profiler, config: RunConfig, info: DistInfo, run: dict[str, Any], *,
                   dtype: torch.dtype, first_step: int = 1) -> Path | None:
     """Each rank writes its report; rank 0 also gathers them all and writes the merged one.
@@ -99,7 +122,11 @@ def write_profile(profiler: Profiler, config: RunConfig, info: DistInfo, run: di
                 write_json(rank_file(config, report["rank"]), report)
         environment = collect_environment(profiler.device, Path(hpc_train.__file__).parent)
         merged = merge_reports(everyone, run=run, environment=environment)
-        path = write_json(Path(config.output_dir) / PROFILE_DIR / "report.json", merged)
+        path = Path(config.output_dir) / PROFILE_REPORT
+        kept = keep_earlier_report(path, first_step)
+        if kept is not None:
+            print(f"profile: the report of the steps before this resumed run is kept as {kept}", flush=True)
+        write_json(path, merged)
         if config.profile.copy_to:
             write_json(Path(config.profile.copy_to.format(mode=config.train.mode, name=config.name)), merged)
     except (OSError, ValueError) as exc:

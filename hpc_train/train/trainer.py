@@ -51,6 +51,7 @@ from hpc_train.train.evaluate import EvalResult, evaluate_generation, evaluate_l
 from hpc_train.train.metrics import MetricsLogger
 from hpc_train.train.model_setup import LoadedModel, load_training_model
 from hpc_train.train.profile_report import (
+    PROFILE_REPORT,
     describe_run,
     rank_file,
     trainability,
@@ -65,6 +66,9 @@ from profiling.profiler import Profiler
 REQUEUE_EXIT_CODE = 75
 """Exit status after a signal-triggered checkpoint (EX_TEMPFAIL): the job should be requeued."""
 REQUEUE_MARKER = "requeue.json"
+COMPLETE_MARKER = "run_complete.json"
+"""Written when a training run has trained, exported and evaluated: the same command again then
+does nothing (and says so) instead of rewriting its outputs."""
 """Written to ``output_dir`` by rank 0 next to that exit; removed when the run starts again."""
 
 
@@ -496,11 +500,40 @@ class Trainer:
             barrier()
         self._say(f"exported {target}")
 
+    def finished_before(self) -> bool:
+        """Collective: this run resumed at its last planned step, and an earlier run of the same
+        config got to the end of it (exported, evaluated)."""
+        if not self.training:
+            return False
+        try:
+            done = json.loads((self.output / COMPLETE_MARKER).read_text())
+        except (OSError, ValueError):
+            done = {}
+        mine = (self.state.step >= self.total_steps and isinstance(done, dict)
+                and done.get("step") == self.state.step and done.get("config_hash") == self.config.digest())
+        return all_reduce_max([0.0 if mine else 1.0])[0] == 0.0  # every rank must agree
+
+    def leave_finished_run(self) -> None:
+        if self.info.is_main:
+            self.metrics.close()
+        self._say(f"nothing left to do: {self.output} finished step {self.state.step} of {self.total_steps} "
+                  "with this config, and its outputs are left as they are. Fix: raise train.max_steps (or "
+                  "train.epochs) to train on, or use another output_dir or train.resume=false to start over")
+
+    def mark_complete(self) -> None:
+        if self.training and self.info.is_main:
+            marker = {"step": self.state.step, "config_hash": self.config.digest(),
+                      "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            (self.output / COMPLETE_MARKER).write_text(json.dumps(marker))
+
     def finish(self) -> None:
         """Close the metrics and write the profiling reports (also after a signal stop)."""
         if self.training and self.info.is_main:
             self.metrics.close()
-        if self.profiler is not None:
+        if self.profiler is not None and self.training and self._first_step > self.total_steps \
+                and (self.output / PROFILE_REPORT).is_file():
+            self._say("profile: this run trained no step; the earlier report is kept")
+        elif self.profiler is not None:
             run = describe_run(self.config, self.info, zero_stage=zero_stage(self.ds) if self.ds else None,
                                planned_steps=getattr(self, "total_steps", None),
                                packing_efficiency=getattr(self, "packing_efficiency", None))
@@ -618,6 +651,9 @@ def run(config: RunConfig, *, evaluate_only: bool = False) -> int:
         config = config.model_copy(update={"train": config.train.model_copy(update={"mode": "baseline"})})
     trainer = Trainer(config)
     trainer.setup()
+    if trainer.finished_before():
+        trainer.leave_finished_run()
+        return 0
     try:
         status = trainer.train()
         if status == 0:
@@ -627,6 +663,8 @@ def run(config: RunConfig, *, evaluate_only: bool = False) -> int:
         trainer.save_rank_profile()  # what was measured up to the failure (hpc-profile merge)
         raise
     trainer.finish()
+    if status == 0:
+        trainer.mark_complete()
     return status
 
 

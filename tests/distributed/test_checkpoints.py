@@ -63,11 +63,18 @@ def test_a_finished_run_started_again_rewrites_nothing(tmp_path, train_args):
     out = tmp_path / "done"
     args = train_args("smolvlm", out, "train.max_steps=2", "train.mode=full", "eval.generate=false")
     ok(run_hpc_train("train", *args, nproc=1))
-    manifest = out / "checkpoints" / "step-00000002" / MANIFEST
-    written = manifest.stat().st_mtime_ns
+    outputs = [out / "checkpoints" / "step-00000002" / MANIFEST, out / "profile" / "report.json",
+               out / "eval_results.json", out / "model" / "model.safetensors", out / "metrics.jsonl"]
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in outputs}
     again = ok(run_hpc_train("train", *args, nproc=1))
-    assert "resumed from" in again.stdout and "saved checkpoint" not in again.stdout
-    assert manifest.stat().st_mtime_ns == written
+    assert "resumed from" in again.stdout and "nothing left to do" in again.stdout, again.stdout[-2000:]
+    assert "saved checkpoint" not in again.stdout and "eval:" not in again.stdout
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in outputs} == before
+    # Asked for more steps, the same folder trains on from its last checkpoint.
+    more = ok(run_hpc_train("train", *train_args("smolvlm", out, "train.max_steps=3", "train.mode=full",
+                                                 "eval.generate=false"), nproc=1))
+    assert "resumed from" in more.stdout and "nothing left to do" not in more.stdout
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3]
 
 
 def test_a_latest_that_names_nothing_stops_instead_of_starting_over(tmp_path, train_args):

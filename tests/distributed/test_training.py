@@ -160,11 +160,16 @@ def test_signal_checkpoints_requeues_and_resume_reproduces_losses(tmp_path, trai
     assert marker["checkpoint"].endswith(saved) and marker["signal"] == "SIGUSR1"
     stopped_at = int(saved.split("-")[1])
     assert 3 <= stopped_at < 14 and marker["step"] == stopped_at
+    first_part = json.loads((out / "profile" / "report.json").read_text())
     ok(run_hpc_train("train", *args))  # the requeued job
     assert not (out / "requeue.json").exists()
     resumed, full = losses(out), losses(reference)
     assert len(resumed) == len(full) == 14
     assert resumed == pytest.approx(full, rel=1e-5, abs=1e-6)
+    # The requeued job's report covers its own steps; the first job's is kept beside it.
+    kept = json.loads((out / "profile" / f"report.steps-1-{stopped_at}.json").read_text())
+    assert kept == first_part and kept["steps"]["last"] == stopped_at
+    assert json.loads((out / "profile" / "report.json").read_text())["steps"]["first"] == stopped_at + 1
 
 
 @pytest.mark.parametrize(("family", "ds"), [("smolvlm", "zero3"), ("llava_onevision", "zero3"),

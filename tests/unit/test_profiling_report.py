@@ -238,3 +238,13 @@ def test_profiler_counts_the_real_towers_images(loaded_tiny, synthetic_data, fam
               use_cache=False)
     profiler.step_done(samples=len(samples), tokens=1, slot_tokens=1, epoch=0)
     assert profiler.rank_report()["totals"]["images"] == expected > 0
+
+
+def test_wall_total_counts_from_the_process_start():
+    """Imports and start-up before the profiler existed are part of a run's wall time."""
+    from profiling.profiler import process_age_s
+
+    lived = process_age_s()
+    assert lived is not None and lived > 1.0  # this test process imported torch, at least
+    report = Profiler(torch.device("cpu"), warmup_steps=0).rank_report()
+    assert report["wall_s"]["total"] >= lived
