@@ -116,12 +116,12 @@ def gpu_checks(gpus: list[Gpu]) -> list[Check]:
 def nccl_check(torch_mod: Any) -> Check:
     if torch_mod.version.cuda is None:
         return Check("NCCL", "info", "none", "CPU-only torch: gloo")
+    used = torch_mod.cuda.is_available()
     try:
         version = ".".join(map(str, torch_mod.cuda.nccl.version()))
     except Exception as exc:  # a broken NCCL library shows here first
-        return Check("NCCL", "fail" if torch_mod.cuda.is_available() else "info", "does not load", str(exc)[:200])
-    return Check("NCCL", "ok" if torch_mod.cuda.is_available() else "info", version,
-                 "" if torch_mod.cuda.is_available() else "unused without a GPU (gloo)")
+        return Check("NCCL", "fail" if used else "info", "does not load", str(exc)[:200])
+    return Check("NCCL", "ok" if used else "info", version, "" if used else "unused without a GPU (gloo)")
 
 
 def varlen_check(on_cuda: bool) -> Check:

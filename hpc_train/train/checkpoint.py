@@ -93,9 +93,13 @@ class Checkpointer:
             return []
         return sorted((p.name for p in self.root.iterdir() if TAG.fullmatch(p.name) and p.is_dir()), reverse=True)
 
+    def complete_tags(self) -> list[str]:
+        """Checkpoint folders whose manifest was written (the save finished), newest first."""
+        return [t for t in self.tags() if (self.root / t / MANIFEST).is_file()]
+
     def latest(self) -> Path | None:
-        """The newest complete checkpoint (its manifest written), for messages."""
-        done = [t for t in self.tags() if (self.root / t / MANIFEST).is_file()]
+        """The newest complete checkpoint, for messages."""
+        done = self.complete_tags()
         return self.root / done[0] if done else None
 
     def resume_point(self) -> tuple[Path | None, list[str]]:
@@ -172,8 +176,7 @@ class Checkpointer:
     def _prune(self, *, newest: str) -> None:
         """Keep the ``keep`` newest complete checkpoints (the one just written among them) and
         nothing incomplete older than it."""
-        done = [t for t in self.tags() if (self.root / t / MANIFEST).is_file()]
-        keep = set(done[: self.keep]) | {newest}
+        keep = set(self.complete_tags()[: self.keep]) | {newest}
         for tag in self.tags():
             if tag not in keep and tag < newest:
                 shutil.rmtree(self.root / tag, ignore_errors=True)

@@ -530,8 +530,8 @@ class Trainer:
         """Close the metrics and write the profiling reports (also after a signal stop)."""
         if self.training and self.info.is_main:
             self.metrics.close()
-        if self.profiler is not None and self.training and self._first_step > self.total_steps \
-                and (self.output / PROFILE_REPORT).is_file():
+        trained_nothing = self.training and self._first_step > self.total_steps
+        if self.profiler is not None and trained_nothing and (self.output / PROFILE_REPORT).is_file():
             self._say("profile: this run trained no step; the earlier report is kept")
         elif self.profiler is not None:
             run = describe_run(self.config, self.info, zero_stage=zero_stage(self.ds) if self.ds else None,
