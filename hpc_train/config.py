@@ -94,6 +94,9 @@ class DataConfig(_Section):
     """Evaluation set (same forms as ``train``)."""
     media_root: str | None = None
     """Folder media paths are relative to (default: the dataset file's folder)."""
+    allow_media_outside_root: bool = False
+    """Accept media paths that resolve outside ``media_root`` (absolute, or ``../``); off, such a
+    record is refused, so a shared dataset cannot make the job read other files."""
     ids_file: str | None = None
     """Keep only the record ids listed in this file (one per line)."""
     max_seq_len: int = Field(2048, ge=16)

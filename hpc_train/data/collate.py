@@ -127,7 +127,7 @@ def _idefics3_media(samples: list[EncodedSample]) -> dict[str, torch.Tensor]:
     return {"pixel_values": pixels, "pixel_attention_mask": mask}
 
 
-def llava_onevision_media(samples: Sequence[EncodedSample]) -> dict[str, torch.Tensor]:
+def llava_onevision_media(samples: Sequence[EncodedSample], *, packed: bool = False) -> dict[str, torch.Tensor]:
     """The media of several samples in LLaVA-OneVision's layout (padded rows and packed rows alike).
 
     ``batch_num_images`` is per sample: LLaVA-OneVision tiles a lone image (anyres) but not
@@ -148,8 +148,9 @@ def llava_onevision_media(samples: Sequence[EncodedSample]) -> dict[str, torch.T
         if len(frames) > 1:
             ids = [s.id for s in samples if "pixel_values_videos" in s.media]
             raise DataError(
-                f"videos with different frame counts {sorted(frames)} in one batch (samples {ids}); "
-                "LLaVA-OneVision stacks the videos of a batch",
-                fix="use data.video.sampling=uniform (a fixed frame count), or micro_batch_size=1")
+                f"videos with different frame counts {sorted(frames)} in one {'packed row' if packed else 'batch'} "
+                f"(samples {ids}); LLaVA-OneVision stacks them",
+                fix=f"data.video.sampling=uniform data.video.num_frames={min(frames)} (one count for every video), "
+                    + ("or data.packing=false with train.micro_batch_size=1" if packed else "or micro_batch_size=1"))
         out["pixel_values_videos"] = torch.cat(videos)
     return out

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -76,26 +77,45 @@ def stand_in_media(record: Record, data: DataConfig) -> SampleMedia:
     return SampleMedia(images=images, videos=videos, audios=audios)
 
 
-def sample_lengths(records: Sequence[Record], encoder: ChatEncoder, data: DataConfig, *,
-                   cache_dir: str | Path | None = None, source: str | Path | None = None) -> list[int]:
-    """Token length of every record (``UNUSABLE`` for one that cannot be encoded)."""
+@dataclass(frozen=True)
+class SampleShapes:
+    """Per record: its token length (``UNUSABLE`` when it cannot be encoded) and the sampled
+    frame count of each of its videos."""
+
+    lengths: list[int]
+    video_frames: list[list[int]]
+
+
+def sample_shapes(records: Sequence[Record], encoder: ChatEncoder, data: DataConfig, *,
+                  cache_dir: str | Path | None = None, source: str | Path | None = None) -> SampleShapes:
+    """Token length and video frame counts of every record, cached per dataset file."""
     cache = _cache_file(cache_dir, source, encoder, data) if cache_dir and source else None
     if cache is not None and cache.is_file():
         cached = json.loads(cache.read_text())
-        if len(cached) == len(records):
-            return cached
-    lengths = []
+        if isinstance(cached, dict) and len(cached.get("lengths", ())) == len(records):
+            return SampleShapes(cached["lengths"], cached["video_frames"])
+    lengths, frames = [], []
     for record in records:
         try:
-            lengths.append(len(encoder.encode(record, stand_in_media(record, data))))
+            media = stand_in_media(record, data)
+            lengths.append(len(encoder.encode(record, media)))
+            frames.append([len(v.frames) for v in media.videos])
         except DataError:
             lengths.append(UNUSABLE)
+            frames.append([])
+    shapes = SampleShapes(lengths, frames)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(lengths))
+        tmp.write_text(json.dumps({"lengths": lengths, "video_frames": frames}))
         os.replace(tmp, cache)
-    return lengths
+    return shapes
+
+
+def sample_lengths(records: Sequence[Record], encoder: ChatEncoder, data: DataConfig, *,
+                   cache_dir: str | Path | None = None, source: str | Path | None = None) -> list[int]:
+    """Token length of every record (``UNUSABLE`` for one that cannot be encoded)."""
+    return sample_shapes(records, encoder, data, cache_dir=cache_dir, source=source).lengths
 
 
 def _cache_file(cache_dir: str | Path, source: str | Path, encoder: ChatEncoder, data: DataConfig) -> Path:

@@ -109,8 +109,9 @@ def _clip_range(num_source_frames: int, native_fps: float,
             f"{num_source_frames} frames at {native_fps:g} fps)",
             fix=f"fix the clip times to lie within the video, {FIX_SKIP}")
     first = int(math.floor(start * native_fps + _EPS))
-    # An end beyond the duration is clamped: container durations are often a frame off.
-    last = min(num_source_frames - 1, int(math.ceil(end * native_fps - _EPS)) - 1)
+    # An end beyond the duration is clamped (container durations are often a frame off),
+    # before it becomes a frame number: an end of 1e308 s has no integer frame.
+    last = min(num_source_frames - 1, int(math.ceil(min(end, duration) * native_fps - _EPS)) - 1)
     return first, max(first, last)
 
 

@@ -66,7 +66,7 @@ class Mixture(collections.abc.Sequence[Record]):
 
     @classmethod
     def from_yaml(cls, path: str | Path, seed: int = 0,
-                  check_media_exists: bool = True) -> Mixture:
+                  check_media_exists: bool = True, allow_outside_root: bool = False) -> Mixture:
         """Read a mixture YAML and sample each entry deterministically from ``seed``."""
         yaml_path = Path(path).expanduser().absolute()
         entries = _load_entries(yaml_path)
@@ -77,7 +77,7 @@ class Mixture(collections.abc.Sequence[Record]):
             src = _resolve_entry(entry, k, line, yaml_path, check_media_exists)
             ids = read_id_filter(src.ids_file) if src.ids_file is not None else None
             rf = RecordFile(src.path, media_root=src.media_root, ids=ids,
-                            check_media_exists=check_media_exists)
+                            check_media_exists=check_media_exists, allow_outside_root=allow_outside_root)
             n = len(rf)
             if src.repeat > 1:
                 picked = list(range(n)) * src.repeat
@@ -218,27 +218,28 @@ def _resolve_entry(entry: object, k: int, line: int | None, yaml_path: Path,
 
 def read_dataset(path: str | Path, media_root: str | Path | None = None,
                  ids_file: str | Path | None = None, seed: int = 0,
-                 check_media_exists: bool = True,
-                 media_root_note: str | None = None) -> collections.abc.Sequence[Record]:
+                 check_media_exists: bool = True, media_root_note: str | None = None,
+                 allow_outside_root: bool = False) -> collections.abc.Sequence[Record]:
     """Open a dataset: ``.yaml``/``.yml`` is a Mixture, anything else one RecordFile
-    (``media_root_note``: see :class:`RecordFile`)."""
+    (``media_root_note``, ``allow_outside_root``: see :class:`RecordFile`)."""
     p = Path(path)
     if p.suffix.lower() in (".yaml", ".yml"):
         if media_root is not None or ids_file is not None:
             raise DataError("media_root / ids_file cannot be given for a mixture YAML",
                             path=p, fix="set media_root and ids_file per entry inside the "
                                         "mixture YAML")
-        return Mixture.from_yaml(p, seed=seed, check_media_exists=check_media_exists)
+        return Mixture.from_yaml(p, seed=seed, check_media_exists=check_media_exists,
+                                 allow_outside_root=allow_outside_root)
     ids = read_id_filter(ids_file) if ids_file is not None else None
     return RecordFile(p, media_root=media_root, ids=ids, check_media_exists=check_media_exists,
-                      media_root_note=media_root_note)
+                      media_root_note=media_root_note, allow_outside_root=allow_outside_root)
 
 
 def read_split(config: RunConfig, split: str) -> collections.abc.Sequence[Record]:
     """The records of ``data.train`` or ``data.eval``, with the config's media root and id filter."""
     data = config.data
     return read_dataset(getattr(data, split), media_root=data.media_root, ids_file=data.ids_file,
-                        seed=config.train.seed,
+                        seed=config.train.seed, allow_outside_root=data.allow_media_outside_root,
                         media_root_note=config.mixed_origin_note("data.media_root", f"data.{split}"))
 
 

@@ -133,7 +133,7 @@ def _packed_media(samples: Sequence[EncodedSample], family_name: str) -> dict[st
             out["pixel_attention_mask"] = torch.cat(
                 [s.media["pixel_attention_mask"] for s in samples if "pixel_values" in s.media])[None]
         return out
-    return llava_onevision_media(samples)
+    return llava_onevision_media(samples, packed=True)
 
 
 class PlannedPacks:

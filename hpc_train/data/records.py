@@ -7,7 +7,9 @@ A record looks like::
                        {"from": "gpt", "value": "A cat."}]}
 
 ``image``, ``video`` and ``audio`` are a path or a list of paths; relative paths resolve
-against ``media_root`` (default: the dataset file's folder). ``video_clip: [start_s,
+against ``media_root`` (default: the dataset file's folder), and a path that leaves it
+(``../``, absolute) is refused unless ``allow_outside_root`` is set, so a dataset cannot
+make a job read any file it can reach. ``video_clip: [start_s,
 end_s]`` optionally restricts the video(s) to a time window. Without an ``id`` the record
 gets ``"<file stem>:<line>"``.
 
@@ -28,10 +30,12 @@ from __future__ import annotations
 
 import collections.abc
 import json
+import math
 import operator
+import os
 import re
+import reprlib
 from array import array
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +109,11 @@ class Record:
     line: int
     video_clip: tuple[float, float] | None = None
 
+    @property
+    def where(self) -> str:
+        """``file:line [id ...]``, as every message about a record starts."""
+        return f"{self.source}:{self.line} [id {self.id}]"
+
     def has_media(self) -> bool:
         """True when the record refers to at least one image, video or audio file."""
         return bool(self.images or self.videos or self.audios)
@@ -137,6 +146,7 @@ class RecordIndex:
         self.starts = array("q")
         self.ends = array("q")
         self.lines = array("q")
+        _refuse_foreign_encoding(self.path)
         first = self._first_byte()
         if first == b"[":
             self.format = "json"
@@ -337,7 +347,17 @@ class RecordIndex:
                             fix="re-save the file as UTF-8") from None
         try:
             return json.loads(text)
+        except RecursionError:
+            raise DataError("record nests arrays / objects too deeply to parse (about 1000 levels)",
+                            path=self.path, line=line, record_id=self.default_id(i),
+                            fix="flatten the record: a record holds a few levels (record > conversations > turn)"
+                            ) from None
         except json.JSONDecodeError as e:
+            if self.format == "jsonl" and e.msg == "Extra data" and "\r" in text.rstrip("\r\n"):
+                raise DataError("records are separated by bare carriage returns (CR, old Mac line endings), "
+                                "so the file reads as one line", path=self.path, line=line,
+                                record_id=self.default_id(i),
+                                fix="convert the line endings to LF, e.g. `tr '\\r' '\\n' < IN > OUT`") from None
             # Best-effort id of the broken record, so the message can still name it.
             m = re.search(rf'"{re.escape(id_key)}"\s*:\s*(?:"((?:[^"\\]|\\.)*)"|(-?\d+))', text)
             rid = (m.group(1) or m.group(2)) if m else self.default_id(i)
@@ -354,6 +374,10 @@ class RecordIndex:
             raise DataError(f"malformed JSON: {msg} (column {col})", path=self.path,
                             line=line + (e.lineno - 1 if self.format == "json" else 0),
                             record_id=rid, fix=fix) from None
+        except ValueError as e:  # Python's limit on integer digits (4300)
+            raise DataError(f"record holds a number Python cannot read ({e})", path=self.path, line=line,
+                            record_id=self.default_id(i),
+                            fix="write the number with fewer digits (or as a string)") from None
 
     def _column_of(self, offset: int) -> int:
         """0-based character column of a file offset (only computed for error messages)."""
@@ -383,7 +407,33 @@ def _incomplete(data: bytes) -> bool:
         json.loads(text)
     except json.JSONDecodeError as e:
         return e.pos >= len(text)
+    except (RecursionError, ValueError):
+        return False  # complete enough to fail for another reason, reported when it is read
     return False
+
+
+# Byte-order marks and magic numbers of files that are not UTF-8 JSON, longest first.
+_FOREIGN_HEADS = (
+    (b"\xff\xfe\x00\x00", "UTF-32 (little-endian)"), (b"\x00\x00\xfe\xff", "UTF-32 (big-endian)"),
+    (b"\xff\xfe", "UTF-16 (little-endian)"), (b"\xfe\xff", "UTF-16 (big-endian)"),
+    (b"\x1f\x8b", "gzip-compressed"), (b"PK\x03\x04", "a zip archive"),
+)
+_FIX_ENCODING = "re-save it as UTF-8, e.g. `iconv -f UTF-16 -t UTF-8 IN > OUT`"
+
+
+def _refuse_foreign_encoding(path: Path) -> None:
+    """A dataset file that is not UTF-8 text is refused by name, not by its first odd byte."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    for magic, what in _FOREIGN_HEADS:
+        if head.startswith(magic):
+            fix = "decompress it first" if "zip" in what else _FIX_ENCODING
+            raise DataError(f"file is {what}, not UTF-8 JSON", path=path, line=1, fix=fix)
+    if b"\x00" in head:
+        # UTF-16 without a byte-order mark puts a NUL beside every ASCII character.
+        what = "UTF-16 without a byte-order mark" if head[1:2] == b"\x00" or head[:1] == b"\x00" else "binary"
+        raise DataError(f"file holds NUL bytes: it looks {what}, not UTF-8 JSON", path=path, line=1,
+                        fix=_FIX_ENCODING if what != "binary" else "point the config at the JSON/JSONL dataset file")
 
 
 def _advance(buf: bytes, base: int, line: int, counted: int, upto: int) -> tuple[int, int]:
@@ -400,16 +450,18 @@ class RecordFile(collections.abc.Sequence[Record]):
 
     def __init__(self, path: str | Path, media_root: str | Path | None = None,
                  ids: set[str] | None = None, check_media_exists: bool = True,
-                 media_root_note: str | None = None) -> None:
+                 media_root_note: str | None = None, allow_outside_root: bool = False) -> None:
         """``media_root_note``: where ``media_root`` came from, when that may explain a missing
-        file (a recipe's media folder kept while the dataset was overridden)."""
+        file (a recipe's media folder kept while the dataset was overridden).
+        ``allow_outside_root``: accept media paths that resolve outside ``media_root``."""
         self._index = RecordIndex(path)
         self.path = self._index.path
         self.format = self._index.format
         root = Path(media_root).expanduser() if media_root is not None else self.path.parent
-        self.media_root = root.absolute()
+        self.media_root = Path(os.path.normpath(root.absolute()))
         self.check_media_exists = check_media_exists
         self.media_root_note = media_root_note
+        self.allow_outside_root = allow_outside_root
         self.missing_ids: set[str] = set()
         if ids is not None:
             self._filter(ids)
@@ -457,32 +509,12 @@ class RecordFile(collections.abc.Sequence[Record]):
                 fix='each record must be an object like {"id": ..., "conversations": [...]}')
         rid = _record_id(obj, self._index, i)
         return _parse(obj, rid=rid, path=self.path, line=line, media_root=self.media_root,
-                      check_exists=self.check_media_exists, media_root_note=self.media_root_note)
+                      check_exists=self.check_media_exists, media_root_note=self.media_root_note,
+                      allow_outside_root=self.allow_outside_root)
 
     def location(self, i: int) -> tuple[Path, int]:
         """(file, line) of record ``i`` without parsing it."""
         return self.path, self._index.line(i)
-
-    def iter_checked(self) -> Iterator[tuple[int, Record | None, DataError | None]]:
-        """Yield ``(i, record, error)`` for every record, collecting errors instead of raising.
-
-        A duplicate id yields both the record and an error naming the first occurrence.
-        """
-        first_line: dict[str, int] = {}
-        for i in range(len(self)):
-            try:
-                rec = self[i]
-            except DataError as e:
-                yield i, None, e
-                continue
-            if rec.id in first_line:
-                yield i, rec, DataError(
-                    f"duplicate id (first used by the record at line {first_line[rec.id]})",
-                    path=self.path, line=rec.line, record_id=rec.id,
-                    fix="give every record a unique id")
-            else:
-                first_line[rec.id] = rec.line
-                yield i, rec, None
 
 
 def _json_type(obj: object) -> str:
@@ -498,6 +530,10 @@ def _record_id(obj: dict, index: RecordIndex, i: int) -> str:
         raise DataError(f"'id' must be a string (got {_json_type(rid)})", path=index.path,
                         line=index.line(i), record_id=index.default_id(i),
                         fix='write the id as a string, e.g. "id": "sample-0001"')
+    if isinstance(rid, str) and not rid.strip():
+        raise DataError("'id' is empty", path=index.path, line=index.line(i), record_id=index.default_id(i),
+                        fix='give the record a unique id, e.g. "id": "sample-0001" (or drop the key for '
+                            'the default <file>:<line>)')
     return str(rid)
 
 
@@ -507,8 +543,12 @@ FIX_MIXED_MEDIA_ROOT = ("set data.media_root to the folder this dataset's media 
                         "data.media_root=null for the dataset file's folder")
 
 
+FIX_OUTSIDE_ROOT = ("write the path relative to media_root (or move the file under it); to read media from "
+                    "anywhere, set data.allow_media_outside_root=true")
+
+
 def _parse(obj: dict, *, rid: str, path: Path, line: int, media_root: Path,
-           check_exists: bool, media_root_note: str | None = None) -> Record:
+           check_exists: bool, media_root_note: str | None = None, allow_outside_root: bool = False) -> Record:
     """Validate one record object and build a Record."""
 
     def fail(problem: str, fix: str, error: type[DataError] = DataError) -> DataError:
@@ -537,7 +577,7 @@ def _parse(obj: dict, *, rid: str, path: Path, line: int, media_root: Path,
                 raise fail(f"{where} has no '{key}'", f"add '{key}' to the turn; {turn_fix}")
         who = turn["from"]
         if not isinstance(who, str) or who not in ROLES:
-            raise fail(f"{where} has unknown role {who!r}; valid roles: {valid_roles}",
+            raise fail(f"{where} has unknown role {_shown(who)}; valid roles: {valid_roles}",
                        f"set 'from' to one of: {valid_roles}")
         text = turn["value"]
         if not isinstance(text, str):
@@ -579,22 +619,57 @@ def _parse(obj: dict, *, rid: str, path: Path, line: int, media_root: Path,
                        f"in '{kind}' (or list one file per {token})")
 
     clip = _video_clip(obj, bool(media["video"]), fail)
-    resolved: dict[str, tuple[Path, ...]] = {}
-    for kind, paths in media.items():
-        out = []
-        for p in paths:
-            full = Path(p).expanduser()
-            if not full.is_absolute():
-                full = media_root / full
-            if check_exists and not full.exists():
-                where = f"media_root: {media_root}" + (f"; {media_root_note}" if media_root_note else "")
-                raise fail(f"{kind} file not found: {full} ({where})",
-                           FIX_MIXED_MEDIA_ROOT if media_root_note else FIX_MISSING_MEDIA, MediaError)
-            out.append(full)
-        resolved[kind] = tuple(out)
+    resolved = {kind: tuple(_media_path(p, kind, media_root, fail, check_exists=check_exists,
+                                        allow_outside_root=allow_outside_root, root_note=media_root_note)
+                            for p in paths)
+                for kind, paths in media.items()}
     turns = tuple(Turn(role, text) for role, text in zip(roles, texts, strict=True))
     return Record(id=rid, turns=turns, images=resolved["image"], videos=resolved["video"],
                   audios=resolved["audio"], source=path, line=line, video_clip=clip)
+
+
+def _media_path(given: str, kind: str, media_root: Path, fail: collections.abc.Callable[..., DataError], *,
+                check_exists: bool, allow_outside_root: bool, root_note: str | None) -> Path:
+    """The file a record's media path names, refused when it leaves ``media_root``."""
+    try:
+        full = media_root / Path(given).expanduser()  # an absolute path replaces the root
+    except RuntimeError:  # ~user of an unknown user
+        raise fail(f"{kind} path {_shown_path(given)} names an unknown home folder", "fix the path in the record",
+                   MediaError) from None
+    if not allow_outside_root and not Path(os.path.normpath(full)).is_relative_to(media_root):
+        # normpath, not resolve: a symlinked media folder (data on another disk) stays inside.
+        raise fail(f"{kind} path {_shown_path(given)} resolves outside media_root {media_root}", FIX_OUTSIDE_ROOT,
+                   MediaError)
+    if check_exists:
+        try:
+            found = full.exists()
+        except (OSError, ValueError) as exc:  # a name too long, a NUL byte
+            raise fail(f"{kind} path {_shown_path(given)} cannot be opened ({getattr(exc, 'strerror', None) or exc})",
+                       "fix the path in the record", MediaError) from None
+        if not found:
+            where = f"media_root: {media_root}" + (f"; {root_note}" if root_note else "")
+            raise fail(f"{kind} file not found: {_shown_path(full)} ({where})",
+                       FIX_MIXED_MEDIA_ROOT if root_note else FIX_MISSING_MEDIA, MediaError)
+    return full
+
+
+def _short_repr() -> reprlib.Repr:
+    short = reprlib.Repr()  # keyword arguments only from Python 3.12
+    short.maxlevel, short.maxstring, short.maxother, short.maxlist, short.maxdict = 3, 120, 60, 4, 4
+    return short
+
+
+_REPR = _short_repr()
+
+
+def _shown(value: object) -> str:
+    """A value as a message can show it: short, whatever its size or depth."""
+    return _REPR.repr(value)
+
+
+def _shown_path(path: str | Path) -> str:
+    text = str(path)
+    return text if len(text) <= 300 else f"{text[:150]}...{text[-100:]} ({len(text)} characters)"
 
 
 def _media_list(obj: dict, kind: str, fail: collections.abc.Callable[..., DataError]
@@ -605,7 +680,7 @@ def _media_list(obj: dict, kind: str, fail: collections.abc.Callable[..., DataEr
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(p, str) and p for p in items):
         raise fail(f"'{kind}' must be a non-empty path string or a list of them "
-                   f"(got {value!r})",
+                   f"(got {_shown(value)})",
                    f'write e.g. "{kind}": "relative/path" or "{kind}": ["a", "b"]')
     return items
 
@@ -621,9 +696,12 @@ def _video_clip(obj: dict, has_video: bool, fail: collections.abc.Callable[..., 
                    "add the 'video' the clip refers to, or remove 'video_clip'")
     if (not isinstance(clip, list) or len(clip) != 2
             or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in clip)):
-        raise fail(f"'video_clip' must be two numbers [start, end] (got {clip!r})", fix)
-    start, end = float(clip[0]), float(clip[1])
-    if not 0 <= start < end:
+        raise fail(f"'video_clip' must be two numbers [start, end] (got {_shown(clip)})", fix)
+    try:
+        start, end = float(clip[0]), float(clip[1])
+    except OverflowError:
+        raise fail(f"'video_clip' {_shown(clip)} holds a number too large for seconds", fix) from None
+    if not (math.isfinite(start) and math.isfinite(end) and 0 <= start < end):
         raise fail(f"'video_clip' [{start}, {end}] is not a valid time window", fix)
     return start, end
 
@@ -648,11 +726,11 @@ def read_id_filter(path: str | Path) -> set[str]:
 
 def read_records(path: str | Path, media_root: str | Path | None = None,
                  ids_file: str | Path | None = None,
-                 check_media_exists: bool = True) -> RecordFile:
+                 check_media_exists: bool = True, allow_outside_root: bool = False) -> RecordFile:
     """Open a JSON/JSONL dataset file, optionally keeping only the ids in ``ids_file``."""
     ids = read_id_filter(ids_file) if ids_file is not None else None
     return RecordFile(path, media_root=media_root, ids=ids,
-                      check_media_exists=check_media_exists)
+                      check_media_exists=check_media_exists, allow_outside_root=allow_outside_root)
 
 
 __all__ = ["PLACEHOLDERS", "ROLES", "Record", "RecordFile", "RecordIndex", "Turn",

@@ -89,6 +89,7 @@ class ChatEncoder:
                 "the processor has no chat template",
                 fix="save the model folder with its chat_template.jinja (processor.save_pretrained)",
             )
+        self._control = _control_tokens(self.tokenizer, keep=set(_PLACEHOLDER_RE.pattern[1:-1].split("|")))
 
     # -- public -------------------------------------------------------------------------
 
@@ -154,6 +155,7 @@ class ChatEncoder:
         answers: list[str] = []
         queues = {"<image>": list(media.images), "<video>": list(media.videos),
                   "<speech>": list(media.audios)}
+        self._refuse_control_tokens(record)
         messages: list[dict] = []
         if self.system_prompt and not any(t.role == "system" for t in record.turns):
             messages.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
@@ -191,6 +193,19 @@ class ChatEncoder:
                 content.append({"type": "text", "text": ""})
             messages.append({"role": turn.role, "content": content})
         return messages, images, videos, answers
+
+    def _refuse_control_tokens(self, record: Record) -> None:
+        """A turn that writes the template's own tokens (``<|im_start|>``, ``<end_of_utterance>``)
+        would forge turn boundaries or media slots: the labels would no longer be the answers."""
+        if self._control is None:
+            return
+        for k, turn in enumerate(record.turns):
+            found = self._control.search(turn.text)
+            if found:
+                raise DataError(
+                    f"conversations[{k}] ({turn.role}) contains the chat template's control token {found.group()}",
+                    path=record.source, line=record.line, record_id=record.id,
+                    fix="remove it from the text: the chat template writes its control tokens itself")
 
     def _render(self, record: Record, messages: list[dict], *, add_generation_prompt: bool) -> str:
         try:
@@ -307,6 +322,14 @@ class ChatEncoder:
             if "pixel_values_videos" in out:
                 media["pixel_values_videos"] = out["pixel_values_videos"]
         return media
+
+
+def _control_tokens(tokenizer: Any, *, keep: set[str]) -> re.Pattern[str] | None:
+    """The tokenizer's special tokens other than the media placeholders, longest first."""
+    special = set(tokenizer.all_special_tokens)
+    special |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    tokens = sorted(special - keep, key=len, reverse=True)
+    return re.compile("|".join(re.escape(t) for t in tokens)) if tokens else None
 
 
 def _shift(position: int, replacements: list[dict]) -> int:

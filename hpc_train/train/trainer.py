@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 from hpc_train.config import RunConfig, save_config
 from hpc_train.data.collate import Collator, model_inputs
 from hpc_train.data.dataset import MediaLoader, SampleDataset
-from hpc_train.data.lengths import sample_lengths
+from hpc_train.data.frame_counts import FrameCounts
+from hpc_train.data.lengths import SampleShapes, sample_shapes
 from hpc_train.data.mixture import read_split
 from hpc_train.data.packing import PackedCollator, PlannedPacks, drop_too_long, per_sample_mean_loss
 from hpc_train.data.tokenize import IGNORE_INDEX, ChatEncoder
@@ -179,10 +180,13 @@ class Trainer:
         cache = self.output / "lengths"
         # Rank 0 measures and caches; the others read its cache instead of measuring again.
         if self.info.is_main:
-            lengths = sample_lengths(records, self.encoder, cfg.data, cache_dir=cache, source=cfg.data.train)
+            shapes = sample_shapes(records, self.encoder, cfg.data, cache_dir=cache, source=cfg.data.train)
         barrier()
         if not self.info.is_main:
-            lengths = sample_lengths(records, self.encoder, cfg.data, cache_dir=cache, source=cfg.data.train)
+            shapes = sample_shapes(records, self.encoder, cfg.data, cache_dir=cache, source=cfg.data.train)
+        lengths = shapes.lengths
+        if not self.family.video_as_images:  # LLaVA-OneVision stacks a row's videos
+            self._refuse_mixed_frame_counts(records, shapes)
         if cfg.data.truncation == "drop":
             lengths, dropped = drop_too_long(lengths, cfg.data.max_seq_len)
             if dropped:
@@ -201,6 +205,17 @@ class Trainer:
                   f"{len(self.packs.usable)} samples ({unusable} unusable), efficiency "
                   f"{100 * plan.efficiency:.1f}%, {per_epoch} optimizer steps per epoch")
         self.packing_efficiency = plan.efficiency
+
+    def _refuse_mixed_frame_counts(self, records: Any, shapes: SampleShapes) -> None:
+        """Before step 1, not at it: videos that cannot share a packed row."""
+        frames = FrameCounts()
+        for i, (n, counts) in enumerate(zip(shapes.lengths, shapes.video_frames, strict=True)):
+            if 0 <= n <= self.config.data.max_seq_len:
+                frames.add(i, counts)
+        error = frames.mixing_error(lambda i: records[i].where, path=self.config.data.train, packing=True,
+                                    batch_size=self.config.train.micro_batch_size)
+        if error is not None:
+            raise error
 
     def _setup_engine(self) -> None:
         import deepspeed

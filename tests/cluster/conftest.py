@@ -97,3 +97,14 @@ def log_of(path: Path) -> str:
     return path.read_text() if path.is_file() else f"(no log at {path})"
 
 
+def job_failure(state: dict[str, str], log: str) -> str:
+    """What to read when a job did not complete: its end state, the daemons' lines about it
+    (a job killed from outside prints nothing in its own log) and its log's tail."""
+    job = state.get("JobId", "?")
+    about_job = re.compile(rf"\b(JobId=|job |StepId=){job}\b")
+    daemons = [f"{path.name}: {line}" for path in sorted((BASE / "log").glob("slurm*.log"))
+               for line in path.read_text(errors="replace").splitlines() if about_job.search(line)]
+    return (f"job {job}: {state.get('JobState')} exit {state.get('ExitCode')} "
+            f"reason {state.get('Reason')}\n" + "\n".join(daemons[-30:]) + "\n--- log tail ---\n" + log[-5000:])
+
+

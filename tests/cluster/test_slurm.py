@@ -16,7 +16,16 @@ from hpc_train.train.metrics import read_metrics
 from profiling.report import read_report
 from tests.read_only import read_only_dir
 
-from .conftest import ROOT, job_state, log_of, processes_of_job, sbatch, wait_for_job, wait_until
+from .conftest import (
+    ROOT,
+    job_failure,
+    job_state,
+    log_of,
+    processes_of_job,
+    sbatch,
+    wait_for_job,
+    wait_until,
+)
 
 TEMPLATES = ("baseline", "lora", "qlora")
 
@@ -70,7 +79,8 @@ def template_runs(cluster, job_args, tmp_path_factory):
 @pytest.mark.parametrize("mode", TEMPLATES)
 def test_template_completes_on_two_nodes(template_runs, mode):
     run = template_runs[mode]
-    assert run["state"]["JobState"] == "COMPLETED" and run["state"]["ExitCode"] == "0:0", run["log"][-6000:]
+    assert run["state"]["JobState"] == "COMPLETED" and run["state"]["ExitCode"] == "0:0", \
+        job_failure(run["state"], run["log"])
     assert run["state"]["NumNodes"] == "2"
     report = read_report(run["out"] / "profile" / "report.json")
     assert report["environment"]["hosts"] == ["slnode1", "slnode2"]

@@ -150,11 +150,14 @@ def test_signal_checkpoints_requeues_and_resume_reproduces_losses(tmp_path, trai
     for rank in psutil.Process(proc.pid).children():  # the rank processes, as SLURM signals tasks
         rank.send_signal(signal.SIGUSR1)
     output, _ = proc.communicate(timeout=300)
-    # Each rank exits with the requeue status (torchrun itself reports a failed child) and
-    # rank 0 leaves a marker a launcher can read. torchrun lists every rank that had exited when
-    # it looked and stops the rest, so a loaded machine may show one rank here, never another code.
-    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", output)
-    assert codes and set(codes) == {str(REQUEUE_EXIT_CODE)}, output[-4000:]
+    # The first rank to exit leaves with the requeue status (torchrun reports it as the root
+    # cause) and rank 0 leaves a marker a launcher can read. torchrun sends SIGTERM to ranks still
+    # tearing down when it sees that exit (the checkpoint and marker are complete by then: every
+    # rank passed the barrier after them), so the others show 75 or -15, never another code.
+    root_cause = re.search(r"Root Cause.*?exitcode\s*:\s*(-?\d+)", output, re.S)
+    assert root_cause and root_cause.group(1) == str(REQUEUE_EXIT_CODE), output[-4000:]
+    codes = set(re.findall(r"exitcode\s*:\s*(-?\d+)", output))
+    assert codes <= {str(REQUEUE_EXIT_CODE), str(-signal.SIGTERM)}, output[-4000:]
     marker = json.loads((out / "requeue.json").read_text())
     saved = (out / "checkpoints" / "latest").read_text().strip()
     assert marker["checkpoint"].endswith(saved) and marker["signal"] == "SIGUSR1"
@@ -285,6 +288,27 @@ def test_packed_training_with_per_sample_loss(tmp_path, train_args):
         "eval.generate=false")))
     values = losses(out)
     assert len(values) == 3 and all(v == v and v > 0 for v in values)
+
+
+def test_llava_packing_refuses_videos_of_different_frame_counts_before_step_one(tmp_path, synthetic_data,
+                                                                               train_args):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_data, data)
+    records = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    short = next(r for r in records if "video" in r and "video_clip" not in r)
+    short["video_clip"] = [0, 0.5]  # 2 frames where the others give 4
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out"
+    result = run_hpc_train("train", *train_args(
+        "llava_onevision", out, "data.packing=true", "data.max_seq_len=4096", "train.micro_batch_size=1",
+        f"data.train={data / 'train.jsonl'}", "train.max_steps=2"), nproc=1)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (f"[id {short['id']}]; 4 frames:" in result.stderr
+            and "Fix: make every video give the same count: data.video.sampling=uniform "
+                "data.video.num_frames=2" in result.stderr), result.stderr[-3000:]
+    assert not (out / "metrics.jsonl").exists()
 
 
 def test_rank_whose_micro_batch_is_all_skipped_does_not_stall_the_others(tmp_path, synthetic_data, train_args):

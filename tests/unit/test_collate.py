@@ -87,7 +87,7 @@ def test_llava_videos_of_different_lengths_refused(loaded_tiny, synthetic_data):
     video = next(s for s in samples if "pixel_values_videos" in s.media)
     shorter = type(video)(**{**video.__dict__, "id": "short",
                              "media": {"pixel_values_videos": video.media["pixel_values_videos"][:, :2]}})
-    with pytest.raises(DataError, match=r"different frame counts \[2, 4\].*Fix: use data.video.sampling=uniform"):
+    with pytest.raises(DataError, match=r"different frame counts \[2, 4\] in one batch.*Fix: data.video.sampling=uniform data.video.num_frames=2"):
         Collator(get_family("llava_onevision"), 0)([video, shorter])
 
 

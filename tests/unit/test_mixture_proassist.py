@@ -267,7 +267,7 @@ def test_convert_file_round_trip(tmp_path):
     src_json = tmp_path / "in.json"
     src_json.write_text(json.dumps([EXAMPLE, BUSY], indent=2))
     assert convert_proassist(src_json, windows, max_turns=1) == 2 + 4
-    rw = read_records(windows, media_root=tmp_path, check_media_exists=False)
+    rw = read_records(windows, media_root=tmp_path, check_media_exists=False, allow_outside_root=True)
     assert [r.id for r in rw] == ["abc#0", "abc#1", "7#0", "7#1", "7#2", "7#3"]
 
 

@@ -335,7 +335,7 @@ def test_media_path_resolution(tmp_path):
          "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "ok"}]},
     ]
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    rec = read_records(p, media_root=media)[0]
+    rec = read_records(p, media_root=media, allow_outside_root=True)[0]
     assert rec.images == (media / "imgs" / "a.jpg", media / "b.jpg")
     assert rec.videos == (absolute,)
     assert rec.video_clip == (1.0, 2.5)
@@ -345,8 +345,37 @@ def test_media_path_resolution(tmp_path):
     # Default media_root is the dataset file's folder.
     assert read_records(p)[1].images == (data / "local.jpg",)
     # Without the existence check, missing files are fine.
-    assert read_records(p, media_root=tmp_path / "nowhere",
-                        check_media_exists=False)[0].images[1] == tmp_path / "nowhere" / "b.jpg"
+    assert read_records(p, media_root=tmp_path / "nowhere", check_media_exists=False,
+                        allow_outside_root=True)[0].images[1] == tmp_path / "nowhere" / "b.jpg"
+
+
+@pytest.mark.parametrize("given", ["../secret.jpg", "imgs/../../secret.jpg", "ABSOLUTE"])
+def test_media_path_leaving_the_media_root_is_refused_unless_allowed(tmp_path, given):
+    media = tmp_path / "media"
+    (media / "imgs").mkdir(parents=True)
+    secret = tmp_path / "secret.jpg"
+    secret.touch()
+    given = str(secret) if given == "ABSOLUTE" else given
+    p = media / "d.jsonl"
+    p.write_text(json.dumps({"id": "x", "image": given, "conversations": [
+        {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "ok"}]}) + "\n")
+    with pytest.raises(MediaError, match=r"d.jsonl:1 \[id x\]: image path .* resolves outside media_root "
+                                         r".*Fix: .*data.allow_media_outside_root=true"):
+        read_records(p)[0]
+    assert read_records(p, allow_outside_root=True)[0].images == (media / given if given[0] != "/" else secret,)
+
+
+def test_media_under_a_symlinked_folder_stays_inside_the_root(tmp_path):
+    elsewhere = tmp_path / "other_disk"
+    elsewhere.mkdir()
+    (elsewhere / "a.jpg").touch()
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "imgs").symlink_to(elsewhere)
+    p = media / "d.jsonl"
+    p.write_text(json.dumps({"id": "x", "image": "imgs/a.jpg", "conversations": [
+        {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "ok"}]}) + "\n")
+    assert read_records(p)[0].images == (media / "imgs" / "a.jpg",)
 
 
 def test_text_only_record_has_no_media(tmp_path):
@@ -385,24 +414,6 @@ def test_id_filter_file_problems(tmp_path):
     hashes = tmp_path / "h.txt"
     hashes.write_text("clip#0\n")
     assert read_id_filter(hashes) == {"clip#0"}
-
-
-def test_iter_checked_collects_errors_and_duplicates(tmp_path):
-    p = tmp_path / "d.jsonl"
-    p.write_text("\n".join([
-        json.dumps(GOOD),
-        json.dumps({"id": "bad", "conversations": []}),
-        "{not json",
-        json.dumps(GOOD),
-    ]) + "\n")
-    results = list(RecordFile(p).iter_checked())
-    assert [i for i, _, _ in results] == [0, 1, 2, 3]
-    assert results[0][1] is not None and results[0][2] is None
-    assert results[1][1] is None and "'conversations' is empty" in str(results[1][2])
-    assert results[2][1] is None and "d.jsonl:3" in str(results[2][2])
-    rec, err = results[3][1], results[3][2]
-    assert rec is not None and rec.id == "ok1"
-    assert "d.jsonl:4 [id ok1]: duplicate id (first used by the record at line 1)" in str(err)
 
 
 def test_missing_dataset_file(tmp_path):
