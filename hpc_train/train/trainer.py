@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -29,6 +30,7 @@ from hpc_train.data.lengths import SampleShapes, sample_shapes
 from hpc_train.data.mixture import read_split
 from hpc_train.data.packing import PackedCollator, PlannedPacks, drop_too_long, per_sample_mean_loss
 from hpc_train.data.tokenize import IGNORE_INDEX, ChatEncoder
+from hpc_train.data.worker_signals import survive_group_signals
 from hpc_train.dist import (
     DistInfo,
     all_reduce_max,
@@ -45,6 +47,7 @@ from hpc_train.models.adapters import (
     describe_quantization,
 )
 from hpc_train.models.attention import use_varlen_attention
+from hpc_train.parent_death import signal_on_parent_death
 from hpc_train.train.checkpoint import Checkpointer, TrainState
 from hpc_train.train.data_order import PlannedBatches, total_steps
 from hpc_train.train.engine import build_optimizer, resolve_ds_config, zero_stage
@@ -262,6 +265,11 @@ class Trainer:
 
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, request_checkpoint)
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            # torchrun starts each rank in a session of its own, so a signal to the agent's
+            # process group (kill -USR1 -PGID) kills the agent alone: its ranks then stop here
+            # too, with a checkpoint, instead of training on unsupervised.
+            signal_on_parent_death(signal.SIGTERM)
 
     # -- training ------------------------------------------------------------------------
 
@@ -310,7 +318,7 @@ class Trainer:
         # from the global RNG would shift every later dropout mask of a resumed run.
         loader = DataLoader(self.train_set, batch_sampler=planned, collate_fn=collate,
                             num_workers=workers, persistent_workers=workers > 0,
-                            worker_init_fn=_ignore_stop_signals if workers else None,
+                            worker_init_fn=survive_group_signals if workers else None,
                             generator=torch.Generator().manual_seed(cfg.train.seed + self.info.rank))
         while True:
             planned.position = (state.epoch, state.micro_index)
@@ -622,13 +630,6 @@ def run_shape(model: torch.nn.Module, config: RunConfig, info: DistInfo, ds: dic
         world_size=info.world_size, micro_batch=config.train.micro_batch_size,
         seq_len=config.data.max_seq_len, frames_per_sample=frames,
         param_bytes=2 if _bf16(config) else 4, gradient_checkpointing=config.train.gradient_checkpointing)
-
-
-def _ignore_stop_signals(worker_id: int) -> None:
-    # A scheduler signals the whole process group; only the rank process decides to stop,
-    # at a step boundary, and its workers must survive until then.
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
 
 
 def _wants_zero3(config: RunConfig) -> bool:

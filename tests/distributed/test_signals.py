@@ -1,0 +1,135 @@
+"""Signals sent the way people really send them, and a rank that dies: with DataLoader workers
+(2 per rank), under plain torchrun and under ``launch/torchrun.sh``. 2 ranks, ZeRO-2 on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from hpc_train.train.metrics import read_metrics
+
+from .conftest import RUN_TIMEOUT_S, child_env, hpc_train_cmd
+
+ROOT = Path(__file__).resolve().parents[2]
+MAX_STEPS = 400  # far more than any test waits for: a run that reaches it was never stopped
+
+
+def start(cmd: list[str], out: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A run in a session of its own (its pid is its process group), once it has logged 3 steps."""
+    proc = subprocess.Popen(cmd, env={**child_env(), **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not (metrics.exists() and len(read_metrics(metrics)) >= 3):
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.monotonic() < deadline, "training never reached step 3"
+        time.sleep(0.2)
+    return proc
+
+
+def ranks_of(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The rank processes: the torchrun agent's children (their DataLoader workers are theirs)."""
+    return psutil.Process(proc.pid).children()
+
+
+def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    found = []
+    for p in processes:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def args_for(train_args, out: Path, *extra: str) -> list[str]:
+    return train_args("smolvlm", out, f"train.max_steps={MAX_STEPS}", "eval.generate=false", "data.num_workers=2",
+                      "train.micro_batch_size=2", "train.log_every=1", *extra)
+
+
+def stopped_with_a_checkpoint(out: Path, signal_name: str) -> int:
+    marker = json.loads((out / "requeue.json").read_text())
+    saved = (out / "checkpoints" / "latest").read_text().strip()
+    assert marker["signal"] == signal_name and marker["checkpoint"].endswith(saved), marker
+    assert 3 <= marker["step"] < MAX_STEPS
+    return marker["step"]
+
+
+def test_a_dead_rank_ends_the_other_at_once_despite_its_workers(tmp_path, train_args):
+    """The survivor's collective fails as soon as the dead rank's workers die with it (they hold
+    copies of its sockets), and it shuts its own workers down without waiting for torchrun's
+    30 s kill: it exits with its own error (1), not torchrun's SIGKILL (-9)."""
+    out = tmp_path / "run"
+    proc = start(hpc_train_cmd("train", *args_for(train_args, out)), out)
+    everything = psutil.Process(proc.pid).children(recursive=True)
+    assert len(everything) >= 2 + 2 * 2, [p.cmdline()[:3] for p in everything]  # 2 ranks, 2 workers each
+    ranks_of(proc)[-1].kill()
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    codes = dict(re.findall(r"rank\s*:\s*(\d+) \(local_rank.*?\n\s*exitcode\s*:\s*(-?\d+)", output))
+    assert codes and set(codes.values()) == {"1", "-9"} and list(codes.values()).count("-9") == 1, output[-3000:]
+    assert re.search(r"Connection (closed|reset) by peer", output), output[-3000:]  # the survivor's own error
+    assert not alive(everything), [p.cmdline()[:4] for p in alive(everything)]
+
+
+def test_sigterm_to_every_process_checkpoints_and_keeps_the_workers_until_then(tmp_path, train_args):
+    """As SLURM signals a job step: every process, DataLoader workers included. The workers ignore
+    it (only their own rank may stop them), the ranks checkpoint at the next step and exit 75."""
+    out = tmp_path / "run"
+    proc = start(hpc_train_cmd("train", *args_for(train_args, out)), out)
+    everything = psutil.Process(proc.pid).children(recursive=True)
+    for p in [psutil.Process(proc.pid), *everything]:
+        if p.cmdline() and "torch.distributed.run" not in " ".join(p.cmdline()):
+            p.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert "DataLoader worker" not in output, output[-3000:]
+    assert set(re.findall(r"exitcode\s*:\s*(-?\d+)", output)) <= {"75", "-15"}, output[-3000:]
+    stopped_with_a_checkpoint(out, "SIGTERM")
+    assert not alive(everything)
+
+
+def test_usr1_to_a_plain_torchrun_group_stops_its_ranks_with_a_checkpoint(tmp_path, train_args):
+    """torchrun puts each rank in a session of its own, so ``kill -USR1 -PGID`` reaches the agent
+    alone, which dies of it; its ranks then get SIGTERM from the kernel (parent death) and stop
+    with a checkpoint instead of training on unsupervised."""
+    out = tmp_path / "run"
+    proc = start(hpc_train_cmd("train", *args_for(train_args, out)), out)
+    everything = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGUSR1)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGUSR1  # the agent itself: torchrun's code, not ours
+    deadline = time.monotonic() + 300
+    while alive(everything):
+        assert time.monotonic() < deadline, "ranks left running after their agent died"
+        time.sleep(0.2)
+    step = stopped_with_a_checkpoint(out, "SIGTERM")
+    assert len(read_metrics(out / "metrics.jsonl")) == step
+
+
+def test_usr1_to_the_launch_script_group_is_forwarded_by_a_surviving_agent(tmp_path, train_args):
+    """The README's training command (``launch/torchrun.sh``): the agent ignores USR1, the script
+    passes it to the ranks, they checkpoint and exit 75, and the script exits 0 for a requeue."""
+    out = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(ROOT / "launch" / "torchrun.sh"), "train", *args_for(train_args, out)]
+    proc = start(cmd, out, env={"NPROC_PER_NODE": "2", "MASTER_PORT": str(port), "PATH": f"{Path(sys.executable).parent}:"
+                                f"{os.environ['PATH']}"})
+    everything = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    assert "workers stopped after SIGUSR1" in output, output[-3000:]
+    stopped_with_a_checkpoint(out, "SIGUSR1")
+    assert not alive(everything)
