@@ -44,6 +44,7 @@ def _check_data(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from hpc_train.config import load_config
+    from hpc_train.dist import cleanup
     from hpc_train.train.trainer import TrainingStopped, run
 
     config = load_config(args.config, args.overrides)
@@ -52,6 +53,10 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingStopped as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    finally:
+        # Left to interpreter exit, gloo's threads are sometimes torn down running, and the
+        # process aborts (status -6) after it has already said what went wrong.
+        cleanup()
 
 
 def _demo(args: argparse.Namespace) -> int:

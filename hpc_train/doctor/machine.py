@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 from hpc_train.doctor.table import Check
+from hpc_train.train.output_dir import FIX_WRITABLE, existing_parent, write_probe
 
 GIB = 2**30
 
@@ -61,14 +61,6 @@ def slurm_job_check(env: Mapping[str, str]) -> Check | None:
     return Check("SLURM job", "info", f"job {job} ({env.get('SLURM_JOB_NAME', '?')})", ", ".join(parts))
 
 
-def existing_parent(path: Path) -> Path:
-    """The folder itself, or the nearest parent that exists (where it would be created)."""
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def output_checks(output_dir: Path, *, min_free_gib: float, warn_free_gib: float) -> list[Check]:
     """Can the run write there (tried for real: as root, permission bits say nothing), and is
     there room for checkpoints."""
@@ -76,13 +68,9 @@ def output_checks(output_dir: Path, *, min_free_gib: float, warn_free_gib: float
     where = str(output_dir) if base == output_dir.absolute() else f"{output_dir} (to be made in {base})"
     if not base.is_dir():
         return [Check("output dir", "fail", where, f"{base} is a file, not a folder. Fix: set output_dir elsewhere")]
-    try:
-        with tempfile.NamedTemporaryFile(dir=base, prefix=".hpc-train-doctor-"):
-            pass
-        writable = Check("output dir", "ok", where, "writable")
-    except OSError as exc:
-        writable = Check("output dir", "fail", where, f"not writable ({exc.strerror}). Fix: set output_dir "
-                         "(or OUTPUT_DIR) to a writable folder on a filesystem every node sees")
+    failed = write_probe(base)
+    writable = Check("output dir", "ok", where, "writable") if failed is None else \
+        Check("output dir", "fail", where, f"not writable ({failed.strerror}). Fix: {FIX_WRITABLE}")
     free = shutil.disk_usage(base).free / GIB
     status = "fail" if free < min_free_gib else "warn" if free < warn_free_gib else "ok"
     note = {"fail": f"below {min_free_gib:g} GiB: checkpoints will not fit. Fix: free space or move output_dir",

@@ -22,6 +22,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,13 @@ import torch.distributed as dist
 from hpc_train.dist import DistInfo, barrier
 from hpc_train.errors import HpcTrainError
 from hpc_train.train.manifest import MANIFEST, problems, write_manifest
+from hpc_train.train.output_dir import (
+    OutputError,
+    agreed,
+    is_write_failure,
+    room_problem,
+    write_failure,
+)
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
@@ -67,12 +75,14 @@ class Checkpointer:
     """Saves and restores checkpoints under ``root`` (shared by all ranks). Every method is
     collective: all ranks call it at the same point."""
 
-    def __init__(self, root: str | Path, info: DistInfo, *, keep: int = 2) -> None:
+    def __init__(self, root: str | Path, info: DistInfo, *, keep: int = 2, expected_bytes: int = 0) -> None:
         self.root = Path(root)
         self.info = info
         self.keep = keep
         self.saved_step: int | None = None
         """The step whose checkpoint is on disk and current (saved or loaded by this run)."""
+        self.expected_bytes = expected_bytes
+        """Room the next checkpoint needs: an estimate until one is saved, then that one's size."""
 
     def prepare(self, *, resume: bool) -> list[str]:
         """Before anything is saved or loaded: drop half-written saves; when not resuming, move an
@@ -136,31 +146,65 @@ class Checkpointer:
         return []
 
     def save(self, engine: Any, state: TrainState) -> Path:
-        """Write a checkpoint of ``state`` (nothing when this step's is already on disk)."""
+        """Write a checkpoint of ``state`` (nothing when this step's is already on disk). A disk
+        without room for it stops every rank before anything is written; a write that fails
+        anyway stops every rank with one :class:`OutputError` naming the path and a fix, and the
+        partial copy removed."""
         tag = tag_for(state.step)
         final = self.root / tag
         if self.saved_step == state.step:
             return final
+        problem = agreed(room_problem(self.root, self.expected_bytes, f"checkpoint {tag}"))
+        if problem:
+            raise OutputError(f"{problem} (the newest complete checkpoint, {self.latest()}, is intact)")
         started = time.perf_counter()
         staging = self.root / STAGING / tag
+        failure = self._write(engine, state, staging, final)
+        if failure:
+            if self.info.is_main:
+                shutil.rmtree(staging, ignore_errors=True)  # a partial copy must not keep the disk full
+            barrier()
+            raise OutputError(f"{failure} (checkpoint {tag} not saved, its partial copy removed; the newest "
+                              f"complete checkpoint is {self.latest()})")
+        size = 0
         if self.info.is_main:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.parent.mkdir(parents=True, exist_ok=True)
-        barrier()
-        engine.save_checkpoint(str(staging.parent), tag=tag, save_latest=False)
-        torch.save(_rng_state(), staging / f"rng_rank{self.info.rank}.pt")
-        if self.info.is_main:
-            (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
-        barrier()
-        write_manifest(staging, step=state.step, world_size=self.info.world_size, main=self.info.is_main)
-        if self.info.is_main:
-            self._publish(staging, final)
             size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
             print(f"saved checkpoint {final} (step {state.step}, {size / 2**20:.1f} MiB, "
                   f"{time.perf_counter() - started:.1f} s)", flush=True)
-        barrier()
+        self.expected_bytes = _from_main(size)
         self.saved_step = state.step
         return final
+
+    def _write(self, engine: Any, state: TrainState, staging: Path, final: Path) -> str | None:
+        """Stage, verify and publish a checkpoint; the first write failure (the same on every
+        rank), or None. Each stage ends with the ranks agreeing, so none waits in a collective
+        another rank has left."""
+        def prepare() -> None:
+            if self.info.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.parent.mkdir(parents=True, exist_ok=True)
+
+        def own_files() -> None:
+            torch.save(_rng_state(), staging / f"rng_rank{self.info.rank}.pt")
+            if self.info.is_main:
+                (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+
+        def publish() -> None:
+            if self.info.is_main:
+                self._publish(staging, final)
+
+        failure = agreed(_attempt(staging, prepare))
+        if failure is None:
+            # DeepSpeed's writes come after its collectives but its closing barrier: a rank whose
+            # write fails joins that barrier itself, so the others are not left waiting in it.
+            failure = _attempt(staging, lambda: engine.save_checkpoint(str(staging.parent), tag=staging.name,
+                                                                        save_latest=False), on_failure=barrier)
+            failure = agreed(failure or _attempt(staging, own_files))
+        for stage in (lambda: write_manifest(staging, step=state.step, world_size=self.info.world_size,
+                                             main=self.info.is_main), publish):
+            if failure is None:
+                failure = agreed(_attempt(staging, stage))
+        return failure
 
     def _publish(self, staging: Path, final: Path) -> None:
         """Rename the finished checkpoint in, point ``latest`` at it, prune the old ones."""
@@ -171,6 +215,8 @@ class Checkpointer:
         os.replace(staging, final)
         _write_atomic(self.root / LATEST, final.name)
         shutil.rmtree(replaced, ignore_errors=True)
+        for script in staging.parent.glob("zero_to_*.py"):  # DeepSpeed's converters, beside the checkpoints
+            os.replace(script, self.root / script.name)
         self._prune(newest=final.name)
 
     def _prune(self, *, newest: str) -> None:
@@ -198,6 +244,7 @@ class Checkpointer:
         if state.world_size == self.info.world_size:
             restore_rng(path / f"rng_rank{self.info.rank}.pt")
         self.saved_step = state.step
+        self.expected_bytes = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
         return state
 
 
@@ -208,6 +255,19 @@ def _train_state(path: Path) -> TrainState:
         raise CheckpointError(f"{path}: not a trainer state this hpc-train writes (keys {sorted(saved)}). Fix: "
                               "start over with train.resume=false")
     return TrainState(**saved)
+
+
+def _attempt(path: Path, write: Callable[[], object], on_failure: Callable[[], None] | None = None) -> str | None:
+    """Run ``write``; the message for a failed write into ``path``, or None (other errors raise)."""
+    try:
+        write()
+    except Exception as exc:
+        if not is_write_failure(exc):
+            raise
+        if on_failure is not None:
+            on_failure()
+        return write_failure(path, exc)
+    return None
 
 
 def _from_main(value: Any) -> Any:

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from hpc_train.train.output_dir import writing
+
 
 class MetricsLogger:
     """Appends step metrics; on resume, drops lines written after the checkpoint it resumes from."""
@@ -17,14 +19,8 @@ class MetricsLogger:
         self._tb = None
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.write_text("")
-        elif self.path.exists():
-            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [line for line in lines if json.loads(line).get("step", 0) <= resume_step]
-            if kept != lines:  # a file with nothing to drop is left as it is
-                self.path.write_text("".join(f"{line}\n" for line in kept))
+        with writing(self.path):
+            self._start(resume_step)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -33,12 +29,23 @@ class MetricsLogger:
             self._tb = None
         self._handle = self.path.open("a")
 
+    def _start(self, resume_step: int | None) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [line for line in lines if json.loads(line).get("step", 0) <= resume_step]
+            if kept != lines:  # a file with nothing to drop is left as it is
+                self.path.write_text("".join(f"{line}\n" for line in kept))
+
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
         row = {"step": step, **{k: _plain(v) for k, v in values.items()}}
-        self._handle.write(json.dumps(row) + "\n")
-        self._handle.flush()
+        with writing(self.path):
+            self._handle.write(json.dumps(row) + "\n")
+            self._handle.flush()
         if self._tb is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):

@@ -54,6 +54,15 @@ from hpc_train.train.engine import build_optimizer, resolve_ds_config, zero_stag
 from hpc_train.train.evaluate import EvalResult, evaluate_generation, evaluate_loss, to_device
 from hpc_train.train.metrics import MetricsLogger
 from hpc_train.train.model_setup import LoadedModel, load_training_model
+from hpc_train.train.output_dir import (
+    OutputError,
+    agreed,
+    checkpoint_bytes,
+    free_bytes,
+    output_problem,
+    room_problem,
+    writing,
+)
 from hpc_train.train.profile_report import (
     PROFILE_REPORT,
     describe_run,
@@ -112,9 +121,12 @@ class Trainer:
                                      workload="training" if self.training else "evaluation")
             self.timer = self.profiler
         with self.timer.section("setup"):
+            problem = agreed(output_problem(self.output))  # before minutes of loading, on every rank
+            if problem:
+                raise OutputError(problem)
             if info.is_main:
-                self.output.mkdir(parents=True, exist_ok=True)
-                save_config(cfg, self.output / "config.resolved.yaml")
+                with writing(self.output / "config.resolved.yaml"):
+                    save_config(cfg, self.output / "config.resolved.yaml")
                 (self.output / REQUEUE_MARKER).unlink(missing_ok=True)
             self.ds: dict[str, Any] | None = None
             self.loaded: LoadedModel
@@ -224,6 +236,7 @@ class Trainer:
         import deepspeed
 
         cfg, model = self.config, self.loaded.model
+        per_checkpoint = self._check_room(checkpoint_bytes(model))
         groups = build_param_groups(model, self.family, cfg)
         optimizer = build_optimizer([g.as_optimizer_group() for g in groups], cfg, self.ds,
                                     main=self.info.local_rank == 0)
@@ -232,7 +245,7 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds)
         self.checkpointer = Checkpointer(self.output / "checkpoints", self.info,
-                                         keep=cfg.train.keep_checkpoints)
+                                         keep=cfg.train.keep_checkpoints, expected_bytes=per_checkpoint)
         self.state = TrainState(world_size=self.info.world_size)
         for said in self.checkpointer.prepare(resume=cfg.train.resume):
             self._say(said)
@@ -258,6 +271,22 @@ class Trainer:
         quantized = describe_quantization(model, self.family)
         if quantized:
             self._say(quantized)
+
+    def _check_room(self, per_checkpoint: int) -> int:
+        """Stop before the engine starts when not even one checkpoint fits; say so when fewer
+        than the run keeps (plus the one written before the oldest goes) do."""
+        root = self.output / "checkpoints"
+        problem = agreed(room_problem(root, per_checkpoint, "one checkpoint"))
+        if problem:
+            raise OutputError(problem)
+        keep = self.config.train.keep_checkpoints
+        room = free_bytes(root) // max(per_checkpoint, 1)
+        if room < keep + 1:
+            self._say(f"disk: room for {room} checkpoint(s) of about {per_checkpoint / 2**20:.1f} MiB in {root}; "
+                      f"the run keeps {keep} (train.keep_checkpoints) and writes the next before removing the "
+                      "oldest, so it will stop for space before that. Fix: free space, lower "
+                      "train.keep_checkpoints, or use a larger output_dir")
+        return per_checkpoint
 
     def _install_signal_handlers(self) -> None:
         def request_checkpoint(signum: int, frame: object) -> None:
@@ -428,7 +457,8 @@ class Trainer:
                 # this marker tells them the stop was a requested one.
                 marker = {"signal": name, "step": state.step, "checkpoint": str(path),
                           "exit_code": REQUEUE_EXIT_CODE}
-                (self.output / REQUEUE_MARKER).write_text(json.dumps(marker))
+                with writing(self.output / REQUEUE_MARKER):
+                    (self.output / REQUEUE_MARKER).write_text(json.dumps(marker))
             # No rank exits before the marker exists: a launcher that ends the job when one
             # task exits (srun --kill-on-bad-exit) must not stop rank 0 before it writes it.
             barrier()
@@ -489,7 +519,8 @@ class Trainer:
         if self.info.is_main:
             payload = {"mode": cfg.train.mode, "model": str(self.loaded.source), "data": cfg.data.eval,
                        "step": getattr(getattr(self, "state", None), "step", 0), **result.to_dict()}
-            (self.output / "eval_results.json").write_text(json.dumps(payload, indent=2))
+            with writing(self.output / "eval_results.json"):
+                (self.output / "eval_results.json").write_text(json.dumps(payload, indent=2))
             self._say(f"eval: loss {result.loss:.4f}, perplexity {result.perplexity:.3f}"
                       + (f", accuracy {result.accuracy:.3f} ({result.correct}/{result.generated})"
                          if result.accuracy is not None else "")
@@ -511,15 +542,17 @@ class Trainer:
             else list(module.parameters())
         with _gathered(params, zero_stage(self.ds) == 3):
             if self.info.is_main:
-                module.save_pretrained(target, safe_serialization=True)
-                self.loaded.processor.save_pretrained(target)
+                with writing(target):
+                    module.save_pretrained(target, safe_serialization=True)
+                    self.loaded.processor.save_pretrained(target)
         barrier()
         if cfg.lora.merge_on_export and cfg.train.mode == "lora":
             with _gathered(list(module.parameters()), zero_stage(self.ds) == 3):
                 if self.info.is_main:
                     merged = module.merge_and_unload()
-                    merged.save_pretrained(self.output / "merged", safe_serialization=True)
-                    self.loaded.processor.save_pretrained(self.output / "merged")
+                    with writing(self.output / "merged"):
+                        merged.save_pretrained(self.output / "merged", safe_serialization=True)
+                        self.loaded.processor.save_pretrained(self.output / "merged")
             barrier()
         self._say(f"exported {target}")
 
@@ -547,7 +580,8 @@ class Trainer:
         if self.training and self.info.is_main:
             marker = {"step": self.state.step, "config_hash": self.config.digest(),
                       "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            (self.output / COMPLETE_MARKER).write_text(json.dumps(marker))
+            with writing(self.output / COMPLETE_MARKER):
+                (self.output / COMPLETE_MARKER).write_text(json.dumps(marker))
 
     def finish(self) -> None:
         """Close the metrics and write the profiling reports (also after a signal stop)."""
@@ -560,8 +594,9 @@ class Trainer:
             run = describe_run(self.config, self.info, zero_stage=zero_stage(self.ds) if self.ds else None,
                                planned_steps=getattr(self, "total_steps", None),
                                packing_efficiency=getattr(self, "packing_efficiency", None))
-            path = write_profile(self.profiler, self.config, self.info, run, dtype=self.loaded.dtype,
-                                 first_step=self._first_step)
+            with writing(self.output / PROFILE_REPORT):
+                path = write_profile(self.profiler, self.config, self.info, run, dtype=self.loaded.dtype,
+                                     first_step=self._first_step)
             if path is not None:
                 self._say(f"profile -> {path} (hpc-profile show {path})")
         barrier()

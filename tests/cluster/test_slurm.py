@@ -14,7 +14,7 @@ import pytest
 
 from hpc_train.train.metrics import read_metrics
 from profiling.report import read_report
-from tests.read_only import read_only_dir
+from tests.filesystems import read_only_dir
 
 from .conftest import (
     ROOT,

@@ -9,7 +9,7 @@ import sys
 import venv
 from pathlib import Path
 
-from tests.read_only import read_only_dir
+from tests.filesystems import read_only_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 
