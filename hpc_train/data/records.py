@@ -418,7 +418,10 @@ _FOREIGN_HEADS = (
     (b"\xff\xfe", "UTF-16 (little-endian)"), (b"\xfe\xff", "UTF-16 (big-endian)"),
     (b"\x1f\x8b", "gzip-compressed"), (b"PK\x03\x04", "a zip archive"),
 )
-_FIX_ENCODING = "re-save it as UTF-8, e.g. `iconv -f UTF-16 -t UTF-8 IN > OUT`"
+
+
+def _fix_encoding(encoding: str) -> str:
+    return f"re-save it as UTF-8, e.g. `iconv -f {encoding} -t UTF-8 IN > OUT`"
 
 
 def _refuse_foreign_encoding(path: Path) -> None:
@@ -427,13 +430,13 @@ def _refuse_foreign_encoding(path: Path) -> None:
         head = f.read(64)
     for magic, what in _FOREIGN_HEADS:
         if head.startswith(magic):
-            fix = "decompress it first" if "zip" in what else _FIX_ENCODING
+            fix = "decompress it first" if "zip" in what else _fix_encoding(what.split()[0])
             raise DataError(f"file is {what}, not UTF-8 JSON", path=path, line=1, fix=fix)
     if b"\x00" in head:
         # UTF-16 without a byte-order mark puts a NUL beside every ASCII character.
         what = "UTF-16 without a byte-order mark" if head[1:2] == b"\x00" or head[:1] == b"\x00" else "binary"
         raise DataError(f"file holds NUL bytes: it looks {what}, not UTF-8 JSON", path=path, line=1,
-                        fix=_FIX_ENCODING if what != "binary" else "point the config at the JSON/JSONL dataset file")
+                        fix=_fix_encoding("UTF-16") if what != "binary" else "point the config at the JSON/JSONL dataset file")
 
 
 def _advance(buf: bytes, base: int, line: int, counted: int, upto: int) -> tuple[int, int]:

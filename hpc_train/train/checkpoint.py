@@ -168,7 +168,7 @@ class Checkpointer:
                               f"complete checkpoint is {self.latest()})")
         size = 0
         if self.info.is_main:
-            size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
+            size = _folder_bytes(final)
             print(f"saved checkpoint {final} (step {state.step}, {size / 2**20:.1f} MiB, "
                   f"{time.perf_counter() - started:.1f} s)", flush=True)
         self.expected_bytes = _from_main(size)
@@ -244,7 +244,7 @@ class Checkpointer:
         if state.world_size == self.info.world_size:
             restore_rng(path / f"rng_rank{self.info.rank}.pt")
         self.saved_step = state.step
-        self.expected_bytes = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        self.expected_bytes = _folder_bytes(path)
         return state
 
 
@@ -255,6 +255,10 @@ def _train_state(path: Path) -> TrainState:
         raise CheckpointError(f"{path}: not a trainer state this hpc-train writes (keys {sorted(saved)}). Fix: "
                               "start over with train.resume=false")
     return TrainState(**saved)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def _attempt(path: Path, write: Callable[[], object], on_failure: Callable[[], None] | None = None) -> str | None:
