@@ -190,6 +190,25 @@ _REQUIRED: dict[str, dict[str, Any]] = {
 def validate(report: Any, kind: str | None = None, *, source: str = "report") -> dict[str, Any]:
     """Check ``report`` against the schema; returns it, or raises :class:`ReportError` naming
     the field and what was expected."""
+    found = _check_header(report, kind, source)
+    for key, types in _REQUIRED[found].items():
+        if key not in report:
+            raise ReportError(f"{source}: field {key!r} is missing")
+        if not isinstance(report[key], types) or isinstance(report[key], bool) and types in (int, _NUM):
+            raise ReportError(f"{source}: field {key!r} has type {type(report[key]).__name__}")
+    if report["workload"] not in WORKLOADS:
+        raise ReportError(f"{source}: workload {report['workload']!r} is not one of {WORKLOADS}")
+    _check_stats(report, source)
+    if found == REPORT_KIND:
+        for i, rank in enumerate(report["per_rank"]):
+            validate({**rank, "series": {"step_ms": []}}, RANK_KIND, source=f"{source}: per_rank[{i}]")
+    else:
+        _check_rank_numbers(report, source)
+    return report
+
+
+def _check_header(report: Any, kind: str | None, source: str) -> str:
+    """The report's kind, once its schema version and kind are the expected ones."""
     if not isinstance(report, dict):
         raise ReportError(f"{source}: expected a JSON object, found {type(report).__name__}")
     version = report.get("schema_version")
@@ -204,13 +223,10 @@ def validate(report: Any, kind: str | None = None, *, source: str = "report") ->
         hint = (" Fix: pass the merged profile/report.json, or merge rank files with hpc-profile merge"
                 if kind == REPORT_KIND else "")
         raise ReportError(f"{source}: is a {found!r} file, expected {kind!r}.{hint}")
-    for key, types in _REQUIRED[found].items():
-        if key not in report:
-            raise ReportError(f"{source}: field {key!r} is missing")
-        if not isinstance(report[key], types) or isinstance(report[key], bool) and types in (int, _NUM):
-            raise ReportError(f"{source}: field {key!r} has type {type(report[key]).__name__}")
-    if report["workload"] not in WORKLOADS:
-        raise ReportError(f"{source}: workload {report['workload']!r} is not one of {WORKLOADS}")
+    return found
+
+
+def _check_stats(report: dict[str, Any], source: str) -> None:
     stats = [("step_ms", report["step_ms"])] + [(f"phases_ms.{p}", s) for p, s in report["phases_ms"].items()]
     for name, value in stats:
         if value is None:
@@ -218,19 +234,17 @@ def validate(report: Any, kind: str | None = None, *, source: str = "report") ->
         for stat in ("count", "mean", "median", "p95", "min", "max", "std"):
             if not isinstance(value, dict) or not isinstance(value.get(stat), _NUM):
                 raise ReportError(f"{source}: {name}.{stat} is missing or not a number")
-    if found == REPORT_KIND:
-        for i, rank in enumerate(report["per_rank"]):
-            validate({**rank, "series": {"step_ms": []}}, RANK_KIND, source=f"{source}: per_rank[{i}]")
-    else:
-        for key in ("samples", "tokens", "slot_tokens", "images", "measured_s"):
-            if not isinstance(report["totals"].get(key), _NUM):
-                raise ReportError(f"{source}: totals.{key} is missing or not a number")
-        steps = report["series"].get("step_ms")
-        if not isinstance(steps, list) or not all(isinstance(v, _NUM) for v in steps):
-            raise ReportError(f"{source}: series.step_ms must be a list of numbers")
-        if not isinstance(report["flops"].get("achieved_tflops_per_device", 0), (*_NUM, type(None))):
-            raise ReportError(f"{source}: flops.achieved_tflops_per_device is not a number")
-    return report
+
+
+def _check_rank_numbers(report: dict[str, Any], source: str) -> None:
+    for key in ("samples", "tokens", "slot_tokens", "images", "measured_s"):
+        if not isinstance(report["totals"].get(key), _NUM):
+            raise ReportError(f"{source}: totals.{key} is missing or not a number")
+    steps = report["series"].get("step_ms")
+    if not isinstance(steps, list) or not all(isinstance(v, _NUM) for v in steps):
+        raise ReportError(f"{source}: series.step_ms must be a list of numbers")
+    if not isinstance(report["flops"].get("achieved_tflops_per_device", 0), (*_NUM, type(None))):
+        raise ReportError(f"{source}: flops.achieved_tflops_per_device is not a number")
 
 
 def read_report(path: str | Path, kind: str | None = REPORT_KIND) -> dict[str, Any]:

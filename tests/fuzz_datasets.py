@@ -59,53 +59,79 @@ def _texts(record: dict) -> list[dict]:
     return [t for t in turns if isinstance(t, dict)] if isinstance(turns, list) else []
 
 
-def _mutate_once(record: dict, rng: random.Random) -> None:
-    turns = _texts(record)
-    op = rng.randrange(10)
-    if op == 0 and (paths := _paths(record)):
+def _drop_a_field(record: dict, turns: list[dict], rng: random.Random) -> None:
+    if paths := _paths(record):
         _delete(record, rng.choice(paths))
-    elif op == 1 and turns:
+
+
+def _odd_role(record: dict, turns: list[dict], rng: random.Random) -> None:
+    if turns:
         rng.choice(turns)["from"] = rng.choice(["gpt", "human", "system", "bot", "", "GPT", None, 7])
-    elif op == 2 and turns:
+
+
+def _extra_placeholder(record: dict, turns: list[dict], rng: random.Random) -> None:
+    if turns:
         turn = rng.choice(turns)
         turn["value"] = str(turn.get("value", "")) + rng.choice(PLACEHOLDERS)
-    elif op == 3:  # a bad path where the record has media, so the placeholders still match
-        kinds = [k for k in ("image", "video", "audio") if k in record] or ["image"]
-        kind = rng.choice(kinds)
-        given = record.get(kind)
-        if isinstance(given, list):
-            record[kind] = [rng.choice(BAD_PATHS) for _ in given]
-        else:
-            record[kind] = rng.choice(BAD_PATHS)
-            if given is None and turns and isinstance(turns[0].get("value"), str):
-                turns[0]["value"] = "<image>" + turns[0]["value"]
-    elif op == 4:
-        record["video_clip"] = copy.deepcopy(rng.choice(ODD_CLIPS))
-    elif op == 5:
-        record["id"] = rng.choice(["", "   ", "dup", "dup", 10**50, 1.5, True, [], {}, "\n", "id\x00"])
-    elif op == 6 and turns:
+
+
+def _bad_media_path(record: dict, turns: list[dict], rng: random.Random) -> None:
+    """A bad path where the record has media, so the placeholders still match."""
+    kind = rng.choice([k for k in ("image", "video", "audio") if k in record] or ["image"])
+    given = record.get(kind)
+    if isinstance(given, list):
+        record[kind] = [rng.choice(BAD_PATHS) for _ in given]
+        return
+    record[kind] = rng.choice(BAD_PATHS)
+    if given is None and turns and isinstance(turns[0].get("value"), str):
+        turns[0]["value"] = "<image>" + turns[0]["value"]
+
+
+def _odd_clip(record: dict, turns: list[dict], rng: random.Random) -> None:
+    record["video_clip"] = copy.deepcopy(rng.choice(ODD_CLIPS))
+
+
+def _odd_id(record: dict, turns: list[dict], rng: random.Random) -> None:
+    record["id"] = rng.choice(["", "   ", "dup", "dup", 10**50, 1.5, True, [], {}, "\n", "id\x00"])
+
+
+def _control_token(record: dict, turns: list[dict], rng: random.Random) -> None:
+    if turns:
         turn = rng.choice(turns)
         turn["value"] = f"{turn.get('value', '')} {rng.choice(CONTROL_TOKENS)} tail"
-    elif op == 7 and turns:
-        for turn in turns:
-            if turn.get("from") == "gpt":
-                turn["value"] = rng.choice(["", "   ", "\n"])
-    elif op == 8 and isinstance(record.get("conversations"), list):
+
+
+def _empty_answers(record: dict, turns: list[dict], rng: random.Random) -> None:
+    for turn in turns:
+        if turn.get("from") == "gpt":
+            turn["value"] = rng.choice(["", "   ", "\n"])
+
+
+def _reshaped_conversation(record: dict, turns: list[dict], rng: random.Random) -> None:
+    if isinstance(record.get("conversations"), list):
         conv = record["conversations"]
         record["conversations"] = rng.choice([conv[::-1], conv * 50, conv[:1], [], conv + conv[:1]])
-    elif op == 9 and (paths := _paths(record)):
-        old = rng.choice(paths)
-        parent = record
-        for key in old[:-1]:
-            parent = parent[key]
-        if isinstance(parent, dict):
-            parent[rng.choice(["conversation", "Id", "images", "from ", "value\u200b"])] = parent.pop(old[-1])
+
+
+def _renamed_key(record: dict, turns: list[dict], rng: random.Random) -> None:
+    if not (paths := _paths(record)):
+        return
+    old = rng.choice(paths)
+    parent = record
+    for key in old[:-1]:
+        parent = parent[key]
+    if isinstance(parent, dict):
+        parent[rng.choice(["conversation", "Id", "images", "from ", "value\u200b"])] = parent.pop(old[-1])
+
+
+MUTATIONS = (_drop_a_field, _odd_role, _extra_placeholder, _bad_media_path, _odd_clip, _odd_id, _control_token,
+             _empty_answers, _reshaped_conversation, _renamed_key)
 
 
 def mutated_valid(base: list[dict], rng: random.Random) -> str:
     record = copy.deepcopy(rng.choice(base))
     for _ in range(rng.randint(1, 3)):
-        _mutate_once(record, rng)
+        MUTATIONS[rng.randrange(len(MUTATIONS))](record, _texts(record), rng)
     return json.dumps(record)
 
 

@@ -200,6 +200,12 @@ def _resolve_entry(entry: object, k: int, line: int | None, yaml_path: Path,
     if ids_file is not None and not ids_file.is_file():
         raise fail(f"ids_file not found: {ids_file}",
                    f"check 'ids_file' (relative paths resolve against {base})")
+    fraction, repeat = _sampling(entry, fail)
+    return _Entry(path, media_root, ids_file, fraction, repeat)
+
+
+def _sampling(entry: dict, fail: collections.abc.Callable[[str, str], DataError]) -> tuple[float, int]:
+    """An entry's ``fraction`` (subsample) and ``repeat`` (upsample), at most one of them set."""
     if "fraction" in entry and "repeat" in entry:
         raise fail("'fraction' and 'repeat' are exclusive",
                    "use fraction (0 < f <= 1) to subsample or repeat (integer >= 1) to "
@@ -213,7 +219,7 @@ def _resolve_entry(entry: object, k: int, line: int | None, yaml_path: Path,
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise fail(f"repeat must be an integer >= 1 (got {repeat!r})",
                    "use e.g. 'repeat: 2'; to subsample use 'fraction: 0.5' instead")
-    return _Entry(path, media_root, ids_file, float(fraction), repeat)
+    return float(fraction), repeat
 
 
 def read_dataset(path: str | Path, media_root: str | Path | None = None,

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,49 +92,17 @@ def convert_dialog(dialog: object, max_turns: int | None = None, *,
     system: list[str] = []
     events: list[_Event] = []
     for k, turn in enumerate(conv):
-        where = f"conversation[{k}]"
-        if not isinstance(turn, dict):
-            raise fail(f"{where} is not an object")
-        role = turn.get("role")
-        if role not in _ROLES:
-            raise fail(f"{where} has unknown role {role!r}; valid roles: {', '.join(_ROLES)}",
-                       f"set 'role' to one of: {', '.join(_ROLES)}")
-        if role == "frames":
-            start, end = turn.get("start"), turn.get("end")
-            if not (_number(start) and _number(end) and 0 <= start <= end):
-                raise fail(f"{where} frames need numeric 'start' <= 'end' >= 0 "
-                           f"(got start={start!r}, end={end!r})",
-                           'write {"role": "frames", "start": 0.0, "end": 4.0}')
-            events.append(_Event("frames", float(start), float(end)))
-            continue
-        content = turn.get("content")
-        if not isinstance(content, str) or not content.strip():
-            raise fail(f"{where} ({role}) has no text 'content'",
-                       "give the turn a non-empty string 'content', or remove it")
-        if role == "system":
-            system.append(content)
-            continue
-        t = turn.get("time")
-        if not _number(t) or t < 0:
-            raise fail(f"{where} ({role}) needs a numeric 'time' >= 0 (got {t!r})",
-                       'add "time": <seconds into the video> to the turn')
-        events.append(_Event(role, float(t), float(t), content))
-
+        read = _read_turn(turn, f"conversation[{k}]", fail)
+        if isinstance(read, str):
+            system.append(read)
+        else:
+            events.append(read)
     last = max((k for k, ev in enumerate(events) if ev.kind == "assistant"), default=-1)
     if last == -1:
         raise fail("dialog has no assistant turn, so there is nothing to train on",
                    "add at least one {\"role\": \"assistant\", ...} turn, or drop the dialog")
     # Turns and frames after the final assistant turn have no target: dropped.
-    events = events[:last + 1]
-    limit = max_turns if max_turns is not None else len(events)
-    windows: list[list[_Event]] = [[]]
-    n_assistant = 0
-    for ev in events:
-        if n_assistant == limit:
-            windows.append([])
-            n_assistant = 0
-        windows[-1].append(ev)
-        n_assistant += ev.kind == "assistant"
+    windows = _windows(events[:last + 1], max_turns)
     records = []
     for k, window in enumerate(windows):
         record: dict = {"id": f"{rid}#{k}" if max_turns is not None else rid, "video": video}
@@ -143,6 +112,48 @@ def convert_dialog(dialog: object, max_turns: int | None = None, *,
         record["conversations"] = _turns(system, window)
         records.append(record)
     return records
+
+
+def _read_turn(turn: object, where: str, fail: Callable[..., DataError]) -> _Event | str:
+    """A dialog turn as an event in time, or a system turn's text."""
+    if not isinstance(turn, dict):
+        raise fail(f"{where} is not an object")
+    role = turn.get("role")
+    if role not in _ROLES:
+        raise fail(f"{where} has unknown role {role!r}; valid roles: {', '.join(_ROLES)}",
+                   f"set 'role' to one of: {', '.join(_ROLES)}")
+    if role == "frames":
+        start, end = turn.get("start"), turn.get("end")
+        if not (_number(start) and _number(end) and 0 <= start <= end):
+            raise fail(f"{where} frames need numeric 'start' <= 'end' >= 0 "
+                       f"(got start={start!r}, end={end!r})",
+                       'write {"role": "frames", "start": 0.0, "end": 4.0}')
+        return _Event("frames", float(start), float(end))
+    content = turn.get("content")
+    if not isinstance(content, str) or not content.strip():
+        raise fail(f"{where} ({role}) has no text 'content'",
+                   "give the turn a non-empty string 'content', or remove it")
+    if role == "system":
+        return content
+    t = turn.get("time")
+    if not _number(t) or t < 0:
+        raise fail(f"{where} ({role}) needs a numeric 'time' >= 0 (got {t!r})",
+                   'add "time": <seconds into the video> to the turn')
+    return _Event(role, float(t), float(t), content)
+
+
+def _windows(events: list[_Event], max_turns: int | None) -> list[list[_Event]]:
+    """The events cut into windows of at most ``max_turns`` assistant turns (one window: all)."""
+    limit = max_turns if max_turns is not None else len(events)
+    windows: list[list[_Event]] = [[]]
+    n_assistant = 0
+    for ev in events:
+        if n_assistant == limit:
+            windows.append([])
+            n_assistant = 0
+        windows[-1].append(ev)
+        n_assistant += ev.kind == "assistant"
+    return windows
 
 
 def _clip(window: list[_Event]) -> tuple[float, float] | None:

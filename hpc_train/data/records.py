@@ -38,6 +38,7 @@ import reprlib
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from hpc_train.errors import DataError, MediaError
 
@@ -206,103 +207,8 @@ class RecordIndex:
 
     def _scan_json_array(self) -> None:
         """Find each top-level element of ``[ ... ]`` by tracking strings and bracket depth."""
-        err = self._error
-        buf = b""
-        base = 0          # file offset of buf[0]
-        line = 1          # line number at file offset `counted`
-        counted = 0
-        depth = 0
-        closed = after_comma = False
-        elem_start = -1
-        elem_line = 0
         with open(self.path, "rb") as f:
-            eof = False
-            while not eof:
-                chunk = f.read(_CHUNK_BYTES)
-                eof = not chunk
-                if base == 0 and not buf and chunk.startswith(_BOM):
-                    base = counted = len(_BOM)
-                    chunk = chunk[len(_BOM):]
-                buf += chunk
-                pos = 0
-                carry = -1
-                while True:
-                    if depth >= 2:
-                        # Inside a record only brackets matter: skip strings and
-                        # everything else in one C-level regex match.
-                        pos = _SKIP.match(buf, pos).end()
-                        if pos >= len(buf):
-                            break
-                        at, c = pos, buf[pos:pos + 1]
-                        pos += 1
-                        lone_quote = c == b'"'
-                    else:
-                        m = _TOKEN.search(buf, pos)
-                        if m is None:
-                            break
-                        at, pos = m.start(), m.end()
-                        c = buf[at:at + 1]
-                        lone_quote = c == b'"' and pos - at == 1
-                    if lone_quote:
-                        # A quote whose string does not end within the buffer.
-                        nl = buf.find(b"\n", at)
-                        if nl == -1 and not eof:
-                            carry = at
-                            break
-                        if nl == -1:
-                            line, counted = _advance(buf, base, line, counted, at)
-                            raise err("file ends inside a string (unterminated quote)", line,
-                                      "close the string that starts here with '\"'")
-                        # JSON strings cannot hold a raw newline: resume scanning there and
-                        # let json.loads of the record report the real problem.
-                        pos = nl
-                    if closed:
-                        line, counted = _advance(buf, base, line, counted, at)
-                        raise err("extra data after the closing ']' of the record array",
-                                  line, "remove everything after the final ']' (or merge "
-                                        "the two arrays into one)")
-                    if depth == 1 and elem_start == -1 and c not in (b",", b"]", b"}"):
-                        line, counted = _advance(buf, base, line, counted, at)
-                        elem_start, elem_line = base + at, line
-                    if c == b"[" or c == b"{":
-                        m = _RECORD.match(buf, at) if depth == 1 else None
-                        if m is not None:
-                            pos = m.end()
-                        else:
-                            depth += 1
-                    elif c == b"]" or c == b"}":
-                        if depth == 1:
-                            line, counted = _advance(buf, base, line, counted, at)
-                            if c == b"}":
-                                raise err("unexpected '}' between records", line,
-                                          "check the braces of the record before this line")
-                            if elem_start != -1:
-                                self._add(elem_start, base + at, elem_line)
-                            elif after_comma:
-                                raise err("trailing comma before ']'", line,
-                                          "remove the comma after the last record")
-                            closed = True
-                        depth -= 1
-                    elif c == b"," and depth == 1:
-                        if elem_start == -1:
-                            line, counted = _advance(buf, base, line, counted, at)
-                            raise err("empty record between commas", line,
-                                      "remove the extra ',' (records are separated by exactly "
-                                      "one comma)")
-                        self._add(elem_start, base + at, elem_line)
-                        elem_start, after_comma = -1, True
-                keep = carry if carry != -1 else len(buf)
-                line, counted = _advance(buf, base, line, counted, keep)
-                if len(buf) - keep > _MAX_STRING_BYTES:
-                    raise err("string longer than 256 MiB (probably an unterminated quote)",
-                              line, "close the string that starts here with '\"'")
-                buf, base = buf[keep:], base + keep
-        if not closed:
-            where = elem_line if elem_start != -1 else line
-            raise self._error(
-                "file ends before the record array is closed", where,
-                "check that every '[' / '{' is closed and every string is terminated; the "
-                "record starting here is incomplete")
+            _ArrayScan(self).run(f)
 
     def _add(self, start: int, end: int, line: int) -> None:
         self.starts.append(start)
@@ -398,6 +304,126 @@ class RecordIndex:
         self.starts = array("q", (self.starts[p] for p in positions))
         self.ends = array("q", (self.ends[p] for p in positions))
         self.lines = array("q", (self.lines[p] for p in positions))
+
+
+class _ArrayScan:
+    """One streaming pass over a JSON array file: where each top-level element starts and ends.
+
+    Reads in chunks of ``_CHUNK_BYTES``; a string cut by a chunk's end is carried into the next.
+    Line numbers are counted lazily, only up to where one is needed.
+    """
+
+    def __init__(self, index: RecordIndex) -> None:
+        self.index = index
+        self.base = 0           # file offset of the buffer's first byte
+        self.line = 1           # line number at file offset `counted`
+        self.counted = 0
+        self.depth = 0
+        self.closed = self.after_comma = False
+        self.elem_start = -1    # file offset of the element being read, -1 between elements
+        self.elem_line = 0
+
+    def run(self, f: BinaryIO) -> None:
+        buf = b""
+        eof = False
+        while not eof:
+            chunk = f.read(_CHUNK_BYTES)
+            eof = not chunk
+            if self.base == 0 and not buf and chunk.startswith(_BOM):
+                self.base = self.counted = len(_BOM)
+                chunk = chunk[len(_BOM):]
+            buf += chunk
+            keep = self._scan(buf, eof)
+            self._line_at(buf, keep)
+            if len(buf) - keep > _MAX_STRING_BYTES:
+                raise self._error("string longer than 256 MiB (probably an unterminated quote)", buf, keep,
+                                  "close the string that starts here with '\"'")
+            buf, self.base = buf[keep:], self.base + keep
+        if not self.closed:
+            raise self.index._error(
+                "file ends before the record array is closed",
+                self.elem_line if self.elem_start != -1 else self.line,
+                "check that every '[' / '{' is closed and every string is terminated; the "
+                "record starting here is incomplete")
+
+    def _line_at(self, buf: bytes, upto: int) -> int:
+        self.line, self.counted = _advance(buf, self.base, self.line, self.counted, upto)
+        return self.line
+
+    def _error(self, problem: str, buf: bytes, at: int, fix: str) -> DataError:
+        return self.index._error(problem, self._line_at(buf, at), fix)
+
+    def _scan(self, buf: bytes, eof: bool) -> int:
+        """Scan ``buf``; how much of it is consumed (a string it cuts off is kept for later)."""
+        pos = 0
+        while True:
+            found = self._next(buf, pos)
+            if found is None:
+                return len(buf)
+            at, c, pos, lone_quote = found
+            if lone_quote:  # a quote whose string does not end within the buffer
+                nl = buf.find(b"\n", at)
+                if nl == -1 and not eof:
+                    return at
+                if nl == -1:
+                    raise self._error("file ends inside a string (unterminated quote)", buf, at,
+                                      "close the string that starts here with '\"'")
+                # JSON strings cannot hold a raw newline: resume scanning there and let
+                # json.loads of the record report the real problem.
+                pos = nl
+            pos = self._token(buf, at, c, pos)
+
+    def _next(self, buf: bytes, pos: int) -> tuple[int, bytes, int, bool] | None:
+        """The next token that matters: (its offset, its first byte, where scanning goes on,
+        whether it is a string cut by the buffer's end)."""
+        if self.depth >= 2:
+            # Inside a record only brackets matter: skip strings and everything else in one
+            # C-level regex match.
+            pos = _SKIP.match(buf, pos).end()
+            if pos >= len(buf):
+                return None
+            c = buf[pos:pos + 1]
+            return pos, c, pos + 1, c == b'"'
+        m = _TOKEN.search(buf, pos)
+        if m is None:
+            return None
+        at, end = m.start(), m.end()
+        c = buf[at:at + 1]
+        return at, c, end, c == b'"' and end - at == 1
+
+    def _token(self, buf: bytes, at: int, c: bytes, pos: int) -> int:
+        if self.closed:
+            raise self._error("extra data after the closing ']' of the record array", buf, at,
+                              "remove everything after the final ']' (or merge the two arrays into one)")
+        if self.depth == 1 and self.elem_start == -1 and c not in (b",", b"]", b"}"):
+            self.elem_start, self.elem_line = self.base + at, self._line_at(buf, at)
+        if c == b"[" or c == b"{":
+            m = _RECORD.match(buf, at) if self.depth == 1 else None
+            if m is not None:  # a whole record of usual depth in one match
+                return m.end()
+            self.depth += 1
+        elif c == b"]" or c == b"}":
+            if self.depth == 1:
+                self._close(buf, at, c)
+            self.depth -= 1
+        elif c == b"," and self.depth == 1:
+            if self.elem_start == -1:
+                raise self._error("empty record between commas", buf, at,
+                                  "remove the extra ',' (records are separated by exactly one comma)")
+            self.index._add(self.elem_start, self.base + at, self.elem_line)
+            self.elem_start, self.after_comma = -1, True
+        return pos
+
+    def _close(self, buf: bytes, at: int, c: bytes) -> None:
+        """A bracket closing the array itself."""
+        if c == b"}":
+            raise self._error("unexpected '}' between records", buf, at,
+                              "check the braces of the record before this line")
+        if self.elem_start != -1:
+            self.index._add(self.elem_start, self.base + at, self.elem_line)
+        elif self.after_comma:
+            raise self._error("trailing comma before ']'", buf, at, "remove the comma after the last record")
+        self.closed = True
 
 
 def _incomplete(data: bytes) -> bool:
@@ -550,6 +576,11 @@ FIX_OUTSIDE_ROOT = ("write the path relative to media_root (or move the file und
                     "anywhere, set data.allow_media_outside_root=true")
 
 
+Fail = collections.abc.Callable[..., DataError]
+"""Builds the error for one record: ``fail(problem, fix[, error type])``."""
+_TURN_FIX = 'each turn is {"from": "human" | "gpt" | "system", "value": "<text>"}'
+
+
 def _parse(obj: dict, *, rid: str, path: Path, line: int, media_root: Path,
            check_exists: bool, media_root_note: str | None = None, allow_outside_root: bool = False) -> Record:
     """Validate one record object and build a Record."""
@@ -557,70 +588,12 @@ def _parse(obj: dict, *, rid: str, path: Path, line: int, media_root: Path,
     def fail(problem: str, fix: str, error: type[DataError] = DataError) -> DataError:
         return error(problem, path=path, line=line, record_id=rid, fix=fix)
 
-    turn_fix = 'each turn is {"from": "human" | "gpt" | "system", "value": "<text>"}'
-    conv = obj.get("conversations")
-    if conv is None:
-        raise fail("record has no 'conversations'",
-                   "add a 'conversations' list of turns, e.g. [{\"from\": \"human\", "
-                   "\"value\": \"...\"}, {\"from\": \"gpt\", \"value\": \"...\"}]")
-    if not isinstance(conv, list):
-        raise fail(f"'conversations' must be a list of turns (got {_json_type(conv)})", turn_fix)
-    if not conv:
-        raise fail("'conversations' is empty",
-                   "add at least one human turn and one gpt turn, or remove the record")
-    valid_roles = ", ".join(sorted(ROLES))
-    roles: list[str] = []
-    texts: list[str] = []
-    for k, turn in enumerate(conv):
-        where = f"conversations[{k}]"
-        if not isinstance(turn, dict):
-            raise fail(f"{where} is {_json_type(turn)}, not a turn object", turn_fix)
-        for key in ("from", "value"):
-            if key not in turn:
-                raise fail(f"{where} has no '{key}'", f"add '{key}' to the turn; {turn_fix}")
-        who = turn["from"]
-        if not isinstance(who, str) or who not in ROLES:
-            raise fail(f"{where} has unknown role {_shown(who)}; valid roles: {valid_roles}",
-                       f"set 'from' to one of: {valid_roles}")
-        text = turn["value"]
-        if not isinstance(text, str):
-            raise fail(f"{where} 'value' must be a string (got {_json_type(text)})",
-                       "write the turn text as a JSON string")
-        for alias, canonical in _ALIASES.items():
-            text = text.replace(alias, canonical)
-        roles.append(ROLES[who])
-        texts.append(text)
-    if "assistant" not in roles:
-        raise fail("conversation has no assistant (gpt) turn",
-                   "add a {\"from\": \"gpt\", \"value\": \"...\"} turn with the target answer")
-    for k, (role, text) in enumerate(zip(roles, texts, strict=True)):
-        if role == "assistant" and not text.strip():
-            raise fail(f"conversations[{k}] is an assistant turn with empty text",
-                       "write the target answer in the turn, or remove the turn")
-
+    roles, texts = _read_turns(obj.get("conversations"), fail)
     media = {kind: _media_list(obj, kind, fail) for kind in PLACEHOLDERS}
     if (media["video"] and not media["image"] and not any("<video>" in t for t in texts)
             and sum(t.count("<image>") for t in texts) == len(media["video"])):
         texts = [t.replace("<image>", "<video>") for t in texts]
-
-    for k, (role, text) in enumerate(zip(roles, texts, strict=True)):
-        if role != "assistant":
-            continue
-        for token in PLACEHOLDERS.values():
-            if token in text:
-                raise fail(f"conversations[{k}] is an assistant turn containing "
-                           f"{text.count(token)} {token} placeholder(s); media may only "
-                           "appear in user or system turns",
-                           f"move {token} into the user turn that asks about the media")
-    for kind, token in PLACEHOLDERS.items():
-        found = sum(t.count(token) for t in texts)
-        given = len(media[kind])
-        if found != given:
-            raise fail(f"found {found} {token} placeholder(s) in the turns but {given} "
-                       f"{kind} file(s) in '{kind}'",
-                       f"put exactly one {token} in the user turn(s) for each file listed "
-                       f"in '{kind}' (or list one file per {token})")
-
+    _check_placeholders(roles, texts, media, fail)
     clip = _video_clip(obj, bool(media["video"]), fail)
     resolved = {kind: tuple(_media_path(p, kind, media_root, fail, check_exists=check_exists,
                                         allow_outside_root=allow_outside_root, root_note=media_root_note)
@@ -631,7 +604,70 @@ def _parse(obj: dict, *, rid: str, path: Path, line: int, media_root: Path,
                   audios=resolved["audio"], source=path, line=line, video_clip=clip)
 
 
-def _media_path(given: str, kind: str, media_root: Path, fail: collections.abc.Callable[..., DataError], *,
+def _read_turns(conv: object, fail: Fail) -> tuple[list[str], list[str]]:
+    """Roles (``system`` / ``user`` / ``assistant``) and texts of a record's conversation, with at
+    least one non-empty assistant turn."""
+    if conv is None:
+        raise fail("record has no 'conversations'",
+                   "add a 'conversations' list of turns, e.g. [{\"from\": \"human\", "
+                   "\"value\": \"...\"}, {\"from\": \"gpt\", \"value\": \"...\"}]")
+    if not isinstance(conv, list):
+        raise fail(f"'conversations' must be a list of turns (got {_json_type(conv)})", _TURN_FIX)
+    if not conv:
+        raise fail("'conversations' is empty",
+                   "add at least one human turn and one gpt turn, or remove the record")
+    turns = [_read_turn(turn, f"conversations[{k}]", fail) for k, turn in enumerate(conv)]
+    roles, texts = [role for role, _ in turns], [text for _, text in turns]
+    if "assistant" not in roles:
+        raise fail("conversation has no assistant (gpt) turn",
+                   "add a {\"from\": \"gpt\", \"value\": \"...\"} turn with the target answer")
+    for k, (role, text) in enumerate(turns):
+        if role == "assistant" and not text.strip():
+            raise fail(f"conversations[{k}] is an assistant turn with empty text",
+                       "write the target answer in the turn, or remove the turn")
+    return roles, texts
+
+
+def _read_turn(turn: object, where: str, fail: Fail) -> tuple[str, str]:
+    if not isinstance(turn, dict):
+        raise fail(f"{where} is {_json_type(turn)}, not a turn object", _TURN_FIX)
+    for key in ("from", "value"):
+        if key not in turn:
+            raise fail(f"{where} has no '{key}'", f"add '{key}' to the turn; {_TURN_FIX}")
+    who, text = turn["from"], turn["value"]
+    if not isinstance(who, str) or who not in ROLES:
+        valid_roles = ", ".join(sorted(ROLES))
+        raise fail(f"{where} has unknown role {_shown(who)}; valid roles: {valid_roles}",
+                   f"set 'from' to one of: {valid_roles}")
+    if not isinstance(text, str):
+        raise fail(f"{where} 'value' must be a string (got {_json_type(text)})",
+                   "write the turn text as a JSON string")
+    for alias, canonical in _ALIASES.items():
+        text = text.replace(alias, canonical)
+    return ROLES[who], text
+
+
+def _check_placeholders(roles: list[str], texts: list[str], media: dict[str, list[str]], fail: Fail) -> None:
+    """Media placeholders only in user / system turns, one per media file of their kind."""
+    for k, (role, text) in enumerate(zip(roles, texts, strict=True)):
+        present = [token for token in PLACEHOLDERS.values() if token in text] if role == "assistant" else []
+        if present:
+            token = present[0]
+            raise fail(f"conversations[{k}] is an assistant turn containing "
+                       f"{text.count(token)} {token} placeholder(s); media may only "
+                       "appear in user or system turns",
+                       f"move {token} into the user turn that asks about the media")
+    for kind, token in PLACEHOLDERS.items():
+        found = sum(t.count(token) for t in texts)
+        given = len(media[kind])
+        if found != given:
+            raise fail(f"found {found} {token} placeholder(s) in the turns but {given} "
+                       f"{kind} file(s) in '{kind}'",
+                       f"put exactly one {token} in the user turn(s) for each file listed "
+                       f"in '{kind}' (or list one file per {token})")
+
+
+def _media_path(given: str, kind: str, media_root: Path, fail: Fail, *,
                 check_exists: bool, allow_outside_root: bool, root_note: str | None) -> Path:
     """The file a record's media path names, refused when it leaves ``media_root``."""
     try:
@@ -675,8 +711,7 @@ def _shown_path(path: str | Path) -> str:
     return text if len(text) <= 300 else f"{text[:150]}...{text[-100:]} ({len(text)} characters)"
 
 
-def _media_list(obj: dict, kind: str, fail: collections.abc.Callable[..., DataError]
-                ) -> list[str]:
+def _media_list(obj: dict, kind: str, fail: Fail) -> list[str]:
     value = obj.get(kind)
     if value is None:
         return []
@@ -688,8 +723,7 @@ def _media_list(obj: dict, kind: str, fail: collections.abc.Callable[..., DataEr
     return items
 
 
-def _video_clip(obj: dict, has_video: bool, fail: collections.abc.Callable[..., DataError]
-                ) -> tuple[float, float] | None:
+def _video_clip(obj: dict, has_video: bool, fail: Fail) -> tuple[float, float] | None:
     clip = obj.get("video_clip")
     if clip is None:
         return None
