@@ -198,21 +198,3 @@ class PackedCollator:
         batch["num_real_tokens"] = real
         batch["num_slots"] = max(self.pad_to, int(batch["input_ids"].shape[1]))
         return batch
-
-
-def per_sample_mean_loss(logits: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Mean over the row's samples of each sample's token-mean loss (samples without a
-    supervised token, such as blank media, do not count)."""
-    shifted = logits[0, :-1].float()
-    targets = labels[0, 1:]
-    losses = torch.nn.functional.cross_entropy(shifted, targets, ignore_index=IGNORE_INDEX, reduction="none")
-    supervised = (targets != IGNORE_INDEX).float()
-    # Token t+1's label is predicted at position t: segment k covers targets cu[k]..cu[k+1]-1
-    # shifted by one, and the shift never crosses a boundary because each sample's first
-    # label is -100.
-    segment = torch.bucketize(torch.arange(1, labels.shape[1], device=labels.device),
-                              cu_seqlens[1:].to(labels.device), right=True)
-    count = torch.zeros(len(cu_seqlens) - 1, device=logits.device).index_add_(0, segment, supervised)
-    total = torch.zeros_like(count).index_add_(0, segment, losses * supervised)
-    present = count > 0
-    return (total[present] / count[present]).mean()

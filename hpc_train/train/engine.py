@@ -86,12 +86,14 @@ def resolve_ds_config(config: RunConfig, world_size: int, *, bf16: bool,
     return ds
 
 
-def zero_stage(ds: dict[str, Any]) -> int:
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
+def zero_stage(ds: dict[str, Any] | None) -> int:
+    """The ZeRO stage of a DeepSpeed config (0 without one): the one place it is read."""
+    return int((ds or {}).get("zero_optimization", {}).get("stage", 0))
 
 
-def offloads_optimizer(ds: dict[str, Any]) -> bool:
-    device = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+def offloads_optimizer(ds: dict[str, Any] | None) -> bool:
+    """Whether a DeepSpeed config moves the optimizer state to CPU memory."""
+    device = (ds or {}).get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     return device not in (None, "none")
 
 

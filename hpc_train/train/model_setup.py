@@ -15,6 +15,7 @@ from hpc_train.models.adapters import apply_freezing, apply_lora, quantization_c
 from hpc_train.models.families import Family
 from hpc_train.models.load import model_family
 from hpc_train.models.tiny import save_preset, save_tiny
+from hpc_train.train.engine import zero_stage
 
 
 @dataclass
@@ -67,7 +68,7 @@ def load_training_model(config: RunConfig, info: DistInfo, device: torch.device,
     family = model_family(config.model)
     dtype = compute_dtype(config)
     mode = config.train.mode
-    stage = int((ds_config or {}).get("zero_optimization", {}).get("stage", 0))
+    stage = zero_stage(ds_config)
     kwargs: dict[str, Any] = {"local_files_only": True, "dtype": dtype}
     zero3_marker = None
     if mode == "qlora":

@@ -28,7 +28,7 @@ from hpc_train.data.dataset import MediaLoader, SampleDataset
 from hpc_train.data.frame_counts import FrameCounts
 from hpc_train.data.lengths import SampleShapes, sample_shapes
 from hpc_train.data.mixture import read_split
-from hpc_train.data.packing import PackedCollator, PlannedPacks, drop_too_long, per_sample_mean_loss
+from hpc_train.data.packing import PackedCollator, PlannedPacks, drop_too_long
 from hpc_train.data.tokenize import IGNORE_INDEX, ChatEncoder
 from hpc_train.data.worker_signals import survive_group_signals
 from hpc_train.dist import (
@@ -50,8 +50,14 @@ from hpc_train.models.attention import use_varlen_attention
 from hpc_train.parent_death import signal_on_parent_death
 from hpc_train.train.checkpoint import Checkpointer, TrainState
 from hpc_train.train.data_order import PlannedBatches, total_steps
-from hpc_train.train.engine import build_optimizer, resolve_ds_config, zero_stage
+from hpc_train.train.engine import (
+    build_optimizer,
+    offloads_optimizer,
+    resolve_ds_config,
+    zero_stage,
+)
 from hpc_train.train.evaluate import EvalResult, evaluate_generation, evaluate_loss, to_device
+from hpc_train.train.loss import loss_for
 from hpc_train.train.metrics import MetricsLogger
 from hpc_train.train.model_setup import LoadedModel, load_training_model
 from hpc_train.train.output_dir import (
@@ -100,6 +106,7 @@ class Trainer:
         self.profiler: Profiler | None = None
         self.timer: StepTimer = NoTimer()
         self.output = Path(config.output_dir)
+        self.loss = loss_for(config.data)
         self._signal: int | None = None
         self._stop_agreed: int | None = None
         """A stop signal every rank knows of (agreed in the step's all-reduce), so all stop at
@@ -415,12 +422,7 @@ class Trainer:
 
     def _forward(self, inputs: dict[str, Any]) -> torch.Tensor:
         try:
-            if self.config.data.packing and self.config.data.packing_loss == "sample":
-                labels = inputs["labels"]
-                logits = self.engine(**{k: v for k, v in inputs.items() if k != "labels"},
-                                     use_cache=False).logits
-                return per_sample_mean_loss(logits, labels, inputs["cu_seq_lens_q"])
-            return self.engine(**inputs, use_cache=False).loss
+            return self.loss(self.engine, inputs)
         except torch.OutOfMemoryError as exc:
             raise TrainingStopped(self._oom_message(exc)) from exc
 
@@ -649,7 +651,6 @@ def run_shape(model: torch.nn.Module, config: RunConfig, info: DistInfo, ds: dic
     vision = getattr(cfg, "vision_config", None)
     image_size = getattr(vision, "image_size", 384)
     patch = getattr(vision, "patch_size", 14)
-    zero = (ds or {}).get("zero_optimization", {})
     frames = config.data.video.max_frames if config.data.video.sampling == "fps" else config.data.video.num_frames
     return RunShape(
         params_vision=sizes["vision"], params_connector=sizes["connector"], params_llm=sizes["llm"],
@@ -660,8 +661,7 @@ def run_shape(model: torch.nn.Module, config: RunConfig, info: DistInfo, ds: dic
         lm_tokens_per_frame=max(1, (image_size // patch) ** 2 // max(getattr(cfg, "scale_factor", 1), 1) ** 2),
         mode=config.train.mode, lora_params=lora, freeze_vision="vision" in config.model.freeze,
         freeze_connector="connector" in config.model.freeze, freeze_llm="llm" in config.model.freeze,
-        zero_stage=int(zero.get("stage", 0)),
-        offload_optimizer=zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None),
+        zero_stage=zero_stage(ds), offload_optimizer=offloads_optimizer(ds),
         world_size=info.world_size, micro_batch=config.train.micro_batch_size,
         seq_len=config.data.max_seq_len, frames_per_sample=frames,
         param_bytes=2 if _bf16(config) else 4, gradient_checkpointing=config.train.gradient_checkpointing)
@@ -670,8 +670,7 @@ def run_shape(model: torch.nn.Module, config: RunConfig, info: DistInfo, ds: dic
 def _wants_zero3(config: RunConfig) -> bool:
     from hpc_train.train.engine import read_ds_config
 
-    raw, _ = read_ds_config(config.deepspeed.config)
-    return int(raw.get("zero_optimization", {}).get("stage", 0)) == 3
+    return zero_stage(read_ds_config(config.deepspeed.config)[0]) == 3
 
 
 def _bf16(config: RunConfig) -> bool:

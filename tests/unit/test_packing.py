@@ -186,7 +186,7 @@ def test_varlen_attention_equals_block_diagonal_sdpa():
 
 
 def test_per_sample_mean_loss_option(packed_case):
-    from hpc_train.data.packing import per_sample_mean_loss
+    from hpc_train.train.loss import per_sample_mean_loss
 
     family, model, processor, samples = packed_case
     # Give the first sample a single supervised token, so samples weigh differently per token.
