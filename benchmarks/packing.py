@@ -35,12 +35,13 @@ from hpc_train.data.dataset import MediaLoader, SampleDataset  # noqa: E402
 from hpc_train.data.lengths import sample_lengths  # noqa: E402
 from hpc_train.data.packing import PackedCollator, drop_too_long, plan_packs  # noqa: E402
 from hpc_train.data.records import read_records  # noqa: E402
-from hpc_train.data.synthetic import COLOURS, SyntheticSpec, make_dataset, vocabulary_text  # noqa: E402
+from hpc_train.data.synthetic import COLOURS, SyntheticSpec, make_dataset  # noqa: E402
 from hpc_train.data.tokenize import ChatEncoder  # noqa: E402
 from hpc_train.models.attention import use_varlen_attention  # noqa: E402
 from hpc_train.models.families import get_family  # noqa: E402
 from hpc_train.models.presets import get_preset  # noqa: E402
 from hpc_train.models.tiny import build_preset, build_tiny  # noqa: E402
+from hpc_train.synthetic_words import vocabulary_text  # noqa: E402
 
 
 def write_mix(kind: str, base: Path, n: int, seed: int) -> Path:

@@ -31,8 +31,8 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 
 def _check_data(args: argparse.Namespace) -> int:
+    from hpc_train.check_data import audit_dataset, format_report
     from hpc_train.config import load_config
-    from hpc_train.data.audit import audit_dataset, format_report
 
     config = load_config(args.config, args.overrides)
     report = audit_dataset(config, split=args.split, limit=args.limit)

@@ -23,27 +23,17 @@ import soundfile as sf
 from PIL import Image
 
 from hpc_train.data.records import RECORD_KINDS
-
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (40, 80, 220),
-    "yellow": (230, 210, 40),
-    "purple": (150, 60, 190),
-    "orange": (240, 140, 30),
-}
-PITCHES: dict[str, float] = {"low": 220.0, "middle": 440.0, "high": 880.0, "highest": 1760.0}
-
-QUESTION_COLOUR = "What colour is the ball?"
-QUESTION_PITCH = "How high is the tone?"
-QUESTION_SECOND = "What colour is the ball in the second picture?"
-QUESTION_FIRST = "What colour is the ball in the first picture?"
-
-_COLOUR_LIST = ", ".join(COLOURS)
-_PITCH_LIST = ", ".join(PITCHES)
-QUESTION_COLOUR_AFTER = "Which colour comes after {} in the list " + _COLOUR_LIST + "?"
-QUESTION_COLOUR_BEFORE = "Which colour comes before {} in the list " + _COLOUR_LIST + "?"
-QUESTION_PITCH_AFTER = "Which tone comes after {} in the list " + _PITCH_LIST + "?"
+from hpc_train.synthetic_words import (
+    COLOURS,
+    PITCHES,
+    QUESTION_COLOUR,
+    QUESTION_COLOUR_AFTER,
+    QUESTION_COLOUR_BEFORE,
+    QUESTION_FIRST,
+    QUESTION_PITCH,
+    QUESTION_PITCH_AFTER,
+    QUESTION_SECOND,
+)
 
 KINDS = RECORD_KINDS
 SPLITS = ("train", "eval")
@@ -51,29 +41,6 @@ AUDIO_SAMPLE_RATE = 16000
 AUDIO_SECONDS = 1.0
 # Least RGB distance between the background's mean colour and the ball colour.
 _MIN_CONTRAST = 80.0
-
-
-def vocabulary_text() -> list[str]:
-    """Sentences covering every question, answer word and chat word of the dataset.
-
-    Answer words occur many times with a leading space (" red") so a small BPE tokenizer
-    trained on this text merges each of them into a single token.
-    """
-    lines = [
-        QUESTION_COLOUR, QUESTION_PITCH, QUESTION_SECOND, QUESTION_FIRST,
-        "User: <image>\n" + QUESTION_COLOUR, "User: <video>\n" + QUESTION_COLOUR,
-        "User: <speech>\n" + QUESTION_PITCH, "User: <image>\n<image>\n" + QUESTION_SECOND,
-        "System: You are a helpful assistant. User: Assistant: <end_of_utterance>",
-    ]
-    names = list(COLOURS)
-    for a, b in zip(names, names[1:], strict=False):
-        lines += [QUESTION_COLOUR_AFTER.format(a), QUESTION_COLOUR_BEFORE.format(b)]
-    pitches = list(PITCHES)
-    lines += [QUESTION_PITCH_AFTER.format(p) for p in pitches[:-1]]
-    for word in [*names, *pitches]:
-        for _ in range(20):
-            lines += [f"Assistant: {word}", f"The answer is {word}.", f"It is {word} and {word}."]
-    return lines
 
 
 def _default_weights() -> dict[str, float]:
@@ -357,7 +324,7 @@ def _readme(spec: SyntheticSpec, counts: dict[str, dict[str, int]]) -> str:
         f"  '<speech>\\n{QUESTION_PITCH}' -> one of {', '.join(f'{k} ({v:g} Hz)' for k, v in PITCHES.items())}",
         f"- multi_image: two pictures; '{QUESTION_SECOND}' -> colour of picture 2,",
         f"  every second one adds a turn '{QUESTION_FIRST}'",
-        f"- text: no media, 'Which colour comes after X in the list {_COLOUR_LIST}?' and similar",
+        f"- text: no media, 'Which colour comes after X in the list {', '.join(COLOURS)}?' and similar",
         "",
         f"Colours: {', '.join(COLOURS)}. Every record has 'kind' and 'answer' (last turn's answer).",
         f"seed={spec.seed}; eval is an independent draw (different seed stream) from train.",

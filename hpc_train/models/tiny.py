@@ -54,13 +54,13 @@ TINY_IMAGE_SIZE = {"smolvlm": 64, "llava_onevision": 32}
 
 
 def _answer_words() -> list[str]:
-    from hpc_train.data.synthetic import COLOURS, PITCHES
+    from hpc_train.synthetic_words import COLOURS, PITCHES
 
     return [*COLOURS, *PITCHES]
 
 
 def _corpus() -> list[str]:
-    from hpc_train.data.synthetic import vocabulary_text
+    from hpc_train.synthetic_words import vocabulary_text
 
     return vocabulary_text()
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from hpc_train.check_data import AuditReport, audit_dataset
 from hpc_train.config import load_config
-from hpc_train.data.audit import AuditReport, audit_dataset
 from hpc_train.data.tokenize import ChatEncoder
 from hpc_train.errors import DataError
 from hpc_train.models.families import get_family

@@ -21,8 +21,8 @@ from hpc_train.data.synthetic import (
     dominant_palette_colour,
     make_dataset,
     render_image,
-    vocabulary_text,
 )
+from hpc_train.synthetic_words import vocabulary_text
 
 SPEC = SyntheticSpec(n_train=12, n_eval=6, seed=3)
 
