@@ -36,7 +36,7 @@ from hpc_train.models.presets import get_preset  # noqa: E402
 from hpc_train.models.tiny import build_preset, build_tiny  # noqa: E402
 from hpc_train.train.evaluate import to_device  # noqa: E402
 from hpc_train.train.profile_report import trainability, vision_tower  # noqa: E402
-from hpc_train.train.timing import NoTimer, StepTimer  # noqa: E402
+from hpc_train.train.step_timer import NoTimer, StepTimer  # noqa: E402
 from profiling.profiler import Profiler  # noqa: E402
 
 

@@ -22,7 +22,7 @@ from hpc_train.data.records import RECORD_KINDS, Record
 from hpc_train.data.tokenize import ChatEncoder, EncodedSample
 from hpc_train.dist import DistInfo, all_reduce_max, all_reduce_sum
 from hpc_train.errors import DataError
-from hpc_train.train.timing import NoTimer, StepTimer
+from hpc_train.train.step_timer import NoTimer, StepTimer
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 

@@ -59,7 +59,6 @@ from hpc_train.train.engine import (
 from hpc_train.train.evaluate import EvalResult, evaluate_generation, evaluate_loss, to_device
 from hpc_train.train.loss import loss_for
 from hpc_train.train.metrics import MetricsLogger
-from hpc_train.train.model_setup import LoadedModel, load_training_model
 from hpc_train.train.output_dir import (
     OutputError,
     agreed,
@@ -79,7 +78,8 @@ from hpc_train.train.profile_report import (
     write_rank_profile,
 )
 from hpc_train.train.schedule import build_scheduler, lr_multiplier
-from hpc_train.train.timing import NoTimer, StepTimer
+from hpc_train.train.step_timer import NoTimer, StepTimer
+from hpc_train.train.trainable_model import LoadedModel, load_training_model
 from profiling.profiler import Profiler
 
 REQUEUE_EXIT_CODE = 75
@@ -157,7 +157,7 @@ class Trainer:
 
     def _setup_model(self) -> None:
         from hpc_train.models.load import model_family
-        from hpc_train.train.model_setup import hidden_size, model_source
+        from hpc_train.train.trainable_model import hidden_size, model_source
 
         cfg = self.config
         self.family = model_family(cfg.model)
@@ -622,7 +622,7 @@ class Trainer:
             print(text, flush=True)
 
     def _oom_message(self, exc: BaseException) -> str:
-        from hpc_train.train.memory import format_oom_advice, rank_oom_advice
+        from hpc_train.train.memory_estimate import format_oom_advice, rank_oom_advice
 
         shape = run_shape(self.loaded.model, self.config, self.info, self.ds, self.family)
         available = None
@@ -636,7 +636,7 @@ def run_shape(model: torch.nn.Module, config: RunConfig, info: DistInfo, ds: dic
               family: Any) -> Any:
     """The :class:`RunShape` of this run, for memory estimates and out-of-memory advice."""
     from hpc_train.models.adapters import full_numel, group_of
-    from hpc_train.train.memory import RunShape
+    from hpc_train.train.memory_estimate import RunShape
 
     sizes = {"vision": 0, "connector": 0, "llm": 0, "head": 0}
     lora = 0
@@ -674,7 +674,7 @@ def _wants_zero3(config: RunConfig) -> bool:
 
 
 def _bf16(config: RunConfig) -> bool:
-    from hpc_train.train.model_setup import compute_dtype
+    from hpc_train.train.trainable_model import compute_dtype
 
     return compute_dtype(config) == torch.bfloat16
 

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from hpc_train.train.memory import (
+from hpc_train.train.memory_estimate import (
     GIB,
     MemoryEstimate,
     RunShape,

@@ -404,6 +404,6 @@ def format_oom_advice(shape: RunShape, advice: list[Advice], *, available_gib: f
             else:
                 lines.append(f"Even every change above, each applied once, is estimated above "
                              f"{available_gib:.1f} GiB; use more GPUs or a smaller model.")
-    lines.append("Estimates are approximate (model in hpc_train/train/memory.py); "
+    lines.append("Estimates are approximate (model in hpc_train/train/memory_estimate.py); "
                  "pass the settings as overrides.")
     return "\n".join(lines)
