@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpc_train.data import records
+from hpc_train.data import record_index, records
 from hpc_train.data.records import (
     PLACEHOLDERS,
     ROLES,
@@ -171,7 +171,7 @@ def key(rec: Record) -> tuple:
 
 @pytest.mark.parametrize("chunk", [3, 61, 1 << 20])
 def test_json_and_jsonl_round_trip(tmp_path, monkeypatch, chunk):
-    monkeypatch.setattr(records, "_CHUNK_BYTES", chunk)
+    monkeypatch.setattr(record_index, "_CHUNK_BYTES", chunk)
     recs = make_records(40)
     jl = tmp_path / "d.jsonl"
     jl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), "utf-8")
@@ -224,7 +224,7 @@ def test_indexing_streams_without_parsing(tmp_path, monkeypatch):
     p = tmp_path / "mid.json"
     p.write_text("[\n" + ",\n".join(json.dumps(r) for r in big_records(2000)) + "\n]\n")
     size = p.stat().st_size
-    monkeypatch.setattr(records, "_CHUNK_BYTES", 1 << 12)
+    monkeypatch.setattr(record_index, "_CHUNK_BYTES", 1 << 12)
     calls = []
     real_loads = json.loads
     monkeypatch.setattr(json, "loads", lambda *a, **k: calls.append(1) or real_loads(*a, **k))
@@ -449,7 +449,7 @@ def random_value(rng: random.Random, depth: int) -> object:
 @pytest.mark.parametrize("seed", range(12))
 def test_scanner_matches_json_on_random_documents(tmp_path, monkeypatch, seed):
     rng = random.Random(seed)
-    monkeypatch.setattr(records, "_CHUNK_BYTES", rng.randrange(1, 80))
+    monkeypatch.setattr(record_index, "_CHUNK_BYTES", rng.randrange(1, 80))
     elems = [random_value(rng, 1) for _ in range(rng.randrange(1, 25))]
     p = tmp_path / "r.json"
     p.write_text(json.dumps(elems, indent=rng.choice([None, 1, 4]),
