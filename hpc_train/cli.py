@@ -9,6 +9,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 from hpc_train.errors import ConfigError, HpcTrainError
 
@@ -154,7 +155,13 @@ def _convert_proassist(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpc-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_commands(sub)
+    _add_tool_commands(sub)
+    return parser
 
+
+def _add_run_commands(sub: Any) -> None:
+    """train, eval, demo, make-data, make-tiny: the commands that make or train something."""
     for name, text in (("train", "train (or, in baseline mode, evaluate) a model; run under torchrun "
                                   "or the DeepSpeed launcher for several processes"),
                        ("eval", "evaluate a model (plus model.adapter) on data.eval: loss, perplexity, "
@@ -185,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_tiny)
 
+
+def _add_tool_commands(sub: Any) -> None:
+    """show-config, topology, doctor, convert-proassist, check-data: the commands that inspect."""
     p = sub.add_parser("show-config", help="print the resolved config, or every key with --keys")
     p.add_argument("config", nargs="?", default=None, help="YAML config or shipped recipe name")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
@@ -223,7 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="check only the first N records")
     p.add_argument("--json", default=None, help="also write the audit as JSON to this file")
     p.set_defaults(func=_check_data)
-    return parser
 
 
 def _default_accelerator() -> None:

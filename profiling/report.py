@@ -99,18 +99,8 @@ def _phases_seen(records: Sequence[StepRecord]) -> list[str]:
 def merge_reports(ranks: Sequence[Mapping[str, Any]], *, run: Mapping[str, Any],
                   environment: Mapping[str, Any]) -> dict[str, Any]:
     """The merged report of all ranks' reports (rank 0 writes it)."""
-    if not ranks:
-        raise ReportError("no rank reports to merge")
-    for r in ranks:
-        validate(r, RANK_KIND)
-    ranks = sorted(ranks, key=lambda r: r["rank"])
-    numbers = [r["rank"] for r in ranks]
+    ranks = _complete_world(ranks)
     world = ranks[0]["world_size"]
-    if numbers != list(range(world)):
-        raise ReportError(f"rank reports {numbers} do not cover ranks 0..{world - 1} of a world of {world}")
-    workloads = {r["workload"] for r in ranks}
-    if len(workloads) > 1:
-        raise ReportError(f"rank reports mix workloads {sorted(workloads)}")
     timed = [r for r in ranks if r["step_ms"] is not None]
     slowest = max(timed, key=lambda r: r["step_ms"]["mean"]) if timed else ranks[0]
     fastest = min(timed, key=lambda r: r["step_ms"]["mean"]) if timed else ranks[0]
@@ -129,13 +119,7 @@ def merge_reports(ranks: Sequence[Mapping[str, Any]], *, run: Mapping[str, Any],
         for key in list(throughput):
             throughput[f"{key}_per_device"] = throughput[key] / len(ranks)
     memory = {k: _max_or_none(r["memory"].get(k) for r in ranks) for k in ranks[0]["memory"]}
-    flops = dict(slowest["flops"])
-    achieved = [r["flops"]["achieved_tflops_per_device"] for r in ranks]
-    if all(a is not None for a in achieved) and seconds > 0:
-        total = sum(a * r["totals"]["measured_s"] for a, r in zip(achieved, ranks, strict=True)) * 1e12
-        flops["achieved_tflops_per_device"] = total / seconds / len(ranks) / 1e12
-        peak = flops["peak_tflops_per_device"]
-        flops["mfu"] = flops["achieved_tflops_per_device"] / peak if peak else None
+    flops = _merged_flops(ranks, slowest, seconds)
     hosts = sorted({r["host"] for r in ranks})
     per_rank = [{k: v for k, v in r.items() if k != "series"} for r in ranks]
     return {
@@ -163,6 +147,35 @@ def merge_reports(ranks: Sequence[Mapping[str, Any]], *, run: Mapping[str, Any],
         },
         "per_rank": per_rank,
     }
+
+
+def _complete_world(ranks: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The valid rank reports of one workload, one per rank of the world, in rank order."""
+    if not ranks:
+        raise ReportError("no rank reports to merge")
+    for r in ranks:
+        validate(r, RANK_KIND)
+    ranks = sorted(ranks, key=lambda r: r["rank"])
+    numbers = [r["rank"] for r in ranks]
+    world = ranks[0]["world_size"]
+    if numbers != list(range(world)):
+        raise ReportError(f"rank reports {numbers} do not cover ranks 0..{world - 1} of a world of {world}")
+    workloads = {r["workload"] for r in ranks}
+    if len(workloads) > 1:
+        raise ReportError(f"rank reports mix workloads {sorted(workloads)}")
+    return ranks
+
+
+def _merged_flops(ranks: Sequence[Mapping[str, Any]], slowest: Mapping[str, Any], seconds: float) -> dict[str, Any]:
+    """The slowest rank's FLOP figures, with the achieved rate averaged over every rank's time."""
+    flops = dict(slowest["flops"])
+    achieved = [r["flops"]["achieved_tflops_per_device"] for r in ranks]
+    if all(a is not None for a in achieved) and seconds > 0:
+        total = sum(a * r["totals"]["measured_s"] for a, r in zip(achieved, ranks, strict=True)) * 1e12
+        flops["achieved_tflops_per_device"] = total / seconds / len(ranks) / 1e12
+        peak = flops["peak_tflops_per_device"]
+        flops["mfu"] = flops["achieved_tflops_per_device"] / peak if peak else None
+    return flops
 
 
 def _max_or_none(values: Any) -> float | None:

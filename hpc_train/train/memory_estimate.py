@@ -252,9 +252,18 @@ def _freeze_setting(shape: RunShape) -> str:
     return f"model.freeze=[{','.join(groups)}]"
 
 
-def _candidates(shape: RunShape) -> list[tuple[str, RunShape, str]]:
-    """(setting, changed shape, why) for every knob that applies to ``shape``."""
-    out: list[tuple[str, RunShape, str]] = []
+Candidate = tuple[str, RunShape, str]
+"""(setting, changed shape, why)."""
+
+
+def _candidates(shape: RunShape) -> list[Candidate]:
+    """Every knob that applies to ``shape``: what a sample holds first, then how it is trained."""
+    return _sample_candidates(shape) + _training_candidates(shape)
+
+
+def _sample_candidates(shape: RunShape) -> list[Candidate]:
+    """Smaller batches, quantization, a frozen tower, fewer frames, shorter samples."""
+    out: list[Candidate] = []
     trains = shape.mode != "baseline"
 
     if shape.micro_batch > 1:
@@ -295,7 +304,13 @@ def _candidates(shape: RunShape) -> list[tuple[str, RunShape, str]]:
             f"data.max_seq_len={new}", replace(shape, seq_len=new),
             "Activations and logits scale with tokens per sample; longer samples are dropped.",
         ))
+    return out
 
+
+def _training_candidates(shape: RunShape) -> list[Candidate]:
+    """Gradient checkpointing, ZeRO-3, optimizer offload."""
+    out: list[Candidate] = []
+    trains = shape.mode != "baseline"
     if trains and not shape.gradient_checkpointing:
         out.append((
             "train.gradient_checkpointing=true", replace(shape, gradient_checkpointing=True),
