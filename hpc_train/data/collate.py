@@ -1,12 +1,5 @@
-"""Padded batches of encoded samples, with each family's media tensors laid out as its model expects.
-
-- SmolVLM (Idefics3): ``pixel_values`` (B, N, 3, H, W) and ``pixel_attention_mask``
-  (B, N, H, W), N the most tiles of any sample; padding tiles are all zero, which Idefics3
-  recognises and drops.
-- LLaVA-OneVision: images of all samples concatenated, ``pixel_values`` (I, P, 3, h, w) with
-  P the most anyres patches, ``image_sizes`` (I, 2) and ``batch_num_images`` (B,); videos
-  concatenated as ``pixel_values_videos`` (V, F, 3, h, w).
-"""
+"""Padded batches of encoded samples; each family's media tensors are laid out by its
+:class:`~hpc_train.data.media_layout.MediaLayout`, chosen once."""
 
 from __future__ import annotations
 
@@ -17,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from hpc_train.data.dataset import Skipped
+from hpc_train.data.media_layout import media_layout
 from hpc_train.data.tokenize import IGNORE_INDEX, EncodedSample
-from hpc_train.errors import DataError
 from hpc_train.models.families import Family
 
 
@@ -34,6 +27,7 @@ class Collator:
             raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
         self.padding_side = padding_side
         self.family = family
+        self.layout = media_layout(family.name)
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
         self.blanks = list(blanks)
@@ -61,10 +55,7 @@ class Collator:
         batch["attention_mask"] = torch.stack([_pad1d(_mask(s), length, 0, left) for s in samples])
         batch["num_real_tokens"] = int(batch["attention_mask"].sum())
         batch["num_slots"] = int(batch["attention_mask"].numel())
-        if self.family.name == "smolvlm":
-            batch.update(_idefics3_media(samples))
-        else:
-            batch.update(llava_onevision_media(samples))
+        batch.update(self.layout.batch(samples))
         return batch
 
 
@@ -105,52 +96,3 @@ def _mask(sample: EncodedSample) -> torch.Tensor:
 def _pad1d(t: torch.Tensor, length: int, value: int, left: bool = False) -> torch.Tensor:
     pad = length - t.numel()
     return F.pad(t, (pad, 0) if left else (0, pad), value=value)
-
-
-def _idefics3_media(samples: list[EncodedSample]) -> dict[str, torch.Tensor]:
-    tiles = [s.media.get("pixel_values") for s in samples]
-    if all(t is None for t in tiles):
-        return {}
-    present = [t for t in tiles if t is not None]
-    n = max(t.shape[0] for t in present)
-    channels = present[0].shape[1]
-    height = max(t.shape[-2] for t in present)
-    width = max(t.shape[-1] for t in present)
-    pixels = torch.zeros(len(samples), n, channels, height, width, dtype=present[0].dtype)
-    mask = torch.zeros(len(samples), n, height, width, dtype=torch.bool)
-    for i, s in enumerate(samples):
-        if "pixel_values" not in s.media:
-            continue
-        t, m = s.media["pixel_values"], s.media["pixel_attention_mask"]
-        pixels[i, : t.shape[0], :, : t.shape[-2], : t.shape[-1]] = t
-        mask[i, : m.shape[0], : m.shape[-2], : m.shape[-1]] = m
-    return {"pixel_values": pixels, "pixel_attention_mask": mask}
-
-
-def llava_onevision_media(samples: Sequence[EncodedSample], *, packed: bool = False) -> dict[str, torch.Tensor]:
-    """The media of several samples in LLaVA-OneVision's layout (padded rows and packed rows alike).
-
-    ``batch_num_images`` is per sample: LLaVA-OneVision tiles a lone image (anyres) but not
-    the images of a multi-image sample, and the processor counted tokens that way.
-    """
-    out: dict[str, torch.Tensor] = {}
-    images = [s.media["pixel_values"] for s in samples if "pixel_values" in s.media]
-    if images:
-        patches = max(t.shape[1] for t in images)
-        out["pixel_values"] = torch.cat(
-            [F.pad(t, (0, 0, 0, 0, 0, 0, 0, patches - t.shape[1])) for t in images])
-        out["image_sizes"] = torch.cat([s.media["image_sizes"] for s in samples if "image_sizes" in s.media])
-        out["batch_num_images"] = torch.tensor(
-            [s.media["pixel_values"].shape[0] if "pixel_values" in s.media else 0 for s in samples])
-    videos = [s.media["pixel_values_videos"] for s in samples if "pixel_values_videos" in s.media]
-    if videos:
-        frames = {v.shape[1] for v in videos}
-        if len(frames) > 1:
-            ids = [s.id for s in samples if "pixel_values_videos" in s.media]
-            raise DataError(
-                f"videos with different frame counts {sorted(frames)} in one {'packed row' if packed else 'batch'} "
-                f"(samples {ids}); LLaVA-OneVision stacks them",
-                fix=f"data.video.sampling=uniform data.video.num_frames={min(frames)} (one count for every video), "
-                    + ("or data.packing=false with train.micro_batch_size=1" if packed else "or micro_batch_size=1"))
-        out["pixel_values_videos"] = torch.cat(videos)
-    return out

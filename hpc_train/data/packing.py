@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hpc_train.data.collate import has_media_kind, llava_onevision_media
+from hpc_train.data.collate import has_media_kind
+from hpc_train.data.media_layout import media_layout
 from hpc_train.data.tokenize import IGNORE_INDEX, EncodedSample
 from hpc_train.errors import DataError
 
@@ -120,20 +121,8 @@ def pack_samples(samples: Sequence[EncodedSample], *, pad_token_id: int, family_
         "max_length_k": int((cu[1:] - cu[:-1]).max()),
         "sample_ids": [s.id for s in samples],
     }
-    batch.update(_packed_media(samples, family_name))
+    batch.update(media_layout(family_name).packed_row(samples))
     return batch
-
-
-def _packed_media(samples: Sequence[EncodedSample], family_name: str) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    if family_name == "smolvlm":
-        tiles = [s.media["pixel_values"] for s in samples if "pixel_values" in s.media]
-        if tiles:
-            out["pixel_values"] = torch.cat(tiles)[None]
-            out["pixel_attention_mask"] = torch.cat(
-                [s.media["pixel_attention_mask"] for s in samples if "pixel_values" in s.media])[None]
-        return out
-    return llava_onevision_media(samples, packed=True)
 
 
 class PlannedPacks:

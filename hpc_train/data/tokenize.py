@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from hpc_train.data.media import VideoFrames
+from hpc_train.data.media_layout import media_layout
 from hpc_train.data.records import Record
 from hpc_train.errors import DataError
 from hpc_train.models.families import Family
@@ -83,6 +84,7 @@ class ChatEncoder:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.family = family
+        self.layout = media_layout(family.name)
         self.system_prompt = system_prompt
         if getattr(processor, "chat_template", None) is None:
             raise DataError(
@@ -143,7 +145,7 @@ class ChatEncoder:
         out = self.processor(**kwargs)
         ids = out["input_ids"][0].long()
         return EncodedSample(id=f"<blank {kind}>", input_ids=ids,
-                             labels=torch.full_like(ids, IGNORE_INDEX), media=self._media_tensors(out),
+                             labels=torch.full_like(ids, IGNORE_INDEX), media=self.layout.sample(out),
                              num_media_tokens=len(ids), answers=[])
 
     # -- steps --------------------------------------------------------------------------
@@ -299,7 +301,7 @@ class ChatEncoder:
             id=record.id,
             input_ids=input_ids.long(),
             labels=torch.tensor(labels, dtype=torch.long),
-            media=self._media_tensors(out),
+            media=self.layout.sample(out),
             num_media_tokens=num_media,
             answers=answers,
         )
@@ -308,20 +310,6 @@ class ChatEncoder:
                             line=record.line, record_id=record.id,
                             fix="give the assistant turns some text")
         return sample
-
-    def _media_tensors(self, out: Any) -> dict[str, torch.Tensor]:
-        media: dict[str, torch.Tensor] = {}
-        if self.family.name == "smolvlm":
-            if "pixel_values" in out:
-                media["pixel_values"] = out["pixel_values"][0]
-                media["pixel_attention_mask"] = out["pixel_attention_mask"][0].bool()
-        else:
-            if "pixel_values" in out:
-                media["pixel_values"] = out["pixel_values"]
-                media["image_sizes"] = out["image_sizes"]
-            if "pixel_values_videos" in out:
-                media["pixel_values_videos"] = out["pixel_values_videos"]
-        return media
 
 
 def _control_tokens(tokenizer: Any, *, keep: set[str]) -> re.Pattern[str] | None:
