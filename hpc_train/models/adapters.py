@@ -83,6 +83,32 @@ def full_numel(param: torch.Tensor) -> int:
     return int(getattr(param, "ds_numel", param.numel()))
 
 
+@dataclass(frozen=True)
+class GroupCount:
+    """One module group's parameters (ZeRO-3 partitions counted whole)."""
+
+    total: int
+    """Its own weights (LoRA adapters not included)."""
+    trainable: int
+    """Its own weights that train."""
+    lora: int
+    """LoRA adapter parameters on its layers (they all train)."""
+
+
+def param_census(model: nn.Module, family: Family) -> dict[str, GroupCount]:
+    """Per module group (vision / connector / llm / head): total, trainable and LoRA parameters.
+    The one count behind the run table, the memory estimate and the profiling report."""
+    counts = {group: [0, 0, 0] for group in family.module_groups}
+    for name, param in model.named_parameters():
+        n, group = full_numel(param), counts[group_of(name, family)]
+        if "lora_" in name:
+            group[2] += n
+        else:
+            group[0] += n
+            group[1] += n if param.requires_grad else 0
+    return {g: GroupCount(*c) for g, c in counts.items()}
+
+
 @dataclass
 class ParamGroup:
     """One optimizer parameter group: a module group with or without weight decay."""
@@ -125,9 +151,9 @@ def build_param_groups(model: nn.Module, family: Family, config: RunConfig) -> l
     return sorted(groups.values(), key=lambda g: (order.index(g.name.split("/")[0]), g.name))
 
 
-def describe_param_groups(model: nn.Module, groups: list[ParamGroup]) -> str:
+def describe_param_groups(census: dict[str, GroupCount], groups: list[ParamGroup]) -> str:
     """The table printed at step 0: what is trained, how much, at which rate."""
-    total = sum(full_numel(p) for p in model.parameters())
+    total = sum(c.total + c.lora for c in census.values())
     trainable = sum(g.numel for g in groups)
     lines = [f"parameters: {total:,} total, {trainable:,} trainable ({100 * trainable / max(total, 1):.2f}%)",
              f"  {'group':<22}{'params':>14}{'lr':>12}{'weight decay':>14}"]

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import hpc_train
 from hpc_train.config import RunConfig
 from hpc_train.dist import DistInfo
-from hpc_train.models.adapters import full_numel, group_of
+from hpc_train.models.adapters import param_census
 from hpc_train.models.families import Family
 from profiling.environment import collect_environment
 from profiling.flops import Trainability
@@ -32,17 +32,9 @@ PROFILE_REPORT = f"{PROFILE_DIR}/report.json"
 
 def trainability(model: torch.nn.Module, family: Family) -> Trainability:
     """Which components train their own weights, and how many LoRA parameters each has."""
-    trains: set[str] = set()
-    lora: dict[str, int] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        group = group_of(name, family)
-        if "lora_" in name:
-            lora[group] = lora.get(group, 0) + full_numel(param)
-        else:
-            trains.add(group)
-    return Trainability(trains=frozenset(trains), lora_params=lora)
+    census = param_census(model, family)
+    return Trainability(trains=frozenset(g for g, c in census.items() if c.trainable),
+                        lora_params={g: c.lora for g, c in census.items() if c.lora})
 
 
 def vision_tower(model: torch.nn.Module, family: Family) -> torch.nn.Module | None:

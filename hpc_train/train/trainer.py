@@ -45,6 +45,7 @@ from hpc_train.models.adapters import (
     build_param_groups,
     describe_param_groups,
     describe_quantization,
+    param_census,
 )
 from hpc_train.models.attention import use_varlen_attention
 from hpc_train.parent_death import signal_on_parent_death
@@ -272,7 +273,7 @@ class Trainer:
         self._say(f"{cfg.train.mode} training, ZeRO-{zero_stage(self.ds)}, world size {self.info.world_size}, "
                   f"{self.total_steps} optimizer steps "
                   f"(micro-batch {cfg.train.micro_batch_size} x accumulation {cfg.train.grad_accum} "
-                  f"x {self.info.world_size} ranks)\n{describe_param_groups(model, groups)}\n"
+                  f"x {self.info.world_size} ranks)\n{describe_param_groups(param_census(model, self.family), groups)}\n"
                   f"learning rate at step {self.state.step}: "
                   + ", ".join(f"{g.name} {g.lr * multiplier:.3g}" for g in groups))
         quantized = describe_quantization(model, self.family)
@@ -635,17 +636,12 @@ class Trainer:
 def run_shape(model: torch.nn.Module, config: RunConfig, info: DistInfo, ds: dict[str, Any] | None,
               family: Any) -> Any:
     """The :class:`RunShape` of this run, for memory estimates and out-of-memory advice."""
-    from hpc_train.models.adapters import full_numel, group_of
+    from hpc_train.models.adapters import param_census
     from hpc_train.train.memory_estimate import RunShape
 
-    sizes = {"vision": 0, "connector": 0, "llm": 0, "head": 0}
-    lora = 0
-    for name, p in model.named_parameters():
-        count = full_numel(p)
-        if "lora_" in name:
-            lora += count
-        else:
-            sizes[group_of(name, family)] += count
+    census = param_census(model, family)
+    sizes = {g: c.total for g, c in census.items()}
+    lora = sum(c.lora for c in census.values())
     cfg = model.config
     text = getattr(cfg, "text_config", cfg)
     vision = getattr(cfg, "vision_config", None)
