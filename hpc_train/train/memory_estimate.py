@@ -38,6 +38,7 @@ and keeps the changes that save memory, largest saving first.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 GIB = float(2**30)
 
@@ -422,3 +423,34 @@ def format_oom_advice(shape: RunShape, advice: list[Advice], *, available_gib: f
     lines.append("Estimates are approximate (model in hpc_train/train/memory_estimate.py); "
                  "pass the settings as overrides.")
     return "\n".join(lines)
+
+
+def run_shape(model: Any, config: Any, world_size: int, ds: dict[str, Any] | None, family: Any) -> RunShape:
+    """The :class:`RunShape` of a loaded run (a ``RunConfig``, its resolved DeepSpeed dict), for
+    memory estimates and out-of-memory advice: parameters from the one census, architecture
+    numbers from the one shape reader FLOPs counting uses too."""
+    import torch
+
+    from hpc_train.models.adapters import param_census
+    from hpc_train.train.engine import offloads_optimizer, zero_stage
+    from hpc_train.train.trainable_model import compute_dtype
+    from profiling.flops import shape_of
+
+    census = param_census(model, family)
+    arch = shape_of(model.config)
+    video = config.data.video
+    return RunShape(
+        params_vision=census["vision"].total, params_connector=census["connector"].total,
+        params_llm=census["llm"].total, params_head=census["head"].total,
+        hidden_size=arch.text.hidden, num_layers=arch.text.layers, vocab_size=arch.vocab,
+        vision_hidden_size=arch.vision.hidden if arch.vision else 0,
+        vision_layers=arch.vision.layers if arch.vision else 0,
+        vision_tokens_per_frame=arch.vision_tokens_per_image,
+        lm_tokens_per_frame=max(1, arch.connector_tokens_per_image),
+        mode=config.train.mode, lora_params=sum(c.lora for c in census.values()),
+        freeze_vision="vision" in config.model.freeze, freeze_connector="connector" in config.model.freeze,
+        freeze_llm="llm" in config.model.freeze, zero_stage=zero_stage(ds), offload_optimizer=offloads_optimizer(ds),
+        world_size=world_size, micro_batch=config.train.micro_batch_size, seq_len=config.data.max_seq_len,
+        frames_per_sample=video.max_frames if video.sampling == "fps" else video.num_frames,
+        param_bytes=2 if compute_dtype(config) == torch.bfloat16 else 4,
+        gradient_checkpointing=config.train.gradient_checkpointing)

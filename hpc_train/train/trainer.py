@@ -53,12 +53,12 @@ from hpc_train.train.checkpoint import Checkpointer, TrainState
 from hpc_train.train.data_order import PlannedBatches, total_steps
 from hpc_train.train.engine import (
     build_optimizer,
-    offloads_optimizer,
     resolve_ds_config,
     zero_stage,
 )
 from hpc_train.train.evaluate import EvalResult, evaluate_generation, evaluate_loss, to_device
 from hpc_train.train.loss import loss_for
+from hpc_train.train.memory_estimate import run_shape
 from hpc_train.train.metrics import MetricsLogger
 from hpc_train.train.output_dir import (
     OutputError,
@@ -625,42 +625,12 @@ class Trainer:
     def _oom_message(self, exc: BaseException) -> str:
         from hpc_train.train.memory_estimate import format_oom_advice, rank_oom_advice
 
-        shape = run_shape(self.loaded.model, self.config, self.info, self.ds, self.family)
+        shape = run_shape(self.loaded.model, self.config, self.info.world_size, self.ds, self.family)
         available = None
         if torch.cuda.is_available():
             available = torch.cuda.get_device_properties(self.device).total_memory / 2**30
         return format_oom_advice(shape, rank_oom_advice(shape, available_gib=available),
                                  available_gib=available, error=str(exc))
-
-
-def run_shape(model: torch.nn.Module, config: RunConfig, info: DistInfo, ds: dict[str, Any] | None,
-              family: Any) -> Any:
-    """The :class:`RunShape` of this run, for memory estimates and out-of-memory advice."""
-    from hpc_train.models.adapters import param_census
-    from hpc_train.train.memory_estimate import RunShape
-
-    census = param_census(model, family)
-    sizes = {g: c.total for g, c in census.items()}
-    lora = sum(c.lora for c in census.values())
-    cfg = model.config
-    text = getattr(cfg, "text_config", cfg)
-    vision = getattr(cfg, "vision_config", None)
-    image_size = getattr(vision, "image_size", 384)
-    patch = getattr(vision, "patch_size", 14)
-    frames = config.data.video.max_frames if config.data.video.sampling == "fps" else config.data.video.num_frames
-    return RunShape(
-        params_vision=sizes["vision"], params_connector=sizes["connector"], params_llm=sizes["llm"],
-        params_head=sizes["head"], hidden_size=text.hidden_size, num_layers=text.num_hidden_layers,
-        vocab_size=text.vocab_size, vision_hidden_size=getattr(vision, "hidden_size", 0),
-        vision_layers=getattr(vision, "num_hidden_layers", 0),
-        vision_tokens_per_frame=(image_size // patch) ** 2,
-        lm_tokens_per_frame=max(1, (image_size // patch) ** 2 // max(getattr(cfg, "scale_factor", 1), 1) ** 2),
-        mode=config.train.mode, lora_params=lora, freeze_vision="vision" in config.model.freeze,
-        freeze_connector="connector" in config.model.freeze, freeze_llm="llm" in config.model.freeze,
-        zero_stage=zero_stage(ds), offload_optimizer=offloads_optimizer(ds),
-        world_size=info.world_size, micro_batch=config.train.micro_batch_size,
-        seq_len=config.data.max_seq_len, frames_per_sample=frames,
-        param_bytes=2 if _bf16(config) else 4, gradient_checkpointing=config.train.gradient_checkpointing)
 
 
 def _wants_zero3(config: RunConfig) -> bool:
@@ -714,4 +684,4 @@ def run(config: RunConfig, *, evaluate_only: bool = False) -> int:
     return status
 
 
-__all__ = ["REQUEUE_EXIT_CODE", "Trainer", "TrainingStopped", "run", "run_shape"]
+__all__ = ["REQUEUE_EXIT_CODE", "Trainer", "TrainingStopped", "run"]
