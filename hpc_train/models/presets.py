@@ -297,18 +297,8 @@ def count_parameters(name: str) -> dict[str, int]:
     a head tied to the input embedding has no parameters of its own, so ``head`` is 0 there
     and the shared matrix is counted under ``llm``.
     """
-    preset = get_preset(name)
-    groups = FAMILIES[preset.family].module_groups
-    model = build_model(name, device="meta")
-    counts = dict.fromkeys(GROUPS, 0)
-    for param_name, param in model.named_parameters():  # de-duplicates tied tensors
-        group = next((g for g in GROUPS if param_name.startswith(groups[g])), None)
-        if group is None:
-            # A name no prefix knows means families.py is out of date with transformers.
-            raise ConfigError(
-                f"parameter '{param_name}' of preset '{name}' is in no module group of the "
-                f"{preset.family} family. Fix: add its prefix to module_groups in "
-                "hpc_train/models/families.py"
-            )
-        counts[group] += param.numel()
+    from hpc_train.models.adapters import param_census
+
+    census = param_census(build_model(name, device="meta"), FAMILIES[get_preset(name).family])
+    counts = {group: census[group].total for group in GROUPS}
     return {"total": sum(counts.values()), **counts}
