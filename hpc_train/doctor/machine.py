@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from hpc_train.doctor.table import Check
-from hpc_train.train.output_dir import FIX_WRITABLE, existing_parent, write_probe
+from hpc_train.train.output_dir import FIX_WRITABLE, existing_parent, free_bytes, write_probe
 
 GIB = 2**30
 
@@ -71,7 +71,7 @@ def output_checks(output_dir: Path, *, min_free_gib: float, warn_free_gib: float
     failed = write_probe(base)
     writable = Check("output dir", "ok", where, "writable") if failed is None else \
         Check("output dir", "fail", where, f"not writable ({failed.strerror}). Fix: {FIX_WRITABLE}")
-    free = shutil.disk_usage(base).free / GIB
+    free = free_bytes(base) / GIB
     status = "fail" if free < min_free_gib else "warn" if free < warn_free_gib else "ok"
     note = {"fail": f"below {min_free_gib:g} GiB: checkpoints will not fit. Fix: free space or move output_dir",
             "warn": f"below {warn_free_gib:g} GiB: a full fine-tune's checkpoints may not fit", "ok": ""}[status]

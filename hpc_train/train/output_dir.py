@@ -146,5 +146,5 @@ def agreed(problem: str | None) -> str | None:
     return next((p for p in gathered if p is not None), None)
 
 
-__all__ = ["OutputError", "agreed", "checkpoint_bytes", "free_bytes", "is_write_failure", "output_problem",
-           "room_problem", "write_failure", "writing"]
+__all__ = ["FIX_SPACE", "FIX_WRITABLE", "OutputError", "agreed", "checkpoint_bytes", "existing_parent", "free_bytes",
+           "is_write_failure", "output_problem", "room_problem", "write_failure", "write_probe", "writing"]
