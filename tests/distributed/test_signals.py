@@ -76,8 +76,12 @@ def test_a_dead_rank_ends_the_other_at_once_despite_its_workers(tmp_path, train_
     ranks_of(proc)[-1].kill()
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0
-    codes = dict(re.findall(r"rank\s*:\s*(\d+) \(local_rank.*?\n\s*exitcode\s*:\s*(-?\d+)", output))
-    assert codes and set(codes.values()) == {"1", "-9"} and list(codes.values()).count("-9") == 1, output[-3000:]
+    codes = list(dict(re.findall(r"rank\s*:\s*(\d+) \(local_rank.*?\n\s*exitcode\s*:\s*(-?\d+)", output)).values())
+    # The killed rank is the one -9. The survivor exits with its own error (1), or with torchrun's
+    # SIGTERM (-15) when that lands while it is already exiting (Python restores the default
+    # handler at shutdown); a survivor that hung would get torchrun's SIGKILL after 30 s: a second -9.
+    survivor = [code for code in codes if code != "-9"]
+    assert len(codes) == 2 and len(survivor) == 1 and survivor[0] in ("1", "-15"), output[-3000:]
     assert re.search(r"Connection (closed|reset) by peer", output), output[-3000:]  # the survivor's own error
     assert not alive(everything), [p.cmdline()[:4] for p in alive(everything)]
 
