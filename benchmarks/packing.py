@@ -30,13 +30,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hpc_train.config import DataConfig  # noqa: E402
-from hpc_train.data.collate import Collator, model_inputs  # noqa: E402
-from hpc_train.data.dataset import MediaLoader, SampleDataset  # noqa: E402
+from hpc_train.data.collate import model_inputs  # noqa: E402
 from hpc_train.data.lengths import sample_lengths  # noqa: E402
-from hpc_train.data.packing import PackedCollator, drop_too_long, plan_packs  # noqa: E402
+from hpc_train.data.packing import drop_too_long, plan_packs  # noqa: E402
+from hpc_train.data.pipeline import build_pipeline  # noqa: E402
 from hpc_train.data.records import read_records  # noqa: E402
 from hpc_train.data.synthetic import COLOURS, SyntheticSpec, make_dataset  # noqa: E402
-from hpc_train.data.tokenize import ChatEncoder  # noqa: E402
 from hpc_train.models.attention import use_varlen_attention  # noqa: E402
 from hpc_train.models.families import get_family  # noqa: E402
 from hpc_train.models.presets import get_preset  # noqa: E402
@@ -177,20 +176,18 @@ def main(argv: list[str] | None = None) -> int:
     model.to(device, dtype).train()
     model.config.use_cache = False
     use_varlen_attention(model)
-    encoder = ChatEncoder(processor, family)
+    data = DataConfig(video={"num_frames": 8}, max_seq_len=args.max_seq_len)
+    pipeline = build_pipeline(data, processor, family)
     tower = model.get_submodule(family.module_groups["vision"][0].rstrip("."))
     clock = VisionClock(tower, device)
-    pad = processor.tokenizer.pad_token_id
-    blanks = encoder.blank_media()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         make_dataset(base, SyntheticSpec(n_train=120, n_eval=1, seed=args.seed))
-        data = DataConfig(video={"num_frames": 8}, max_seq_len=args.max_seq_len)
         for mix in ("text-heavy", "video-heavy"):
             records = read_records(write_mix(mix, base, args.samples, args.seed), media_root=data.media_root)
-            dataset = SampleDataset(records, encoder, MediaLoader(data), data)
-            lengths, _ = drop_too_long(sample_lengths(records, encoder, data), args.max_seq_len)
+            dataset = pipeline.dataset(records)
+            lengths, _ = drop_too_long(sample_lengths(records, pipeline.encoder, data), args.max_seq_len)
             usable = [i for i, n in enumerate(lengths) if n >= 0]
             sub = plan_packs([lengths[i] for i in usable], args.max_seq_len, seed=args.seed, epoch=0)
             plan = type(sub)(rows=[[usable[i] for i in row] for row in sub.rows],
@@ -198,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
             rows = plan.rows[: args.steps + 1]
             used = [i for row in rows for i in row]
             samples = {i: dataset[i] for i in used}
-            packed = [PackedCollator(family.name, pad, pad_to=args.max_seq_len, blanks=blanks)(
-                [samples[i] for i in row]) for row in rows]
-            collate = Collator(family, pad, blanks=blanks)
+            pack = pipeline.packed_collator(rows_per_micro=1)
+            packed = [pack([samples[i] for i in row]) for row in rows]
+            collate = pipeline.collator()
             padded = [collate([samples[i] for i in used[k:k + args.batch]])
                       for k in range(0, len(used), args.batch)]
             t_pad, tok_pad, mem_pad, vis_pad = train_steps(model, padded, device, dtype, clock)

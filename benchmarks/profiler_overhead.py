@@ -26,11 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hpc_train.config import DataConfig  # noqa: E402
-from hpc_train.data.collate import Collator, model_inputs  # noqa: E402
-from hpc_train.data.dataset import MediaLoader, SampleDataset  # noqa: E402
+from hpc_train.data.collate import model_inputs  # noqa: E402
+from hpc_train.data.pipeline import build_pipeline  # noqa: E402
 from hpc_train.data.records import read_records  # noqa: E402
 from hpc_train.data.synthetic import SyntheticSpec, make_dataset  # noqa: E402
-from hpc_train.data.tokenize import ChatEncoder  # noqa: E402
 from hpc_train.models.families import get_family  # noqa: E402
 from hpc_train.models.presets import get_preset  # noqa: E402
 from hpc_train.models.tiny import build_preset, build_tiny  # noqa: E402
@@ -60,9 +59,9 @@ def main() -> int:
         make_dataset(tmp, SyntheticSpec(n_train=64, n_eval=8, seed=0))
         cfg = DataConfig(video={"num_frames": 4})
         records = read_records(Path(tmp) / "train.jsonl", media_root=cfg.media_root)
-        encoder = ChatEncoder(processor, get_family(family))
-        dataset = SampleDataset(records, encoder, MediaLoader(cfg), cfg)
-        collate = Collator(get_family(family), encoder.tokenizer.pad_token_id, blanks=encoder.blank_media())
+        pipeline = build_pipeline(cfg, processor, get_family(family))
+        dataset = pipeline.dataset(records)
+        collate = pipeline.collator()
         samples = [dataset[i] for i in range(len(dataset))]
     batches = [collate(samples[i:i + args.batch]) for i in range(0, len(samples), args.batch)]
 

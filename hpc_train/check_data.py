@@ -19,6 +19,7 @@ from hpc_train.config import RunConfig
 from hpc_train.data.dataset import MediaLoader
 from hpc_train.data.frame_counts import FrameCounts
 from hpc_train.data.mixture import read_split
+from hpc_train.data.pipeline import DataPipeline, build_pipeline
 from hpc_train.data.records import Record
 from hpc_train.data.tokenize import IGNORE_INDEX, ChatEncoder, EncodedSample
 from hpc_train.errors import ConfigError, DataError
@@ -57,18 +58,17 @@ class AuditReport:
 
 
 def audit_dataset(config: RunConfig, *, split: str = "train", limit: int | None = None,
-                  progress: bool = True, encoder: ChatEncoder | None = None) -> AuditReport:
-    """Read, decode and tokenize every record of ``split`` (or the first ``limit``); ``encoder``:
+                  progress: bool = True, pipeline: DataPipeline | None = None) -> AuditReport:
+    """Read, decode and tokenize every record of ``split`` (or the first ``limit``); ``pipeline``:
     one already built for this config's model (auditing many files with one processor)."""
     path = getattr(config.data, split)
     if path is None:
         raise ConfigError(f"data.{split} is not set. Fix: pass data.{split}=PATH")
     started = time.perf_counter()
     records = read_split(config, split)
-    if encoder is None:
-        encoder = ChatEncoder(load_processor(config.model), model_family(config.model),
-                              system_prompt=config.data.system_prompt)
-    audit = _Audit(config, records, encoder, MediaLoader(config.data),
+    if pipeline is None:
+        pipeline = build_pipeline(config.data, load_processor(config.model), model_family(config.model))
+    audit = _Audit(config, records, pipeline.encoder, pipeline.media,
                    AuditReport(split=split, path=str(path), max_seq_len=config.data.max_seq_len,
                                truncation=config.data.truncation))
     total = len(records) if limit is None else min(limit, len(records))

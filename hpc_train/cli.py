@@ -33,7 +33,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 def _check_data(args: argparse.Namespace) -> int:
     from hpc_train.check_data import audit_dataset, format_report
-    from hpc_train.config import load_config
+    from hpc_train.config_file import load_config
 
     config = load_config(args.config, args.overrides)
     report = audit_dataset(config, split=args.split, limit=args.limit)
@@ -44,9 +44,10 @@ def _check_data(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from hpc_train.config import load_config
+    from hpc_train.config_file import load_config
     from hpc_train.dist import cleanup
-    from hpc_train.train.trainer import TrainingStopped, run
+    from hpc_train.train.run import run
+    from hpc_train.train.trainer import TrainingStopped
 
     config = load_config(args.config, args.overrides)
     try:
@@ -69,7 +70,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _show_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from hpc_train.config import describe_keys, load_config
+    from hpc_train.config_file import describe_keys, load_config
 
     if args.keys:
         print("| key | default | meaning |\n|---|---|---|")

@@ -40,7 +40,7 @@ class RunNeeds:
 
 def needs_of_config(config_path: str, overrides: list[str], output_dir: str | None) -> RunNeeds:
     """Read the run's config (errors are the config's own, with file and line)."""
-    from hpc_train.config import load_config
+    from hpc_train.config_file import load_config
     from hpc_train.train.engine import offloads_optimizer, read_ds_config
 
     config = load_config(config_path, overrides)

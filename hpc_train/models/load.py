@@ -11,12 +11,19 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedM
 from hpc_train.config import ModelConfig
 from hpc_train.errors import ConfigError
 from hpc_train.models.families import Family, family_of_model_type, get_family
+from hpc_train.models.presets import get_preset
 from hpc_train.models.tiny import build_preset, build_tiny, preset_processor
 
 
 def model_family(model: ModelConfig) -> Family:
-    """The family of the configured model; a folder's own ``model_type`` must agree with it."""
+    """The family of the configured model; a named preset or a folder's own ``model_type`` must
+    agree with it."""
     family = get_family(model.family)
+    if model.preset is not None and model.preset != "tiny":
+        found = get_preset(model.preset)
+        if found.family != family.name:
+            raise ConfigError(f"model.preset={model.preset} is a {found.family} model but model.family is "
+                              f"{family.name}. Fix: set model.family={found.family}")
     if model.path is not None:
         folder = _model_folder(model.path)
         model_type = json.loads((folder / "config.json").read_text()).get("model_type", "")

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from hpc_train.data.collate import Collator, model_inputs
-from hpc_train.data.dataset import MediaLoader, SampleDataset
+from hpc_train.data.dataset import SampleDataset
+from hpc_train.data.pipeline import DataPipeline
 from hpc_train.data.records import RECORD_KINDS, Record
-from hpc_train.data.tokenize import ChatEncoder, EncodedSample
+from hpc_train.data.tokenize import EncodedSample
 from hpc_train.dist import DistInfo, all_reduce_max, all_reduce_sum
 from hpc_train.errors import DataError
 from hpc_train.train.step_timer import NoTimer, StepTimer
@@ -108,12 +109,11 @@ def evaluate_loss(model: Any, dataset: SampleDataset, collate: Collator, info: D
     return result
 
 
-def evaluate_generation(model: Any, records: Sequence[Record], encoder: ChatEncoder,
-                        media: MediaLoader, info: DistInfo, device: torch.device, *,
-                        batch_size: int, max_new_tokens: int | None, synced: bool,
-                        blanks: Sequence[EncodedSample] = (), dtype: torch.dtype | None = None
-                        ) -> EvalResult:
+def evaluate_generation(model: Any, records: Sequence[Record], pipeline: DataPipeline, info: DistInfo,
+                        device: torch.device, *, batch_size: int, max_new_tokens: int | None, synced: bool,
+                        dtype: torch.dtype | None = None) -> EvalResult:
     """Greedy answers to each record's last question, compared with its last answer."""
+    encoder, media = pipeline.encoder, pipeline.media
     tokenizer = encoder.tokenizer
     picks = shard(len(records), info)
     prompts: list[tuple[EncodedSample | None, bool]] = []
@@ -129,7 +129,7 @@ def evaluate_generation(model: Any, records: Sequence[Record], encoder: ChatEnco
         longest = max((len(tokenizer(p.answers[0], add_special_tokens=False)["input_ids"])
                        for p, _ in prompts if p is not None), default=8)
         max_new_tokens = int(all_reduce_max([longest])[0]) + 2
-    collate = Collator(encoder.family, tokenizer.pad_token_id, blanks=blanks, padding_side="left")
+    collate = pipeline.collator(padding_side="left")
     eos = [tokenizer.convert_tokens_to_ids(encoder.family.end_of_turn), tokenizer.eos_token_id]
     correct = generated = 0
     per_kind = {kind: [0, 0] for kind in RECORD_KINDS}

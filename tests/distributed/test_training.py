@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from hpc_train.train.metrics import read_metrics
 from hpc_train.train.trainer import REQUEUE_EXIT_CODE
+from profiling.report import read_report
 
 from .conftest import FAMILIES, child_env, hpc_train_cmd, ok, run_hpc_train
 
@@ -242,9 +243,9 @@ def test_baseline_evaluation_under_zero3_matches_single_process(tmp_path, train_
     assert a["accuracy"] == b["accuracy"]
 
 
-def planned_steps(stdout: str) -> int:
-    line = next(x for x in stdout.splitlines() if "optimizer steps (micro-batch" in x)
-    return int(line.split(" optimizer steps")[0].rsplit(" ", 1)[1])
+def planned(out: Path) -> dict:
+    """The run's plan as its profiling report records it (steps, packing efficiency)."""
+    return read_report(out / "profile" / "report.json")["run"]
 
 
 @pytest.fixture(scope="module")
@@ -259,8 +260,8 @@ def packed_single(tmp_path_factory, train_args):
 
 def test_packed_run_takes_exactly_the_planned_steps(packed_single):
     out, result = packed_single
-    assert "packing:" in result.stdout and "efficiency" in result.stdout
-    steps = planned_steps(result.stdout)
+    assert 0 < planned(out)["packing_efficiency"] <= 1
+    steps = planned(out)["planned_steps"]
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert max(r["epoch"] for r in rows) >= 1  # the plan spans both epochs
@@ -272,11 +273,11 @@ def test_packed_two_ranks_match_single_process(packed_single, tmp_path, train_ar
     """Same global batch: 2 ranks x 1 row vs 1 process x 2 accumulated rows."""
     single, _ = packed_single
     out = tmp_path / ds
-    result = ok(run_hpc_train("train", *train_args(
+    ok(run_hpc_train("train", *train_args(
         "smolvlm", out, "data.packing=true", "data.max_seq_len=128", "train.micro_batch_size=1",
         "train.grad_accum=1", "train.epochs=2", "train.mode=full", "train.log_every=1", "eval.generate=false",
         f"deepspeed.config=ds_configs/{ds}.json")))
-    assert planned_steps(result.stdout) == len(losses(single))
+    assert planned(out)["planned_steps"] == len(losses(single))
     assert losses(out) == pytest.approx(losses(single), rel=1e-4)
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from hpc_train.check_data import AuditReport, audit_dataset
-from hpc_train.config import load_config
-from hpc_train.data.tokenize import ChatEncoder
+from hpc_train.config_file import load_config
+from hpc_train.data.pipeline import build_pipeline
 from hpc_train.errors import DataError
 from hpc_train.models.families import get_family
 from hpc_train.models.load import load_processor
@@ -25,18 +25,18 @@ MESSAGE = re.compile(r"^/\S.*?(:\d+)?( \[id .*?\])?: .+\. Fix: .+", re.S)
 
 @pytest.fixture(scope="module")
 def fuzz_setup(synthetic_data, tmp_path_factory):
-    """A copy of the synthetic set (its media resolve), its valid records and one encoder."""
+    """A copy of the synthetic set (its media resolve), its valid records and one pipeline."""
     root = tmp_path_factory.mktemp("fuzz")
     shutil.copytree(synthetic_data, root / "data")
     base = [json.loads(line) for line in (root / "data" / "train.jsonl").read_text().splitlines()]
     config = load_config("tiny_smolvlm", [f"data.train={root / 'data' / 'train.jsonl'}"])
-    encoder = ChatEncoder(load_processor(config.model), get_family("smolvlm"))
-    return root / "data", base, config, encoder
+    pipeline = build_pipeline(config.data, load_processor(config.model), get_family("smolvlm"))
+    return root / "data", base, config, pipeline
 
 
-def audit(config, encoder, path: Path) -> AuditReport:
+def audit(config, pipeline, path: Path) -> AuditReport:
     config = config.model_copy(update={"data": config.data.model_copy(update={"train": str(path)})})
-    return audit_dataset(config, progress=False, encoder=encoder)
+    return audit_dataset(config, progress=False, pipeline=pipeline)
 
 
 def assert_messages(report: AuditReport, what: str) -> None:
@@ -49,12 +49,12 @@ def assert_messages(report: AuditReport, what: str) -> None:
 @pytest.mark.parametrize("family", sorted(RECORD_FAMILIES))
 @pytest.mark.parametrize("layout", ["jsonl", "json"])
 def test_no_record_crashes_the_audit(fuzz_setup, family, layout):
-    folder, base, config, encoder = fuzz_setup
+    folder, base, config, pipeline = fuzz_setup
     rng = random.Random(f"{family}:{layout}")
     lines = [RECORD_FAMILIES[family](base, rng) for _ in range(CASES)]
     path = folder / f"fuzz-{family}.{layout}"
     path.write_text("\n".join(lines) + "\n" if layout == "jsonl" else "[\n" + ",\n".join(lines) + "\n]\n")
-    report = audit(config, encoder, path)
+    report = audit(config, pipeline, path)
     assert report.records == CASES
     assert_messages(report, f"{family} ({layout})")
     assert len(report.errors) > CASES // 3, "the generator should break most records"
@@ -62,14 +62,14 @@ def test_no_record_crashes_the_audit(fuzz_setup, family, layout):
 
 @pytest.mark.parametrize("family", sorted(FILE_FAMILIES))
 def test_no_file_crashes_the_audit(fuzz_setup, family):
-    folder, base, config, encoder = fuzz_setup
+    folder, base, config, pipeline = fuzz_setup
     rng = random.Random(family)
     refused = 0
     for k in range(CASES):
         path = folder / f"fuzz-{family}-{k}.jsonl"
         path.write_bytes(FILE_FAMILIES[family](base, rng))
         try:
-            report = audit(config, encoder, path)
+            report = audit(config, pipeline, path)
         except DataError as exc:  # the whole file is unusable: one message for it
             assert MESSAGE.match(str(exc)), f"{family} case {k}: {str(exc)[:500]}"
             refused += 1

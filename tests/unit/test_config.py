@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from hpc_train.config import RECIPES_DIR, RunConfig, load_config, save_config, valid_keys
+from hpc_train.config import RunConfig
+from hpc_train.config_file import RECIPES_DIR, load_config, save_config, valid_keys
 from hpc_train.errors import ConfigError
 
 
@@ -104,7 +105,7 @@ def test_valid_keys_cover_nested_sections():
 
 def test_readme_documents_every_key():
     readme = (Path(__file__).parents[2] / "README.md").read_text()
-    from hpc_train.config import describe_keys
+    from hpc_train.config_file import describe_keys
 
     missing = [key for key, _, _ in describe_keys() if f"| `{key}` |" not in readme]
     assert not missing, f"README's configuration table lacks {missing}"

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from hpc_train.config import load_config
+from hpc_train.config_file import load_config
 from hpc_train.dist import DistInfo
 from hpc_train.errors import ConfigError
 from hpc_train.train.data_order import (

@@ -6,14 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from hpc_train.train.memory_estimate import (
-    GIB,
-    MemoryEstimate,
-    RunShape,
-    estimate_memory,
-    format_oom_advice,
-    rank_oom_advice,
-)
+from hpc_train.train.memory_estimate import GIB, MemoryEstimate, RunShape, estimate_memory
+from hpc_train.train.oom_advice import format_oom_advice, rank_oom_advice
 
 
 def tiny(**changes) -> RunShape:

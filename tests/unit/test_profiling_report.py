@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpc_train.config import load_config
+from hpc_train.config_file import load_config
 from hpc_train.dist import DistInfo
 from hpc_train.train.profile_report import describe_run
 from profiling.environment import collect_environment

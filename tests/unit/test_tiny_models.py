@@ -84,9 +84,10 @@ def test_published_preset_gets_a_matching_offline_processor():
 
 
 def test_unknown_or_mismatched_preset_is_refused():
-    from hpc_train.config import load_config
+    from hpc_train.config_file import load_config
+    from hpc_train.models.load import model_family
 
     with pytest.raises(ConfigError, match="did you mean 'smolvlm-256m'"):
-        load_config(None, ["model.preset=smolvlm-265m"])
+        model_family(load_config(None, ["model.preset=smolvlm-265m"]).model)
     with pytest.raises(ConfigError, match="set model.family=llava_onevision"):
-        load_config(None, ["model.preset=llava-onevision-0.5b"])
+        model_family(load_config(None, ["model.preset=llava-onevision-0.5b"]).model)

@@ -1,0 +1,59 @@
+"""The data pipeline, wired once: records → media → chat encoder → dataset → collator.
+
+Training, evaluation, ``check-data`` and the benchmarks all build their samples through
+:func:`build_pipeline`, so an audit, a benchmark and a run see the same samples for the same
+config: the same media loader, the same encoder (system prompt included) and the same blank
+media snippets that keep every rank's modules the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hpc_train.config import DataConfig
+from hpc_train.data.collate import Collator
+from hpc_train.data.dataset import MediaLoader, SampleDataset
+from hpc_train.data.packing import PackedCollator
+from hpc_train.data.records import Record
+from hpc_train.data.tokenize import ChatEncoder, EncodedSample
+from hpc_train.models.families import Family
+
+
+@dataclass(frozen=True)
+class DataPipeline:
+    """The parts that turn records of one model family into batches."""
+
+    data: DataConfig
+    family: Family
+    encoder: ChatEncoder
+    media: MediaLoader
+    blanks: list[EncodedSample] = field(repr=False)
+    """One masked, unsupervised snippet per media kind (see :meth:`ChatEncoder.blank_media`)."""
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.encoder.tokenizer.pad_token_id
+
+    def dataset(self, records: Sequence[Record]) -> SampleDataset:
+        return SampleDataset(records, self.encoder, self.media, self.data)
+
+    def collator(self, *, padding_side: str = "right") -> Collator:
+        """Padded batches; ``left`` for generation prompts."""
+        return Collator(self.family, self.pad_token_id, blanks=self.blanks, padding_side=padding_side)
+
+    def packed_collator(self, *, rows_per_micro: int) -> PackedCollator:
+        """One packed row of ``rows_per_micro`` x ``data.max_seq_len`` slots per micro-batch."""
+        return PackedCollator(self.family.name, self.pad_token_id, blanks=self.blanks,
+                              pad_to=self.data.max_seq_len * rows_per_micro)
+
+
+def build_pipeline(data: DataConfig, processor: Any, family: Family) -> DataPipeline:
+    """The pipeline for a model's processor (its tokenizer and image processor)."""
+    encoder = ChatEncoder(processor, family, system_prompt=data.system_prompt)
+    return DataPipeline(data=data, family=family, encoder=encoder, media=MediaLoader(data),
+                        blanks=encoder.blank_media())
+
+
+__all__ = ["DataPipeline", "build_pipeline"]

@@ -1,0 +1,268 @@
+"""The build step: a :class:`RunConfig` in, the typed :class:`RunParts` of one run out.
+
+It reads one way: process group → model → data (and the packing plan) → engine (resuming a
+checkpoint) → profiler description. Nothing here trains; every check that can fail a run
+(output_dir, disk room, data, frame counts) fails here, before the first step.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hpc_train.config import RunConfig
+from hpc_train.config_file import save_config
+from hpc_train.data.frame_counts import FrameCounts
+from hpc_train.data.lengths import SampleShapes, sample_shapes
+from hpc_train.data.mixture import read_split
+from hpc_train.data.packing import PlannedPacks, drop_too_long
+from hpc_train.data.pipeline import DataPipeline, build_pipeline
+from hpc_train.data.records import Record
+from hpc_train.dist import DistInfo, barrier, device_for, init_distributed
+from hpc_train.errors import HpcTrainError
+from hpc_train.models.adapters import (
+    build_param_groups,
+    describe_param_groups,
+    describe_quantization,
+    param_census,
+)
+from hpc_train.models.attention import use_varlen_attention
+from hpc_train.models.load import model_family
+from hpc_train.train.checkpoint import Checkpointer, TrainState
+from hpc_train.train.data_order import PlannedBatches, total_steps
+from hpc_train.train.engine import build_optimizer, read_ds_config, resolve_ds_config, zero_stage
+from hpc_train.train.loss import loss_for
+from hpc_train.train.metrics import MetricsLogger
+from hpc_train.train.output_dir import (
+    OutputError,
+    agreed,
+    checkpoint_bytes,
+    free_bytes,
+    output_problem,
+    room_problem,
+    writing,
+)
+from hpc_train.train.profile_report import trainability, vision_tower
+from hpc_train.train.run_parts import REQUEUE_MARKER, EvalData, RunParts, TrainData, TrainingEngine
+from hpc_train.train.schedule import build_scheduler, lr_multiplier
+from hpc_train.train.step_timer import NoTimer, StepTimer
+from hpc_train.train.trainable_model import (
+    LoadedModel,
+    compute_dtype,
+    hidden_size,
+    load_training_model,
+    model_source,
+)
+from profiling.profiler import Profiler
+
+
+def build_run(config: RunConfig, info: DistInfo) -> RunParts:
+    """Join the process group and build every part of the run (collective: all ranks call it)."""
+    model_family(config.model)  # a preset or folder of another family fails before any collective
+    init_distributed(info)
+    _say(info, f"topology: {info.describe()}")
+    torch.manual_seed(config.train.seed + info.rank)
+    device = device_for(info)
+    training = config.train.mode != "baseline"
+    profiler = _profiler(config, info, device, training)
+    timer: StepTimer = profiler if profiler is not None else NoTimer()
+    with timer.section("setup"):
+        _prepare_output(config, info)
+        source = model_source(config, info)
+        ds = _ds_config(config, info, training, source)
+        loaded = load_training_model(config, info, device, source, ds)
+        pipeline = build_pipeline(config.data, loaded.processor, loaded.family)
+        train = _train_data(config, info, pipeline, loaded) if training else None
+        evals = _eval_data(config, pipeline)
+        engine = _training_engine(config, info, loaded, ds, train.total_steps) if train is not None else None
+        eval_model = engine.engine if engine is not None else _eval_model(loaded, ds)
+    if profiler is not None:
+        profiler.describe_model(loaded.model.config, trainability(loaded.model, loaded.family))
+        tower = vision_tower(loaded.model, loaded.family)
+        if tower is not None:
+            profiler.count_images(tower)
+    return RunParts(config=config, info=info, device=device, loaded=loaded, ds=ds, pipeline=pipeline,
+                    loss=loss_for(config.data), timer=timer, profiler=profiler, train=train, eval=evals,
+                    training=engine, eval_model=eval_model)
+
+
+def _profiler(config: RunConfig, info: DistInfo, device: torch.device, training: bool) -> Profiler | None:
+    if not config.profile.enabled:
+        return None
+    return Profiler(device, warmup_steps=config.profile.warmup_steps, rank=info.rank, local_rank=info.local_rank,
+                    world_size=info.world_size, workload="training" if training else "evaluation")
+
+
+def _prepare_output(config: RunConfig, info: DistInfo) -> None:
+    output = Path(config.output_dir)
+    problem = agreed(output_problem(output))  # before minutes of loading, on every rank
+    if problem:
+        raise OutputError(problem)
+    if info.is_main:
+        with writing(output / "config.resolved.yaml"):
+            save_config(config, output / "config.resolved.yaml")
+        (output / REQUEUE_MARKER).unlink(missing_ok=True)
+
+
+def _ds_config(config: RunConfig, info: DistInfo, training: bool, source: Path) -> dict[str, Any] | None:
+    """Training always runs under DeepSpeed; an evaluation only when it asks for ZeRO-3."""
+    if not training and zero_stage(read_ds_config(config.deepspeed.config)[0]) != 3:
+        return None
+    return resolve_ds_config(config, info.world_size, bf16=compute_dtype(config) == torch.bfloat16,
+                             hidden_size=hidden_size(source))
+
+
+def _eval_model(loaded: LoadedModel, ds: dict[str, Any] | None) -> Any:
+    if ds is None:
+        return loaded.model
+    import deepspeed
+
+    # Evaluation under ZeRO-3: the engine gathers each layer's partitions as it runs.
+    return deepspeed.initialize(model=loaded.model, config=ds)[0]
+
+
+# -- data ----------------------------------------------------------------------------------
+
+def _train_data(config: RunConfig, info: DistInfo, pipeline: DataPipeline, loaded: LoadedModel) -> TrainData:
+    if config.data.train is None:
+        raise HpcTrainError("data.train is not set. Fix: pass data.train=PATH")
+    records = read_split(config, "train")
+    dataset = pipeline.dataset(records)
+    train = config.train
+    if config.data.packing:
+        use_varlen_attention(loaded.model)
+        packs, steps, efficiency = _plan_packing(config, info, pipeline, records)
+        return TrainData(dataset=dataset, batches=packs, total_steps=steps, packing_efficiency=efficiency,
+                         collate=pipeline.packed_collator(rows_per_micro=train.micro_batch_size))
+    batches = PlannedBatches(len(dataset), seed=train.seed, rank=info.rank, world_size=info.world_size,
+                             micro_batch=train.micro_batch_size, grad_accum=train.grad_accum)
+    steps = total_steps(len(records), micro_batch=train.micro_batch_size, world_size=info.world_size,
+                        grad_accum=train.grad_accum, epochs=train.epochs, max_steps=train.max_steps)
+    return TrainData(dataset=dataset, batches=batches, total_steps=steps, collate=pipeline.collator())
+
+
+def _plan_packing(config: RunConfig, info: DistInfo, pipeline: DataPipeline, records: list[Record]
+                  ) -> tuple[PlannedPacks, int, float]:
+    """Lengths (computed once by rank 0, cached), the plan, and the exact step count."""
+    data, train = config.data, config.train
+    cache = Path(config.output_dir) / "lengths"
+    # Rank 0 measures and caches; the others read its cache instead of measuring again.
+    if info.is_main:
+        shapes = sample_shapes(records, pipeline.encoder, data, cache_dir=cache, source=data.train)
+    barrier()
+    if not info.is_main:
+        shapes = sample_shapes(records, pipeline.encoder, data, cache_dir=cache, source=data.train)
+    lengths = shapes.lengths
+    if not pipeline.family.video_as_images:  # LLaVA-OneVision stacks a row's videos
+        _refuse_mixed_frame_counts(config, records, shapes)
+    if data.truncation == "drop":
+        lengths, dropped = drop_too_long(lengths, data.max_seq_len)
+        if dropped:
+            _say(info, f"packing: {dropped} samples over data.max_seq_len={data.max_seq_len} dropped")
+    packs = PlannedPacks(lengths, data.max_seq_len, seed=train.seed, rank=info.rank, world_size=info.world_size,
+                         rows_per_micro=train.micro_batch_size, grad_accum=train.grad_accum)
+    per_epoch = packs.steps_per_epoch()
+    if per_epoch == 0:
+        raise HpcTrainError("packing made fewer rows than one optimizer step needs. Fix: lower "
+                            "train.micro_batch_size / train.grad_accum, or add data")
+    plan = packs.plan(0)
+    unusable = len(lengths) - len(packs.usable)
+    _say(info, f"packing: {len(plan.rows)} rows of {data.max_seq_len} tokens from {len(packs.usable)} samples "
+               f"({unusable} unusable), efficiency {100 * plan.efficiency:.1f}%, {per_epoch} optimizer steps per epoch")
+    return packs, train.max_steps or max(1, math.ceil(train.epochs * per_epoch)), plan.efficiency
+
+
+def _refuse_mixed_frame_counts(config: RunConfig, records: list[Record], shapes: SampleShapes) -> None:
+    """Before step 1, not at it: videos that cannot share a packed row."""
+    frames = FrameCounts()
+    for i, (n, counts) in enumerate(zip(shapes.lengths, shapes.video_frames, strict=True)):
+        if 0 <= n <= config.data.max_seq_len:
+            frames.add(i, counts)
+    error = frames.mixing_error(lambda i: records[i].where, path=config.data.train, packing=True,
+                                batch_size=config.train.micro_batch_size)
+    if error is not None:
+        raise error
+
+
+def _eval_data(config: RunConfig, pipeline: DataPipeline) -> EvalData | None:
+    if config.data.eval is None:
+        return None
+    records = read_split(config, "eval")
+    if config.eval.max_samples is not None:
+        records = [records[i] for i in range(min(config.eval.max_samples, len(records)))]
+    return EvalData(records=records, dataset=pipeline.dataset(records))
+
+
+# -- engine --------------------------------------------------------------------------------
+
+def _training_engine(config: RunConfig, info: DistInfo, loaded: LoadedModel, ds: dict[str, Any] | None,
+                     steps: int) -> TrainingEngine:
+    import deepspeed
+
+    model, train = loaded.model, config.train
+    per_checkpoint = _check_room(config, info, checkpoint_bytes(model))
+    groups = build_param_groups(model, loaded.family, config)
+    optimizer = build_optimizer([g.as_optimizer_group() for g in groups], config, ds, main=info.local_rank == 0)
+    scheduler = build_scheduler(optimizer, total_steps=steps, warmup_steps=train.warmup_steps,
+                                min_ratio=train.min_lr_ratio)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds)
+    checkpointer = Checkpointer(Path(config.output_dir) / "checkpoints", info, keep=train.keep_checkpoints,
+                                expected_bytes=per_checkpoint)
+    state, resumed = _resume(config, info, engine, checkpointer)
+    metrics = MetricsLogger(config.output_dir, enabled=info.is_main, resume_step=state.step if resumed else None)
+    multiplier = lr_multiplier(state.step, total_steps=steps, warmup_steps=train.warmup_steps,
+                               min_ratio=train.min_lr_ratio)
+    _say(info, f"{train.mode} training, ZeRO-{zero_stage(ds)}, world size {info.world_size}, {steps} optimizer steps "
+               f"(micro-batch {train.micro_batch_size} x accumulation {train.grad_accum} x {info.world_size} ranks)\n"
+               f"{describe_param_groups(param_census(model, loaded.family), groups)}\n"
+               f"learning rate at step {state.step}: " + ", ".join(f"{g.name} {g.lr * multiplier:.3g}" for g in groups))
+    quantized = describe_quantization(model, loaded.family)
+    if quantized:
+        _say(info, quantized)
+    return TrainingEngine(engine=engine, optimizer=optimizer, checkpointer=checkpointer, state=state,
+                          metrics=metrics, first_step=state.step + 1)
+
+
+def _resume(config: RunConfig, info: DistInfo, engine: Any, checkpointer: Checkpointer) -> tuple[TrainState, bool]:
+    """The state to start from: a fresh one, or the newest complete checkpoint's."""
+    for said in checkpointer.prepare(resume=config.train.resume):
+        _say(info, said)
+    latest = None
+    if config.train.resume:
+        latest, notes = checkpointer.resume_point()
+        for note in notes:
+            _say(info, f"checkpoints: {note}")
+    if latest is None:
+        return TrainState(world_size=info.world_size), False
+    state = checkpointer.load(engine, latest)
+    _say(info, f"resumed from {latest} at step {state.step}")
+    return state, True
+
+
+def _check_room(config: RunConfig, info: DistInfo, per_checkpoint: int) -> int:
+    """Stop before the engine starts when not even one checkpoint fits; say so when fewer than
+    the run keeps (plus the one written before the oldest goes) do."""
+    root = Path(config.output_dir) / "checkpoints"
+    problem = agreed(room_problem(root, per_checkpoint, "one checkpoint"))
+    if problem:
+        raise OutputError(problem)
+    keep = config.train.keep_checkpoints
+    room = free_bytes(root) // max(per_checkpoint, 1)
+    if room < keep + 1:
+        _say(info, f"disk: room for {room} checkpoint(s) of about {per_checkpoint / 2**20:.1f} MiB in {root}; "
+                   f"the run keeps {keep} (train.keep_checkpoints) and writes the next before removing the "
+                   "oldest, so it will stop for space before that. Fix: free space, lower "
+                   "train.keep_checkpoints, or use a larger output_dir")
+    return per_checkpoint
+
+
+def _say(info: DistInfo, text: str) -> None:
+    if info.is_main:
+        print(text, flush=True)
+
+
+__all__ = ["build_run"]
