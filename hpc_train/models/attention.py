@@ -57,11 +57,27 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
 
 
+def mask_unless_causal_is_exact(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
+                                kv_offset: int = 0, attention_mask: torch.Tensor | None = None,
+                                **kwargs: Any) -> torch.Tensor | None:
+    """The mask function transformers calls for ``hpc_varlen``: none for a row without padding
+    or cache offset (a packed row, whose varlen attention never reads a mask, or a full causal
+    row, which SDPA's own causal flag serves exactly); the ordinary SDPA mask otherwise.
+
+    A packed row has no attention mask, so transformers sees the packing in ``position_ids``
+    and would build a (1, 1, T, T) mask of the sample boundaries: 256 MiB at 16k tokens, held
+    through forward and backward, read by nobody.
+    """
+    if attention_mask is None and q_offset == 0 and kv_offset == 0 and q_length == kv_length:
+        return None
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset,
+                     attention_mask=attention_mask, **kwargs)
+
+
 def register_varlen_attention() -> None:
     """Make ``attn_implementation="hpc_varlen"`` known to transformers (idempotent)."""
     AttentionInterface.register(VARLEN, varlen_attention)
-    # Unpacked batches still need the ordinary padding + causal mask.
-    AttentionMaskInterface.register(VARLEN, sdpa_mask)
+    AttentionMaskInterface.register(VARLEN, mask_unless_causal_is_exact)
 
 
 def use_varlen_attention(model: torch.nn.Module) -> None:

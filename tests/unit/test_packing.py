@@ -14,7 +14,7 @@ from hpc_train.data.packing import pack_samples, plan_packs, rank_rows
 from hpc_train.data.records import read_records
 from hpc_train.data.tokenize import IGNORE_INDEX, ChatEncoder
 from hpc_train.errors import DataError
-from hpc_train.models.attention import use_varlen_attention, uses_varlen_attention
+from hpc_train.models.attention import VARLEN, use_varlen_attention, uses_varlen_attention, varlen_attention
 from hpc_train.models.families import get_family
 from tests.conftest import mixed_samples
 
@@ -51,6 +51,30 @@ def test_packed_logits_equal_separate_logits(packed_case):
             diff = (packed[start:start + len(s)] - alone).abs().max().item()
             assert diff <= 1e-5, (s.id, diff)
             start += len(s)
+
+
+def test_no_mask_is_built_for_a_packed_row_and_a_padded_batch_keeps_its_own(packed_case):
+    from transformers import AttentionInterface
+
+    family, model, processor, samples = packed_case
+    seen: list[tuple[bool, object]] = []
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        seen.append((kwargs.get("cu_seq_lens_q") is not None, attention_mask))
+        return varlen_attention(module, query, key, value, attention_mask, **kwargs)
+
+    pad = processor.tokenizer.pad_token_id
+    AttentionInterface.register(VARLEN, recording)
+    try:
+        with torch.no_grad():
+            model(**packed_inputs(pack_samples(samples, pad_token_id=pad, family_name=family)), use_cache=False)
+            packed = list(seen)
+            seen.clear()
+            model(**model_inputs(Collator(get_family(family), pad)(samples[:3])), use_cache=False)
+    finally:
+        AttentionInterface.register(VARLEN, varlen_attention)
+    assert packed and all(has_bounds and mask is None for has_bounds, mask in packed)
+    assert seen and all(not has_bounds and mask is not None for has_bounds, mask in seen)
 
 
 def test_pack_loss_and_gradients_equal_token_weighted_separate(packed_case):
