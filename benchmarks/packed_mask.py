@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,14 +24,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import LlamaConfig  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, create_causal_mask, sdpa_mask  # noqa: E402
 
-from hpc_train.models.attention import VARLEN, mask_unless_causal_is_exact, register_varlen_attention  # noqa: E402
+from hpc_train.models.attention import (  # noqa: E402
+    VARLEN,
+    mask_unless_causal_is_exact,
+    register_varlen_attention,
+)
 
 
 def packed_positions(length: int, sample_len: int) -> torch.Tensor:
     return (torch.arange(length) % sample_len)[None]
 
 
-def build(mask_function, length: int, sample_len: int) -> tuple[int, float]:
+def build(mask_function: Callable[..., object], length: int, sample_len: int) -> tuple[int, float]:
     """(bytes of the mask returned, seconds to build it) for one packed row of ``length`` tokens."""
     AttentionMaskInterface.register(VARLEN, mask_function)
     config = LlamaConfig(hidden_size=8, num_attention_heads=1, num_hidden_layers=1, vocab_size=16)

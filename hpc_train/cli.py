@@ -103,10 +103,11 @@ def _topology(args: argparse.Namespace) -> int:
         import torch
         import torch.distributed as dist
 
-        from hpc_train.dist import device_for, init_distributed
+        from hpc_train.device import choose_device
+        from hpc_train.dist import init_distributed
 
-        device = device_for(info)  # NCCL: each rank its own GPU, tensors on it
-        init_distributed(info, timeout_s=args.timeout)
+        device = choose_device(info)  # NCCL: each rank its own GPU, tensors on it
+        init_distributed(info, device, timeout_s=args.timeout)
         total = torch.ones(1, device=device)
         dist.all_reduce(total)
         hosts: list[object] = [None] * info.world_size

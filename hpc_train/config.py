@@ -122,6 +122,9 @@ class TrainConfig(_Section):
 
     mode: Literal["baseline", "full", "lora", "qlora"] = "lora"
     """``baseline`` evaluates only; ``full`` trains every unfrozen weight; ``lora`` / ``qlora`` train adapters."""
+    device: Literal["auto", "cpu"] = "auto"
+    """``auto``: this rank's GPU when CUDA works, the CPU when the job has no GPU (a job given GPUs
+    on which CUDA does not work stops); ``cpu``: the CPU on purpose, whatever the job was given."""
     micro_batch_size: int = Field(1, ge=1)
     """Samples per rank per forward pass."""
     grad_accum: int = Field(1, ge=1)

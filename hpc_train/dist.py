@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,16 +21,9 @@ def read_dist_env(env: Mapping[str, str] | None = None) -> DistInfo:
     return discover(env)
 
 
-def device_for(info: DistInfo) -> torch.device:
-    """This rank's GPU, or the CPU when there is none."""
-    if torch.cuda.is_available():
-        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def init_distributed(info: DistInfo, *, timeout_s: float = 1800) -> None:
-    """Join the process group (NCCL on GPUs, gloo on CPUs).
+def init_distributed(info: DistInfo, device: torch.device, *, timeout_s: float = 1800) -> None:
+    """Join the process group: NCCL for a rank on a GPU (``device``, bound before by
+    :func:`hpc_train.device.choose_device`), gloo on the CPU.
 
     A world of one gets a group of its own too: DeepSpeed would otherwise look for MPI to
     discover the topology, and fail where no MPI library is installed.
@@ -47,7 +41,7 @@ def init_distributed(info: DistInfo, *, timeout_s: float = 1800) -> None:
     elif info.source in ("slurm", "mpi"):
         # torch's env:// rendezvous (and DeepSpeed's) reads these; srun and mpirun do not set them.
         os.environ.update(info.as_env())
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "gloo":
         skip_shared_memory_comm()
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
@@ -66,6 +60,15 @@ def all_reduce_max(values: list[float]) -> list[float]:
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Element-wise sum over ranks."""
     return _all_reduce(values, dist.ReduceOp.SUM)
+
+
+def all_gather(value: Any) -> list[Any]:
+    """Every rank's ``value`` (any picklable object), in rank order."""
+    if not dist.is_initialized():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def _all_reduce(values: list[float], op: dist.ReduceOp) -> list[float]:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -60,6 +60,20 @@ class Collator:
 
 
 BOOKKEEPING = ("sample_ids", "skipped", "num_skipped", "num_real_tokens", "num_slots")
+
+
+class FloatCast:
+    """A collator whose floating-point tensors (pixels) come out in ``dtype``: cast in the
+    DataLoader's workers, so a bf16 run copies half the bytes to the GPU and its main process
+    casts nothing (the same rounding as a cast on the GPU)."""
+
+    def __init__(self, collate: Callable[[Sequence[Any]], dict[str, Any]], dtype: torch.dtype) -> None:
+        self.collate = collate
+        self.dtype = dtype
+
+    def __call__(self, items: Sequence[Any]) -> dict[str, Any]:
+        return {k: v.to(self.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                for k, v in self.collate(items).items()}
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,27 +89,59 @@ class SampleShapes:
 def sample_shapes(records: Sequence[Record], encoder: ChatEncoder, data: DataConfig, *,
                   cache_dir: str | Path | None = None, source: str | Path | None = None) -> SampleShapes:
     """Token length and video frame counts of every record, cached per dataset file."""
+    shapes = cached_shapes(records, encoder, data, cache_dir=cache_dir, source=source)
+    if shapes is None:
+        shapes = measure_shapes(records, encoder, data, range(len(records)))
+        write_cached_shapes(shapes, encoder, data, cache_dir=cache_dir, source=source)
+    return shapes
+
+
+def cached_shapes(records: Sequence[Record], encoder: ChatEncoder, data: DataConfig, *,
+                  cache_dir: str | Path | None, source: str | Path | None) -> SampleShapes | None:
+    """The shapes an earlier run measured for this file and these settings, or None."""
     cache = _cache_file(cache_dir, source, encoder, data) if cache_dir and source else None
-    if cache is not None and cache.is_file():
-        cached = json.loads(cache.read_text())
-        if isinstance(cached, dict) and len(cached.get("lengths", ())) == len(records):
-            return SampleShapes(cached["lengths"], cached["video_frames"])
+    if cache is None or not cache.is_file():
+        return None
+    cached = json.loads(cache.read_text())
+    if isinstance(cached, dict) and len(cached.get("lengths", ())) == len(records):
+        return SampleShapes(cached["lengths"], cached["video_frames"])
+    return None
+
+
+def measure_shapes(records: Sequence[Record], encoder: ChatEncoder, data: DataConfig, indices: Iterable[int],
+                   *, progress: Callable[[int], None] | None = None) -> SampleShapes:
+    """The shapes of ``records[i]`` for each of ``indices``, in that order; ``progress`` is told
+    how many are done every 10,000."""
     lengths, frames = [], []
-    for record in records:
+    for done, i in enumerate(indices, 1):
         try:
-            media = stand_in_media(record, data)
-            lengths.append(len(encoder.encode(record, media)))
+            media = stand_in_media(records[i], data)
+            lengths.append(len(encoder.encode(records[i], media)))
             frames.append([len(v.frames) for v in media.videos])
         except DataError:
             lengths.append(UNUSABLE)
             frames.append([])
-    shapes = SampleShapes(lengths, frames)
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"lengths": lengths, "video_frames": frames}))
-        os.replace(tmp, cache)
-    return shapes
+        if progress is not None and done % 10_000 == 0:
+            progress(done)
+    return SampleShapes(lengths, frames)
+
+
+def write_cached_shapes(shapes: SampleShapes, encoder: ChatEncoder, data: DataConfig, *,
+                        cache_dir: str | Path | None, source: str | Path | None) -> None:
+    if not cache_dir or not source:
+        return
+    cache = _cache_file(cache_dir, source, encoder, data)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"lengths": shapes.lengths, "video_frames": shapes.video_frames}))
+    os.replace(tmp, cache)
+
+
+def interleaved(shares: Sequence[SampleShapes]) -> SampleShapes:
+    """The shapes of all records from ``shares[r]`` = records ``r, r + n, r + 2n, ...`` (n shares)."""
+    n, total = len(shares), sum(len(s.lengths) for s in shares)
+    return SampleShapes([shares[i % n].lengths[i // n] for i in range(total)],
+                        [shares[i % n].video_frames[i // n] for i in range(total)])
 
 
 def sample_lengths(records: Sequence[Record], encoder: ChatEncoder, data: DataConfig, *,

@@ -5,19 +5,26 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from hpc_train.device import (
+    cuda_fix,
+    cuda_unusable_reason,
+    driver_version,
+    gpus_allocated,
+    native_bf16,
+)
 from hpc_train.doctor.table import Check
-from hpc_train.models.varlen_backend import PER_SAMPLE, torch_varlen_present, varlen_backend
+from hpc_train.models.varlen_backend import (
+    PER_SAMPLE,
+    flash_problem,
+    flash_varlen,
+    torch_varlen_present,
+    varlen_backend,
+)
 from profiling.flops import peak_tflops
-
-# The oldest driver each CUDA major release of the torch wheels runs on (NVIDIA's minor-version
-# compatibility table).
-MIN_DRIVER = {13: 580, 12: 525, 11: 450}
 
 
 @dataclass(frozen=True)
@@ -28,54 +35,21 @@ class Gpu:
     bf16: bool
 
 
-def gpus_allocated(env: Mapping[str, str]) -> str | None:
-    """What the scheduler (or the user) says this process was given, or ``None``."""
-    for key in ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):
-        if env.get(key, "").strip() not in ("", "0"):
-            return f"{key}={env[key]}"
-    visible = env.get("CUDA_VISIBLE_DEVICES", "").strip()
-    if visible and visible not in ("-1", "NoDevFiles"):
-        return f"CUDA_VISIBLE_DEVICES={visible}"
-    return None
-
-
-def driver_version() -> str | None:
-    """The NVIDIA driver's version from nvidia-smi (``None``: no driver tools here)."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return None
-    try:
-        done = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                              text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    lines = done.stdout.split()
-    return lines[0] if done.returncode == 0 and lines else None
-
-
-def cuda_unusable_reason(torch_cuda: str | None, driver: str | None) -> str:
-    if torch_cuda is None:
-        return "this torch is a CPU-only build"
-    if driver is None:
-        return "no NVIDIA driver found (nvidia-smi)"
-    need = MIN_DRIVER.get(int(torch_cuda.split(".")[0]))
-    if need is not None and int(driver.split(".")[0]) < need:
-        return f"driver {driver} is older than torch's CUDA {torch_cuda} build needs (>= {need})"
-    return f"torch cannot initialise CUDA (driver {driver}, torch CUDA {torch_cuda})"
-
-
-def cuda_check(torch_mod: Any, env: Mapping[str, str]) -> Check:
+def cuda_check(torch_mod: Any, env: Mapping[str, str], *, cpu_run: bool = False) -> Check:
+    """A job given GPUs on which CUDA does not work is a blocker (the run stops the same way),
+    unless the config asks for a CPU run (``train.device=cpu``)."""
     cuda = torch_mod.version.cuda
     if torch_mod.cuda.is_available():
         return Check("CUDA", "ok", f"{torch_mod.cuda.device_count()} GPU(s), torch CUDA {cuda}",
-                     f"driver {driver_version() or '?'}")
+                     f"driver {driver_version() or '?'}" + ("; train.device=cpu: the run ignores them" if cpu_run else ""))
     reason = cuda_unusable_reason(cuda, driver_version())
     given = gpus_allocated(env)
     if given is None:
         return Check("CUDA", "info", "not usable", f"{reason}: a CPU run (gloo, fp32)")
-    return Check("CUDA", "warn", "not usable", f"{given}, but {reason}: the run would train on the CPU. Fix: "
-                 "match the torch wheel to the driver (pip install torch --index-url "
-                 "https://download.pytorch.org/whl/cu126 for drivers >= 525) or update the driver")
+    if cpu_run:
+        return Check("CUDA", "info", "not usable", f"{given}, but {reason}; train.device=cpu: a CPU run on purpose")
+    return Check("CUDA", "fail", "not usable", f"{given}, but {reason}: the run would train on the CPU. "
+                 f"Fix: {cuda_fix()}")
 
 
 def gpu_check(label: str, gpu: Gpu) -> Check:
@@ -91,8 +65,8 @@ def visible_gpus(torch_mod: Any) -> list[Gpu]:
     out = []
     for i in range(torch_mod.cuda.device_count()):
         props = torch_mod.cuda.get_device_properties(i)
-        bf16 = props.major >= 8  # bf16 matrix units: Ampere and newer
-        out.append(Gpu(props.name, props.total_memory / 2**30, (props.major, props.minor), bf16))
+        capability = (props.major, props.minor)
+        out.append(Gpu(props.name, props.total_memory / 2**30, capability, native_bf16(capability)))
     return out
 
 
@@ -124,12 +98,18 @@ def nccl_check(torch_mod: Any) -> Check:
     return Check("NCCL", "ok" if used else "info", version, "" if used else "unused without a GPU (gloo)")
 
 
-def varlen_check(on_cuda: bool) -> Check:
-    """The kernel ``data.packing=true`` will use for attention on this machine."""
-    backend = varlen_backend(on_cuda)
-    if backend != PER_SAMPLE or not on_cuda:
+def varlen_check(gpus: list[Gpu]) -> Check:
+    """The kernel ``data.packing=true`` will use for attention on this machine (in the dtype
+    ``model.dtype=auto`` picks on its first GPU)."""
+    if not gpus:
+        return Check("packing attention", "ok", PER_SAMPLE, "exact; data.packing=true uses it")
+    gpu = gpus[0]
+    dtype = "torch.bfloat16" if gpu.bf16 else "torch.float32"
+    backend = varlen_backend(True, dtype, gpu.capability)
+    if backend != PER_SAMPLE:
         return Check("packing attention", "ok", backend, "exact; data.packing=true uses it")
-    note = "flash-attn does not import here: packing stays exact, with a host sync per layer"
+    why = "flash-attn does not import here" if flash_varlen() is None else flash_problem(dtype, gpu.capability)
+    note = f"{why}: packing stays exact, with a host sync per layer"
     if torch_varlen_present():
         note += " (PyTorch's own varlen kernel is present, not used yet)"
     return Check("packing attention", "info", backend, note)
@@ -158,7 +138,7 @@ def bitsandbytes_check(on_cuda: bool, qlora: bool) -> Check:
                  "pinned bitsandbytes, or set BNB_CUDA_VERSION to a shipped build")
 
 
-def torch_checks(env: Mapping[str, str] | None = None, *, qlora: bool = False) -> list[Check]:
+def torch_checks(env: Mapping[str, str] | None = None, *, qlora: bool = False, cpu_run: bool = False) -> list[Check]:
     env = os.environ if env is None else env
     if importlib.util.find_spec("torch") is None:
         return [Check("CUDA", "info", "not checked", "torch is not installed (above)")]
@@ -168,5 +148,5 @@ def torch_checks(env: Mapping[str, str] | None = None, *, qlora: bool = False) -
         return [Check("CUDA", "fail", "torch does not import", str(exc)[:200])]
     gpus = visible_gpus(torch) if torch.cuda.is_available() else []
     on_cuda = bool(gpus)
-    return [cuda_check(torch, env), nccl_check(torch), *gpu_checks(gpus), varlen_check(on_cuda),
+    return [cuda_check(torch, env, cpu_run=cpu_run), nccl_check(torch), *gpu_checks(gpus), varlen_check(gpus),
             bitsandbytes_check(on_cuda, qlora)]

@@ -8,6 +8,7 @@ SDPA with the usual mask. Only the language model uses it; vision towers keep th
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         raise ValueError("a packed batch must be one row (batch size 1); got "
                          f"{query.shape[0]} rows with cu_seq_lens")
     dropout = dropout if module.training else 0.0
-    if varlen_backend(query.is_cuda) == FLASH_ATTN:
+    if varlen_backend(query.is_cuda, query.dtype, _capability(query.device)) == FLASH_ATTN:
         out = flash_varlen()(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
                     cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=kwargs["max_length_q"],
                     max_seqlen_k=kwargs["max_length_k"], dropout_p=dropout, softmax_scale=scaling,
@@ -55,6 +56,11 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
             v = v.repeat_interleave(groups, dim=1)
         pieces.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True))
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
 
 def mask_unless_causal_is_exact(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,

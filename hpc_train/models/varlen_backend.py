@@ -24,9 +24,25 @@ def flash_varlen() -> Callable[..., Any] | None:
     return flash_attn_varlen_func
 
 
-def varlen_backend(on_cuda: bool) -> str:
-    """The kernel :func:`hpc_train.models.attention.varlen_attention` picks for a packed row."""
-    return FLASH_ATTN if on_cuda and flash_varlen() is not None else PER_SAMPLE
+FLASH_DTYPES = ("torch.float16", "torch.bfloat16")
+
+
+def flash_problem(dtype: object, capability: tuple[int, int] | None) -> str | None:
+    """Why flash-attn cannot run attention in ``dtype`` on a GPU of ``capability`` (None: it can).
+    It computes in fp16 / bf16 only, on sm_80 (Ampere) and newer."""
+    if str(dtype) not in FLASH_DTYPES:
+        return f"flash-attn computes in fp16 / bf16 only (this run: {str(dtype).removeprefix('torch.')})"
+    if capability is not None and capability < (8, 0):
+        return f"flash-attn needs sm_80 or newer (this GPU: sm_{capability[0]}{capability[1]})"
+    return None
+
+
+def varlen_backend(on_cuda: bool, dtype: object = None, capability: tuple[int, int] | None = None) -> str:
+    """The kernel :func:`hpc_train.models.attention.varlen_attention` picks for a packed row in
+    ``dtype`` (a ``torch.dtype``) on a GPU of compute ``capability``."""
+    if not on_cuda or flash_varlen() is None or flash_problem(dtype, capability) is not None:
+        return PER_SAMPLE
+    return FLASH_ATTN
 
 
 def torch_varlen_present() -> bool:

@@ -16,12 +16,19 @@ import torch
 from hpc_train.config import RunConfig
 from hpc_train.config_file import save_config
 from hpc_train.data.frame_counts import FrameCounts
-from hpc_train.data.lengths import SampleShapes, sample_shapes
+from hpc_train.data.lengths import (
+    SampleShapes,
+    cached_shapes,
+    interleaved,
+    measure_shapes,
+    write_cached_shapes,
+)
 from hpc_train.data.mixture import read_split
 from hpc_train.data.packing import PlannedPacks, drop_too_long
 from hpc_train.data.pipeline import DataPipeline, build_pipeline
 from hpc_train.data.records import Record
-from hpc_train.dist import DistInfo, barrier, device_for, init_distributed
+from hpc_train.device import choose_device
+from hpc_train.dist import DistInfo, all_gather, all_reduce_max, init_distributed
 from hpc_train.errors import HpcTrainError
 from hpc_train.models.adapters import (
     build_param_groups,
@@ -56,24 +63,25 @@ from hpc_train.train.trainable_model import (
     load_training_model,
     model_source,
 )
-from profiling.profiler import Profiler
+from profiling.profiler import DTYPE_NAMES, Profiler
 
 
 def build_run(config: RunConfig, info: DistInfo) -> RunParts:
     """Join the process group and build every part of the run (collective: all ranks call it)."""
     model_family(config.model)  # a preset or folder of another family fails before any collective
-    init_distributed(info)
+    device = choose_device(info, config.train.device)
+    init_distributed(info, device)
     _say(info, f"topology: {info.describe()}")
     torch.manual_seed(config.train.seed + info.rank)
-    device = device_for(info)
     training = config.train.mode != "baseline"
     profiler = _profiler(config, info, device, training)
     timer: StepTimer = profiler if profiler is not None else NoTimer()
     with timer.section("setup"):
         _prepare_output(config, info)
         source = model_source(config, info)
-        ds = _ds_config(config, info, training, source)
+        ds = _ds_config(config, info, training, source, device)
         loaded = load_training_model(config, info, device, source, ds)
+        _say(info, f"device: {_describe(device)}, compute dtype {DTYPE_NAMES.get(loaded.dtype, loaded.dtype)}")
         pipeline = build_pipeline(config.data, loaded.processor, loaded.family)
         train = _train_data(config, info, pipeline, loaded) if training else None
         evals = _eval_data(config, pipeline)
@@ -107,11 +115,12 @@ def _prepare_output(config: RunConfig, info: DistInfo) -> None:
         (output / REQUEUE_MARKER).unlink(missing_ok=True)
 
 
-def _ds_config(config: RunConfig, info: DistInfo, training: bool, source: Path) -> dict[str, Any] | None:
+def _ds_config(config: RunConfig, info: DistInfo, training: bool, source: Path, device: torch.device
+               ) -> dict[str, Any] | None:
     """Training always runs under DeepSpeed; an evaluation only when it asks for ZeRO-3."""
     if not training and zero_stage(read_ds_config(config.deepspeed.config)[0]) != 3:
         return None
-    return resolve_ds_config(config, info.world_size, bf16=compute_dtype(config) == torch.bfloat16,
+    return resolve_ds_config(config, info.world_size, bf16=compute_dtype(config, device) == torch.bfloat16,
                              hidden_size=hidden_size(source))
 
 
@@ -148,13 +157,7 @@ def _plan_packing(config: RunConfig, info: DistInfo, pipeline: DataPipeline, rec
                   ) -> tuple[PlannedPacks, int, float]:
     """Lengths (computed once by rank 0, cached), the plan, and the exact step count."""
     data, train = config.data, config.train
-    cache = Path(config.output_dir) / "lengths"
-    # Rank 0 measures and caches; the others read its cache instead of measuring again.
-    if info.is_main:
-        shapes = sample_shapes(records, pipeline.encoder, data, cache_dir=cache, source=data.train)
-    barrier()
-    if not info.is_main:
-        shapes = sample_shapes(records, pipeline.encoder, data, cache_dir=cache, source=data.train)
+    shapes = _shapes(config, info, pipeline, records)
     lengths = shapes.lengths
     if not pipeline.family.video_as_images:  # LLaVA-OneVision stacks a row's videos
         _refuse_mixed_frame_counts(config, records, shapes)
@@ -173,6 +176,26 @@ def _plan_packing(config: RunConfig, info: DistInfo, pipeline: DataPipeline, rec
     _say(info, f"packing: {len(plan.rows)} rows of {data.max_seq_len} tokens from {len(packs.usable)} samples "
                f"({unusable} unusable), efficiency {100 * plan.efficiency:.1f}%, {per_epoch} optimizer steps per epoch")
     return packs, train.max_steps or max(1, math.ceil(train.epochs * per_epoch)), plan.efficiency
+
+
+def _shapes(config: RunConfig, info: DistInfo, pipeline: DataPipeline, records: list[Record]) -> SampleShapes:
+    """Every sample's shape: from the cache when every rank finds it there; otherwise each rank
+    measures every world_size-th record and all gather, so no rank waits in a collective while
+    another measures the whole set (long enough, for a large one, to outlast the process
+    group's timeout)."""
+    encoder, data = pipeline.encoder, config.data
+    where = {"cache_dir": Path(config.output_dir) / "lengths", "source": data.train}
+    cached = cached_shapes(records, encoder, data, **where)
+    if all_reduce_max([float(cached is None)])[0] == 0.0:
+        return cached
+    mine = range(info.rank, len(records), info.world_size)
+    _say(info, f"lengths: measuring {len(records):,} samples, {len(mine):,} per rank (cached for later runs)")
+    share = measure_shapes(records, encoder, data, mine,
+                           progress=lambda n: _say(info, f"lengths: {n:,}/{len(mine):,} of rank 0's share"))
+    shapes = interleaved(all_gather(share))
+    if info.is_main:
+        write_cached_shapes(shapes, encoder, data, **where)
+    return shapes
 
 
 def _refuse_mixed_frame_counts(config: RunConfig, records: list[Record], shapes: SampleShapes) -> None:
@@ -258,6 +281,12 @@ def _check_room(config: RunConfig, info: DistInfo, per_checkpoint: int) -> int:
                    "oldest, so it will stop for space before that. Fix: free space, lower "
                    "train.keep_checkpoints, or use a larger output_dir")
     return per_checkpoint
+
+
+def _describe(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    return f"{device} ({torch.cuda.get_device_name(device)})"
 
 
 def _say(info: DistInfo, text: str) -> None:

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
 
 from hpc_train.config import RunConfig
+from hpc_train.device import native_bf16
 from hpc_train.dist import DistInfo, barrier
 from hpc_train.models.adapters import apply_freezing, apply_lora, quantization_config
 from hpc_train.models.families import Family
@@ -29,13 +30,16 @@ class LoadedModel:
     """Holds transformers' ZeRO-3 config for the run (it is only weakly referenced there)."""
 
 
-def compute_dtype(config: RunConfig) -> torch.dtype:
-    """bf16 where a GPU has it (or when asked), fp32 otherwise."""
+def compute_dtype(config: RunConfig, device: torch.device | None = None) -> torch.dtype:
+    """``model.dtype``, or for ``auto``: bf16 on a GPU that computes it natively, fp32 otherwise.
+    ``device``: the run's (default: the current GPU, unless ``train.device=cpu``)."""
     if config.model.dtype == "bf16":
         return torch.bfloat16
-    if config.model.dtype == "fp32":
+    if config.model.dtype == "fp32" or config.train.device == "cpu":
         return torch.float32
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device is not None and device.type == "cuda" and native_bf16(torch.cuda.get_device_capability(device)):
         return torch.bfloat16
     return torch.float32
 
@@ -66,7 +70,7 @@ def load_training_model(config: RunConfig, info: DistInfo, device: torch.device,
                         ds_config: dict[str, Any] | None) -> LoadedModel:
     """The model with freezing and adapters applied, ready for ``deepspeed.initialize``."""
     family = model_family(config.model)
-    dtype = compute_dtype(config)
+    dtype = compute_dtype(config, device)
     mode = config.train.mode
     stage = zero_stage(ds_config)
     kwargs: dict[str, Any] = {"local_files_only": True, "dtype": dtype}

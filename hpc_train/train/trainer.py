@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from hpc_train.data.collate import model_inputs
+from hpc_train.data.collate import FloatCast, model_inputs
 from hpc_train.data.tokenize import IGNORE_INDEX
 from hpc_train.data.worker_signals import survive_group_signals
 from hpc_train.dist import all_reduce_max, all_reduce_sum, barrier
@@ -99,7 +99,9 @@ class TrainLoop:
         workers, rank = cfg.data.num_workers, self.parts.info.rank
         # A generator of its own: creating the loader's iterator draws a seed, and drawing it
         # from the global RNG would shift every later dropout mask of a resumed run.
-        loader = DataLoader(data.dataset, batch_sampler=data.batches, collate_fn=data.collate,
+        dtype, on_gpu = self.parts.loaded.dtype, self.parts.device.type == "cuda"
+        collate = data.collate if dtype == torch.float32 else FloatCast(data.collate, dtype)
+        loader = DataLoader(data.dataset, batch_sampler=data.batches, collate_fn=collate, pin_memory=on_gpu,
                             num_workers=workers, persistent_workers=workers > 0,
                             worker_init_fn=survive_group_signals if workers else None,
                             generator=torch.Generator().manual_seed(cfg.train.seed + rank))

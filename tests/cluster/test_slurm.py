@@ -40,6 +40,8 @@ def job_args(tiny_model_dirs, synthetic_data):
                 "data.num_workers=0", "data.max_seq_len=512",
                 "train.micro_batch_size=4", "train.grad_accum=1", "train.max_steps=12", "train.log_every=1",
                 "eval.max_samples=8", "eval.batch_size=4", "eval.generate=false", f"output_dir={out}",
+                # The cluster's GPUs are fake: CPU runs on purpose (without it, the next test shows, the job stops).
+                "train.device=cpu",
                 f"profile.copy_to={out.parent / 'results' / 'profiling' / '{mode}_profiling.json'}", *extra]
 
     return make
@@ -125,6 +127,19 @@ def test_impossible_resources_fail_with_slurms_own_message(cluster, options, mes
     assert f"sbatch: error: Batch job submission failed: {message}" in refused.stderr
     checked = sbatch(cluster, "--test-only", *options, "slurm/qlora.slurm")
     assert checked.returncode != 0 and "allocation failure" in checked.stderr
+
+
+def test_a_gpu_job_whose_cuda_does_not_work_stops_before_any_rank(cluster, job_args, tmp_path):
+    """The template as shipped (a fake GPU per node, on which CUDA cannot work) without
+    train.device=cpu: the job must not train on the CPU unnoticed."""
+    overrides = [a for a in job_args(tmp_path / "out") if a != "train.device=cpu"]
+    job, state = ok_job(cluster, "-N", "1", f"--output={tmp_path}/%x-%j.out", "slurm/lora.slurm", *overrides)
+    log = log_of(tmp_path / f"hpc-lora-{job}.out")
+    assert state["JobState"] == "FAILED", log[-4000:]
+    assert re.search(r"(SLURM_GPUS_ON_NODE|SLURM_JOB_GPUS|CUDA_VISIBLE_DEVICES)=\S+, but", log), log[-4000:]
+    assert "the run would train on the CPU" in log and "train.device=cpu" in log
+    assert "hpc-train doctor found a blocker on" in log and "[torchrun.sh]" not in log
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
 def test_a_blocker_found_by_the_doctor_stops_the_job_before_any_rank(cluster, job_args, tmp_path):

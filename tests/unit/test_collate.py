@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hpc_train.config import DataConfig
-from hpc_train.data.collate import Collator, model_inputs
+from hpc_train.data.collate import Collator, FloatCast, model_inputs
 from hpc_train.data.dataset import MediaLoader, SampleDataset, Skipped
 from hpc_train.data.records import read_records
 from hpc_train.data.tokenize import IGNORE_INDEX, ChatEncoder
@@ -140,3 +140,16 @@ def test_blank_media_keep_text_only_batches_running_the_vision_tower(loaded_tiny
     diff = (out_a.logits[0, :n] - out_b.logits[0, :n]).abs().max().item()
     assert diff < 1e-5
     assert torch.allclose(out_a.loss, out_b.loss, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_bf16_run_gets_its_pixels_cast_in_the_collator_and_nothing_else(loaded_tiny, synthetic_data, family):
+    _, processor = loaded_tiny[family]
+    samples = mixed_samples(loaded_tiny, synthetic_data, family)
+    collate = Collator(get_family(family), processor.tokenizer.pad_token_id)
+    plain, cast = collate(samples), FloatCast(collate, torch.bfloat16)(samples)
+    assert plain.keys() == cast.keys()
+    floats = [k for k, v in plain.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    assert floats and all(cast[k].dtype == torch.bfloat16 and torch.equal(cast[k], plain[k].bfloat16()) for k in floats)
+    others = [k for k, v in plain.items() if isinstance(v, torch.Tensor) and not v.is_floating_point()]
+    assert "input_ids" in others and all(torch.equal(cast[k], plain[k]) for k in others)

@@ -3,14 +3,9 @@ an environment a scheduler would set, a GPU as torch would describe it)."""
 
 from __future__ import annotations
 
+from hpc_train.device import cuda_unusable_reason, gpus_allocated
 from hpc_train.doctor import RunNeeds, blockers, format_table, run_checks
-from hpc_train.doctor.accelerator import (
-    Gpu,
-    cuda_check,
-    cuda_unusable_reason,
-    gpu_checks,
-    gpus_allocated,
-)
+from hpc_train.doctor.accelerator import Gpu, cuda_check, gpu_checks, varlen_check
 from hpc_train.doctor.machine import output_checks, slurm_job_check
 from hpc_train.doctor.packages import package_check, package_checks, requirements
 from hpc_train.pins import Pins, drift, read_pins
@@ -63,7 +58,7 @@ def test_gpus_of_one_kind_share_a_row_and_bf16_follows_the_oldest():
     assert rows[-1].status == "warn" and rows[-1].found == "fp32"
 
 
-def test_gpus_given_but_cuda_unusable_is_a_warning_with_the_reason():
+def test_gpus_given_but_cuda_unusable_blocks_unless_the_run_asks_for_the_cpu():
     import torch
 
     env = {"SLURM_GPUS_ON_NODE": "2", "CUDA_VISIBLE_DEVICES": "0,1"}
@@ -73,7 +68,9 @@ def test_gpus_given_but_cuda_unusable_is_a_warning_with_the_reason():
     if torch.cuda.is_available():  # a GPU machine: the situation cannot be made here
         assert row.status == "ok"
     else:
-        assert row.status == "warn" and "SLURM_GPUS_ON_NODE=2" in row.note and "train on the CPU" in row.note
+        assert row.status == "fail" and "SLURM_GPUS_ON_NODE=2" in row.note and "train on the CPU" in row.note
+        assert "train.device=cpu" in row.note
+        assert cuda_check(torch, env, cpu_run=True).status == "info"
         assert cuda_check(torch, {}).status == "info"
     assert ">= 580" in cuda_unusable_reason("13.0", "550.54.15")
     assert "CPU-only" in cuda_unusable_reason(None, None)
@@ -106,3 +103,12 @@ def test_the_whole_table_on_this_machine_has_no_blocker(tmp_path):
         assert expected in names
     assert not blockers(checks), format_table(checks)
     assert "hpc-train doctor: no blockers" in format_table(checks)
+
+
+def test_packing_attention_row_names_why_flash_attn_is_not_used():
+    t4 = Gpu("Tesla T4", 14.6, (7, 5), False)
+    assert varlen_check([]).found == "per-sample SDPA"
+    for gpu in (H100, t4):
+        row = varlen_check([gpu])
+        assert row.found == "per-sample SDPA"  # flash-attn is not installed on the test machines
+        assert "does not import" in row.note and "stays exact" in row.note

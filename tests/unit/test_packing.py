@@ -14,7 +14,12 @@ from hpc_train.data.packing import pack_samples, plan_packs, rank_rows
 from hpc_train.data.records import read_records
 from hpc_train.data.tokenize import IGNORE_INDEX, ChatEncoder
 from hpc_train.errors import DataError
-from hpc_train.models.attention import VARLEN, use_varlen_attention, uses_varlen_attention, varlen_attention
+from hpc_train.models.attention import (
+    VARLEN,
+    use_varlen_attention,
+    uses_varlen_attention,
+    varlen_attention,
+)
 from hpc_train.models.families import get_family
 from tests.conftest import mixed_samples
 
@@ -152,6 +157,20 @@ def test_lengths_without_pixels_equal_encoded_lengths(loaded_tiny, synthetic_dat
     other = DataConfig(video={"num_frames": 2})
     sample_lengths(records, encoder, other, cache_dir=tmp_path, source=synthetic_data / "train.jsonl")
     assert len(list(tmp_path.glob("*.json"))) == 2  # a setting that changes lengths gets its own cache
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shapes_measured_in_shares_by_the_ranks_equal_the_whole_measurement(loaded_tiny, synthetic_data, world):
+    from hpc_train.data.lengths import interleaved, measure_shapes, sample_shapes
+
+    cfg = DataConfig(video={"num_frames": 4})
+    records = read_records(synthetic_data / "train.jsonl", media_root=cfg.media_root)
+    encoder = ChatEncoder(loaded_tiny["llava_onevision"][1], get_family("llava_onevision"))
+    told = []
+    shares = [measure_shapes(records, encoder, cfg, range(rank, len(records), world), progress=told.append)
+              for rank in range(world)]
+    assert interleaved(shares) == sample_shapes(records, encoder, cfg)
+    assert any(frames for frames in interleaved(shares).video_frames) and not told  # fewer than 10,000
 
 
 @pytest.mark.parametrize(("world", "rows", "accum"), [(1, 1, 1), (2, 1, 2), (3, 2, 1)])
