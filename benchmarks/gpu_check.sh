@@ -70,6 +70,10 @@ rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text()
 losses = [r["loss"] for r in rows if "loss" in r]
 print(losses)
 assert len(losses) == 20 and all(l == l for l in losses) and losses[-1] < losses[0]
+memory = json.loads((out / "run" / "profile" / "report.json").read_text())["memory"]
+print(memory)
+assert memory["gpu_train_peak_allocated_gib"] and memory["gpu_eval_peak_allocated_gib"] and memory["gpu_export_peak_allocated_gib"]
+assert memory["gpu_peak_allocated_gib"] >= max(memory[f"gpu_{s}_peak_allocated_gib"] for s in ("train", "eval", "export"))
 PY
 
 echo "$fails check(s) failed; outputs in $out/"

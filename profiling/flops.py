@@ -21,6 +21,7 @@ GPUs we can name exactly; anything else is "unknown" and MFU is left out, never 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -214,15 +215,29 @@ class Peak:
     source: str
 
 
+MIG_SLICE = re.compile(r"\bMIG (\d+)g\.\d+gb\b", re.IGNORECASE)
+"""A MIG instance's name as the driver gives it (``NVIDIA A100-SXM4-80GB MIG 3g.40gb``): the
+number before ``g`` is its share of the GPU's compute slices."""
+MIG_SLICES = {"A30": 4}
+"""Compute slices of a whole GPU, where not 7 (A100, H100, H200)."""
+
+
 def peak_tflops(device_name: str | None, dtype: str) -> Peak:
-    """The peak rate of one device for ``dtype`` (``bf16``, ``fp16`` or ``fp32``), or unknown."""
+    """The peak rate of one device for ``dtype`` (``bf16``, ``fp16`` or ``fp32``), or unknown; a
+    MIG instance gets its share of the whole GPU's."""
     if not device_name or device_name.lower() == "cpu":
         return Peak(None, "unknown: no peak rate for CPUs")
     words = set(device_name.upper().replace("-", " ").replace("_", " ").split())
     for rate in PEAK_RATES:
         if all(k in words for k in rate.key) and not any(x in words for x in rate.excludes):
             value = rate.fp32 if dtype == "fp32" else rate.bf16
-            return Peak(value, f"{rate.source} ({'fp32' if dtype == 'fp32' else 'bf16/fp16'} dense)")
+            source = f"{rate.source} ({'fp32' if dtype == 'fp32' else 'bf16/fp16'} dense)"
+            mig = MIG_SLICE.search(device_name)
+            if mig is None:
+                return Peak(value, source)
+            total = next((n for key, n in MIG_SLICES.items() if key in words), 7)
+            share = int(mig.group(1))
+            return Peak(round(value * share / total, 2), f"{source} x {share}/{total} (a MIG slice)")
     return Peak(None, f"unknown: no datasheet peak for {device_name!r}")
 
 

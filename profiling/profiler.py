@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from profiling.flops import ModelShape, Trainability, UnknownArchitecture, peak_tflops, shape_of
-from profiling.memory import peak_memory
+from profiling.memory import gpu_section_peaks, peak_memory
 from profiling.report import build_rank_report, flops_section
 from profiling.timers import PhaseTimer
 
@@ -62,6 +62,7 @@ class Profiler:
         self._trainability = Trainability()
         self._unknown = "the model was not described to the profiler"
         self._hooks: list[Any] = []
+        self._memory = gpu_section_peaks(device)
 
     # -- what the loop calls -------------------------------------------------------------
 
@@ -91,11 +92,15 @@ class Profiler:
 
     @contextmanager
     def section(self, name: str) -> Iterator[None]:
-        """Wall time of a part of the run (summed when entered again)."""
+        """Wall time of a part of the run (summed when entered again), and its own GPU peak."""
         began = time.perf_counter()
+        if self._memory is not None:
+            self._memory.enter(name)
         try:
             yield
         finally:
+            if self._memory is not None:
+                self._memory.leave()
             self._sections[name] = self._sections.get(name, 0.0) + time.perf_counter() - began
 
     # -- what the model tells it ---------------------------------------------------------
@@ -139,5 +144,5 @@ class Profiler:
         return build_rank_report(
             records, warmup_excluded=self.timer.warmup_excluded, rank=self.rank, local_rank=self.local_rank,
             world_size=self.world_size, host=host_name(), device=str(self.device),
-            device_name=device_name, workload=self.workload, memory=peak_memory(self.device), flops=flops,
+            device_name=device_name, workload=self.workload, memory=peak_memory(self.device, self._memory), flops=flops,
             wall_s=wall, first_step=first_step)

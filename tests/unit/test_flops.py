@@ -116,6 +116,16 @@ def test_peak_table_names_only_what_it_knows(name, dtype, expected):
     assert peak.source.startswith("unknown") == (expected is None)
 
 
+@pytest.mark.parametrize(("name", "expected", "share"), [
+    ("NVIDIA A100-SXM4-80GB MIG 3g.40gb", 312.0 * 3 / 7, "3/7"), ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", 989.4 / 7, "1/7"),
+    ("NVIDIA A30 MIG 2g.12gb", None, None),  # no A30 datasheet row: unknown, not a whole GPU's peak
+])
+def test_a_mig_slice_gets_its_share_of_the_gpus_peak(name, expected, share):
+    peak = peak_tflops(name, "bf16")
+    assert peak.tflops == (None if expected is None else pytest.approx(expected, abs=0.01))
+    assert share is None or f"x {share} (a MIG slice)" in peak.source
+
+
 def test_mfu_is_left_out_when_the_peak_is_unknown():
     assert mfu(1e15, 1.0, 2, peak_tflops("NVIDIA H100 NVL", "bf16")) is None
     assert mfu(989.4e12, 1.0, 2, peak_tflops("NVIDIA H100 80GB HBM3", "bf16")) == pytest.approx(0.5)

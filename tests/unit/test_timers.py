@@ -45,3 +45,46 @@ def test_an_exception_inside_a_phase_still_closes_it():
         raise RuntimeError("boom")
     timer.step_done(samples=1, tokens=1, slot_tokens=1)
     assert "forward" in timer.records[0].phases_ms
+
+
+class Allocator:
+    """A counter with a high-water mark, read and reset as PyTorch's CUDA memory stats are."""
+
+    def __init__(self) -> None:
+        self.now = self.high = 0
+
+    def alloc(self, n: int) -> None:
+        self.now += n
+        self.high = max(self.high, self.now)
+
+    def free(self, n: int) -> None:
+        self.now -= n
+
+    def read(self) -> tuple[int]:
+        return (self.high,)
+
+    def reset(self) -> None:
+        self.high = self.now
+
+
+def test_each_section_gets_its_own_peak_and_the_run_the_largest():
+    from profiling.memory import SectionPeaks
+
+    memory = Allocator()
+    peaks = SectionPeaks(memory.read, memory.reset)
+    memory.alloc(100)  # the model, before any section
+    peaks.enter("train")
+    memory.alloc(50)
+    memory.free(50)
+    peaks.enter("eval")  # an evaluation during training: its own peak, not the training's
+    memory.alloc(400)
+    memory.free(400)
+    peaks.leave()
+    memory.alloc(20)
+    memory.free(20)
+    peaks.leave()
+    peaks.enter("export")
+    memory.alloc(10)
+    peaks.leave()
+    assert peaks.peaks == {"train": (150,), "eval": (500,), "export": (110,)}
+    assert peaks.overall == (500,)
