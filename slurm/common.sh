@@ -65,12 +65,23 @@ OVERRIDES=("$@")
 # ${a[@]+"${a[@]}"}: an empty "${a[@]}" is an error under set -u in bash < 4.4 (RHEL 7).
 # Resolving the config here fails fast, with the config's own message, before any rank starts.
 resolved=$(python -m hpc_train show-config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} \
-  --get output_dir --get train.mode) || {
+  --get output_dir --get train.mode --get data.num_workers) || {
   echo "[hpc-train] error: the config does not resolve (message above); nothing was launched" >&2
   exit 2
 }
-OUTPUT_DIR=${resolved%%$'\n'*}
-MODE=${resolved#*$'\n'}
+mapfile -t got <<<"$resolved"
+OUTPUT_DIR=${got[0]} MODE=${got[1]} WORKERS=${got[2]}
+# Each rank is one process plus data.num_workers decoding workers: more of them than the
+# node's CPUs give each rank starves the GPUs, so the workers are lowered to fit, and said.
+CPUS_ON_NODE=${SLURM_CPUS_ON_NODE:-$(nproc)}
+per_rank=$((CPUS_ON_NODE / NPROC_PER_NODE > 0 ? CPUS_ON_NODE / NPROC_PER_NODE : 1))
+if ((WORKERS > per_rank - 1)); then
+  fit=$((per_rank - 1))
+  hpc_log "data.num_workers=$WORKERS lowered to $fit: $CPUS_ON_NODE CPUs on this node for $NPROC_PER_NODE rank(s)" \
+          "leave $per_rank per rank (the rank and its workers). Fix: ask for $((NPROC_PER_NODE * (WORKERS + 1)))" \
+          "CPUs per node (sbatch --cpus-per-task=$((NPROC_PER_NODE * (WORKERS + 1)))) to keep $WORKERS"
+  OVERRIDES+=("data.num_workers=$fit")
+fi
 if [[ ${DOCTOR:-1} != 0 ]]; then
   python -m hpc_train doctor "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} --output-dir "$OUTPUT_DIR" || {
     echo "[hpc-train] error: hpc-train doctor found a blocker on $(hostname -s) (the FAIL rows above);" \

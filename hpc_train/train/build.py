@@ -155,7 +155,7 @@ def _train_data(config: RunConfig, info: DistInfo, pipeline: DataPipeline, loade
 
 def _plan_packing(config: RunConfig, info: DistInfo, pipeline: DataPipeline, records: list[Record]
                   ) -> tuple[PlannedPacks, int, float]:
-    """Lengths (computed once by rank 0, cached), the plan, and the exact step count."""
+    """Lengths (measured in shares by the ranks, cached), the plan, and the exact step count."""
     data, train = config.data, config.train
     shapes = _shapes(config, info, pipeline, records)
     lengths = shapes.lengths

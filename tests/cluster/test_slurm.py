@@ -131,11 +131,13 @@ def test_impossible_resources_fail_with_slurms_own_message(cluster, options, mes
 
 def test_a_gpu_job_whose_cuda_does_not_work_stops_before_any_rank(cluster, job_args, tmp_path):
     """The template as shipped (a fake GPU per node, on which CUDA cannot work) without
-    train.device=cpu: the job must not train on the CPU unnoticed."""
-    overrides = [a for a in job_args(tmp_path / "out") if a != "train.device=cpu"]
+    train.device=cpu: the job must not train on the CPU unnoticed. Its workers, more than the
+    node's 8 CPUs allow, are lowered first, and the log says so."""
+    overrides = [a for a in job_args(tmp_path / "out") if a != "train.device=cpu"] + ["data.num_workers=12"]
     job, state = ok_job(cluster, "-N", "1", f"--output={tmp_path}/%x-%j.out", "slurm/lora.slurm", *overrides)
     log = log_of(tmp_path / f"hpc-lora-{job}.out")
     assert state["JobState"] == "FAILED", log[-4000:]
+    assert "data.num_workers=12 lowered to 7: 8 CPUs on this node for 1 rank(s) leave 8 per rank" in log, log[-4000:]
     assert re.search(r"(SLURM_GPUS_ON_NODE|SLURM_JOB_GPUS|CUDA_VISIBLE_DEVICES)=\S+, but", log), log[-4000:]
     assert "the run would train on the CPU" in log and "train.device=cpu" in log
     assert "hpc-train doctor found a blocker on" in log and "[torchrun.sh]" not in log
