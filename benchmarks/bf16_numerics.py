@@ -89,13 +89,16 @@ def main(argv: list[str] | None = None) -> None:
             save_tiny("smolvlm", base / f"model-seed{seed}", seed=seed)
             for arm in ARMS:
                 out = train(base, arm, seed, args.steps, args.grad_accum)
-                losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+                steps = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+                losses = [r["loss"] for r in steps]
+                first = ", ".join(f"{r['loss']:.4f} / {r['grad_norm']:.4f}" for r in steps[:4])
                 evaluated = json.loads((out / "eval_results.json").read_text())
                 rows[arm]["loss"].append(sum(losses[-args.window:]) / len(losses[-args.window:]))
                 rows[arm]["eval"].append(evaluated["loss"])
                 rows[arm]["accuracy"].append(evaluated["accuracy"])
-                print(f"seed {seed} {arm}: last-window loss {rows[arm]['loss'][-1]:.4f}, eval loss "
-                      f"{evaluated['loss']:.4f}, accuracy {evaluated['accuracy']:.3f}", flush=True)
+                print(f"seed {seed} {arm}: first steps' loss / grad norm {first}; last-window loss "
+                      f"{rows[arm]['loss'][-1]:.4f}, eval loss {evaluated['loss']:.4f}, accuracy "
+                      f"{evaluated['accuracy']:.3f}", flush=True)
     print(f"\n{args.steps} steps, batch 8 = {8 // args.grad_accum} x {args.grad_accum} accumulated, seeds "
           f"{' '.join(map(str, args.seeds))}; mean (min-max) over seeds\n")
     print(f"| arm | training loss, last {args.window} steps | eval loss | accuracy |")

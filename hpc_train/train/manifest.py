@@ -15,6 +15,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from hpc_train.dist import all_gather
+
 MANIFEST = "manifest.json"
 FORMAT = 1
 CHUNK = 8 << 20
@@ -26,15 +28,6 @@ def sha256(path: Path) -> str:
         while block := fh.read(CHUNK):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _gather(items: Any) -> list[Any]:
-    """Every rank's ``items``, in rank order (just this process's without a process group)."""
-    if not dist.is_initialized():
-        return [items]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, items)
-    return out
 
 
 def _share(names: list[str]) -> list[str]:
@@ -53,7 +46,7 @@ def write_manifest(folder: Path, *, step: int, world_size: int, main: bool) -> N
     names = files_of(folder)  # every rank lists after the same barrier, so the lists agree
     mine = {name: {"size": (folder / name).stat().st_size, "sha256": sha256(folder / name)} for name in _share(names)}
     files: dict[str, Any] = {}
-    for part in _gather(mine):
+    for part in all_gather(mine):
         files.update(part)
     if main:
         body = {"format": FORMAT, "step": step, "world_size": world_size, "files": dict(sorted(files.items()))}
@@ -88,7 +81,7 @@ def problems(folder: Path) -> list[str]:
         listed, found = {}, [str(exc)]
     for name in _share(sorted(listed)):
         found += _file_problems(folder / name, name, listed[name])
-    return sorted({p for part in _gather(found) for p in part})
+    return sorted({p for part in all_gather(found) for p in part})
 
 
 def _file_problems(path: Path, name: str, expected: dict[str, Any]) -> list[str]:

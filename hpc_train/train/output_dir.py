@@ -137,13 +137,9 @@ def _free_text(path: Path) -> str:
 
 def agreed(problem: str | None) -> str | None:
     """The first rank's problem, on every rank (None when no rank has one). Collective."""
-    import torch.distributed as dist
+    from hpc_train.dist import all_gather  # here: the doctor imports this module without torch
 
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return problem
-    gathered: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, problem)
-    return next((p for p in gathered if p is not None), None)
+    return next((p for p in all_gather(problem) if p is not None), None)
 
 
 __all__ = ["FIX_SPACE", "FIX_WRITABLE", "OutputError", "agreed", "checkpoint_bytes", "existing_parent", "free_bytes",

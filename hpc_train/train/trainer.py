@@ -20,13 +20,12 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from hpc_train.data.collate import FloatCast, model_inputs
 from hpc_train.data.tokenize import IGNORE_INDEX
 from hpc_train.data.worker_signals import survive_group_signals
-from hpc_train.dist import all_reduce_max, all_reduce_sum, barrier
+from hpc_train.dist import all_gather, all_reduce_max, all_reduce_sum, barrier
 from hpc_train.errors import HpcTrainError
 from hpc_train.parent_death import signal_on_parent_death
 from hpc_train.train.evaluate import evaluate_loss, to_device
@@ -189,11 +188,7 @@ class TrainLoop:
     def _bad_micro_batch(self, sample_ids: list[str]) -> None:
         state, allowed = self.training.state, self.parts.config.train.max_bad_steps
         state.bad_steps += 1
-        everyone: list[Any] = [sample_ids]
-        if dist.is_initialized():
-            everyone = [None] * self.parts.info.world_size
-            dist.all_gather_object(everyone, sample_ids)
-        ids = [i for part in everyone for i in part]
+        ids = [i for part in all_gather(sample_ids) for i in part]
         where = f"step {state.step + 1} (epoch {state.epoch}, micro-batch {state.micro_index})"
         if state.bad_steps > allowed:
             raise TrainingStopped(
