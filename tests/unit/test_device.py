@@ -62,3 +62,12 @@ def test_flash_attn_is_never_chosen_for_fp32_or_before_ampere():
     assert flash_problem(torch.bfloat16, (8, 0)) is None and flash_problem(torch.float16, (9, 0)) is None
     assert varlen_backend(False, torch.bfloat16, None) == PER_SAMPLE
     assert varlen_backend(True, torch.float32, (9, 0)) == PER_SAMPLE
+
+
+def test_the_flash_attn_import_is_tried_once_per_process():
+    from hpc_train.models.varlen_backend import flash_varlen
+
+    flash_varlen.cache_clear()
+    first = flash_varlen()
+    assert all(flash_varlen() is first for _ in range(3))
+    assert flash_varlen.cache_info().misses == 1  # an import that fails is not retried per attention call
