@@ -1,5 +1,3 @@
-import sys
+from hpc_train.cli import entry
 
-from hpc_train.cli import main
-
-sys.exit(main())
+entry()

@@ -265,5 +265,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The command line (``hpc-train``, ``python -m hpc_train``): :func:`main`'s exit status. A
+    process that joined a process group exits at once, without the interpreter's teardown: torn
+    down at exit, the process group's threads (still referenced from DeepSpeed's engine) now and
+    then abort the process (status -6) after a run that had finished and written everything,
+    and the launcher would report the job as failed."""
+    status = main()
+    dist = sys.modules.get("hpc_train.dist")
+    if dist is None or not dist.joined:
+        sys.exit(status)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -15,6 +15,9 @@ import torch.distributed as dist
 from hpc_train.extensions import skip_shared_memory_comm
 from hpc_train.topology import DistInfo, discover, free_port
 
+joined = False
+"""Whether this process has joined a process group (see :func:`hpc_train.cli.entry`)."""
+
 
 def read_dist_env(env: Mapping[str, str] | None = None) -> DistInfo:
     """This process's topology, from whichever launcher started it (see :mod:`hpc_train.topology`)."""
@@ -45,6 +48,8 @@ def init_distributed(info: DistInfo, device: torch.device, *, timeout_s: float =
     if backend == "gloo":
         skip_shared_memory_comm()
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    global joined
+    joined = True
 
 
 def barrier() -> None:
