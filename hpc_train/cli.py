@@ -275,6 +275,9 @@ def entry() -> None:
     dist = sys.modules.get("hpc_train.dist")
     if dist is None or not dist.joined:
         sys.exit(status)
+    mpi = sys.modules.get("mpi4py.MPI")  # ranks started by mpirun (topology from mpi4py)
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()  # mpirun counts a rank that skips it as failed
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
