@@ -27,6 +27,8 @@ def run(config: RunConfig, *, evaluate_only: bool = False, info: DistInfo | None
             run_outputs.evaluate(parts)
     except BaseException:
         run_outputs.save_rank_profile(parts)  # what was measured up to the failure (hpc-profile merge)
+        if parts.training is not None:
+            parts.training.metrics.close()  # TensorBoard's buffered steps too: the process exits at once
         raise
     run_outputs.finish(parts)
     if status == 0:
