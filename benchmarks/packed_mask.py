@@ -24,11 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import LlamaConfig  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, create_causal_mask, sdpa_mask  # noqa: E402
 
-from hpc_train.models.attention import (  # noqa: E402
-    VARLEN,
-    mask_unless_causal_is_exact,
-    register_varlen_attention,
-)
+from hpc_train.models.attention import VARLEN, register_varlen_attention  # noqa: E402
+from hpc_train.models.host_masks import mask_unless_causal_is_exact  # noqa: E402
 
 
 def packed_positions(length: int, sample_len: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hpc_train.config import DataConfig  # noqa: E402
-from hpc_train.data.collate import model_inputs  # noqa: E402
+from hpc_train.data.collate import step_inputs  # noqa: E402
 from hpc_train.data.lengths import sample_lengths  # noqa: E402
 from hpc_train.data.packing import drop_too_long, plan_packs  # noqa: E402
 from hpc_train.data.pipeline import build_pipeline  # noqa: E402
@@ -41,6 +41,7 @@ from hpc_train.models.families import get_family  # noqa: E402
 from hpc_train.models.presets import get_preset  # noqa: E402
 from hpc_train.models.tiny import build_preset, build_tiny  # noqa: E402
 from hpc_train.synthetic_words import vocabulary_text  # noqa: E402
+from hpc_train.train.loss import token_mean_loss  # noqa: E402
 
 
 def write_mix(kind: str, base: Path, n: int, seed: int) -> Path:
@@ -139,8 +140,8 @@ def train_steps(model: torch.nn.Module, batches: list[dict], device: torch.devic
 
     def step(batch: dict) -> None:
         inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
-                  if isinstance(v, torch.Tensor) else v for k, v in model_inputs(batch).items()}
-        model(**inputs, use_cache=False).loss.backward()
+                  if isinstance(v, torch.Tensor) else v for k, v in step_inputs(batch).items()}
+        token_mean_loss(model, inputs).value.backward()  # the trainer's loss
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hpc_train.config import DataConfig  # noqa: E402
-from hpc_train.data.collate import model_inputs  # noqa: E402
+from hpc_train.data.collate import step_inputs  # noqa: E402
 from hpc_train.data.pipeline import build_pipeline  # noqa: E402
 from hpc_train.data.records import read_records  # noqa: E402
 from hpc_train.data.synthetic import SyntheticSpec, make_dataset  # noqa: E402
@@ -34,6 +34,7 @@ from hpc_train.models.families import get_family  # noqa: E402
 from hpc_train.models.presets import get_preset  # noqa: E402
 from hpc_train.models.tiny import build_preset, build_tiny  # noqa: E402
 from hpc_train.train.evaluate import to_device  # noqa: E402
+from hpc_train.train.loss import token_mean_loss  # noqa: E402
 from hpc_train.train.profile_report import trainability, vision_tower  # noqa: E402
 from hpc_train.train.step_timer import NoTimer, StepTimer  # noqa: E402
 from profiling.profiler import Profiler  # noqa: E402
@@ -80,9 +81,9 @@ def main() -> int:
         timer.step_begin()
         with timer.phase("data_wait"):
             batch = next(feed)
-            inputs = to_device(model_inputs(batch), device, dtype)
+            inputs = to_device(step_inputs(batch), device, dtype)
         with timer.phase("forward"):
-            loss = model(**inputs, use_cache=False).loss
+            loss = token_mean_loss(model, inputs).value  # the trainer's loss
         with timer.phase("backward"):
             loss.backward()
         with timer.phase("optimizer"):

@@ -67,6 +67,20 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return _all_reduce(values, dist.ReduceOp.SUM)
 
 
+def sum_over_ranks(device_values: torch.Tensor, host_values: list[float]) -> list[float]:
+    """Element-wise sums over ranks of a 1-D device tensor followed by host numbers: one
+    collective and one read of the device, whatever the lengths."""
+    if dist.is_initialized():
+        device = _comm_device()
+    else:
+        device = device_values.device
+    joined = torch.cat([device_values.to(device, torch.float64),
+                        torch.tensor(host_values, dtype=torch.float64).to(device, non_blocking=True)])
+    if dist.is_initialized():
+        dist.all_reduce(joined, op=dist.ReduceOp.SUM)
+    return joined.tolist()
+
+
 def all_gather(value: Any) -> list[Any]:
     """Every rank's ``value`` (any picklable object), in rank order."""
     if not dist.is_initialized():

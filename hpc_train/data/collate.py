@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from hpc_train.data.dataset import Skipped
+from hpc_train.data.loss_positions import LOSS_KEYS, loss_positions, num_supervised
 from hpc_train.data.media_layout import media_layout
 from hpc_train.data.tokenize import IGNORE_INDEX, EncodedSample
 from hpc_train.models.families import Family
@@ -55,11 +56,17 @@ class Collator:
         batch["attention_mask"] = torch.stack([_pad1d(_mask(s), length, 0, left) for s in samples])
         batch["num_real_tokens"] = int(batch["attention_mask"].sum())
         batch["num_slots"] = int(batch["attention_mask"].numel())
+        batch["num_supervised"] = num_supervised(batch["labels"])
+        batch.update(loss_positions(batch["labels"]))
+        if not left and batch["num_real_tokens"] == batch["num_slots"]:
+            # Nothing to mask: causal attention alone is exact, and transformers would read the
+            # mask on the device every forward to find that out (generation keeps its mask).
+            del batch["attention_mask"]
         batch.update(self.layout.batch(samples))
         return batch
 
 
-BOOKKEEPING = ("sample_ids", "skipped", "num_skipped", "num_real_tokens", "num_slots")
+BOOKKEEPING = ("sample_ids", "skipped", "num_skipped", "num_real_tokens", "num_slots", "num_supervised")
 
 
 class FloatCast:
@@ -77,7 +84,12 @@ class FloatCast:
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """The keys of a batch that go into ``model(**...)`` (bookkeeping keys removed)."""
+    """The keys of a batch that go into ``model(**...)`` (bookkeeping and the loss's positions removed)."""
+    return {k: v for k, v in batch.items() if k not in BOOKKEEPING and k not in LOSS_KEYS}
+
+
+def step_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """What a training or evaluation step takes: the model's inputs and the loss's positions."""
     return {k: v for k, v in batch.items() if k not in BOOKKEEPING}
 
 

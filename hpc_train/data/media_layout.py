@@ -54,9 +54,9 @@ class Idefics3Layout(MediaLayout):
         tiles = [s.media["pixel_values"] for s in samples if "pixel_values" in s.media]
         if not tiles:
             return {}
-        return {"pixel_values": torch.cat(tiles)[None],
-                "pixel_attention_mask": torch.cat(
-                    [s.media["pixel_attention_mask"] for s in samples if "pixel_values" in s.media])[None]}
+        masks = [s.media["pixel_attention_mask"] for s in samples if "pixel_values" in s.media]
+        return _unless_full({"pixel_values": torch.cat(tiles)[None], "pixel_attention_mask": torch.cat(masks)[None]},
+                            masks)
 
 
 class LlavaOneVisionLayout(MediaLayout):
@@ -75,6 +75,11 @@ class LlavaOneVisionLayout(MediaLayout):
     def packed_row(self, samples: Sequence[EncodedSample]) -> dict[str, torch.Tensor]:
         return llava_onevision_media(samples, packed=True)
 
+
+HOST_KEYS = ("image_sizes", "batch_num_images")
+"""Media metadata the models read on the host (LLaVA-OneVision's anyres grid per image, images
+per sample: ``tolist()``, ``range(n)``): kept on the CPU by ``to_device``, so reading them
+costs no device sync (dozens per optimizer step at accumulation 8)."""
 
 LAYOUTS: dict[str, MediaLayout] = {"smolvlm": Idefics3Layout(), "llava_onevision": LlavaOneVisionLayout()}
 
@@ -101,7 +106,19 @@ def _idefics3_batch(samples: Sequence[EncodedSample]) -> dict[str, torch.Tensor]
         t, m = s.media["pixel_values"], s.media["pixel_attention_mask"]
         pixels[i, : t.shape[0], :, : t.shape[-2], : t.shape[-1]] = t
         mask[i, : m.shape[0], : m.shape[-2], : m.shape[-1]] = m
-    return {"pixel_values": pixels, "pixel_attention_mask": mask}
+    real = [s.media["pixel_attention_mask"] for s in samples if "pixel_values" in s.media]
+    return _unless_full({"pixel_values": pixels, "pixel_attention_mask": mask}, real, (height, width))
+
+
+def _unless_full(media: dict[str, torch.Tensor], masks: Sequence[torch.Tensor],
+                 size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """``media`` without ``pixel_attention_mask`` when every real tile's mask is all true at
+    the batch's tile ``size`` (Idefics3 drops the all-zero padding tiles before it reads a
+    mask, and makes an all-true one when given none): the model then has nothing to mask,
+    which the host knows here for free."""
+    if all(bool(m.all()) and (size is None or tuple(m.shape[-2:]) == size) for m in masks):
+        media = {k: v for k, v in media.items() if k != "pixel_attention_mask"}
+    return media
 
 
 def llava_onevision_media(samples: Sequence[EncodedSample], *, packed: bool = False) -> dict[str, torch.Tensor]:
@@ -133,4 +150,4 @@ def llava_onevision_media(samples: Sequence[EncodedSample], *, packed: bool = Fa
     return out
 
 
-__all__ = ["LAYOUTS", "MediaLayout", "media_layout"]
+__all__ = ["HOST_KEYS", "LAYOUTS", "MediaLayout", "media_layout"]

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from hpc_train.data.collate import has_media_kind
+from hpc_train.data.loss_positions import loss_positions, num_supervised
 from hpc_train.data.media_layout import media_layout
 from hpc_train.data.tokenize import IGNORE_INDEX, EncodedSample
 from hpc_train.errors import DataError
@@ -86,7 +87,7 @@ def rank_rows(plan: PackPlan, *, rank: int, world_size: int, rows_per_step: int)
 
 
 def pack_samples(samples: Sequence[EncodedSample], *, pad_token_id: int, family_name: str,
-                 pad_to: int | None = None) -> dict[str, torch.Tensor | list[str]]:
+                 pad_to: int | None = None) -> dict[str, torch.Tensor | list[str] | tuple[int, ...]]:
     """One packed row (batch of 1) from several encoded samples."""
     if not samples:
         raise ValueError("nothing to pack")
@@ -111,7 +112,7 @@ def pack_samples(samples: Sequence[EncodedSample], *, pad_token_id: int, family_
         position_ids = torch.cat([position_ids, torch.arange(extra)])
         starts.append(pad_to)
     cu = torch.tensor(starts, dtype=torch.int32)
-    batch: dict[str, torch.Tensor | list[str]] = {
+    batch: dict[str, torch.Tensor | list[str] | tuple[int, ...]] = {
         "input_ids": input_ids[None],
         "labels": label_row[None],
         "position_ids": position_ids[None],
@@ -119,6 +120,7 @@ def pack_samples(samples: Sequence[EncodedSample], *, pad_token_id: int, family_
         "cu_seq_lens_k": cu,
         "max_length_q": int((cu[1:] - cu[:-1]).max()),
         "max_length_k": int((cu[1:] - cu[:-1]).max()),
+        "sample_bounds": tuple(starts),
         "sample_ids": [s.id for s in samples],
     }
     batch.update(media_layout(family_name).packed_row(samples))
@@ -186,4 +188,6 @@ class PackedCollator:
         batch["sample_ids"] = [s.id for s in samples if not s.id.startswith("<blank")]
         batch["num_real_tokens"] = real
         batch["num_slots"] = max(self.pad_to, int(batch["input_ids"].shape[1]))
+        batch["num_supervised"] = num_supervised(batch["labels"])
+        batch.update(loss_positions(batch["labels"]))
         return batch

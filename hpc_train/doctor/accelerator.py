@@ -20,8 +20,6 @@ from hpc_train.doctor.table import Check
 from hpc_train.models.varlen_backend import (
     PER_SAMPLE,
     flash_problem,
-    flash_varlen,
-    torch_varlen_present,
     varlen_backend,
 )
 from profiling.flops import peak_tflops
@@ -108,11 +106,8 @@ def varlen_check(gpus: list[Gpu]) -> Check:
     backend = varlen_backend(True, dtype, gpu.capability)
     if backend != PER_SAMPLE:
         return Check("packing attention", "ok", backend, "exact; data.packing=true uses it")
-    why = "flash-attn does not import here" if flash_varlen() is None else flash_problem(dtype, gpu.capability)
-    note = f"{why}: packing stays exact, with a host sync per layer"
-    if torch_varlen_present():
-        note += " (PyTorch's own varlen kernel is present, not used yet)"
-    return Check("packing attention", "info", backend, note)
+    why = flash_problem(dtype, gpu.capability) or "neither flash-attn nor PyTorch's varlen kernel loads here"
+    return Check("packing attention", "info", backend, f"{why}: packing stays exact, one SDPA call per sample")
 
 
 def bitsandbytes_check(on_cuda: bool, qlora: bool) -> Check:

@@ -9,8 +9,11 @@ from collections.abc import Callable
 from typing import Any
 
 FLASH_ATTN = "flash-attn varlen"
+TORCH_VARLEN = "torch varlen"
+"""PyTorch's own varlen attention (FlashAttention kernels inside torch; CUDA, fp16 / bf16, no dropout)."""
 PER_SAMPLE = "per-sample SDPA"
-"""Exact on any device; one host copy of the sample boundaries per layer."""
+"""Exact on any device: causal SDPA per sample, the boundaries read on the host by the collator."""
+BACKENDS = (FLASH_ATTN, TORCH_VARLEN, PER_SAMPLE)
 
 
 @functools.cache
@@ -28,21 +31,28 @@ FLASH_DTYPES = ("torch.float16", "torch.bfloat16")
 
 
 def flash_problem(dtype: object, capability: tuple[int, int] | None) -> str | None:
-    """Why flash-attn cannot run attention in ``dtype`` on a GPU of ``capability`` (None: it can).
-    It computes in fp16 / bf16 only, on sm_80 (Ampere) and newer."""
+    """Why a FlashAttention kernel (flash-attn's or PyTorch's) cannot run attention in ``dtype``
+    on a GPU of ``capability`` (None: it can). It computes in fp16 / bf16 only, on sm_80
+    (Ampere) and newer."""
     if str(dtype) not in FLASH_DTYPES:
-        return f"flash-attn computes in fp16 / bf16 only (this run: {str(dtype).removeprefix('torch.')})"
+        return f"FlashAttention computes in fp16 / bf16 only (this run: {str(dtype).removeprefix('torch.')})"
     if capability is not None and capability < (8, 0):
-        return f"flash-attn needs sm_80 or newer (this GPU: sm_{capability[0]}{capability[1]})"
+        return f"FlashAttention needs sm_80 or newer (this GPU: sm_{capability[0]}{capability[1]})"
     return None
 
 
-def varlen_backend(on_cuda: bool, dtype: object = None, capability: tuple[int, int] | None = None) -> str:
-    """The kernel :func:`hpc_train.models.attention.varlen_attention` picks for a packed row in
-    ``dtype`` (a ``torch.dtype``) on a GPU of compute ``capability``."""
-    if not on_cuda or flash_varlen() is None or flash_problem(dtype, capability) is not None:
+def varlen_backend(on_cuda: bool, dtype: object = None, capability: tuple[int, int] | None = None,
+                   dropout: float = 0.0) -> str:
+    """The kernel packed rows use in ``dtype`` (a ``torch.dtype``) on a GPU of compute
+    ``capability``, with attention ``dropout``: flash-attn's when it loads, else PyTorch's own
+    (which has no dropout), else the exact per-sample path. Chosen once per run."""
+    if not on_cuda or flash_problem(dtype, capability) is not None:
         return PER_SAMPLE
-    return FLASH_ATTN
+    if flash_varlen() is not None:
+        return FLASH_ATTN
+    if torch_varlen_present() and dropout == 0.0:
+        return TORCH_VARLEN
+    return PER_SAMPLE
 
 
 def torch_varlen_present() -> bool:

@@ -37,7 +37,9 @@ from hpc_train.models.adapters import (
     param_census,
 )
 from hpc_train.models.attention import use_varlen_attention
+from hpc_train.models.image_tokens import image_tokens_always_match, mark_image_tokens_checked
 from hpc_train.models.load import model_family
+from hpc_train.models.varlen_backend import varlen_backend
 from hpc_train.train.checkpoint import Checkpointer, TrainState
 from hpc_train.train.data_order import PlannedBatches, total_steps
 from hpc_train.train.engine import build_optimizer, read_ds_config, resolve_ds_config, zero_stage
@@ -81,7 +83,11 @@ def build_run(config: RunConfig, info: DistInfo) -> RunParts:
         source = model_source(config, info)
         ds = _ds_config(config, info, training, source, device)
         loaded = load_training_model(config, info, device, source, ds)
-        _say(info, f"device: {_describe(device)}, compute dtype {DTYPE_NAMES.get(loaded.dtype, loaded.dtype)}")
+        attention = _use_our_attention(loaded, device)
+        if image_tokens_always_match(loaded.model.config, loaded.processor, loaded.family.name):
+            mark_image_tokens_checked(loaded.model)
+        packed = f", packed rows by {attention}" if config.data.packing else ""
+        _say(info, f"device: {_describe(device)}, compute dtype {DTYPE_NAMES.get(loaded.dtype, loaded.dtype)}{packed}")
         pipeline = build_pipeline(config.data, loaded.processor, loaded.family)
         train = _train_data(config, info, pipeline, loaded) if training else None
         evals = _eval_data(config, pipeline)
@@ -94,7 +100,19 @@ def build_run(config: RunConfig, info: DistInfo) -> RunParts:
             profiler.count_images(tower)
     return RunParts(config=config, info=info, device=device, loaded=loaded, ds=ds, pipeline=pipeline,
                     loss=loss_for(config.data), timer=timer, profiler=profiler, train=train, eval=evals,
-                    training=engine, eval_model=eval_model)
+                    training=engine, eval_model=eval_model, attention=attention)
+
+
+def _use_our_attention(loaded: LoadedModel, device: torch.device) -> str:
+    """The language model's attention: ours (no device reads for masks), with the kernel for
+    packed rows chosen once for this device, dtype and the model's attention dropout."""
+    text = loaded.model.config.text_config
+    on_cuda = device.type == "cuda"
+    capability = torch.cuda.get_device_capability(device) if on_cuda else None
+    dropout = float(getattr(text, "attention_dropout", 0.0) or 0.0)
+    backend = varlen_backend(on_cuda, loaded.dtype, capability, dropout=dropout)
+    use_varlen_attention(loaded.model, backend)
+    return backend
 
 
 def _profiler(config: RunConfig, info: DistInfo, device: torch.device, training: bool) -> Profiler | None:
@@ -142,7 +160,6 @@ def _train_data(config: RunConfig, info: DistInfo, pipeline: DataPipeline, loade
     dataset = pipeline.dataset(records)
     train = config.train
     if config.data.packing:
-        use_varlen_attention(loaded.model)
         packs, steps, efficiency = _plan_packing(config, info, pipeline, records)
         return TrainData(dataset=dataset, batches=packs, total_steps=steps, packing_efficiency=efficiency,
                          collate=pipeline.packed_collator(rows_per_micro=train.micro_batch_size))

@@ -65,6 +65,7 @@ def resolve_ds_config(config: RunConfig, world_size: int, *, bf16: bool,
                           "4-bit and vision towers). Fix: remove the fp16 block; bf16 is used where available")
     ds.pop("fp16", None)
     zero = ds.setdefault("zero_optimization", {"stage": 0})
+    _check_skips_nonfinite_steps(ds, source)
     # Gradient buckets: at least 50M elements, so a small model is reduced in a few
     # collectives instead of one per layer (each collective has a fixed latency).
     bucket = max(hidden_size * hidden_size, 50_000_000)
@@ -84,6 +85,23 @@ def resolve_ds_config(config: RunConfig, world_size: int, *, bf16: bool,
             f"({ds['train_micro_batch_size_per_gpu']}) x grad_accum ({ds['gradient_accumulation_steps']}) "
             f"x world_size ({world_size}) = {expected}. Fix: set train_batch_size to \"auto\"")
     return ds
+
+
+def _check_skips_nonfinite_steps(ds: dict[str, Any], source: str) -> None:
+    """A step with a non-finite loss is skipped by DeepSpeed's overflow check (the loop sends
+    it a NaN gradient): refuse the settings under which DeepSpeed would apply it instead."""
+    zero = ds["zero_optimization"]
+    problem = None
+    if int(zero.get("stage", 0)) == 0:
+        problem = "ZeRO stage 0 (or no zero_optimization block) has no overflow check in fp32 / bf16"
+    elif zero.get("compute_grad_norm") is False:
+        problem = "zero_optimization.compute_grad_norm=false turns its overflow check off"
+    elif ds["bf16"].get("check_grad_overflow") is False:
+        problem = "bf16.check_grad_overflow=false turns its overflow check off"
+    if problem:
+        raise ConfigError(
+            f"{source}: {problem}, so an optimizer step with a non-finite loss would be applied to the weights "
+            "instead of skipped. Fix: use ZeRO stage 1, 2 or 3 (ds_configs/zero2.json) with the overflow check on")
 
 
 def zero_stage(ds: dict[str, Any] | None) -> int:

@@ -16,13 +16,16 @@ from typing import Any
 
 import torch
 
-from hpc_train.data.collate import Collator, model_inputs
+from hpc_train.data.collate import Collator, model_inputs, step_inputs
 from hpc_train.data.dataset import SampleDataset
+from hpc_train.data.loss_positions import LOSS_TARGETS
+from hpc_train.data.media_layout import HOST_KEYS
 from hpc_train.data.pipeline import DataPipeline
 from hpc_train.data.records import RECORD_KINDS, Record
-from hpc_train.data.tokenize import EncodedSample
+from hpc_train.data.tokenize import IGNORE_INDEX, EncodedSample
 from hpc_train.dist import DistInfo, all_reduce_max, all_reduce_sum
 from hpc_train.errors import DataError
+from hpc_train.train.loss import supervised_logits, token_losses
 from hpc_train.train.step_timer import NoTimer, StepTimer
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -89,12 +92,10 @@ def evaluate_loss(model: Any, dataset: SampleDataset, collate: Collator, info: D
                 continue
             batch = to_device(batch, device, dtype)
             with timer.phase("forward"):
-                logits = model(**{k: v for k, v in model_inputs(batch).items() if k != "labels"},
-                               use_cache=False).logits
-            per_token = _token_losses(logits, batch["labels"])
+                per_token = token_losses(supervised_logits(model, step_inputs(batch)), batch[LOSS_TARGETS])
             real = [c for s, c in zip(items, counted, strict=True) if isinstance(s, EncodedSample)]
             weights = torch.tensor(real, dtype=per_token.dtype, device=per_token.device)[:, None]
-            valid = (batch["labels"][:, 1:] != -100).to(per_token.dtype) * weights
+            valid = (batch[LOSS_TARGETS] != IGNORE_INDEX).to(per_token.dtype) * weights
             loss_sum += float((per_token * valid).sum())
             # the float() above waited for the GPU: the step's wall time includes its work
             timer.step_done(samples=len(batch["sample_ids"]), tokens=batch["num_real_tokens"],
@@ -180,22 +181,14 @@ def _gathered_loose_parameters(model: Any) -> Any:
     return deepspeed.zero.GatheredParameters(loose, modifier_rank=None)
 
 
-def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    shifted = logits[:, :-1].float()
-    target = labels[:, 1:]
-    losses = torch.nn.functional.cross_entropy(
-        shifted.reshape(-1, shifted.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="none")
-    return losses.view(target.shape)
-
-
 def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype | None = None
               ) -> dict[str, Any]:
     """Tensors to ``device``; floating-point ones (pixels) also to the model's dtype, cast before
     the copy (half the bytes for bf16); pinned ones (a DataLoader's ``pin_memory``) copied without
-    waiting."""
+    waiting. Media metadata the model reads on the host stays there (``HOST_KEYS``)."""
     out = {}
     for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) and key not in HOST_KEYS:
             if dtype is not None and value.is_floating_point():
                 value = value.to(dtype)
             value = value.to(device, non_blocking=device.type == "cuda" and value.is_pinned())

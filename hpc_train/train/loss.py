@@ -1,31 +1,74 @@
-"""The loss the optimizer sees, chosen once per run from the config.
+"""The loss the optimizer sees, chosen once per run from the config, computed from the logits of
+supervised positions only.
 
-``token``: the model's own mean over every supervised token of the micro-batch (packed rows
-included: the same as the samples unpacked together). ``sample`` (packing only): each packed
-sample's own token mean, averaged, so short answers weigh as much as long ones.
+The collator lists the positions whose next-token label is supervised
+(:mod:`hpc_train.data.loss_positions`); the model's head runs on those alone (transformers'
+``logits_to_keep``), so the fp32 logits of media and prompt tokens are never made. The result
+equals the model's own loss over every position.
+
+``token``: the mean over every supervised token of the micro-batch (packed rows included: the
+same as the samples unpacked together). ``sample`` (packing only): each packed sample's own
+token mean, averaged, so short answers weigh as much as long ones.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from hpc_train.config import DataConfig
+from hpc_train.data.loss_positions import LOSS_POSITIONS, LOSS_TARGETS
 from hpc_train.data.tokenize import IGNORE_INDEX
-
-LossFn = Callable[[Any, dict[str, Any]], torch.Tensor]
-"""``loss(model, inputs)``: one forward pass and its loss."""
-
-
-def token_mean_loss(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
-    return model(**inputs, use_cache=False).loss
+from hpc_train.models.host_masks import masks_decided_on_host
+from hpc_train.models.image_tokens import image_check_made
 
 
-def sample_mean_loss(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
-    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).logits
-    return per_sample_mean_loss(logits, inputs["labels"], inputs["cu_seq_lens_q"])
+@dataclass
+class Loss:
+    """A micro-batch's loss and the logits it came from (the kept positions only)."""
+
+    value: torch.Tensor
+    logits: torch.Tensor
+    """(rows, K, vocab), at least one position: the loop sends a zero or a NaN gradient through
+    them when the loss itself must not be used (a stand-in, a step to skip)."""
+
+
+LossFn = Callable[[Any, dict[str, Any]], Loss]
+"""``loss(model, inputs)``: one forward pass and its loss; ``inputs`` are a batch's
+:func:`~hpc_train.data.collate.step_inputs` on the device."""
+
+
+def supervised_logits(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+    """The logits at the batch's supervised positions, (rows, K, vocab)."""
+    forward = {k: v for k, v in inputs.items() if k not in ("labels", LOSS_POSITIONS, LOSS_TARGETS)}
+    with masks_decided_on_host(model, forward), image_check_made(model):
+        return model(**forward, logits_to_keep=inputs[LOSS_POSITIONS], use_cache=False).logits
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-position cross-entropy in fp32, 0 where the target is -100; (rows, K)."""
+    flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="none")
+    return flat.view(targets.shape)
+
+
+def token_mean_loss(model: Any, inputs: dict[str, Any]) -> Loss:
+    logits = supervised_logits(model, inputs)
+    targets = inputs[LOSS_TARGETS]
+    value = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                            ignore_index=IGNORE_INDEX)
+    return Loss(value, logits)
+
+
+def sample_mean_loss(model: Any, inputs: dict[str, Any]) -> Loss:
+    logits = supervised_logits(model, inputs)
+    value = per_sample_mean(token_losses(logits, inputs[LOSS_TARGETS])[0], inputs[LOSS_POSITIONS][0],
+                            inputs[LOSS_TARGETS][0], inputs["cu_seq_lens_q"])
+    return Loss(value, logits)
 
 
 def loss_for(data: DataConfig) -> LossFn:
@@ -33,22 +76,28 @@ def loss_for(data: DataConfig) -> LossFn:
     return sample_mean_loss if data.packing and data.packing_loss == "sample" else token_mean_loss
 
 
-def per_sample_mean_loss(logits: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Mean over the row's samples of each sample's token-mean loss (samples without a
-    supervised token, such as blank media, do not count)."""
-    shifted = logits[0, :-1].float()
-    targets = labels[0, 1:]
-    losses = torch.nn.functional.cross_entropy(shifted, targets, ignore_index=IGNORE_INDEX, reduction="none")
+def per_sample_mean(losses: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
+                    cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Mean over a packed row's samples of each sample's token-mean loss (samples without a
+    supervised token, such as blank media, do not count). ``losses``, ``positions``,
+    ``targets``: one row's kept positions. Nothing here reads the device."""
     supervised = (targets != IGNORE_INDEX).float()
-    # Token t+1's label is predicted at position t: segment k covers targets cu[k]..cu[k+1]-1
-    # shifted by one, and the shift never crosses a boundary because each sample's first
-    # label is -100.
-    segment = torch.bucketize(torch.arange(1, labels.shape[1], device=labels.device),
-                              cu_seqlens[1:].to(labels.device), right=True)
-    count = torch.zeros(len(cu_seqlens) - 1, device=logits.device).index_add_(0, segment, supervised)
+    # Position t predicts label t+1: sample k owns targets cu[k]..cu[k+1]-1, and a prediction
+    # never crosses a boundary because each sample's first label is -100.
+    segment = torch.bucketize(positions + 1, cu_seqlens[1:].to(positions), right=True)
+    count = torch.zeros(len(cu_seqlens) - 1, device=losses.device).index_add_(0, segment, supervised)
     total = torch.zeros_like(count).index_add_(0, segment, losses * supervised)
-    present = count > 0
-    return (total[present] / count[present]).mean()
+    present = (count > 0).float()
+    return (total / count.clamp(min=1) * present).sum() / present.sum()
 
 
-__all__ = ["LossFn", "loss_for", "per_sample_mean_loss", "sample_mean_loss", "token_mean_loss"]
+def full_logits_loss(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+    """The model's own token-mean loss over logits of every position (the reference the
+    supervised-only loss equals; benchmarks and tests compare the two)."""
+    forward = {k: v for k, v in inputs.items() if k not in (LOSS_POSITIONS, LOSS_TARGETS)}
+    with masks_decided_on_host(model, forward), image_check_made(model):
+        return model(**forward, use_cache=False).loss
+
+
+__all__ = ["Loss", "LossFn", "full_logits_loss", "loss_for", "per_sample_mean", "sample_mean_loss",
+           "supervised_logits", "token_losses", "token_mean_loss"]

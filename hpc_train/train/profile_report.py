@@ -47,7 +47,7 @@ def vision_tower(model: torch.nn.Module, family: Family) -> torch.nn.Module | No
 
 
 def describe_run(config: RunConfig, info: DistInfo, *, zero_stage: int | None, planned_steps: int | None,
-                 packing_efficiency: float | None) -> dict[str, Any]:
+                 packing_efficiency: float | None, packed_attention: str | None = None) -> dict[str, Any]:
     """The ``run`` block of the report."""
     cfg = config
     return {
@@ -57,7 +57,7 @@ def describe_run(config: RunConfig, info: DistInfo, *, zero_stage: int | None, p
         "eval_batch_size": cfg.eval.batch_size,
         "global_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum * info.world_size,
         "max_seq_len": cfg.data.max_seq_len, "packing": cfg.data.packing,
-        "packing_efficiency": packing_efficiency,
+        "packing_efficiency": packing_efficiency, "packed_attention": packed_attention,
         "gradient_checkpointing": cfg.train.gradient_checkpointing, "planned_steps": planned_steps,
         "output_dir": str(Path(cfg.output_dir).resolve()), "config_hash": cfg.digest(),
     }

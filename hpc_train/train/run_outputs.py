@@ -139,7 +139,8 @@ def finish(parts: RunParts) -> None:
     elif parts.profiler is not None:
         run = describe_run(parts.config, parts.info, zero_stage=parts.zero_stage,
                            planned_steps=parts.train.total_steps if parts.train is not None else None,
-                           packing_efficiency=parts.train.packing_efficiency if parts.train is not None else None)
+                           packing_efficiency=parts.train.packing_efficiency if parts.train is not None else None,
+                           packed_attention=parts.attention if parts.config.data.packing else None)
         with writing(parts.output / PROFILE_REPORT):
             path = write_profile(parts.profiler, parts.config, parts.info, run, dtype=parts.loaded.dtype,
                                  first_step=first_step)

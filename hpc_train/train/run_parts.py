@@ -95,6 +95,8 @@ class RunParts:
     training: TrainingEngine | None
     eval_model: Any
     """What evaluation runs: the engine when training, DeepSpeed's ZeRO-3 wrapper, or the model."""
+    attention: str
+    """The kernel packed rows use (:data:`~hpc_train.models.varlen_backend.BACKENDS`)."""
 
     @property
     def output(self) -> Path:

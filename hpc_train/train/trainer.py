@@ -3,9 +3,9 @@
 Our own loop (not ``transformers.Trainer``) so that every phase of a step — data wait,
 forward, backward, optimizer step — is a separate seam for the profiler, the number of
 steps is exact before the run starts, and every rank runs the same modules every step.
-The loop decides, per step: accumulation to DeepSpeed's boundary, skipping micro-batches
-(non-finite loss, nothing usable on a rank), a stop every rank agrees on after a signal,
-evaluation with early stopping, and when to checkpoint.
+The loop decides, per step: accumulation to DeepSpeed's boundary, skipping optimizer steps
+(non-finite loss on a rank, nothing usable anywhere), a stop every rank agrees on after a
+signal, evaluation with early stopping, and when to checkpoint.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from hpc_train.data.collate import FloatCast, model_inputs
-from hpc_train.data.tokenize import IGNORE_INDEX
+from hpc_train.data.collate import FloatCast, step_inputs
 from hpc_train.data.worker_signals import survive_group_signals
-from hpc_train.dist import all_gather, all_reduce_max, all_reduce_sum, barrier
+from hpc_train.dist import all_gather, barrier, sum_over_ranks
 from hpc_train.errors import HpcTrainError
 from hpc_train.parent_death import signal_on_parent_death
 from hpc_train.train.evaluate import evaluate_loss, to_device
+from hpc_train.train.loss import Loss
 from hpc_train.train.output_dir import writing
 from hpc_train.train.run_parts import (
     REQUEUE_EXIT_CODE,
@@ -113,63 +113,91 @@ class TrainLoop:
             state.micro_index = 0
 
     def _optimizer_step(self, micro: Iterator[dict[str, Any]]) -> dict[str, float]:
-        """Micro-batches until DeepSpeed's accumulation boundary, then its optimizer step."""
+        """Micro-batches until DeepSpeed's accumulation boundary, then its optimizer step.
+
+        Nothing here waits for the device before the boundary: losses stay on it, counts come
+        from the collator. At the boundary one collective agrees on the step (its non-finite
+        losses, a stop signal) before the last backward; a step with a non-finite loss on any
+        rank is then skipped on every rank by DeepSpeed's own overflow check.
+        """
         engine, timer = self.training.engine, self.parts.timer
         engine.train()
         lrs = {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(self.training.optimizer.param_groups)}
-        losses: list[float] = []
-        counts = {"tokens": 0, "slot_tokens": 0, "supervised_tokens": 0, "samples": 0, "skipped_samples": 0}
+        losses: list[torch.Tensor] = []
+        sample_ids: list[str] = []
+        counts = {"tokens": 0, "slot_tokens": 0, "supervised_tokens": 0, "samples": 0, "skipped_samples": 0,
+                  "empty_micro_batches": 0}
         while True:
             with timer.phase("data_wait"):
                 batch = next(micro)
             counts["skipped_samples"] += batch["num_skipped"]
             empty = "input_ids" not in batch
             if empty:
-                # Every sample was unusable. This rank still runs a forward (a lone blank, no
-                # labels) so the others are not left waiting in a collective, then all skip.
-                pipeline = self.parts.pipeline
-                batch = {**pipeline.collator()([pipeline.blanks[0]]), "sample_ids": [], "skipped": batch["skipped"]}
-            inputs = to_device(model_inputs(batch), self.parts.device, self.parts.loaded.dtype)
-            loss = self._agreed_loss(inputs, batch, empty=empty)
-            if loss is None:
-                continue
+                batch = self._stand_in(batch)
+            inputs = to_device(step_inputs(batch), self.parts.device, self.parts.loaded.dtype)
+            with timer.phase("forward"):
+                loss = self._forward(inputs)
+            if not empty:  # a stand-in's loss is 0/0 and is not averaged
+                losses.append(loss.value.detach())
+            _tally(counts, batch, empty=empty)
+            sample_ids += batch["sample_ids"]
             boundary = engine.is_gradient_accumulation_boundary()
+            agreed = self._agree(losses, counts) if boundary else None
             with timer.phase("backward"):
-                engine.backward(loss)
+                engine.backward(_to_backward(loss, empty=empty, skip=agreed is not None and _unusable(agreed)))
             with timer.phase("optimizer"):
                 engine.step()
-            losses.append(float(loss.detach()))
-            counts["tokens"] += batch["num_real_tokens"]
-            counts["slot_tokens"] += batch["num_slots"]
-            counts["supervised_tokens"] += int((inputs["labels"] != IGNORE_INDEX).sum())
-            counts["samples"] += len(batch["sample_ids"])
-            if boundary:
+            if agreed is not None:
                 break
         timer.step_done(samples=counts["samples"], tokens=counts["tokens"], slot_tokens=counts["slot_tokens"],
                         epoch=self.training.state.epoch)
-        loss_sum, count, *totals = all_reduce_sum([sum(losses), len(losses), *counts.values()])
-        return {"loss": loss_sum / max(count, 1), "grad_norm": self._grad_norm(),
-                **dict(zip(counts, totals, strict=True)), "lr": next(iter(lrs.values())), **lrs}
+        self._after_optimizer(agreed, sample_ids)
+        loss_mean = agreed["loss_sum"] / agreed["finite"] if agreed["finite"] else float("nan")
+        return {"loss": loss_mean, "grad_norm": self._grad_norm(), **{k: agreed[k] for k in counts},
+                "skipped_step": float(not self.training.engine.was_step_applied()),
+                "lr": next(iter(lrs.values())), **lrs}
 
-    def _agreed_loss(self, inputs: dict[str, Any], batch: dict[str, Any], *, empty: bool) -> torch.Tensor | None:
-        """The micro-batch's loss, or None when every rank skips it (agreed in one all-reduce,
-        which also spreads a stop signal)."""
-        with self.parts.timer.phase("forward"):
-            loss = self._forward(inputs)
-        nonfinite, anyone_empty, signalled = all_reduce_max(
-            [float(not empty and not torch.isfinite(loss)), float(empty), float(self.signalled is not None)])
-        if signalled:
+    def _stand_in(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A lone blank, unsupervised, for a micro-batch whose samples were all unusable: this
+        rank still runs every module, so no other rank waits for it in a collective. Collated
+        by the run's own collator (a packed row when packing), so the run's loss applies."""
+        # said by the rank it happened on: no other rank knows before the step's collective
+        print(f"rank {self.parts.info.rank}: step {self.training.state.step + 1}: a micro-batch had no usable sample "
+              f"({[s.reason for s in batch['skipped']][:2]}); it adds nothing to this step", flush=True)
+        return {**self.data.collate([self.parts.pipeline.blanks[0]]), "sample_ids": [], "skipped": batch["skipped"]}
+
+    def _agree(self, losses: list[torch.Tensor], counts: dict[str, int]) -> dict[str, float]:
+        """The step's numbers summed over ranks, with its non-finite losses and stop signals:
+        one collective, one read of the device per optimizer step."""
+        stacked = torch.stack(losses) if losses else torch.zeros(0, device=self.parts.device)
+        finite = torch.isfinite(stacked)
+        device_part = torch.stack([torch.where(finite, stacked, 0.0).sum(), finite.sum(), (~finite).sum()])
+        names = ("loss_sum", "finite", "nonfinite", "signalled", *counts)
+        totals = sum_over_ranks(device_part, [float(self.signalled is not None), *counts.values()])
+        agreed = dict(zip(names, totals, strict=True))
+        if agreed["signalled"]:
             self._stop_agreed = self.signalled or signal.SIGUSR1
-        if nonfinite:
-            self._bad_micro_batch(batch["sample_ids"])
-            return None
-        if anyone_empty:  # data.on_bad_sample=skip left a rank nothing: skip it everywhere
-            self.parts.say(f"step {self.training.state.step + 1}: a micro-batch had no usable sample "
-                           f"({[s.reason for s in batch['skipped']][:2]}); skipped on every rank")
-            return None
-        return loss
+        return agreed
 
-    def _forward(self, inputs: dict[str, Any]) -> torch.Tensor:
+    def _after_optimizer(self, agreed: dict[str, float], sample_ids: list[str]) -> None:
+        """Count a step DeepSpeed did not apply (non-finite loss or gradients on some rank)."""
+        applied = self.training.engine.was_step_applied()
+        if _unusable(agreed) and applied:
+            raise TrainingStopped(
+                f"step {self.training.state.step + 1}: a step meant to be skipped was applied by DeepSpeed, so the "
+                "weights may be damaged; this DeepSpeed configuration does not check gradients for overflow")
+        if applied:
+            return
+        # DeepSpeed leaves the schedule where it was on a skipped update; the step still
+        # counts (its data is spent), so the rate moves on with it and ends where planned.
+        self.training.engine.lr_scheduler.step()
+        if not agreed["nonfinite"] and not agreed["finite"]:
+            self.parts.say(f"step {self.training.state.step + 1}: no rank had a usable sample in this step; "
+                           "optimizer step skipped")
+            return
+        self._bad_step(sample_ids, "non-finite loss" if agreed["nonfinite"] else "non-finite gradients")
+
+    def _forward(self, inputs: dict[str, Any]) -> Loss:
         try:
             return self.parts.loss(self.training.engine, inputs)
         except torch.OutOfMemoryError as exc:
@@ -178,24 +206,25 @@ class TrainLoop:
     def _grad_norm(self) -> float:
         norm = self.training.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
-        if self.parts.config.train.grad_clip and not math.isfinite(norm):
+        if self.parts.config.train.grad_clip and not math.isfinite(norm) and self.training.engine.was_step_applied():
             raise TrainingStopped(
                 f"step {self.training.state.step + 1}: the gradient norm is {norm}; the weights may be damaged, so "
                 f"the run stops here. The last good checkpoint is {self.training.checkpointer.latest()}. "
                 "Fix: lower train.lr, raise train.warmup_steps, or check the data of this step")
         return norm
 
-    def _bad_micro_batch(self, sample_ids: list[str]) -> None:
+    def _bad_step(self, sample_ids: list[str], what: str) -> None:
         state, allowed = self.training.state, self.parts.config.train.max_bad_steps
         state.bad_steps += 1
         ids = [i for part in all_gather(sample_ids) for i in part]
         where = f"step {state.step + 1} (epoch {state.epoch}, micro-batch {state.micro_index})"
         if state.bad_steps > allowed:
             raise TrainingStopped(
-                f"{where}: non-finite loss on samples {ids}. The run stops (train.max_bad_steps={allowed}); "
+                f"{where}: {what} on samples {ids}. The run stops (train.max_bad_steps={allowed}); "
                 f"the last good checkpoint is {self.training.checkpointer.latest()}. Fix: inspect these samples "
                 "(hpc-train check-data), lower train.lr, or allow skips with train.max_bad_steps=N")
-        self.parts.say(f"{where}: non-finite loss on samples {ids}; micro-batch skipped ({state.bad_steps}/{allowed})")
+        self.parts.say(f"{where}: {what} on samples {ids}; optimizer step skipped on every rank "
+                       f"({state.bad_steps}/{allowed})")
 
     def _after_step(self) -> int | None:
         """A stop (its exit status) or None to go on; checkpoints and evaluations that fall due."""
@@ -247,6 +276,33 @@ class TrainLoop:
         state.evals_without_improvement += 1
         patience = parts.config.train.early_stopping_patience
         return patience is not None and state.evals_without_improvement >= patience
+
+
+def _tally(counts: dict[str, int], batch: dict[str, Any], *, empty: bool) -> None:
+    """Add a micro-batch's host-side counts (a stand-in's tokens are not the data's)."""
+    counts["empty_micro_batches"] += int(empty)
+    if not empty:
+        counts["tokens"] += batch["num_real_tokens"]
+        counts["slot_tokens"] += batch["num_slots"]
+        counts["supervised_tokens"] += batch["num_supervised"]
+        counts["samples"] += len(batch["sample_ids"])
+
+
+def _unusable(agreed: dict[str, float]) -> bool:
+    """A step no rank may apply: a non-finite loss somewhere, or no usable micro-batch anywhere."""
+    return bool(agreed["nonfinite"]) or not agreed["finite"]
+
+
+def _to_backward(loss: Loss, *, empty: bool, skip: bool) -> torch.Tensor:
+    """What the micro-batch sends back: its loss; for a stand-in, zero through the logits it
+    used (every module joins the backward, as ZeRO-3 needs, and adds nothing); for a step no
+    rank may apply, NaN through those logits, so the gradients are NaN and DeepSpeed's
+    overflow check (over all weights and ranks) skips the update."""
+    if skip:
+        return loss.logits.float().sum() * float("nan")
+    if empty:
+        return loss.logits.float().sum() * 0.0
+    return loss.value
 
 
 def install_stop_signals(handler: Callable[[int, Any], None]) -> None:

@@ -45,11 +45,19 @@ def test_idefics3_layout_pads_tiles_with_zeros(loaded_tiny, synthetic_data):
     tiles = [s.media.get("pixel_values") for s in samples]
     n_max = max(t.shape[0] for t in tiles if t is not None)
     assert batch["pixel_values"].shape[:2] == (len(samples), n_max)
-    assert batch["pixel_attention_mask"].shape[:2] == (len(samples), n_max)
+    assert "pixel_attention_mask" not in batch  # every real tile is whole: nothing to mask
     assert batch["pixel_values"][0].abs().sum() == 0  # the text-only row holds only padding
     for row, t in enumerate(tiles):
         if t is not None:
             assert torch.equal(batch["pixel_values"][row, : t.shape[0]], t)
+    cropped = next(s for s in samples if "pixel_values" in s.media)
+    mask = cropped.media["pixel_attention_mask"].clone()
+    mask[0, :, -8:] = False  # a tile with padded pixels on the right
+    cropped.media = {**cropped.media, "pixel_attention_mask": mask}
+    batch = Collator(get_family("smolvlm"), 0)(samples)
+    assert batch["pixel_attention_mask"].shape[:2] == (len(samples), n_max)
+    row = samples.index(cropped)
+    assert torch.equal(batch["pixel_attention_mask"][row, : mask.shape[0]], mask)
 
 
 def test_llava_layout_counts_images_per_sample(loaded_tiny, synthetic_data):

@@ -10,7 +10,7 @@ import torch
 
 from hpc_train.config_file import load_config
 from hpc_train.device import DeviceError, choose_device, gpu_index, native_bf16
-from hpc_train.models.varlen_backend import PER_SAMPLE, flash_problem, varlen_backend
+from hpc_train.models.varlen_backend import PER_SAMPLE, TORCH_VARLEN, flash_problem, varlen_backend
 from hpc_train.topology import DistInfo
 from hpc_train.train.trainable_model import compute_dtype
 
@@ -62,6 +62,13 @@ def test_flash_attn_is_never_chosen_for_fp32_or_before_ampere():
     assert flash_problem(torch.bfloat16, (8, 0)) is None and flash_problem(torch.float16, (9, 0)) is None
     assert varlen_backend(False, torch.bfloat16, None) == PER_SAMPLE
     assert varlen_backend(True, torch.float32, (9, 0)) == PER_SAMPLE
+    assert varlen_backend(True, torch.float16, (7, 5)) == PER_SAMPLE
+
+
+def test_torch_varlen_is_chosen_on_a_gpu_without_flash_attn_unless_attention_has_dropout(monkeypatch):
+    monkeypatch.setattr("hpc_train.models.varlen_backend.flash_varlen", lambda: None)  # as where it is absent
+    assert varlen_backend(True, torch.bfloat16, (9, 0)) == TORCH_VARLEN
+    assert varlen_backend(True, torch.bfloat16, (9, 0), dropout=0.1) == PER_SAMPLE  # its kernel has no dropout
 
 
 def test_the_flash_attn_import_is_tried_once_per_process():

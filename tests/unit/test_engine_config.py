@@ -122,3 +122,15 @@ def test_answers_normalised_for_exact_match(a, b):
 
 def test_different_answers_stay_different():
     assert normalize_answer("red") != normalize_answer("reddish")
+
+
+@pytest.mark.parametrize(("block", "named"), [
+    ({}, "ZeRO stage 0"),
+    ({"zero_optimization": {"stage": 0}}, "ZeRO stage 0"),
+    ({"zero_optimization": {"stage": 2, "compute_grad_norm": False}}, "compute_grad_norm=false"),
+    ({"zero_optimization": {"stage": 3}, "bf16": {"check_grad_overflow": False}}, "check_grad_overflow=false"),
+])
+def test_configs_that_would_apply_a_non_finite_step_are_refused(tmp_path, block, named):
+    path = write_ds(tmp_path, block)
+    with pytest.raises(ConfigError, match=f"{named}.*would be applied to the weights.*Fix: use ZeRO stage 1, 2 or 3"):
+        resolve_ds_config(cfg(f"deepspeed.config={path}"), 1, bf16=False, hidden_size=64)

@@ -10,6 +10,7 @@ import torch
 from hpc_train.config import DataConfig
 from hpc_train.data.collate import Collator, model_inputs
 from hpc_train.data.dataset import MediaLoader
+from hpc_train.data.loss_positions import loss_positions
 from hpc_train.data.packing import pack_samples, plan_packs, rank_rows
 from hpc_train.data.records import read_records
 from hpc_train.data.tokenize import IGNORE_INDEX, ChatEncoder
@@ -229,7 +230,7 @@ def test_varlen_attention_equals_block_diagonal_sdpa():
 
 
 def test_per_sample_mean_loss_option(packed_case):
-    from hpc_train.train.loss import per_sample_mean_loss
+    from hpc_train.train.loss import sample_mean_loss
 
     family, model, processor, samples = packed_case
     # Give the first sample a single supervised token, so samples weigh differently per token.
@@ -241,9 +242,8 @@ def test_per_sample_mean_loss_option(packed_case):
     with torch.no_grad():
         separate = [float(model(**model_inputs(collate([s])), use_cache=False).loss) for s in samples]
         batch = pack_samples(samples, pad_token_id=processor.tokenizer.pad_token_id, family_name=family, pad_to=500)
-        inputs = {k: v for k, v in packed_inputs(batch).items() if k != "labels"}
-        logits = model(**inputs, use_cache=False).logits
-        loss = per_sample_mean_loss(logits, batch["labels"], batch["cu_seq_lens_q"])
+        inputs = {**packed_inputs(batch), **loss_positions(batch["labels"])}
+        loss = sample_mean_loss(model, inputs).value
     assert float(loss) == pytest.approx(sum(separate) / len(separate), rel=1e-5)
     token_mean = model(**packed_inputs(batch), use_cache=False).loss
     assert abs(float(token_mean) - float(loss)) > 1e-4  # the two options really differ here

@@ -10,15 +10,20 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from hpc_train.config_file import load_config
+from hpc_train.data.collate import step_inputs
 from hpc_train.data.dataset import Skipped
+from hpc_train.data.loss_positions import loss_positions
 from hpc_train.data.tokenize import IGNORE_INDEX
 from hpc_train.dist import read_dist_env
 from hpc_train.train.build import build_run
 from hpc_train.train.run_parts import REQUEUE_EXIT_CODE, REQUEUE_MARKER, RunParts
+from hpc_train.train.schedule import lr_multiplier
 from hpc_train.train.trainer import TrainingStopped, TrainLoop
+from profiling.host_reads import HostReads
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +57,18 @@ def batches(parts: RunParts, count: int, *, size: int = 2, start: int = 0) -> li
 
 def unsupervised(batch: dict) -> dict:
     """The same batch with no supervised token: the model's mean loss is 0/0 (NaN)."""
-    return {**batch, "labels": batch["labels"].new_full(batch["labels"].shape, IGNORE_INDEX)}
+    labels = batch["labels"].new_full(batch["labels"].shape, IGNORE_INDEX)
+    return {**batch, "labels": labels, **loss_positions(labels), "num_supervised": 0}
 
 
 def nothing_usable(parts: RunParts) -> dict:
     return parts.train.collate([Skipped(id="x", reason="video file not found", kind="bad_record")])
+
+
+def loss_of(parts: RunParts, batch: dict) -> float:
+    """The loop's loss of ``batch`` with the weights as they are now."""
+    with torch.no_grad():
+        return float(parts.loss(parts.training.engine, step_inputs(batch)).value)
 
 
 def metrics(parts: RunParts) -> list[dict]:
@@ -82,14 +94,38 @@ def test_the_dataloader_path_counts_epochs_and_positions(build):
     assert (state.step, state.epoch, state.micro_index) == (3, 0, 3)
 
 
-def test_a_non_finite_loss_skips_its_micro_batch_within_the_allowance(build, capsys):
-    parts = build("train.max_steps=1", "train.max_bad_steps=1")
-    good, bad = batches(parts, 2)
-    assert TrainLoop(parts).train([unsupervised(bad), good]) == 0
+def weights(parts: RunParts) -> list[torch.Tensor]:
+    """This rank's copy of every weight (under ZeRO-3, its partition)."""
+    return [getattr(p, "ds_tensor", p).detach().clone() for p in parts.training.engine.module.parameters()]
+
+
+def test_a_non_finite_loss_skips_the_whole_optimizer_step_within_the_allowance(build, capsys):
+    parts = build("train.max_steps=2", "train.grad_accum=2", "train.max_bad_steps=1")
+    good, bad, *rest = batches(parts, 4)
+    expected = loss_of(parts, good)
+    assert TrainLoop(parts).train([good, unsupervised(bad), *rest]) == 0
     said = capsys.readouterr().out
-    assert f"non-finite loss on samples {bad['sample_ids']}; micro-batch skipped (1/1)" in said
-    assert parts.training.state.bad_steps == 1
-    assert metrics(parts)[0]["samples"] == 2
+    ids = good["sample_ids"] + bad["sample_ids"]  # the whole step's samples are named
+    assert f"non-finite loss on samples {ids}; optimizer step skipped on every rank (1/1)" in said
+    assert parts.training.state.bad_steps == 1 and parts.training.engine.skipped_steps == 1
+    rows = metrics(parts)
+    assert [r["skipped_step"] for r in rows] == [1.0, 0.0]
+    assert rows[0]["loss"] == pytest.approx(expected, rel=1e-6)  # the mean of the step's finite losses
+    train = parts.config.train
+    planned = train.lr * lr_multiplier(1, total_steps=2, warmup_steps=train.warmup_steps, min_ratio=train.min_lr_ratio)
+    assert rows[1]["lr"] == pytest.approx(planned)  # the schedule moved on past the skipped step
+    assert rows[1]["loss"] == pytest.approx(loss_of(parts, rest[0]), rel=0.5)  # step 2 trained on
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_a_skipped_step_leaves_the_weights_as_they_were(build, zero):
+    parts = build("train.max_steps=1", "train.max_bad_steps=1", f"deepspeed.config=ds_configs/{zero}.json")
+    (bad,) = batches(parts, 1)
+    before = weights(parts)
+    assert TrainLoop(parts).train([unsupervised(bad)]) == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(parts), strict=True))
+    assert parts.training.engine.skipped_steps == 1
+    assert float(metrics(parts)[0]["grad_norm"]) == float("inf")  # DeepSpeed reports a skipped step so
 
 
 def test_a_non_finite_loss_past_the_allowance_stops_the_run_naming_its_samples(build):
@@ -101,13 +137,29 @@ def test_a_non_finite_loss_past_the_allowance_stops_the_run_naming_its_samples(b
     assert parts.training.state.step == 0
 
 
-def test_a_micro_batch_with_nothing_usable_is_skipped_and_its_reason_said(build, capsys):
-    parts = build("train.max_steps=1")
+@pytest.mark.parametrize("shape", [[], ["data.packing=true", "data.max_seq_len=256", "train.micro_batch_size=1",
+                                           "data.packing_loss=sample"]], ids=["padded", "packed-sample-mean"])
+def test_a_micro_batch_with_nothing_usable_adds_nothing_and_its_reason_is_said(build, capsys, shape):
+    parts = build("train.max_steps=1", "train.grad_accum=2", *shape)
     (good,) = batches(parts, 1)
+    expected = loss_of(parts, good)
     assert TrainLoop(parts).train([nothing_usable(parts), good]) == 0
     said = capsys.readouterr().out
-    assert "a micro-batch had no usable sample (['video file not found']); skipped on every rank" in said
-    assert metrics(parts)[0]["skipped_samples"] == 1
+    assert "a micro-batch had no usable sample (['video file not found']); it adds nothing to this step" in said
+    (row,) = metrics(parts)
+    assert row["skipped_samples"] == 1 and row["empty_micro_batches"] == 1 and row["skipped_step"] == 0.0
+    assert row["samples"] == 2 and row["supervised_tokens"] == good["num_supervised"]
+    assert row["tokens"] == good["num_real_tokens"]  # the stand-in's tokens are not counted
+    assert row["loss"] == pytest.approx(expected, rel=1e-6)  # the stand-in's 0/0 is not averaged in
+
+
+def test_a_step_with_nothing_usable_anywhere_is_skipped_without_counting_as_bad(build, capsys):
+    parts = build("train.max_steps=1")
+    before = weights(parts)
+    assert TrainLoop(parts).train([nothing_usable(parts)]) == 0
+    assert "no rank had a usable sample in this step; optimizer step skipped" in capsys.readouterr().out
+    assert parts.training.state.bad_steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(parts), strict=True))
 
 
 def test_a_stop_signal_checkpoints_writes_the_marker_and_asks_for_a_requeue(build):
@@ -136,3 +188,28 @@ def test_early_stopping_ends_the_run_when_the_eval_loss_stops_improving(build, c
     evals = [r for r in metrics(parts) if "eval_loss" in r]
     assert len(evals) == 2 and evals[0]["eval_loss"] == evals[1]["eval_loss"]
     assert parts.training.checkpointer.latest().name == "step-00000002"
+
+
+def reads_by_owner(parts: RunParts, fed: list[dict]) -> dict[str, int]:
+    """Device-to-host reads while the loop trains on ``fed`` (collated beforehand, as the
+    DataLoader's workers would), by the project whose code made them."""
+    with HostReads() as reads:
+        assert TrainLoop(parts).train(fed) == 0
+    return dict(reads.by_owner()) | {"masks": sum(n for site, n in reads.sites.items() if "masking_utils" in site.file)}
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_no_device_read_of_ours_inside_the_accumulation_loop(build, tmp_path, packing):
+    """Ours: none per micro-batch, at most two per optimizer step (the step's one collective
+    and the gradient norm); transformers' mask checks: none."""
+    shape = ["data.packing=true", "data.max_seq_len=256", "train.micro_batch_size=1"] if packing else []
+
+    def reads(steps: int, accumulation: int) -> dict[str, int]:
+        parts = build(*shape, f"output_dir={tmp_path / f'{steps}x{accumulation}'}", f"train.max_steps={steps}",
+                      f"train.grad_accum={accumulation}", "train.log_every=1")
+        return reads_by_owner(parts, batches(parts, steps * accumulation))
+
+    one, three, longer = reads(1, 2), reads(3, 2), reads(1, 4)
+    assert longer["hpc_train"] == one["hpc_train"]  # two more micro-batches, not one more read
+    assert (three["hpc_train"] - one["hpc_train"]) / 2 <= 2
+    assert one["masks"] == three["masks"] == longer["masks"] == 0
