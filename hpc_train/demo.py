@@ -29,6 +29,11 @@ DEMO_TRAIN = {
 }
 
 
+DEMO_SAMPLES = 2400
+"""Training samples: with 600 the tiny model memorizes them and how well it generalizes swings
+with the seed (held-out accuracy 0.78-0.97 over seeds 0-2)."""
+
+
 def demo_config(out: Path, *, steps: int, zero: int, family: str) -> dict:
     data = out / "data"
     return {
@@ -56,7 +61,7 @@ def run_demo(out: str | Path = "demo_out", *, nproc: int = 2, steps: int = 2000,
     out.mkdir(parents=True, exist_ok=True)
     _say(f"[1/5] synthetic dataset -> {out / 'data'}")
     if not (out / "data" / "eval.jsonl").is_file():
-        make_dataset(out / "data", SyntheticSpec(seed=seed))
+        make_dataset(out / "data", SyntheticSpec(n_train=DEMO_SAMPLES, seed=seed))
     _say(f"[2/5] tiny random {family} -> {out / 'model'}")
     if not (out / "model" / "config.json").is_file():
         save_tiny(family, out / "model", seed=seed)
