@@ -70,15 +70,10 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 def sum_over_ranks(device_values: torch.Tensor, host_values: list[float]) -> list[float]:
     """Element-wise sums over ranks of a 1-D device tensor followed by host numbers: one
     collective and one read of the device, whatever the lengths."""
-    if dist.is_initialized():
-        device = _comm_device()
-    else:
-        device = device_values.device
-    joined = torch.cat([device_values.to(device, torch.float64),
-                        torch.tensor(host_values, dtype=torch.float64).to(device, non_blocking=True)])
-    if dist.is_initialized():
-        dist.all_reduce(joined, op=dist.ReduceOp.SUM)
-    return joined.tolist()
+    device = _comm_device() if dist.is_initialized() else device_values.device
+    return _reduced(torch.cat([device_values.to(device, torch.float64),
+                               torch.tensor(host_values, dtype=torch.float64).to(device, non_blocking=True)]),
+                    dist.ReduceOp.SUM)
 
 
 def all_gather(value: Any) -> list[Any]:
@@ -93,8 +88,13 @@ def all_gather(value: Any) -> list[Any]:
 def _all_reduce(values: list[float], op: dist.ReduceOp) -> list[float]:
     if not dist.is_initialized():
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(t, op=op)
+    return _reduced(torch.tensor(values, dtype=torch.float64, device=_comm_device()), op)
+
+
+def _reduced(t: torch.Tensor, op: dist.ReduceOp) -> list[float]:
+    """``t`` reduced over ranks in place (as it is without a process group), read once."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op)
     return t.tolist()
 
 
