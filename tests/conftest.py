@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,6 +45,21 @@ def loaded_tiny(tiny_model_dirs: dict[str, Path]) -> dict[str, tuple]:
         model.eval()
         loaded[family] = (model, processor)
     return loaded
+
+
+@pytest.fixture(scope="session")
+def varlen_tiny(loaded_tiny: dict[str, tuple]) -> dict[str, Any]:
+    """Per family, an fp32 copy of the loaded tiny model with our attention (the packed-row
+    kernels and the host-decided masks); ``loaded_tiny`` keeps transformers' own."""
+    import copy
+
+    from hpc_train.models.attention import use_varlen_attention
+
+    copies = {}
+    for family, (model, _) in loaded_tiny.items():
+        copies[family] = copy.deepcopy(model).float().eval()
+        use_varlen_attention(copies[family])
+    return copies
 
 
 def mixed_samples(loaded_tiny: dict, synthetic_data: Path, family: str) -> list:

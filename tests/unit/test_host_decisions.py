@@ -12,7 +12,7 @@ import torch
 
 from hpc_train.data.collate import Collator, model_inputs
 from hpc_train.errors import HpcTrainError
-from hpc_train.models.attention import VARLEN, attention_with, use_varlen_attention
+from hpc_train.models.attention import VARLEN, attention_with
 from hpc_train.models.families import get_family
 from hpc_train.models.host_masks import (
     PADDED_SUFFIX,
@@ -30,11 +30,8 @@ from tests.conftest import mixed_samples
 
 
 @pytest.fixture(scope="module")
-def smolvlm(loaded_tiny, synthetic_data):
-    model, processor = loaded_tiny["smolvlm"]
-    model = copy.deepcopy(model).float().eval()
-    use_varlen_attention(model)
-    return model, processor, mixed_samples(loaded_tiny, synthetic_data, "smolvlm")
+def smolvlm(loaded_tiny, varlen_tiny, synthetic_data):
+    return varlen_tiny["smolvlm"], loaded_tiny["smolvlm"][1], mixed_samples(loaded_tiny, synthetic_data, "smolvlm")
 
 
 def test_a_batch_without_padding_has_no_masks_and_the_same_logits(smolvlm):

@@ -17,7 +17,6 @@ from hpc_train.data.tokenize import IGNORE_INDEX, ChatEncoder
 from hpc_train.errors import DataError
 from hpc_train.models.attention import (
     VARLEN,
-    use_varlen_attention,
     uses_varlen_attention,
     varlen_attention,
 )
@@ -28,13 +27,11 @@ FAMILIES = ("smolvlm", "llava_onevision")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def packed_case(request, loaded_tiny, synthetic_data):
+def packed_case(request, loaded_tiny, varlen_tiny, synthetic_data):
     family = request.param
-    model, processor = loaded_tiny[family]
-    model = copy.deepcopy(model).float().eval()
-    use_varlen_attention(model)
+    model = varlen_tiny[family]
     assert uses_varlen_attention(model)
-    return family, model, processor, mixed_samples(loaded_tiny, synthetic_data, family)
+    return family, model, loaded_tiny[family][1], mixed_samples(loaded_tiny, synthetic_data, family)
 
 
 def grad_of(param: torch.nn.Parameter) -> torch.Tensor:

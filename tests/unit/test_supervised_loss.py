@@ -3,8 +3,6 @@ both families, padded and packed, token mean and per-sample mean, values and gra
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -12,7 +10,6 @@ from hpc_train.data.collate import Collator, step_inputs
 from hpc_train.data.loss_positions import LOSS_POSITIONS, LOSS_TARGETS, loss_positions
 from hpc_train.data.packing import pack_samples
 from hpc_train.data.tokenize import IGNORE_INDEX
-from hpc_train.models.attention import use_varlen_attention
 from hpc_train.models.families import get_family
 from hpc_train.train.loss import full_logits_loss, sample_mean_loss, token_mean_loss
 from tests.conftest import mixed_samples
@@ -21,12 +18,10 @@ FAMILIES = ("smolvlm", "llava_onevision")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def case(request, loaded_tiny, synthetic_data):
+def case(request, loaded_tiny, varlen_tiny, synthetic_data):
     family = request.param
-    model, processor = loaded_tiny[family]
-    model = copy.deepcopy(model).float().eval()
-    use_varlen_attention(model)
-    return family, model, processor.tokenizer.pad_token_id, mixed_samples(loaded_tiny, synthetic_data, family)
+    pad = loaded_tiny[family][1].tokenizer.pad_token_id
+    return family, varlen_tiny[family], pad, mixed_samples(loaded_tiny, synthetic_data, family)
 
 
 def loss_and_grads(model: torch.nn.Module, compute) -> tuple[float, list[torch.Tensor]]:
