@@ -1,5 +1,5 @@
-"""The ``hpc-train`` command: train, eval, demo, doctor, make-data, make-tiny, check-data, show-config,
-convert-proassist, topology."""
+"""The ``hpc-train`` command: train, eval, plan, demo, doctor, make-data, make-tiny, check-data,
+show-config, convert-proassist, topology."""
 
 from __future__ import annotations
 
@@ -146,6 +146,27 @@ def _doctor(args: argparse.Namespace) -> int:
     return 1 if blockers(checks) else 0
 
 
+DOES_NOT_FIT = 3
+"""``hpc-train plan``'s exit status when the run cannot fit (1 is any other failure)."""
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from hpc_train.config_file import load_config
+    from hpc_train.plan.command import format_plan, make_plan, sbatch_line, to_dict
+    from hpc_train.plan.gpus import planned_gpu, plans_bf16
+
+    config = load_config(args.config, args.overrides)
+    gpu = planned_gpu(args.gpu)
+    plan = make_plan(config, gpu, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                     bf16=plans_bf16(config, gpu), search=not args.no_search)
+    sbatch = sbatch_line(plan, args.config, args.overrides) if gpu is not None else None
+    print(format_plan(plan, sbatch), flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({**to_dict(plan), "sbatch": sbatch}, indent=2))
+    return DOES_NOT_FIT if plan.fits is False else 0
+
+
 def _convert_proassist(args: argparse.Namespace) -> int:
     from hpc_train.data.proassist import convert_proassist
 
@@ -172,6 +193,18 @@ def _add_run_commands(sub: Any) -> None:
         p.add_argument("config", help="YAML config or shipped recipe name (e.g. tiny_smolvlm)")
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
         p.set_defaults(func=_train)
+
+    p = sub.add_parser("plan", help="predict a run's peak GPU memory per rank (by component), its step time and "
+                                    "what fits, before it is queued; exit 3 when it does not fit")
+    p.add_argument("config", help="YAML config or shipped recipe name")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--gpu", default=None, help="the GPU to plan for (H100-80GB, A100-40GB, L4, ...; auto: this "
+                                               "machine's); default: this machine as it is, memory only")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs (ranks) per node (default 1)")
+    p.add_argument("--no-search", action="store_true", help="skip the search for the largest settings that fit")
+    p.add_argument("--json", default=None, help="also write the plan as JSON to this file")
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("demo", help="tiny SmolVLM + synthetic data + DeepSpeed training + evaluation, on CPU")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")

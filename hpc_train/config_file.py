@@ -71,6 +71,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return config
 
 
+def with_overrides(config: RunConfig, overrides: list[str] | tuple[str, ...]) -> RunConfig:
+    """``config`` with ``key.sub=value`` overrides applied (validated like a loaded config)."""
+    data = config.to_dict()
+    for override in overrides:
+        key, value = _parse_override(override)
+        _check_keys(_nest(key, value), RunConfig, prefix="", source=f"override '{override}'", lines={})
+        _set_dotted(data, key, value)
+    try:
+        changed = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, "<config>", {}, overrides)) from exc
+    changed._origins = dict(getattr(config, "_origins", {}))
+    return changed
+
+
 def save_config(config: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (what the run actually used)."""
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

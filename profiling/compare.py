@@ -46,6 +46,8 @@ ROWS: tuple[Row, ...] = (
     Row("GPU peak allocated, evaluation (GiB)", "memory.gpu_eval_peak_allocated_gib"),
     Row("GPU peak allocated, export (GiB)", "memory.gpu_export_peak_allocated_gib"),
     Row("host peak RSS (GiB)", "memory.host_peak_rss_gib"),
+    Row("planned peak allocated (GiB)", "run.plan.peak_allocated_gib"),
+    Row("plan error vs measured (%)", "run.plan.error_pct", "text"),
     Row("TFLOP/s per device", "flops.achieved_tflops_per_device"),
     Row("MFU", "flops.mfu", "percent"),
     Row("wall total (s)", "wall_s.total"),

@@ -64,6 +64,10 @@ class Profiler:
         self._hooks: list[Any] = []
         self._memory = gpu_section_peaks(device)
 
+    def memory(self) -> dict[str, float | None]:
+        """The peaks so far (GiB), per section too: what the report's ``memory`` block will say."""
+        return peak_memory(self.device, self._memory)
+
     # -- what the loop calls -------------------------------------------------------------
 
     @contextmanager

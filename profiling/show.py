@@ -51,6 +51,13 @@ def show(report: Mapping[str, Any]) -> str:
     m = report["memory"]
     lines.append(f"  memory: GPU peak allocated {_num(m.get('gpu_peak_allocated_gib'), ' GiB')}, reserved "
                  f"{_num(m.get('gpu_peak_reserved_gib'), ' GiB')}, host peak RSS {_num(m.get('host_peak_rss_gib'), ' GiB')}")
+    plan = run.get("plan")
+    if plan:
+        error = plan.get("error_pct")
+        lines.append(f"  planned: peak allocated {_num(plan.get('peak_allocated_gib'), ' GiB')} per rank "
+                     f"(at {plan.get('peak_moment')}; hpc-train plan), measured in training "
+                     f"{_num(plan.get('measured_peak_allocated_gib'), ' GiB')}, error "
+                     f"{DASH if error is None else f'{error:+.1f}%'}")
     f = report["flops"]
     mfu = f.get("mfu")
     lines.append(f"  FLOPs: {_num(f.get('achieved_tflops_per_device'))} TFLOP/s per device; MFU "

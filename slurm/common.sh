@@ -20,6 +20,12 @@
 #   TORCH_NCCL_ASYNC_ERROR_HANDLING  (default 1) a dead rank ends the others instead of hanging them
 #   DOCTOR           1 (default): `hpc-train doctor` checks this node in the batch shell before
 #                    any rank starts, and a blocker (a FAIL row) stops the job; 0 skips it
+#   PLAN             1 (default): `hpc-train plan` predicts the peak GPU memory per rank for the
+#                    GPUs the job got (written to OUTPUT_DIR/plan.json) and stops the job, with
+#                    the changes that would fit, when it cannot fit; 0 skips it. Skipped for
+#                    train.device=cpu runs and baseline evaluations.
+#   PLAN_GPU         the GPU to plan for (default auto: this node's, as torch sees it); a name
+#                    from `hpc-train plan --help` when the batch shell sees no GPU
 #
 # Preemption: the templates ask for SIGUSR1 some minutes before the time limit
 # (--signal=B:USR1@...). This script passes it on to the training processes, which save a
@@ -65,12 +71,12 @@ OVERRIDES=("$@")
 # ${a[@]+"${a[@]}"}: an empty "${a[@]}" is an error under set -u in bash < 4.4 (RHEL 7).
 # Resolving the config here fails fast, with the config's own message, before any rank starts.
 resolved=$(python -m hpc_train show-config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} \
-  --get output_dir --get train.mode --get data.num_workers) || {
+  --get output_dir --get train.mode --get data.num_workers --get train.device) || {
   echo "[hpc-train] error: the config does not resolve (message above); nothing was launched" >&2
   exit 2
 }
 mapfile -t got <<<"$resolved"
-OUTPUT_DIR=${got[0]} MODE=${got[1]} WORKERS=${got[2]}
+OUTPUT_DIR=${got[0]} MODE=${got[1]} WORKERS=${got[2]} DEVICE=${got[3]}
 # Each rank is one process plus data.num_workers decoding workers: more of them than the
 # node's CPUs give each rank starves the GPUs, so the workers are lowered to fit, and said.
 CPUS_ON_NODE=${SLURM_CPUS_ON_NODE:-$(nproc)}
@@ -92,6 +98,19 @@ fi
 mkdir -p "$OUTPUT_DIR"
 
 NODES=${SLURM_NNODES:-1}
+if [[ ${PLAN:-1} != 0 && $MODE != baseline && ($DEVICE != cpu || -n ${PLAN_GPU:-}) ]]; then
+  planned=0
+  python -m hpc_train plan "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} --gpu "${PLAN_GPU:-auto}" \
+    --nodes "$NODES" --gpus-per-node "$NPROC_PER_NODE" --no-search --json "$OUTPUT_DIR/plan.json" || planned=$?
+  if ((planned == 3)); then
+    echo "[hpc-train] error: the plan above does not fit the job's GPUs; nothing was launched. Fix: one of" \
+         "the changes it lists (hpc-train plan ... --gpu ${PLAN_GPU:-<gpu>} searches further), or PLAN=0 to" \
+         "launch anyway" >&2
+    exit 2
+  elif ((planned != 0)); then
+    hpc_log "warning: hpc-train plan failed (exit $planned, message above); launching without a plan"
+  fi
+fi
 CPUS=()  # srun's --cpus-per-task, when the job asked for one
 [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && CPUS=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
 SPLIT=()  # the same CPUs shared by NPROC_PER_NODE tasks

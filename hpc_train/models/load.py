@@ -25,7 +25,7 @@ def model_family(model: ModelConfig) -> Family:
             raise ConfigError(f"model.preset={model.preset} is a {found.family} model but model.family is "
                               f"{family.name}. Fix: set model.family={found.family}")
     if model.path is not None:
-        folder = _model_folder(model.path)
+        folder = model_folder(model.path)
         model_type = json.loads((folder / "config.json").read_text()).get("model_type", "")
         found = family_of_model_type(model_type)
         if found.name != family.name:
@@ -42,7 +42,7 @@ def load_processor(model: ModelConfig) -> Any:
         return build_tiny(model.family)[1]
     if model.preset is not None:
         return preset_processor(model.preset)
-    folder = _model_folder(model.path)
+    folder = model_folder(model.path)
     return AutoProcessor.from_pretrained(folder, local_files_only=True)
 
 
@@ -52,13 +52,14 @@ def load_model_and_processor(model: ModelConfig, **model_kwargs: object) -> tupl
         return build_tiny(model.family)
     if model.preset is not None:
         return build_preset(model.preset)
-    folder = _model_folder(model.path)
+    folder = model_folder(model.path)
     processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
     net = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, **model_kwargs)
     return net, processor
 
 
-def _model_folder(path: str | None) -> Path:
+def model_folder(path: str | None) -> Path:
+    """The saved model folder at ``path``; one that is not there fails with the fix."""
     folder = Path(path or "")
     if not (folder / "config.json").is_file():
         raise ConfigError(

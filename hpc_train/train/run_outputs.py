@@ -141,12 +141,23 @@ def finish(parts: RunParts) -> None:
                            planned_steps=parts.train.total_steps if parts.train is not None else None,
                            packing_efficiency=parts.train.packing_efficiency if parts.train is not None else None,
                            packed_attention=parts.attention if parts.config.data.packing else None)
+        if parts.info.is_main:
+            run["plan"] = _plan_beside(parts)
         with writing(parts.output / PROFILE_REPORT):
             path = write_profile(parts.profiler, parts.config, parts.info, run, dtype=parts.loaded.dtype,
                                  first_step=first_step)
         if path is not None:
             parts.say(f"profile -> {path} (hpc-profile show {path})")
     barrier()
+
+
+def _plan_beside(parts: RunParts) -> dict | None:
+    """The plan of this run beside its measured training peak (see hpc_train/train/plan_beside.py)."""
+    from hpc_train.train.plan_beside import plan_beside
+
+    memory = parts.profiler.memory() if parts.profiler is not None else {}
+    measured = memory.get("gpu_train_peak_allocated_gib") or memory.get("gpu_peak_allocated_gib")
+    return plan_beside(parts.config, parts.output, parts.device, measured)
 
 
 def save_rank_profile(parts: RunParts) -> None:

@@ -85,11 +85,23 @@ def load_training_model(config: RunConfig, info: DistInfo, device: torch.device,
         zero3_marker = HfDeepSpeedConfig(ds_config)
     model: PreTrainedModel = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
     processor = AutoProcessor.from_pretrained(source, local_files_only=True)
-    _no_cache(model)
     if config.model.adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, config.model.adapter, is_trainable=mode in ("lora", "qlora"))
+    model = prepare_for_training(model, config, family)
+    if mode != "qlora" and stage != 3:
+        model.to(device)
+    return LoadedModel(model=model, processor=processor, family=family, dtype=dtype, source=source,
+                       keepalive=zero3_marker)
+
+
+def prepare_for_training(model: torch.nn.Module, config: RunConfig, family: Family) -> torch.nn.Module:
+    """What every run does to the loaded model (an adapter from ``model.adapter`` already on it):
+    no cache, LoRA adapters, gradient checkpointing, freezing. ``hpc-train plan`` prepares its
+    fake model with the same call, so the plan sees the run's trainable set."""
+    mode = config.train.mode
+    _no_cache(model)
     if mode == "baseline":
         model.requires_grad_(False)
     elif mode in ("lora", "qlora") and config.model.adapter is None:
@@ -100,10 +112,7 @@ def load_training_model(config: RunConfig, info: DistInfo, device: torch.device,
     if config.train.gradient_checkpointing and mode != "baseline":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     apply_freezing(model, family, config.model.freeze)
-    if mode != "qlora" and stage != 3:
-        model.to(device)
-    return LoadedModel(model=model, processor=processor, family=family, dtype=dtype, source=source,
-                       keepalive=zero3_marker)
+    return model
 
 
 def _no_cache(model: torch.nn.Module) -> None:

@@ -62,7 +62,7 @@ def template_runs(cluster, job_args, tmp_path_factory):
     node, torchrun); qlora: the DeepSpeed launcher on 2 GPUs per node (4 ranks)."""
     runs = {}
     how = {"baseline": (["--gpus-per-node=0"], {"LAUNCHER": "srun", "NPROC_PER_NODE": "2"}),
-           "lora": ([], {}),
+           "lora": ([], {"PLAN_GPU": "L4"}),
            "qlora": (["--gpus-per-node=2"], {"LAUNCHER": "deepspeed"})}
     for mode in TEMPLATES:
         root = tmp_path_factory.mktemp(f"slurm_{mode}")
@@ -106,6 +106,11 @@ def test_template_completes_on_two_nodes(template_runs, mode):
         assert (run["out"] / "adapter" / "adapter_model.safetensors").is_file()
     if mode == "lora":
         assert "[torchrun.sh] node 0 of 2" in run["log"] and "[torchrun.sh] node 1 of 2" in run["log"]
+        # Planned in the batch shell for the job's 2 x 1 GPUs, and kept beside the (CPU) measurement.
+        planned = json.loads((run["out"] / "plan.json").read_text())
+        assert planned["fits"] and planned["nodes"] == 2 and planned["gpu"] == "L4-24GB"
+        assert "peak per rank:" in run["log"] and report["run"]["plan"]["peak_allocated_gib"] == \
+            planned["peak_allocated_gib"]
     if mode == "qlora":
         assert "[deepspeed.sh] 2 node(s) (slnode1 slnode2) x 2 process(es)" in run["log"]
 
@@ -153,6 +158,18 @@ def test_a_blocker_found_by_the_doctor_stops_the_job_before_any_rank(cluster, jo
     assert "output dir" in log and "not writable" in log
     assert "hpc-train doctor found a blocker on" in log and "nothing was launched" in log
     assert "[torchrun.sh]" not in log and not (ro / "out").exists()
+
+
+def test_a_run_the_plan_says_cannot_fit_stops_the_job_before_any_rank(cluster, job_args, tmp_path):
+    args = [*job_args(tmp_path / "out"), "model.path=null", "model.preset=llava-onevision-7b",
+            "model.family=llava_onevision", "train.mode=full"]
+    job, state = ok_job(cluster, "-N", "2", f"--output={tmp_path}/%x-%j.out", "slurm/lora.slurm", *args,
+                        extra_env={"CONFIG": "llava_onevision_lora", "PLAN_GPU": "A100-40GB", "DOCTOR": "0"})
+    log = log_of(tmp_path / f"hpc-lora-{job}.out")
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "2:0", log[-4000:]
+    assert "DOES NOT FIT" in log and "train.mode=qlora" in log
+    assert "the plan above does not fit the job's GPUs; nothing was launched" in log
+    assert "[torchrun.sh]" not in log and not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
 def start_training(cluster, tmp_path: Path, out: Path, args: list[str], env: dict[str, str] | None = None) -> str:

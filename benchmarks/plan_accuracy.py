@@ -1,0 +1,160 @@
+"""``hpc-train plan``'s predicted peak against the peak real runs reach, side by side.
+
+Each case is a real DeepSpeed run (1 or 2 ranks, a fresh process per rank) over one epoch of a
+video-only synthetic set, so its batches are as hungry as the planner's worst one. The measured
+side is :class:`profiling.live_tensors.LiveTensorBytes` (every live tensor storage, counted as
+the run allocates and frees it), from the end of the build (model loaded, engine made) to
+the end of training, on rank 0; the predicted side is the plan of the same config, made in this
+process with fake tensors. Nothing is shared between the two but the config.
+
+    python benchmarks/plan_accuracy.py                 # a covering set of cases (~25 min on 2 cores)
+    python benchmarks/plan_accuracy.py --all           # every combination
+    python benchmarks/plan_accuracy.py --models tiny-smolvlm --modes lora
+
+The last line is the worst case's error, e.g. ``worst error: 2.1% (qlora, zero3, gc off, packed, 2 ranks, tiny-llava)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MODELS = {
+    "tiny-smolvlm": ["tiny_smolvlm", "data.max_seq_len=512", "train.micro_batch_size=8"],
+    "tiny-llava": ["tiny_llava_onevision", "data.max_seq_len=512", "train.micro_batch_size=8"],
+    # The published architecture (random weights) at a short length: 2 frames of 64 tokens a sample.
+    "smolvlm-256m": ["smolvlm_lora", "model.path=null", "model.preset=smolvlm-256m", "data.max_seq_len=640",
+                     "train.micro_batch_size=2", "data.video.num_frames=2", "lora.target=llm", "train.max_steps=2"],
+}
+SAMPLES = {"tiny-smolvlm": 64, "tiny-llava": 64, "smolvlm-256m": 8}
+"""Records per set: padded, 8 steps at 1 rank (tiny); packed rows hold 4-11 samples. The 256M
+runs stop after 2 steps (the second is the first whose backward has Adam's moments beside it)."""
+
+
+def case_overrides(model: str, mode: str, zero: int, gc: bool, packed: bool, data: Path, out: Path) -> list[str]:
+    recipe, *extra = MODELS[model]
+    return [recipe, *extra, f"data.train={data}/train.jsonl", "data.eval=null", f"output_dir={out}",
+            f"train.mode={mode}", f"deepspeed.config=ds_configs/zero{zero}.json",
+            f"train.gradient_checkpointing={str(gc).lower()}", f"data.packing={str(packed).lower()}",
+            *(["train.micro_batch_size=1"] if packed else []),  # one row of max_seq_len tokens
+            "data.num_workers=0", "model.dtype=fp32", "train.device=cpu", "profile.enabled=false",
+            "train.epochs=2", "train.grad_accum=1", "data.video.sampling=uniform"]
+
+
+def worker(args: list[str], result: Path) -> None:
+    """One rank of a real run: its live-tensor peak over training, written to ``result``."""
+    from hpc_train.config_file import load_config
+    from hpc_train.dist import read_dist_env
+    from hpc_train.train.build import build_run
+    from hpc_train.train.trainer import TrainLoop
+    from profiling.live_tensors import LiveTensorBytes
+
+    config = load_config(args[0], args[1:])
+    live = LiveTensorBytes()
+    with live:
+        parts = build_run(config, read_dist_env())
+        live.mark()
+        resident = live.current
+        TrainLoop(parts).train()
+    result.write_text(json.dumps({"train_peak": live.peak_since_mark, "resident": resident, "run_peak": live.peak}))
+
+
+def measured(args: list[str], ranks: int, folder: Path) -> dict[str, int]:
+    """Rank 0's training peak (and what it held before the first step) of the real run of
+    ``args`` on ``ranks`` processes."""
+    from hpc_train.topology import free_port
+
+    port = str(free_port())
+    procs = []
+    for rank in range(ranks):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks),
+               "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+               "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+        result = folder / f"rank{rank}.json"
+        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", str(result), "--", *args], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=open(folder / f"rank{rank}.log", "w")))
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise RuntimeError(f"real run failed ({codes}); see {folder}/rank0.log")
+    return json.loads((folder / "rank0.json").read_text())
+
+
+def predicted(args: list[str], ranks: int) -> dict[str, object]:
+    from hpc_train.config_file import load_config
+    from hpc_train.plan.command import make_plan
+
+    plan = make_plan(load_config(args[0], args[1:]), None, gpus_per_node=ranks, bf16=False, search=False)
+    memory = plan.memory
+    return {"train_peak": memory.peak, "resident": memory.states.resident, "moment": memory.peak_moment,
+            "seconds": plan.seconds}
+
+
+def make_data(folder: Path, n: int) -> None:
+    from hpc_train.data.synthetic import SyntheticSpec, make_dataset
+
+    make_dataset(folder, SyntheticSpec(n_train=n, n_eval=0, kinds=("video",), weights={"video": 1.0},
+                                       video_frames=4))
+
+
+def cases(models: list[str], modes: list[str], every: bool) -> list[tuple]:
+    grid = list(itertools.product(models, modes, (2, 3), (False, True), (False, True), (1, 2)))
+    if every:
+        return grid
+    # A covering set: every mode x stage, with checkpointing, packing and ranks varied so each
+    # pair of their values appears for every model.
+    pattern = [(False, False, 1), (True, True, 2), (False, True, 2), (True, False, 1)]
+    out = []
+    for model in models:
+        for k, (mode, zero) in enumerate(itertools.product(modes, (2, 3))):
+            gc, packed, ranks = pattern[k % len(pattern)]
+            out.append((model, mode, zero, gc, packed, ranks))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--modes", nargs="+", default=["full", "lora", "qlora"], choices=["full", "lora", "qlora"])
+    parser.add_argument("--all", action="store_true", help="every combination instead of a covering set")
+    args = parser.parse_args(argv)
+    worst: tuple[float, str] = (0.0, "")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="plan-accuracy-") as tmp:
+        root = Path(tmp)
+        for model in args.models:
+            make_data(root / f"data-{model}", SAMPLES[model])
+        print(f"{'case':<58}{'predicted MiB':>14}{'measured MiB':>13}{'error':>8}"
+              f"{'above resident pred/meas MiB':>31}  peak at / plan s")
+        for n, (model, mode, zero, gc, packed, ranks) in enumerate(cases(args.models, args.modes, args.all)):
+            name = (f"{mode}, zero{zero}, gc {'on' if gc else 'off'}, {'packed' if packed else 'padded'}, "
+                    f"{ranks} rank{'s' if ranks > 1 else ''}, {model}")
+            folder = root / f"case{n}"
+            folder.mkdir()
+            overrides = case_overrides(model, mode, zero, gc, packed, root / f"data-{model}", folder / "out")
+            real = measured(overrides, ranks, folder)
+            plan = predicted(overrides, ranks)
+            error = 100 * (plan["train_peak"] / real["train_peak"] - 1)
+            above = (plan["train_peak"] - plan["resident"], real["train_peak"] - real["resident"])
+            rows.append({"case": name, "predicted": plan, "measured": real, "error_pct": round(error, 2)})
+            print(f"{name:<58}{plan['train_peak'] / 2**20:>14.1f}{real['train_peak'] / 2**20:>13.1f}{error:>7.2f}%"
+                  f"{above[0] / 2**20:>19.1f} / {above[1] / 2**20:<9.1f}  {plan['moment']} / {plan['seconds']:.1f}",
+                  flush=True)
+            if abs(error) >= abs(worst[0]):
+                worst = (error, name)
+    print(json.dumps(rows), file=sys.stderr)
+    print(f"worst error: {abs(worst[0]):.1f}% ({worst[1]})")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
+        worker(sys.argv[4:], Path(sys.argv[2]))
+    else:
+        main()

@@ -1,0 +1,1 @@
+"""``hpc-train plan``: a run's peak memory per rank, step time and what fits, before it is queued."""

@@ -1,0 +1,78 @@
+"""One training micro-step of the run's model on a real batch, in fake tensors: the bytes it
+keeps alive at its peak, by kind, without allocating any of them (the model: from
+:func:`hpc_train.plan.fake_model.fake_training_model`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+from hpc_train.config import RunConfig
+from hpc_train.data.collate import step_inputs
+from hpc_train.models.families import Family
+from hpc_train.plan.fake_inputs import fake_batch, values_from_host
+from hpc_train.plan.tracker import StepTracker
+from hpc_train.train.loss import loss_for
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """Bytes of one micro-step at its peak (forward, loss, backward)."""
+
+    peak: int
+    """Everything the step's tracker saw alive at once: weights as built here included."""
+    weights: int
+    """Parameters and buffers of the fake model (dense: QLoRA's 4-bit storage is not here)."""
+    gradients: int
+    """Gradients alive at the peak, before DeepSpeed takes them."""
+    activations: int
+    """Forward activations and backward temporaries at the peak."""
+    vision: int
+    """Activations the vision tower's (and connector's) forward left for backward."""
+    language_model: int
+    """Activations the language model's layers left for backward (its inputs included)."""
+
+    @property
+    def step_bytes(self) -> int:
+        """What the step adds on top of the weights."""
+        return self.peak - self.weights
+
+
+def step_memory(config: RunConfig, family: Family, model: torch.nn.Module, batch: dict[str, Any]) -> StepMemory:
+    """The memory of one micro-step of the run's fake model (:func:`fake_training_model`) on
+    ``batch`` (a collated batch, real CPU tensors)."""
+    mode = _fake_mode_of(model)
+    inputs = step_inputs(batch)
+    fake = fake_batch(inputs, mode)
+    tracker = StepTracker()
+    with tracker.watching(_watched_modules(model, family)), values_from_host(model, inputs), mode, tracker:
+        tracker.track_external(model)
+        loss = loss_for(config.data)(model, fake)
+        if loss.value.requires_grad:
+            loss.value.backward()
+    kinds = tracker.peak_by_kind
+    return StepMemory(peak=tracker.peak, weights=kinds.get("Parameter", 0) + kinds.get("Buffer", 0),
+                      gradients=kinds.get("Gradient", 0),
+                      activations=kinds.get("Activation", 0) + kinds.get("Temp", 0),
+                      vision=tracker.left_by.get("vision", 0), language_model=tracker.left_by.get("llm", 0))
+
+
+def _fake_mode_of(model: torch.nn.Module) -> FakeTensorMode:
+    param = next(model.parameters())
+    if not isinstance(param, FakeTensor):
+        raise TypeError("step_memory needs the fake model of fake_training_model")
+    return param.fake_mode
+
+
+def _watched_modules(model: Any, family: Family) -> dict[str, torch.nn.Module]:
+    """The vision tower and the language model, found by the family's parameter prefixes."""
+    found: dict[str, torch.nn.Module] = {}
+    for name, module in model.named_modules():
+        bare = name.removeprefix("base_model.model.") + "."
+        for group in ("vision", "llm"):
+            if group not in found and bare in family.module_groups[group]:
+                found[group] = module
+    return found
