@@ -247,10 +247,19 @@ def bf16_zero2_run(c: Check) -> str:
     return f"loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps"
 
 
+def plan_accuracy(c: Check) -> str:
+    """hpc-train plan against the real runs' peaks (GPU: max_memory_allocated, bf16, step time)."""
+    args = ["--models", "tiny-smolvlm", "--modes", "lora"] if c.cpu else ["--gpu"]
+    text = c.python("benchmarks/plan_accuracy.py", *args)
+    worst = float(re.search(r"worst error: ([0-9.]+)%", text).group(1))
+    assert worst <= 10.0, text
+    return text.strip().splitlines()[-1] + " | " + " | ".join(text.strip().splitlines()[1:-1])
+
+
 PARTS: dict[str, Callable[[Check], str]] = {
     "doctor-gpu-rows": doctor_gpu_rows, "device-binding": device_binding, "varlen-exactness": varlen_exactness,
     "host-syncs": host_syncs, "packed-vs-padded": packed_vs_padded, "profiler-overhead": profiler_overhead,
-    "mfu-and-memory": mfu_and_memory, "bf16-zero2-run": bf16_zero2_run}
+    "mfu-and-memory": mfu_and_memory, "bf16-zero2-run": bf16_zero2_run, "plan-accuracy": plan_accuracy}
 
 
 def main(argv: list[str] | None = None) -> int:

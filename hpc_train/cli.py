@@ -158,7 +158,7 @@ def _plan(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     gpu = planned_gpu(args.gpu)
     plan = make_plan(config, gpu, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                     bf16=plans_bf16(config, gpu), search=not args.no_search)
+                     bf16=plans_bf16(config, gpu), search=args.search)
     sbatch = sbatch_line(plan, args.config, args.overrides) if gpu is not None else None
     print(format_plan(plan, sbatch), flush=True)
     if args.json:
@@ -202,7 +202,9 @@ def _add_run_commands(sub: Any) -> None:
                                                "machine's); default: this machine as it is, memory only")
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs (ranks) per node (default 1)")
-    p.add_argument("--no-search", action="store_true", help="skip the search for the largest settings that fit")
+    p.add_argument("--search", choices=["auto", "up", "off"], default="auto",
+                   help="the largest micro-batch / packed row / frames that fit: auto (default) below the configured "
+                        "ones when the run does not fit; up: also above them (to 4x) when it fits; off")
     p.add_argument("--json", default=None, help="also write the plan as JSON to this file")
     p.set_defaults(func=_plan)
 

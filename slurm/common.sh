@@ -101,10 +101,10 @@ NODES=${SLURM_NNODES:-1}
 if [[ ${PLAN:-1} != 0 && $MODE != baseline && ($DEVICE != cpu || -n ${PLAN_GPU:-}) ]]; then
   planned=0
   python -m hpc_train plan "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} --gpu "${PLAN_GPU:-auto}" \
-    --nodes "$NODES" --gpus-per-node "$NPROC_PER_NODE" --no-search --json "$OUTPUT_DIR/plan.json" || planned=$?
+    --nodes "$NODES" --gpus-per-node "$NPROC_PER_NODE" --search off --json "$OUTPUT_DIR/plan.json" || planned=$?
   if ((planned == 3)); then
     echo "[hpc-train] error: the plan above does not fit the job's GPUs; nothing was launched. Fix: one of" \
-         "the changes it lists (hpc-train plan ... --gpu ${PLAN_GPU:-<gpu>} searches further), or PLAN=0 to" \
+         "the changes it lists (hpc-train plan ... --gpu ${PLAN_GPU:-<gpu>} also finds the largest settings that fit), or PLAN=0 to" \
          "launch anyway" >&2
     exit 2
   elif ((planned != 0)); then

@@ -31,7 +31,10 @@ TEMPLATES = {"full": "slurm/lora.slurm", "lora": "slurm/lora.slurm", "qlora": "s
 FRAGMENTATION_PCT = round(FRAGMENTATION * 100)
 STARTUP_MIN = STARTUP_S // 60
 _SEARCH_FACTOR = 4
-"""The largest setting tried is this many times the configured one."""
+"""Searching up, the largest setting tried is this many times the configured one."""
+_ROW_GRAIN = 256
+"""Packed row lengths are tried in multiples of this."""
+SEARCHES = ("auto", "up", "off")
 
 
 @dataclass
@@ -59,8 +62,12 @@ class Plan:
 
 
 def make_plan(config: RunConfig, gpu: Gpu | None, *, nodes: int = 1, gpus_per_node: int = 1, bf16: bool,
-              search: bool = True) -> Plan:
-    """Plan ``config`` on ``nodes x gpus_per_node`` ranks of ``gpu`` (None: memory only)."""
+              search: str = "auto") -> Plan:
+    """Plan ``config`` on ``nodes x gpus_per_node`` ranks of ``gpu`` (None: memory only). ``search``
+    for the largest settings that fit: ``auto`` (below the configured ones, when the run does not
+    fit), ``up`` (also above them, to 4x, when it fits), ``off``."""
+    if search not in SEARCHES:
+        raise ValueError(f"search={search!r}: expected one of {', '.join(SEARCHES)}")
     started = time.perf_counter()
     planner = Planner(config, nodes * gpus_per_node, bf16=bf16, on_gpu=gpu is not None or _runs_on_gpu_here(config))
     memory = planner.memory()
@@ -70,10 +77,10 @@ def make_plan(config: RunConfig, gpu: Gpu | None, *, nodes: int = 1, gpus_per_no
                            memory.batch, gpu, dtype="bf16" if bf16 else "fp32", steps=_steps(planner))
     plan = Plan(config=config, gpu=gpu, nodes=nodes, gpus_per_node=gpus_per_node, dtype="bf16" if bf16 else "fp32",
                 memory=memory, time=timing)
-    if gpu is not None and search:
-        plan.largest = _largest(planner, gpu)
+    if gpu is not None and (search == "up" or (search == "auto" and not plan.fits)):
+        plan.largest = _largest(planner, memory, gpu, up=bool(plan.fits))
     if plan.fits is False:
-        plan.advice = _advice(planner, bf16=bf16)
+        plan.advice = _advice(planner, memory, bf16=bf16)
     plan.seconds = time.perf_counter() - started
     return plan
 
@@ -96,30 +103,34 @@ def _steps(planner: Planner) -> int:
     return train.max_steps or max(1, int(train.epochs * packs.steps_per_epoch() + 0.999))
 
 
-def _largest(planner: Planner, gpu: Gpu) -> dict[str, tuple[int | None, int]]:
+def _largest(planner: Planner, memory: MemoryPlan, gpu: Gpu, *, up: bool) -> dict[str, tuple[int | None, int]]:
     """The largest micro-batch, packed row length and frames per video that fit, each alone, with
-    the most that was tried (so a value at that limit reads "at least")."""
+    the most that was tried (a value at that limit reads "at least"): above the configured value
+    (``up``, the run fits) or below it. One fake step per try, about log2 of the range."""
     config = planner.config
 
     def fit_with(**change: int) -> bool:
         return fits(planner.memory(planner.with_settings(**change)), gpu)
 
-    top = config.train.micro_batch_size * _SEARCH_FACTOR
-    out = {"train.micro_batch_size": (largest_that_fits(1, top, lambda n: fit_with(micro_batch_size=n)), top)}
+    def search(current: int, grain: int, key: str) -> tuple[int | None, int]:
+        low, high = (current // grain, current * _SEARCH_FACTOR // grain) if up else (1, current // grain - 1)
+        if high < max(low, 1):
+            return None, current
+        best = largest_that_fits(max(low, 1), high, lambda n: fit_with(**{key: n * grain}))
+        return (None if best is None else best * grain), high * grain
+
+    out = {"train.micro_batch_size": search(config.train.micro_batch_size, 1, "micro_batch_size")}
     if config.data.packing:
-        step = 256
-        rows = config.data.max_seq_len * _SEARCH_FACTOR // step
-        best = largest_that_fits(1, rows, lambda n: fit_with(max_seq_len=n * step))
-        out["data.max_seq_len"] = (None if best is None else best * step, rows * step)
+        out["data.max_seq_len"] = search(config.data.max_seq_len, _ROW_GRAIN, "max_seq_len")
     key = frames_key(config)
-    if planner.memory().batch.tiles and not config.data.packing:
-        frames = getattr(config.data.video, key) * _SEARCH_FACTOR
-        out[f"data.video.{key}"] = (largest_that_fits(1, frames, lambda n: fit_with(**{key: n})), frames)
+    if memory.batch.tiles and not config.data.packing:
+        out[f"data.video.{key}"] = search(getattr(config.data.video, key), 1, key)
     return out
 
 
-def _advice(planner: Planner, *, bf16: bool) -> list[tuple[str, float]]:
-    """Each single change that lowers the need, planned with the same fake model and data."""
+def _advice(planner: Planner, memory: MemoryPlan, *, bf16: bool) -> list[tuple[str, float]]:
+    """Each single change that lowers the need below ``memory``'s, re-planned on the same data
+    (with the model that change makes), least need first."""
     from hpc_train.config_file import with_overrides
 
     config = planner.config
@@ -139,7 +150,7 @@ def _advice(planner: Planner, *, bf16: bool) -> list[tuple[str, float]]:
         candidates.append([f"deepspeed.config={ZERO3_CONFIG}"])
     if config.data.max_seq_len > 512:
         candidates.append([f"data.max_seq_len={config.data.max_seq_len // 2}"])
-    needed = planner.memory().needs_gib
+    needed = memory.needs_gib
     out = []
     for overrides in candidates:
         changed = with_overrides(config, overrides)
@@ -205,16 +216,17 @@ def format_plan(plan: Plan, sbatch: str | None = None) -> str:
     if plan.time is not None:
         t = plan.time
         lo, hi = t.run_seconds
-        lines.append(f"step time: {t.seconds[0]:.2f}-{t.seconds[1]:.2f} s per optimizer step at "
-                     f"{int(EFFICIENCY[1] * 100)}-{int(EFFICIENCY[0] * 100)}% of the {t.peak_tflops:g} TFLOP/s "
-                     f"{plan.dtype} peak, {t.tokens_per_second[0]:,.0f}-{t.tokens_per_second[1]:,.0f} positions/s "
-                     f"per GPU (every micro-batch as hungry as the one above: an upper bound)")
+        lines.append(f"step time: {t.seconds[0]:.3g}-{t.seconds[1]:.3g} s per optimizer step ({int(EFFICIENCY[1] * 100)}% "
+                     f"to {int(EFFICIENCY[0] * 100)}% of the {t.peak_tflops:g} TFLOP/s {plan.dtype} peak), "
+                     f"{t.tokens_per_second[0]:,.0f}-{t.tokens_per_second[1]:,.0f} positions/s per GPU; every "
+                     "micro-batch as hungry as the one above, so an upper bound for mixed data")
         lines.append(f"run: {t.steps:,} optimizer steps, {lo / 3600:.2f}-{hi / 3600:.2f} h with "
                      f"{STARTUP_MIN} min start-up")
     elif plan.gpu is not None:
         lines.append(f"step time: unknown (no datasheet peak for {plan.gpu.name})")
     if plan.largest:
-        said = [f"{k}: none" if v is None else f"{k}={v}{' or more (the most tried)' if v == top else ''}"
+        said = [f"{k}: not even the smallest tried" if v is None else
+                f"{k}={v}{' or more (the most tried)' if v == top and plan.fits else ''}"
                 for k, (v, top) in plan.largest.items()]
         lines.append(f"largest that fit, each alone: {', '.join(said)}")
     if plan.fits is False:

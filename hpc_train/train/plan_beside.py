@@ -49,7 +49,7 @@ def _plan_of(path: Path, config: RunConfig) -> dict[str, Any] | None:
 
 def _plan_now(output: Path, path: Path) -> None:
     command = [sys.executable, "-m", "hpc_train", "plan", str(output / "config.resolved.yaml"), "--gpu", "auto",
-               "--no-search", "--json", str(path)]
+               "--search", "off", "--json", str(path)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=_PLAN_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -27,7 +27,7 @@ def tiny_args(tiny_model_dirs, synthetic_data, out: Path, *extra: str) -> list[s
 def test_a_plan_names_its_parts_the_largest_settings_that_fit_and_the_sbatch_line(tiny_model_dirs, synthetic_data,
                                                                                  tmp_path):
     done = hpc_train("plan", *tiny_args(tiny_model_dirs, synthetic_data, tmp_path / "out"), "--gpu", "L4",
-                     "--json", str(tmp_path / "plan.json"))
+                     "--search", "up", "--json", str(tmp_path / "plan.json"))
     assert done.returncode == 0, done.stderr[-3000:]
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["fits"] is True and plan["gpu"] == "L4-24GB" and plan["dtype"] == "bf16"
@@ -43,7 +43,7 @@ def test_a_plan_names_its_parts_the_largest_settings_that_fit_and_the_sbatch_lin
 def test_a_run_that_cannot_fit_exits_3_with_the_changes_that_would_fit(synthetic_data, tmp_path):
     done = hpc_train("plan", "llava_onevision_qlora", "model.path=null", "model.preset=llava-onevision-7b",
                      "train.mode=full", f"data.train={synthetic_data / 'train.jsonl'}", "data.eval=null",
-                     f"output_dir={tmp_path / 'out'}", "--gpu", "A100-40GB", "--no-search")
+                     f"output_dir={tmp_path / 'out'}", "--gpu", "A100-40GB", "--search", "off")
     assert done.returncode == 3, done.stderr[-3000:]
     assert "DOES NOT FIT" in done.stdout
     advice = done.stdout.split("changes that lower it", 1)[1]

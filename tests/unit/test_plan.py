@@ -155,7 +155,7 @@ def test_the_plan_of_a_run_is_the_peak_the_run_reaches(world_of_one, tiny_model_
         f"data.train={synthetic_data / 'train.jsonl'}", "data.eval=null", "data.num_workers=0",
         "train.mode=lora", "train.micro_batch_size=4", "train.max_steps=3", "train.save_every=0",
         "model.dtype=fp32", "train.device=cpu", "profile.enabled=false"])
-    plan = make_plan(config, None, bf16=False, search=False)
+    plan = make_plan(config, None, bf16=False, search="off")
     live = LiveTensorBytes()
     with live:
         parts = build_run(config, read_dist_env({}))
