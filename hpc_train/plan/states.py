@@ -32,6 +32,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from hpc_train.errors import ConfigError
 from hpc_train.train.engine import offloads_optimizer, zero_stage
 
 
@@ -72,8 +73,9 @@ class States:
     largest_gradient: int
     """The largest single gradient (in flight before a bucket takes it)."""
     early_store: bool = False
-    """ZeRO-2: the trainable weights outnumber a bucket, so the first reduction (which makes the
-    gradient store) comes while backward still holds its activations."""
+    """ZeRO-2: the gradient store is there while a backward still holds its activations: kept
+    from the previous micro-batch (gradient accumulation), or made by a first reduction that
+    comes mid-backward (the trainable weights outnumber a bucket)."""
 
     @property
     def resident(self) -> int:
@@ -100,7 +102,8 @@ def deepspeed_states(groups: list[list[Param]], frozen: list[Param], ds: dict[st
     order) and ``frozen`` ones, under the resolved DeepSpeed config ``ds``, on GPUs or CPUs."""
     stage = zero_stage(ds)
     if stage not in (2, 3):
-        raise ValueError(f"ZeRO stage {stage}: plans cover stages 2 and 3 (the ones hpc-train trains with)")
+        raise ConfigError(f"ZeRO stage {stage}: hpc-train plan covers stages 2 and 3. Fix: plan with "
+                          "deepspeed.config=ds_configs/zero2.json (or zero3.json)")
     zero = ds["zero_optimization"]
     offload = offloads_optimizer(ds)
     bucket = int(zero.get("reduce_bucket_size", 500_000_000))
@@ -110,7 +113,8 @@ def deepspeed_states(groups: list[list[Param]], frozen: list[Param], ds: dict[st
     step_copies = 2 if on_gpu else 3  # the flattened fp32 gradient and AdamW's temporaries
     if stage == 2:
         return _zero2(groups, frozen, zero, world, element_size, bucket, offload, constants, largest, step_copies,
-                      fp32_accumulation=_fp32_accumulation(ds))
+                      fp32_accumulation=_fp32_accumulation(ds),
+                      accumulates=int(ds.get("gradient_accumulation_steps", 1)) > 1)
     return _zero3(trainable, frozen, zero, world, element_size, bucket, offload, constants, largest, step_copies, ds)
 
 
@@ -121,7 +125,7 @@ def _fp32_accumulation(ds: dict[str, Any]) -> bool:
 
 def _zero2(groups: list[list[Param]], frozen: list[Param], zero: dict[str, Any], world: int, b: int,
            bucket: int, offload: bool, constants: int, largest: int, step_copies: int, *,
-           fp32_accumulation: bool) -> States:
+           fp32_accumulation: bool, accumulates: bool) -> States:
     flat = sum(_padded(g, world) for g in groups)
     share = flat // world
     if fp32_accumulation:
@@ -134,7 +138,7 @@ def _zero2(groups: list[list[Param]], frozen: list[Param], zero: dict[str, Any],
                   quant_constants=constants, master=share * 4 * host, optimizer=2 * share * 4 * host,
                   gradients=store * host, buckets=buckets, gathered=0, persistent=0,
                   step_temporaries=step_copies * share * 4 * host, largest_gradient=largest,
-                  early_store=sum(p.numel for g in groups for p in g) > bucket)
+                  early_store=accumulates or sum(p.numel for g in groups for p in g) > bucket)
 
 
 def _zero3(trainable: list[Param], frozen: list[Param], zero: dict[str, Any], world: int, b: int, bucket: int,

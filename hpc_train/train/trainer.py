@@ -324,8 +324,11 @@ def _oom_message(parts: RunParts, exc: BaseException) -> str:
     available = None
     if torch.cuda.is_available():
         available = torch.cuda.get_device_properties(parts.device).total_memory / 2**30
-    return format_oom_advice(shape, rank_oom_advice(shape, available_gib=available), available_gib=available,
-                             error=str(exc))
+    advice = format_oom_advice(shape, rank_oom_advice(shape, available_gib=available), available_gib=available,
+                               error=str(exc))
+    # The estimate above is quick and coarse; the plan runs this model on fake tensors.
+    return (f"{advice}\nFor this run's measured peak by component and the settings that fit: "
+            f"hpc-train plan {parts.output / 'config.resolved.yaml'} --gpu auto")
 
 
 def _progress(total: int, done: int, *, enabled: bool) -> Any:

@@ -149,6 +149,26 @@ def test_deepspeed_holds_what_the_state_rules_say(world_of_one, stage):
     assert abs(after - expected) <= 16, (after, expected)
 
 
+def test_with_accumulation_zero2s_gradient_store_outlives_the_micro_batch(world_of_one):
+    import deepspeed
+
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 64))
+    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
+          "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
+                                "reduce_bucket_size": 300_000}}
+    states = deepspeed_states([[Param(p.numel(), 4, True) for p in model.parameters()]], [], ds, 1,
+                              element_size=4, on_gpu=False)
+    live = LiveTensorBytes()
+    live.adopt(list(model.parameters()))
+    with live:
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=ds)
+        engine.backward(engine(torch.randn(4, 256)).square().mean())  # the first micro-batch: no step
+        engine.step()
+        held = live.current
+    assert states.early_store
+    assert abs(held - (states.resident + states.gradients)) <= 16, (held, states.resident, states.gradients)
+
+
 def test_the_plan_of_a_run_is_the_peak_the_run_reaches(world_of_one, tiny_model_dirs, synthetic_data, tmp_path):
     config = load_config("tiny_smolvlm", [
         f"output_dir={tmp_path / 'run'}", f"model.path={tiny_model_dirs['smolvlm']}", "model.preset=null",

@@ -213,3 +213,13 @@ def test_no_device_read_of_ours_inside_the_accumulation_loop(build, tmp_path, pa
     assert longer["hpc_train"] == one["hpc_train"]  # two more micro-batches, not one more read
     assert (three["hpc_train"] - one["hpc_train"]) / 2 <= 2
     assert one["masks"] == three["masks"] == longer["masks"] == 0
+
+
+def test_an_out_of_memory_stop_ranks_the_settings_and_names_the_plan(build):
+    from hpc_train.train.trainer import _oom_message
+
+    parts = build()
+    said = _oom_message(parts, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert said.startswith("Out of memory: CUDA out of memory.")
+    assert "Settings that would lower it" in said
+    assert f"hpc-train plan {parts.output / 'config.resolved.yaml'} --gpu auto" in said
