@@ -80,7 +80,7 @@ def make_plan(config: RunConfig, gpu: Gpu | None, *, nodes: int = 1, gpus_per_no
     if gpu is not None and (search == "up" or (search == "auto" and not plan.fits)):
         plan.largest = _largest(planner, memory, gpu, up=bool(plan.fits))
     if plan.fits is False:
-        plan.advice = _advice(planner, memory, bf16=bf16)
+        plan.advice = _advice(planner, memory)
     plan.seconds = time.perf_counter() - started
     return plan
 
@@ -128,7 +128,7 @@ def _largest(planner: Planner, memory: MemoryPlan, gpu: Gpu, *, up: bool) -> dic
     return out
 
 
-def _advice(planner: Planner, memory: MemoryPlan, *, bf16: bool) -> list[tuple[str, float]]:
+def _advice(planner: Planner, memory: MemoryPlan) -> list[tuple[str, float]]:
     """Each single change that lowers the need below ``memory``'s, re-planned on the same data
     (with the model that change makes), least need first."""
     from hpc_train.config_file import with_overrides
@@ -154,7 +154,7 @@ def _advice(planner: Planner, memory: MemoryPlan, *, bf16: bool) -> list[tuple[s
     out = []
     for overrides in candidates:
         changed = with_overrides(config, overrides)
-        new = Planner(changed, planner.world, bf16=bf16, on_gpu=planner.on_gpu).memory().needs_gib
+        new = planner.changed(changed).memory().needs_gib
         if new < needed:
             out.append((" ".join(overrides), new))
     return sorted(out, key=lambda pair: pair[1])

@@ -10,6 +10,7 @@ one fake step each.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +101,15 @@ class Planner:
         self.model = fake_training_model(config, self.family, self.architecture, self.processor, self.dtype,
                                          self.mode)
         self._shapes: dict[str, Any] = {}
+
+    def changed(self, config: RunConfig) -> Planner:
+        """A planner of ``config`` (this one with a training setting changed: mode, checkpointing,
+        freezing, DeepSpeed config) sharing this one's records, processor and measured lengths."""
+        other = copy.copy(self)
+        other.config = config
+        other.model = fake_training_model(config, self.family, self.architecture, self.processor, self.dtype,
+                                          self.mode)
+        return other
 
     @property
     def ds(self) -> dict[str, Any]:
