@@ -23,12 +23,13 @@ PLAN_FILE = "plan.json"
 _PLAN_TIMEOUT_S = 300
 
 
-def plan_beside(config: RunConfig, output: Path, device: torch.device, measured_gib: float | None
+def plan_beside(config: RunConfig, output: Path, device: torch.device, world: int, measured_gib: float | None
                 ) -> dict[str, Any] | None:
-    """The report's ``run.plan`` block (None when there is no plan of this config)."""
+    """The report's ``run.plan`` block for a run of ``world`` ranks (None when there is no plan
+    of this config)."""
     path = output / PLAN_FILE
     if not _plan_of(path, config) and device.type == "cuda":
-        _plan_now(output, path)
+        _plan_now(output, path, world)
     plan = _plan_of(path, config)
     if plan is None:
         return None
@@ -47,9 +48,10 @@ def _plan_of(path: Path, config: RunConfig) -> dict[str, Any] | None:
     return plan if plan.get("config_digest") == config.digest() else None
 
 
-def _plan_now(output: Path, path: Path) -> None:
+def _plan_now(output: Path, path: Path, world: int) -> None:
+    # World size is what shards the states; how the ranks sit on nodes does not change a rank's bytes.
     command = [sys.executable, "-m", "hpc_train", "plan", str(output / "config.resolved.yaml"), "--gpu", "auto",
-               "--search", "off", "--json", str(path)]
+               "--gpus-per-node", str(world), "--search", "off", "--json", str(path)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=_PLAN_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -157,7 +157,7 @@ def _plan_beside(parts: RunParts) -> dict | None:
 
     memory = parts.profiler.memory() if parts.profiler is not None else {}
     measured = memory.get("gpu_train_peak_allocated_gib") or memory.get("gpu_peak_allocated_gib")
-    return plan_beside(parts.config, parts.output, parts.device, measured)
+    return plan_beside(parts.config, parts.output, parts.device, parts.info.world_size, measured)
 
 
 def save_rank_profile(parts: RunParts) -> None:
