@@ -26,10 +26,6 @@ class StepMemory:
     """Everything the step's tracker saw alive at once: weights as built here included."""
     weights: int
     """Parameters and buffers of the fake model (dense: QLoRA's 4-bit storage is not here)."""
-    gradients: int
-    """Gradients alive at the peak, before DeepSpeed takes them."""
-    activations: int
-    """Forward activations and backward temporaries at the peak."""
     vision: int
     """Activations the vision tower's (and connector's) forward left for backward."""
     language_model: int
@@ -55,8 +51,6 @@ def step_memory(config: RunConfig, family: Family, model: torch.nn.Module, batch
             loss.value.backward()
     kinds = tracker.peak_by_kind
     return StepMemory(peak=tracker.peak, weights=kinds.get("Parameter", 0) + kinds.get("Buffer", 0),
-                      gradients=kinds.get("Gradient", 0),
-                      activations=kinds.get("Activation", 0) + kinds.get("Temp", 0),
                       vision=tracker.left_by.get("vision", 0), language_model=tracker.left_by.get("llm", 0))
 
 
