@@ -25,7 +25,8 @@ def show(report: Mapping[str, Any]) -> str:
         f"{report['workload']} run {run.get('name', '?')!s}: mode {run.get('mode')}, model {run.get('model')}",
         f"  {'no DeepSpeed' if zero is None else f'ZeRO-{zero}'}, {run.get('world_size')} ranks on "
         f"{run.get('nodes')} node(s) ({', '.join(env.get('hosts', []))}), {batch}, "
-        f"sequence length {run.get('max_seq_len')}, packing {run.get('packing')}",
+        f"sequence length {run.get('max_seq_len')}, packing {run.get('packing')}"
+        + (f", sequence parallel {run['sequence_parallel']}" if (run.get("sequence_parallel") or 1) > 1 else ""),
         f"  device {lookup(report, 'per_rank.0.device_name')}, torch {env.get('torch')}, deepspeed "
         f"{env.get('deepspeed')}, transformers {env.get('transformers')}, CUDA {env.get('cuda') or DASH}",
         f"  steps {steps['first']}..{steps['last']}: {steps['measured']} measured after {steps['warmup_excluded']} "

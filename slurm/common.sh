@@ -26,6 +26,9 @@
 #                    train.device=cpu runs and baseline evaluations.
 #   PLAN_GPU         the GPU to plan for (default auto: this node's, as torch sees it); a name
 #                    from `hpc-train plan --help` when the batch shell sees no GPU
+#   SEQUENCE_PARALLEL  ranks that share each sample's sequence (train.sequence_parallel, DeepSpeed
+#                    Ulysses; default: the config's, 1 = off). The job's ranks (nodes x processes
+#                    per node) must be a multiple of it. The plan is skipped under it (not modelled).
 #
 # Preemption: the templates ask for SIGUSR1 some minutes before the time limit
 # (--signal=B:USR1@...). This script passes it on to the training processes, which save a
@@ -68,15 +71,23 @@ export PYTHONUNBUFFERED=1
 
 OVERRIDES=("$@")
 [[ -n ${OUTPUT_DIR:-} ]] && OVERRIDES+=("output_dir=$OUTPUT_DIR")
+[[ -n ${SEQUENCE_PARALLEL:-} ]] && OVERRIDES+=("train.sequence_parallel=$SEQUENCE_PARALLEL")
 # ${a[@]+"${a[@]}"}: an empty "${a[@]}" is an error under set -u in bash < 4.4 (RHEL 7).
 # Resolving the config here fails fast, with the config's own message, before any rank starts.
 resolved=$(python -m hpc_train show-config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} \
-  --get output_dir --get train.mode --get data.num_workers --get train.device) || {
+  --get output_dir --get train.mode --get data.num_workers --get train.device --get train.sequence_parallel) || {
   echo "[hpc-train] error: the config does not resolve (message above); nothing was launched" >&2
   exit 2
 }
 mapfile -t got <<<"$resolved"
-OUTPUT_DIR=${got[0]} MODE=${got[1]} WORKERS=${got[2]} DEVICE=${got[3]}
+OUTPUT_DIR=${got[0]} MODE=${got[1]} WORKERS=${got[2]} DEVICE=${got[3]} SP=${got[4]}
+RANKS=$((${SLURM_NNODES:-1} * NPROC_PER_NODE))
+if ((RANKS % SP != 0)); then
+  echo "[hpc-train] error: train.sequence_parallel=$SP does not divide the job's $RANKS ranks" \
+       "(${SLURM_NNODES:-1} node(s) x $NPROC_PER_NODE); nothing was launched. Fix: ask for a multiple of $SP GPUs" \
+       "(sbatch -N / --gpus-per-node) or set SEQUENCE_PARALLEL" >&2
+  exit 2
+fi
 # Each rank is one process plus data.num_workers decoding workers: more of them than the
 # node's CPUs give each rank starves the GPUs, so the workers are lowered to fit, and said.
 CPUS_ON_NODE=${SLURM_CPUS_ON_NODE:-$(nproc)}
@@ -98,7 +109,9 @@ fi
 mkdir -p "$OUTPUT_DIR"
 
 NODES=${SLURM_NNODES:-1}
-if [[ ${PLAN:-1} != 0 && $MODE != baseline && ($DEVICE != cpu || -n ${PLAN_GPU:-}) ]]; then
+if ((SP > 1)) && [[ ${PLAN:-1} != 0 ]]; then
+  hpc_log "plan: skipped (hpc-train plan does not model train.sequence_parallel=$SP yet)"
+elif [[ ${PLAN:-1} != 0 && $MODE != baseline && ($DEVICE != cpu || -n ${PLAN_GPU:-}) ]]; then
   planned=0
   python -m hpc_train plan "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} --gpu "${PLAN_GPU:-auto}" \
     --nodes "$NODES" --gpus-per-node "$NPROC_PER_NODE" --search off --json "$OUTPUT_DIR/plan.json" || planned=$?

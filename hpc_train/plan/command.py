@@ -8,6 +8,7 @@ from typing import Any
 
 from hpc_train.config import RunConfig
 from hpc_train.data.packing import PlannedPacks, drop_too_long
+from hpc_train.errors import ConfigError
 from hpc_train.plan.gpus import Gpu
 from hpc_train.plan.planner import (
     CONTEXT_GIB,
@@ -68,6 +69,11 @@ def make_plan(config: RunConfig, gpu: Gpu | None, *, nodes: int = 1, gpus_per_no
     fit), ``up`` (also above them, to 4x, when it fits), ``off``."""
     if search not in SEARCHES:
         raise ValueError(f"search={search!r}: expected one of {', '.join(SEARCHES)}")
+    if config.train.sequence_parallel > 1:
+        raise ConfigError(
+            f"train.sequence_parallel={config.train.sequence_parallel}: hpc-train plan does not model sequence "
+            "parallelism yet. Fix: plan with train.sequence_parallel=1 on the same GPUs for an upper bound (each "
+            "rank then holds the whole sequence's activations, which sequence parallelism divides)")
     started = time.perf_counter()
     planner = Planner(config, nodes * gpus_per_node, bf16=bf16, on_gpu=gpu is not None or _runs_on_gpu_here(config))
     memory = planner.memory()

@@ -27,9 +27,10 @@ from hpc_train.data.mixture import read_split
 from hpc_train.data.packing import PlannedPacks, drop_too_long
 from hpc_train.data.pipeline import DataPipeline, build_pipeline
 from hpc_train.data.records import Record
+from hpc_train.data.sequence_shard import SequenceShards
 from hpc_train.device import choose_device
 from hpc_train.dist import DistInfo, all_gather, all_reduce_max, init_distributed
-from hpc_train.errors import HpcTrainError
+from hpc_train.errors import ConfigError, HpcTrainError
 from hpc_train.models.adapters import (
     build_param_groups,
     describe_param_groups,
@@ -39,6 +40,11 @@ from hpc_train.models.adapters import (
 from hpc_train.models.attention import use_varlen_attention
 from hpc_train.models.image_tokens import image_tokens_always_match, mark_image_tokens_checked
 from hpc_train.models.load import model_family
+from hpc_train.models.sequence_parallel import (
+    check_sequence_parallel,
+    join_sequence_groups,
+    use_sequence_parallel,
+)
 from hpc_train.models.varlen_backend import varlen_backend
 from hpc_train.train.checkpoint import Checkpointer, TrainState
 from hpc_train.train.data_order import PlannedBatches, total_steps
@@ -71,6 +77,7 @@ from profiling.profiler import DTYPE_NAMES, Profiler
 def build_run(config: RunConfig, info: DistInfo) -> RunParts:
     """Join the process group and build every part of the run (collective: all ranks call it)."""
     model_family(config.model)  # a preset or folder of another family fails before any collective
+    _check_sequence_parallel_mode(config)
     device = choose_device(info, config.train.device)
     init_distributed(info, device)
     _say(info, f"topology: {info.describe()}")
@@ -84,6 +91,7 @@ def build_run(config: RunConfig, info: DistInfo) -> RunParts:
         ds = _ds_config(config, info, training, source, device)
         loaded = load_training_model(config, info, device, source, ds)
         attention = _use_our_attention(loaded, device)
+        mpu = _sequence_parallel(config, info, loaded)
         if image_tokens_always_match(loaded.model.config, loaded.processor, loaded.family.name):
             mark_image_tokens_checked(loaded.model)
         packed = f", packed rows by {attention}" if config.data.packing else ""
@@ -91,7 +99,7 @@ def build_run(config: RunConfig, info: DistInfo) -> RunParts:
         pipeline = build_pipeline(config.data, loaded.processor, loaded.family)
         train = _train_data(config, info, pipeline, loaded) if training else None
         evals = _eval_data(config, pipeline)
-        engine = _training_engine(config, info, loaded, ds, train.total_steps) if train is not None else None
+        engine = _training_engine(config, info, loaded, ds, train.total_steps, mpu) if train is not None else None
         eval_model = engine.engine if engine is not None else _eval_model(loaded, ds)
     if profiler is not None:
         profiler.describe_model(loaded.model.config, trainability(loaded.model, loaded.family))
@@ -113,6 +121,38 @@ def _use_our_attention(loaded: LoadedModel, device: torch.device) -> str:
     backend = varlen_backend(on_cuda, loaded.dtype, capability, dropout=dropout)
     use_varlen_attention(loaded.model, backend)
     return backend
+
+
+def _check_sequence_parallel_mode(config: RunConfig) -> None:
+    if config.train.sequence_parallel > 1 and config.train.mode == "baseline":
+        raise ConfigError(f"train.sequence_parallel={config.train.sequence_parallel} splits training steps; a "
+                          "baseline run only evaluates, whole samples per rank. Fix: train.sequence_parallel=1")
+
+
+def _sequence_parallel(config: RunConfig, info: DistInfo, loaded: LoadedModel) -> Any:
+    """DeepSpeed's sequence-parallel groups (their ``mpu``) with the model split over them, or None."""
+    size = config.train.sequence_parallel
+    if size == 1:
+        return None
+    check_sequence_parallel(loaded.model.config.text_config, size, info.world_size)
+    mpu = join_sequence_groups(size)
+    use_sequence_parallel(loaded.model, loaded.family.name, mpu)
+    _say(info, f"sequence parallelism: {info.world_size // size} groups of {size} ranks (DeepSpeed Ulysses); "
+               "each sample's sequence and media are split over its group")
+    return mpu
+
+
+def data_ranks(config: RunConfig, info: DistInfo) -> tuple[int, int]:
+    """This rank's place among the ranks that read different data, and their number: the
+    ranks of one sequence-parallel group read the same micro-batches."""
+    size = config.train.sequence_parallel
+    return info.rank // size, info.world_size // size
+
+
+def _data_parallel(config: RunConfig, info: DistInfo) -> str:
+    size = config.train.sequence_parallel
+    groups = f", each {size} ranks sharing a micro-batch's sequence" if size > 1 else ""
+    return f"{data_ranks(config, info)[1]} data-parallel ranks{groups}"
 
 
 def _profiler(config: RunConfig, info: DistInfo, device: torch.device, training: bool) -> Profiler | None:
@@ -138,7 +178,7 @@ def _ds_config(config: RunConfig, info: DistInfo, training: bool, source: Path, 
     """Training always runs under DeepSpeed; an evaluation only when it asks for ZeRO-3."""
     if not training and zero_stage(read_ds_config(config.deepspeed.config)[0]) != 3:
         return None
-    return resolve_ds_config(config, info.world_size, bf16=compute_dtype(config, device) == torch.bfloat16,
+    return resolve_ds_config(config, data_ranks(config, info)[1], bf16=compute_dtype(config, device) == torch.bfloat16,
                              hidden_size=hidden_size(source))
 
 
@@ -159,15 +199,26 @@ def _train_data(config: RunConfig, info: DistInfo, pipeline: DataPipeline, loade
     records = read_split(config, "train")
     dataset = pipeline.dataset(records)
     train = config.train
+    rank, world = data_ranks(config, info)
     if config.data.packing:
         packs, steps, efficiency = _plan_packing(config, info, pipeline, records)
         return TrainData(dataset=dataset, batches=packs, total_steps=steps, packing_efficiency=efficiency,
-                         collate=pipeline.packed_collator(rows_per_micro=train.micro_batch_size))
-    batches = PlannedBatches(len(dataset), seed=train.seed, rank=info.rank, world_size=info.world_size,
+                         collate=_sharded(config, info, pipeline,
+                                          pipeline.packed_collator(rows_per_micro=train.micro_batch_size)))
+    batches = PlannedBatches(len(dataset), seed=train.seed, rank=rank, world_size=world,
                              micro_batch=train.micro_batch_size, grad_accum=train.grad_accum)
-    steps = total_steps(len(records), micro_batch=train.micro_batch_size, world_size=info.world_size,
+    steps = total_steps(len(records), micro_batch=train.micro_batch_size, world_size=world,
                         grad_accum=train.grad_accum, epochs=train.epochs, max_steps=train.max_steps)
-    return TrainData(dataset=dataset, batches=batches, total_steps=steps, collate=pipeline.collator())
+    return TrainData(dataset=dataset, batches=batches, total_steps=steps,
+                     collate=_sharded(config, info, pipeline, pipeline.collator()))
+
+
+def _sharded(config: RunConfig, info: DistInfo, pipeline: DataPipeline, collate: Any) -> Any:
+    """``collate``, cut to this rank's slice of each micro-batch under sequence parallelism."""
+    size = config.train.sequence_parallel
+    if size == 1:
+        return collate
+    return SequenceShards(collate, rank=info.rank % size, size=size, pad_token_id=pipeline.pad_token_id)
 
 
 def _plan_packing(config: RunConfig, info: DistInfo, pipeline: DataPipeline, records: list[Record]
@@ -182,7 +233,8 @@ def _plan_packing(config: RunConfig, info: DistInfo, pipeline: DataPipeline, rec
         lengths, dropped = drop_too_long(lengths, data.max_seq_len)
         if dropped:
             _say(info, f"packing: {dropped} samples over data.max_seq_len={data.max_seq_len} dropped")
-    packs = PlannedPacks(lengths, data.max_seq_len, seed=train.seed, rank=info.rank, world_size=info.world_size,
+    rank, world = data_ranks(config, info)
+    packs = PlannedPacks(lengths, data.max_seq_len, seed=train.seed, rank=rank, world_size=world,
                          rows_per_micro=train.micro_batch_size, grad_accum=train.grad_accum)
     per_epoch = packs.steps_per_epoch()
     if per_epoch == 0:
@@ -239,7 +291,7 @@ def _eval_data(config: RunConfig, pipeline: DataPipeline) -> EvalData | None:
 # -- engine --------------------------------------------------------------------------------
 
 def _training_engine(config: RunConfig, info: DistInfo, loaded: LoadedModel, ds: dict[str, Any] | None,
-                     steps: int) -> TrainingEngine:
+                     steps: int, mpu: Any) -> TrainingEngine:
     import deepspeed
 
     model, train = loaded.model, config.train
@@ -249,7 +301,7 @@ def _training_engine(config: RunConfig, info: DistInfo, loaded: LoadedModel, ds:
     scheduler = build_scheduler(optimizer, total_steps=steps, warmup_steps=train.warmup_steps,
                                 min_ratio=train.min_lr_ratio)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                   config=ds)
+                                                   config=ds, mpu=mpu)
     checkpointer = Checkpointer(Path(config.output_dir) / "checkpoints", info, keep=train.keep_checkpoints,
                                 expected_bytes=per_checkpoint)
     state, resumed = _resume(config, info, engine, checkpointer)
@@ -257,7 +309,7 @@ def _training_engine(config: RunConfig, info: DistInfo, loaded: LoadedModel, ds:
     multiplier = lr_multiplier(state.step, total_steps=steps, warmup_steps=train.warmup_steps,
                                min_ratio=train.min_lr_ratio)
     _say(info, f"{train.mode} training, ZeRO-{zero_stage(ds)}, world size {info.world_size}, {steps} optimizer steps "
-               f"(micro-batch {train.micro_batch_size} x accumulation {train.grad_accum} x {info.world_size} ranks)\n"
+               f"(micro-batch {train.micro_batch_size} x accumulation {train.grad_accum} x {_data_parallel(config, info)})\n"
                f"{describe_param_groups(param_census(model, loaded.family), groups)}\n"
                f"learning rate at step {state.step}: " + ", ".join(f"{g.name} {g.lr * multiplier:.3g}" for g in groups))
     quantized = describe_quantization(model, loaded.family)

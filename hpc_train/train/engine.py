@@ -42,7 +42,8 @@ def read_ds_config(path: str | Path) -> tuple[dict[str, Any], Path]:
 
 def resolve_ds_config(config: RunConfig, world_size: int, *, bf16: bool,
                       hidden_size: int) -> dict[str, Any]:
-    """The concrete DeepSpeed dict for this run: no ``"auto"`` left, batch sizes consistent."""
+    """The concrete DeepSpeed dict for this run: no ``"auto"`` left, batch sizes consistent.
+    ``world_size``: the ranks that read different data (sequence-parallel groups count once)."""
     raw, source = read_ds_config(config.deepspeed.config)
     for block in ("optimizer", "scheduler"):
         if block in raw:
@@ -75,6 +76,14 @@ def resolve_ds_config(config: RunConfig, world_size: int, *, bf16: bool,
                        ("stage3_param_persistence_threshold", 10 * hidden_size)):
         if key in zero:
             _fill(zero, key, value, source, key_path=f"zero_optimization.{key}")
+    if config.train.sequence_parallel > 1:
+        # read by DeepSpeed where no mpu is given (transformers' zero.Init at load under ZeRO-3)
+        ds["sequence_parallel_size"] = config.train.sequence_parallel
+        if zero.get("stage") == 3 and zero.get("reduce_scatter") is False:
+            raise ConfigError(
+                f"{source}: zero_optimization.reduce_scatter=false under ZeRO-3 with train.sequence_parallel: DeepSpeed "
+                "then averages some gradient buckets over the sequence-parallel group and others not, so the "
+                "gradients would be wrong. Fix: remove reduce_scatter (it defaults to true)")
     left = _autos(ds)
     if left:
         raise ConfigError(f"{source}: no value is known for {', '.join(left)}. Fix: give numbers there")
@@ -107,6 +116,14 @@ def _check_skips_nonfinite_steps(ds: dict[str, Any], source: str) -> None:
 def zero_stage(ds: dict[str, Any] | None) -> int:
     """The ZeRO stage of a DeepSpeed config (0 without one): the one place it is read."""
     return int((ds or {}).get("zero_optimization", {}).get("stage", 0))
+
+
+def share_scale(ds: dict[str, Any] | None, sequence_parallel: int) -> float:
+    """What a rank's share of a micro-batch's loss is multiplied by before its backward, so
+    DeepSpeed's reduction sums the shares of a sequence-parallel group (and averages over the
+    data-parallel ranks). ZeRO-1/2 divide by the data-parallel ranks only; ZeRO-3's
+    reduce-scatter (0.19.8) by every rank, the group's too, so it gets the group size back."""
+    return float(sequence_parallel) if sequence_parallel > 1 and zero_stage(ds) == 3 else 1.0
 
 
 def offloads_optimizer(ds: dict[str, Any] | None) -> bool:

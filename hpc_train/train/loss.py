@@ -9,6 +9,11 @@ equals the model's own loss over every position.
 ``token``: the mean over every supervised token of the micro-batch (packed rows included: the
 same as the samples unpacked together). ``sample`` (packing only): each packed sample's own
 token mean, averaged, so short answers weigh as much as long ones.
+
+Under sequence parallelism (a batch carrying :data:`~hpc_train.data.sequence_shard.SHARD`) each
+rank's value is its slice's share of the micro-batch's loss — its sums over the whole
+micro-batch's counts — so the shares add up over the group to exactly the loss above, and
+DeepSpeed's gradient sum over the group is exactly its gradient.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 
 from hpc_train.config import DataConfig
 from hpc_train.data.loss_positions import LOSS_POSITIONS, LOSS_TARGETS
+from hpc_train.data.sequence_shard import SAMPLE_COUNTS, SHARD, SHARD_KEYS
 from hpc_train.data.tokenize import IGNORE_INDEX
 from hpc_train.models.host_masks import masks_decided_on_host
 from hpc_train.models.image_tokens import image_check_made
@@ -44,7 +50,7 @@ LossFn = Callable[[Any, dict[str, Any]], Loss]
 
 def supervised_logits(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
     """The logits at the batch's supervised positions, (rows, K, vocab)."""
-    forward = {k: v for k, v in inputs.items() if k not in ("labels", LOSS_POSITIONS, LOSS_TARGETS)}
+    forward = {k: v for k, v in inputs.items() if k not in ("labels", LOSS_POSITIONS, LOSS_TARGETS, *SHARD_KEYS)}
     with masks_decided_on_host(model, forward), image_check_made(model):
         return model(**forward, logits_to_keep=inputs[LOSS_POSITIONS], use_cache=False).logits
 
@@ -59,6 +65,9 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def token_mean_loss(model: Any, inputs: dict[str, Any]) -> Loss:
     logits = supervised_logits(model, inputs)
     targets = inputs[LOSS_TARGETS]
+    shard = inputs.get(SHARD)
+    if shard is not None:  # 0/0 (NaN) without a supervised token, as the mean below
+        return Loss(token_losses(logits, targets).sum() / shard.loss_count, logits)
     value = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                             ignore_index=IGNORE_INDEX)
     return Loss(value, logits)
@@ -66,8 +75,10 @@ def token_mean_loss(model: Any, inputs: dict[str, Any]) -> Loss:
 
 def sample_mean_loss(model: Any, inputs: dict[str, Any]) -> Loss:
     logits = supervised_logits(model, inputs)
-    value = per_sample_mean(token_losses(logits, inputs[LOSS_TARGETS])[0], inputs[LOSS_POSITIONS][0],
-                            inputs[LOSS_TARGETS][0], inputs["cu_seq_lens_q"])
+    shard = inputs.get(SHARD)
+    positions = inputs[LOSS_POSITIONS][0] + (shard.offset if shard is not None else 0)
+    value = per_sample_mean(token_losses(logits, inputs[LOSS_TARGETS])[0], positions, inputs[LOSS_TARGETS][0],
+                            inputs["cu_seq_lens_q"], counts=inputs.get(SAMPLE_COUNTS))
     return Loss(value, logits)
 
 
@@ -77,15 +88,17 @@ def loss_for(data: DataConfig) -> LossFn:
 
 
 def per_sample_mean(losses: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
-                    cu_seqlens: torch.Tensor) -> torch.Tensor:
+                    cu_seqlens: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over a packed row's samples of each sample's token-mean loss (samples without a
-    supervised token, such as blank media, do not count). ``losses``, ``positions``,
-    ``targets``: one row's kept positions. Nothing here reads the device."""
+    supervised token, such as blank media, do not count). ``losses``, ``positions`` (in the
+    row), ``targets``: one row's kept positions; ``counts``: each sample's supervised targets
+    when these are only a slice of them (sequence parallelism). Nothing here reads the device."""
     supervised = (targets != IGNORE_INDEX).float()
     # Position t predicts label t+1: sample k owns targets cu[k]..cu[k+1]-1, and a prediction
     # never crosses a boundary because each sample's first label is -100.
     segment = torch.bucketize(positions + 1, cu_seqlens[1:].to(positions), right=True)
-    count = torch.zeros(len(cu_seqlens) - 1, device=losses.device).index_add_(0, segment, supervised)
+    count = counts.float() if counts is not None else (
+        torch.zeros(len(cu_seqlens) - 1, device=losses.device).index_add_(0, segment, supervised))
     total = torch.zeros_like(count).index_add_(0, segment, losses * supervised)
     present = (count > 0).float()
     return (total / count.clamp(min=1) * present).sum() / present.sum()

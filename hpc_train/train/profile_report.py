@@ -55,7 +55,9 @@ def describe_run(config: RunConfig, info: DistInfo, *, zero_stage: int | None, p
         "family": cfg.model.family, "dtype": cfg.model.dtype, "zero_stage": zero_stage,
         "micro_batch_size": cfg.train.micro_batch_size, "grad_accum": cfg.train.grad_accum,
         "eval_batch_size": cfg.eval.batch_size,
-        "global_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum * info.world_size,
+        "global_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum * info.world_size
+        // cfg.train.sequence_parallel,
+        "sequence_parallel": cfg.train.sequence_parallel,
         "max_seq_len": cfg.data.max_seq_len, "packing": cfg.data.packing,
         "packing_efficiency": packing_efficiency, "packed_attention": packed_attention,
         "gradient_checkpointing": cfg.train.gradient_checkpointing, "planned_steps": planned_steps,

@@ -27,6 +27,7 @@ from hpc_train.data.worker_signals import survive_group_signals
 from hpc_train.dist import all_gather, barrier, sum_over_ranks
 from hpc_train.errors import HpcTrainError
 from hpc_train.parent_death import signal_on_parent_death
+from hpc_train.train.engine import share_scale
 from hpc_train.train.evaluate import evaluate_loss, to_device
 from hpc_train.train.loss import Loss
 from hpc_train.train.output_dir import writing
@@ -56,6 +57,7 @@ class TrainLoop:
         self.training: TrainingEngine = parts.training
         self.signalled: int | None = None
         """A stop signal this rank received (set by the handlers, or a test)."""
+        self._share_scale = share_scale(parts.ds, parts.config.train.sequence_parallel)
         self._stop_agreed: int | None = None
         """A stop signal every rank knows of (agreed in the step's all-reduce), so all stop at
         the same step; ``signalled`` can arrive on one rank after that all-reduce."""
@@ -144,7 +146,8 @@ class TrainLoop:
             boundary = engine.is_gradient_accumulation_boundary()
             agreed = self._agree(losses, counts) if boundary else None
             with timer.phase("backward"):
-                engine.backward(_to_backward(loss, empty=empty, skip=agreed is not None and _unusable(agreed)))
+                engine.backward(_to_backward(loss, empty=empty, skip=agreed is not None and _unusable(agreed),
+                                             scale=self._share_scale))
             with timer.phase("optimizer"):
                 engine.step()
             if agreed is not None:
@@ -152,7 +155,9 @@ class TrainLoop:
         timer.step_done(samples=counts["samples"], tokens=counts["tokens"], slot_tokens=counts["slot_tokens"],
                         epoch=self.training.state.epoch)
         self._after_optimizer(agreed, sample_ids)
-        loss_mean = agreed["loss_sum"] / agreed["finite"] if agreed["finite"] else float("nan")
+        # Under sequence parallelism each rank of a group holds a share of one micro-batch's loss.
+        micro_losses = agreed["finite"] / self.parts.config.train.sequence_parallel
+        loss_mean = agreed["loss_sum"] / micro_losses if micro_losses else float("nan")
         return {"loss": loss_mean, "grad_norm": self._grad_norm(), **{k: agreed[k] for k in counts},
                 "skipped_step": float(not self.training.engine.was_step_applied()),
                 "lr": next(iter(lrs.values())), **lrs}
@@ -293,16 +298,17 @@ def _unusable(agreed: dict[str, float]) -> bool:
     return bool(agreed["nonfinite"]) or not agreed["finite"]
 
 
-def _to_backward(loss: Loss, *, empty: bool, skip: bool) -> torch.Tensor:
+def _to_backward(loss: Loss, *, empty: bool, skip: bool, scale: float = 1.0) -> torch.Tensor:
     """What the micro-batch sends back: its loss; for a stand-in, zero through the logits it
     used (every module joins the backward, as ZeRO-3 needs, and adds nothing); for a step no
     rank may apply, NaN through those logits, so the gradients are NaN and DeepSpeed's
-    overflow check (over all weights and ranks) skips the update."""
+    overflow check (over all weights and ranks) skips the update. ``scale``:
+    :func:`~hpc_train.train.engine.share_scale`."""
     if skip:
         return loss.logits.float().sum() * float("nan")
     if empty:
         return loss.logits.float().sum() * 0.0
-    return loss.value
+    return loss.value * scale if scale != 1.0 else loss.value
 
 
 def install_stop_signals(handler: Callable[[int, Any], None]) -> None:

@@ -172,6 +172,21 @@ def test_a_run_the_plan_says_cannot_fit_stops_the_job_before_any_rank(cluster, j
     assert "[torchrun.sh]" not in log and not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
+def test_sequence_parallel_across_two_nodes_and_a_size_the_job_cannot_take(cluster, job_args, tmp_path):
+    args = [*job_args(tmp_path / "out"), "train.max_steps=2"]
+    job, state = ok_job(cluster, "-N", "2", f"--output={tmp_path}/%x-%j.out", "slurm/lora.slurm", *args,
+                        extra_env={"SEQUENCE_PARALLEL": "2", "PLAN_GPU": "L4"})
+    log = log_of(tmp_path / f"hpc-lora-{job}.out")
+    assert state["JobState"] == "COMPLETED", log[-4000:]
+    assert "plan: skipped" in log and "sequence parallelism: 1 groups of 2 ranks" in log
+    assert len(read_metrics(tmp_path / "out" / "metrics.jsonl")) >= 2
+    job, state = ok_job(cluster, "-N", "2", f"--output={tmp_path}/%x-%j.out", "slurm/lora.slurm",
+                        *job_args(tmp_path / "out3"), extra_env={"SEQUENCE_PARALLEL": "3"})
+    log = log_of(tmp_path / f"hpc-lora-{job}.out")
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "2:0", log[-4000:]
+    assert "train.sequence_parallel=3 does not divide the job's 2 ranks" in log and "[torchrun.sh]" not in log
+
+
 def start_training(cluster, tmp_path: Path, out: Path, args: list[str], env: dict[str, str] | None = None) -> str:
     """Submit the lora template on 2 nodes; its job id once the first step is logged."""
     submitted = sbatch(cluster, "--parsable", "-N", "2", f"--output={tmp_path}/%x-%j.out", "slurm/lora.slurm",
