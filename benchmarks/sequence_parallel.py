@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         # ZeRO-2 as shipped, with small gradient buckets: the shipped 50M-element ones (0.4 GB
         # in fp32, the same in both arms) would hide a small model's activations.
         ds = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
-        ds["zero_optimization"].update(reduce_bucket_size=1_000_000, allgather_bucket_size=1_000_000)
+        ds["zero_optimization"].update(reduce_bucket_size=200_000, allgather_bucket_size=200_000)
         (root / "zero2_small_buckets.json").write_text(json.dumps(ds))
         recipe, *extra = MODELS[opts.model]
         common = [recipe, *extra, f"data.train={root / 'data' / 'train.jsonl'}", "data.eval=null",

@@ -1,13 +1,14 @@
 """One rank's share of a micro-batch under sequence parallelism, decided on the host.
 
 Every rank of a sequence-parallel group collates the same micro-batch; this wrapper then
-pads its rows to a multiple of the group size, gives it global ``position_ids`` (rotary
+pads its rows to a multiple of the group size, gives them global ``position_ids`` (rotary
 positions of the whole row), drops the padding mask (the batch is right-padded, so causal
-attention is exact for every real token) and replaces the loss's positions by those of this
-rank's slice of the sequence. What the loss needs to average exactly over the group — the
+attention is exact for every real token), cuts ``input_ids`` and ``position_ids`` to this
+rank's slice of the sequence and replaces the loss's positions by the slice's. The media stay
+whole (the group shares their encoding, :mod:`hpc_train.models.vision_share`), with the feature
+rows each rank's slice holds. What the loss needs to average exactly over the group — the
 micro-batch's supervised count, each packed sample's — travels with it, and the bookkeeping
 counts become this rank's share, so summing them over all ranks counts every token once.
-The language model's hook (:mod:`hpc_train.models.sequence_parallel`) cuts the same slice.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from hpc_train.data.loss_positions import loss_positions, num_supervised
 from hpc_train.data.tokenize import IGNORE_INDEX
+from hpc_train.models.vision_share import FeatureRows
 
 SHARD = "sequence_shard"
 """A :class:`ShardFacts` (host numbers) in a sharded batch."""
@@ -43,16 +45,20 @@ class ShardFacts:
     """Positions in each slice (the padded row length / ``size``)."""
     loss_count: int
     """Supervised targets of the whole micro-batch: the token-mean loss's denominator."""
+    feature_rows: dict[str, FeatureRows]
+    """Per kind of media: the feature rows each rank's slice holds."""
 
 
 class SequenceShards:
     """A collator's micro-batches, cut to rank ``rank`` of a sequence-parallel group of ``size``."""
 
     def __init__(self, collate: Callable[[Sequence[Any]], dict[str, Any]], *, rank: int, size: int,
-                 pad_token_id: int) -> None:
+                 pad_token_id: int, media_tokens: dict[str, int]) -> None:
+        """``media_tokens``: the placeholder token id of each kind of media features."""
         if not 0 <= rank < size:
             raise ValueError(f"sequence-parallel rank {rank} is not in a group of {size}")
         self.collate, self.rank, self.size, self.pad_token_id = collate, rank, size, pad_token_id
+        self.media_tokens = media_tokens
 
     def __call__(self, items: Sequence[Any]) -> dict[str, Any]:
         batch = self.collate(items)
@@ -60,10 +66,12 @@ class SequenceShards:
             batch = {**batch, "sample_ids": [], "num_skipped": 0}
         if "input_ids" not in batch:
             return batch
-        return shard_batch(batch, rank=self.rank, size=self.size, pad_token_id=self.pad_token_id)
+        return shard_batch(batch, rank=self.rank, size=self.size, pad_token_id=self.pad_token_id,
+                           media_tokens=self.media_tokens)
 
 
-def shard_batch(batch: dict[str, Any], *, rank: int, size: int, pad_token_id: int) -> dict[str, Any]:
+def shard_batch(batch: dict[str, Any], *, rank: int, size: int, pad_token_id: int,
+                media_tokens: dict[str, int] | None = None) -> dict[str, Any]:
     """``batch`` (padded or packed, from our collators) as rank ``rank`` of ``size`` trains it."""
     batch = _padded_to_multiple(dict(batch), size, pad_token_id)
     rows, length = batch["input_ids"].shape
@@ -82,12 +90,25 @@ def shard_batch(batch: dict[str, Any], *, rank: int, size: int, pad_token_id: in
     batch.update(loss_positions(window))
     if "cu_seq_lens_q" in batch:
         batch[SAMPLE_COUNTS] = sample_counts(labels[0], batch["cu_seq_lens_q"])
+    ids = batch["input_ids"]
+    rows_of = {kind: FeatureRows(feature_rows(ids, token, size)) for kind, token in (media_tokens or {}).items()}
     batch[SHARD] = ShardFacts(rank=rank, size=size, offset=start, length=share,
-                              loss_count=num_supervised(labels))
+                              loss_count=num_supervised(labels), feature_rows=rows_of)
+    batch["input_ids"] = ids[:, start:start + share].contiguous()
+    batch["position_ids"] = batch["position_ids"][:, start:start + share].contiguous()
     batch["num_real_tokens"] = int(real[:, start:start + share].sum())
     batch["num_slots"] = rows * share
     batch["num_supervised"] = num_supervised(window)
     return batch
+
+
+def feature_rows(input_ids: torch.Tensor, token: int, size: int) -> tuple[torch.Tensor, ...]:
+    """Per rank of ``size``: the ordinals (row-major over the batch: the order the model's
+    features come in) of the ``token`` placeholders in its slice of the columns."""
+    placed = input_ids == token
+    ordinal = placed.flatten().cumsum(0).view(placed.shape) - 1
+    share = input_ids.shape[1] // size
+    return tuple(ordinal[:, r * share:(r + 1) * share][placed[:, r * share:(r + 1) * share]] for r in range(size))
 
 
 def sample_counts(labels: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -130,4 +151,5 @@ def _padded_to_multiple(batch: dict[str, Any], size: int, pad_token_id: int) -> 
     return batch
 
 
-__all__ = ["SAMPLE_COUNTS", "SHARD", "SHARD_KEYS", "SequenceShards", "ShardFacts", "sample_counts", "shard_batch"]
+__all__ = ["SAMPLE_COUNTS", "SHARD", "SHARD_KEYS", "SequenceShards", "ShardFacts", "feature_rows", "sample_counts",
+           "shard_batch"]

@@ -7,8 +7,9 @@
 - **Attention**: DeepSpeed's ``UlyssesSPAttentionHF`` around our own attention: its all-to-all
   hands each rank the whole sequence for 1/N of the heads, so our kernels (per-sample varlen
   for packed rows, SDPA otherwise) see every sample whole and no sample sees another.
-- **Sequence**: a hook on the language model cuts the merged embeddings and positions to this
-  rank's slice; the sample boundaries (``cu_seq_lens``) stay those of the whole row.
+- **Sequence**: each rank's micro-batch arrives cut to its slice of tokens and positions
+  (:mod:`hpc_train.data.sequence_shard`); the sample boundaries (``cu_seq_lens``) stay those of
+  the whole row.
 - **Vision**: :mod:`hpc_train.models.vision_share` — each rank encodes its share of the media.
 
 Training only: in evaluation and generation (``model.eval()``) every rank runs whole samples.
@@ -16,7 +17,6 @@ Training only: in evaluation and generation (``model.eval()``) every rank runs w
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -27,8 +27,9 @@ from hpc_train.models.host_masks import register_with_masks
 from hpc_train.models.vision_share import share_vision
 
 ULYSSES_SUFFIX = "_ulysses"
-INNER_MODELS = {"smolvlm": ("Idefics3Model", "text_model"), "llava_onevision": ("LlavaOnevisionModel", "language_model")}
-"""Per family: the class holding the vision tower and the language model, and the language model's attribute."""
+INNER_MODELS = {"smolvlm": "Idefics3Model", "llava_onevision": "LlavaOnevisionModel"}
+"""Per family: the class holding the vision tower and the language model."""
+MEDIA_TOKENS = {"smolvlm": ("image",), "llava_onevision": ("image", "video")}
 
 
 def allowed_sizes(text_config: Any, up_to: int = 64) -> list[int]:
@@ -70,15 +71,17 @@ def join_sequence_groups(size: int) -> ModuleType:
     return mpu
 
 
+def media_token_ids(config: Any, family_name: str) -> dict[str, int]:
+    """The placeholder token of each kind of media features the model merges into the sequence."""
+    return {kind: getattr(config, f"{kind}_token_id") for kind in MEDIA_TOKENS[family_name]}
+
+
 def use_sequence_parallel(model: Any, family_name: str, mpu: ModuleType) -> None:
     """Split ``model``'s training forward over this rank's sequence-parallel group (after
     :func:`~hpc_train.models.attention.use_varlen_attention`, whose attention it wraps)."""
-    group, rank = mpu.get_sequence_parallel_group(), mpu.get_sequence_parallel_rank()
-    size = mpu.get_sequence_parallel_world_size()
-    class_name, text_attribute = INNER_MODELS[family_name]
-    inner = next(m for m in model.modules() if type(m).__name__ == class_name)
+    group = mpu.get_sequence_parallel_group()
+    inner = next(m for m in model.modules() if type(m).__name__ == INNER_MODELS[family_name])
     _wrap_attention(model.config.text_config, group)
-    getattr(inner, text_attribute).register_forward_pre_hook(_slice_sequence(rank, size), with_kwargs=True)
     share_vision(inner, family_name, model.config, group)
 
 
@@ -119,20 +122,5 @@ def _wrap_attention(text: Any, group: Any) -> None:
     text._attn_implementation = name + ULYSSES_SUFFIX
 
 
-def _slice_sequence(rank: int, size: int) -> Callable[..., Any]:
-    def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if not module.training:
-            return None
-        embeds, positions = kwargs.get("inputs_embeds"), kwargs.get("position_ids")
-        if embeds is None or positions is None or embeds.shape[1] % size:
-            raise ValueError("under sequence parallelism the language model takes inputs_embeds and position_ids "
-                             f"of a length divisible by {size} (batches cut by data.sequence_shard)")
-        share = embeds.shape[1] // size
-        cut = slice(rank * share, (rank + 1) * share)
-        return args, {**kwargs, "inputs_embeds": embeds[:, cut], "position_ids": positions[:, cut],
-                      "attention_mask": None}
-
-    return hook
-
-
-__all__ = ["allowed_sizes", "check_sequence_parallel", "join_sequence_groups", "use_sequence_parallel"]
+__all__ = ["allowed_sizes", "check_sequence_parallel", "join_sequence_groups", "media_token_ids",
+           "use_sequence_parallel"]

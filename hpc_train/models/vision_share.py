@@ -1,25 +1,54 @@
 """The vision work of a sequence-parallel group, shared instead of repeated.
 
-Every rank of the group holds the whole micro-batch; each encodes only its share of the
-tiles (SmolVLM: images and video frames alike) or video frames (LLaVA-OneVision), in order,
-and the features are all-gathered, so every rank can place them at their tokens before the
-sequence is cut. PyTorch's differentiable all-gather returns, in the backward, the sum over
-the group of each share's gradient to the rank that encoded it, so a trained tower's
-gradients are exact. A rank with no share (fewer items than ranks) encodes the first one and
+Every rank of the group holds the whole micro-batch's media but only a slice of its tokens.
+Each rank encodes a contiguous share of the tiles (SmolVLM: images and video frames alike) or
+video frames (LLaVA-OneVision), in order; one all-to-all then sends every feature row to the
+rank whose slice holds its placeholder token, so no rank holds the features of the whole
+sample. The all-to-all is PyTorch's differentiable one: its backward sends each row's
+gradient back to the rank that encoded it, so a trained tower's gradients are exact.
+
+Which rows each rank's slice holds (:class:`FeatureRows`) is worked out on the host from the
+token ids (:mod:`hpc_train.data.sequence_shard`) and set around the forward with
+:func:`features_for`. A rank with no share (fewer items than ranks) encodes the first one and
 adds it times zero, so every rank runs the same modules (ZeRO-3 gathers them collectively).
-LLaVA-OneVision's images (a few anyres grids per sample) are encoded whole on every rank.
+LLaVA-OneVision's images (a few anyres grids per sample) are encoded whole on every rank, each
+keeping its slice's rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed._functional_collectives import all_gather_single, wait_tensor
+from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
 from hpc_train.models.image_tokens import smolvlm_tile_tokens
+
+
+@dataclass(frozen=True)
+class FeatureRows:
+    """For one kind of media (``image`` / ``video``): ``wanted[s]``, the rows of the model's
+    features, in their order, whose placeholder tokens are in rank ``s``'s slice (sorted)."""
+
+    wanted: tuple[torch.Tensor, ...]
+
+
+_ROWS: ContextVar[dict[str, FeatureRows] | None] = ContextVar("sequence_parallel_feature_rows", default=None)
+
+
+@contextlib.contextmanager
+def features_for(rows: dict[str, FeatureRows]) -> Iterator[None]:
+    """One training forward whose slice holds ``rows`` of each kind of media features."""
+    token = _ROWS.set(rows)
+    try:
+        yield
+    finally:
+        _ROWS.reset(token)
 
 
 def share_bounds(count: int, rank: int, size: int) -> tuple[int, int]:
@@ -30,22 +59,36 @@ def share_bounds(count: int, rank: int, size: int) -> tuple[int, int]:
     return start, start + base + (rank < extra)
 
 
-def gather_shares(local: torch.Tensor, rows: list[int], group: Any) -> torch.Tensor:
-    """The group's shares (rank r has ``rows[r]`` rows) concatenated in rank order, on every rank."""
-    width = max(rows)
-    padded = torch.nn.functional.pad(local, (0, 0, 0, width - local.shape[0]))
-    # PyTorch's functional all-gather: its backward reduce-scatters the gradient back to the shares.
-    parts = wait_tensor(all_gather_single(padded, 0, group)).view(len(rows), width, *local.shape[1:])
-    return torch.cat([part[:n] for part, n in zip(parts, rows, strict=True)])
+def route(local: torch.Tensor, spans: list[tuple[int, int]], wanted: tuple[torch.Tensor, ...], group: Any
+          ) -> torch.Tensor:
+    """This rank's wanted rows, in order, from the group's encoded rows: rank q encoded the
+    global rows ``spans[q]`` = [first, end) (``local`` here), ``wanted[s]`` are rank s's."""
+    rank = dist.get_rank(group)
+    first, end = spans[rank]
+    sends = [w[(w >= first) & (w < end)] - first for w in wanted]
+    mine = wanted[rank]
+    receives = [int(((mine >= lo) & (mine < hi)).sum()) for lo, hi in spans]
+    rows = torch.cat(sends).to(local.device)
+    out = all_to_all_single_autograd(local[rows], receives, [len(s) for s in sends], group)
+    return wait_tensor(out)
 
 
 def share_vision(inner: torch.nn.Module, family_name: str, config: Any, group: Any) -> None:
     """Make ``inner`` (the family's model holding tower and language model) encode only this
-    rank's share of its media while training."""
+    rank's share of its media while training, and keep only its slice's features."""
     if family_name == "smolvlm":
         inner.get_image_features = _idefics3_tiles(inner, inner.get_image_features, smolvlm_tile_tokens(config), group)
     else:
         inner.get_video_features = _llava_onevision_frames(inner, inner.get_video_features, group)
+        inner.get_image_features = _llava_onevision_images(inner, inner.get_image_features, group)
+
+
+def _rows(kind: str) -> FeatureRows:
+    rows = _ROWS.get()
+    if rows is None or kind not in rows:
+        raise ValueError("a training forward under sequence parallelism takes micro-batches cut by "
+                         "data.sequence_shard (their feature rows set with features_for)")
+    return rows[kind]
 
 
 def _idefics3_tiles(inner: torch.nn.Module, original: Callable[..., Any], per_tile: int, group: Any
@@ -64,8 +107,8 @@ def _idefics3_tiles(inner: torch.nn.Module, original: Callable[..., Any], per_ti
         mask = None if pixel_attention_mask is None else pixel_attention_mask.flatten(0, 1)[pick][None]
         out = original(tiles[pick][None], mask, **kwargs)
         local = torch.cat(list(out.pooler_output))
-        features = _gathered(local, end > start, [(e - s) * per_tile for s, e in bounds], group)
-        out.pooler_output = [features]
+        spans = [(s * per_tile, e * per_tile) for s, e in bounds]
+        out.pooler_output = [_routed(local, end > start, spans, _rows("image"), group)]
         return out
 
     return get_image_features
@@ -84,19 +127,57 @@ def _llava_onevision_frames(inner: torch.nn.Module, original: Callable[..., Any]
         out = original(flat[start:end][None] if end > start else flat[:1][None], *args, **kwargs)
         pooled = out.pooler_output[0]  # this share's frames, then the video's newline
         per_frame = (pooled.shape[0] - 1) // max(end - start, 1)
-        features = _gathered(pooled[:-1], end > start, [(e - s) * per_frame for s, e in bounds], group)
-        newline = pooled[-1:][None].expand(videos, 1, -1)
-        out.pooler_output = torch.cat([features.view(videos, frames * per_frame, -1), newline], dim=1)
+        local = _with_newlines(pooled, start, max(end, start + 1), frames, per_frame)
+        spans = [_video_rows(s, e, frames, per_frame) for s, e in bounds]
+        out.pooler_output = _routed(local, end > start, spans, _rows("video"), group)[None]
         return out
 
     return get_video_features
 
 
-def _gathered(local: torch.Tensor, has_share: bool, rows: list[int], group: Any) -> torch.Tensor:
-    """The group's features; a rank without a share sends none and keeps its stand-in's graph at zero."""
+def _llava_onevision_images(inner: torch.nn.Module, original: Callable[..., Any], group: Any) -> Callable[..., Any]:
+    rank = dist.get_rank(group)
+
+    def get_image_features(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        if inner.training:
+            wanted = _rows("image").wanted[rank]
+            out.pooler_output = [torch.cat(list(out.pooler_output))[wanted.to(out.pooler_output[0].device)]]
+        return out
+
+    return get_image_features
+
+
+def _video_rows(start: int, end: int, frames: int, per_frame: int) -> tuple[int, int]:
+    """Global feature rows of flattened frames [start, end): each video is its frames' rows then
+    one newline row."""
+    def row(i: int) -> int:
+        return (i // frames) * (frames * per_frame + 1) + (i % frames) * per_frame
+
+    if end <= start:
+        return row(start), row(start)
+    return row(start), row(end - 1) + per_frame + int((end - 1) % frames == frames - 1)
+
+
+def _with_newlines(pooled: torch.Tensor, start: int, end: int, frames: int, per_frame: int) -> torch.Tensor:
+    """The share's rows in the global layout: a newline after each video's last frame."""
+    feats, newline = pooled[:-1].view(end - start, per_frame, -1), pooled[-1:]
+    pieces, first = [], start
+    while first < end:
+        stop = min(end, (first // frames + 1) * frames)
+        pieces.append(feats[first - start:stop - start].flatten(0, 1))
+        if stop % frames == 0:
+            pieces.append(newline)
+        first = stop
+    return torch.cat(pieces)
+
+
+def _routed(local: torch.Tensor, has_share: bool, spans: list[tuple[int, int]], rows: FeatureRows,
+            group: Any) -> torch.Tensor:
+    """The routed rows; a rank without a share sends none and keeps its stand-in's graph at zero."""
     if has_share:
-        return gather_shares(local, rows, group)
-    return gather_shares(local[:0], rows, group) + local.sum() * 0
+        return route(local, spans, rows.wanted, group)
+    return route(local[:0], spans, rows.wanted, group) + local.sum() * 0
 
 
-__all__ = ["gather_shares", "share_bounds", "share_vision"]
+__all__ = ["FeatureRows", "features_for", "route", "share_bounds", "share_vision"]

@@ -43,6 +43,7 @@ from hpc_train.models.load import model_family
 from hpc_train.models.sequence_parallel import (
     check_sequence_parallel,
     join_sequence_groups,
+    media_token_ids,
     use_sequence_parallel,
 )
 from hpc_train.models.varlen_backend import varlen_backend
@@ -203,22 +204,23 @@ def _train_data(config: RunConfig, info: DistInfo, pipeline: DataPipeline, loade
     if config.data.packing:
         packs, steps, efficiency = _plan_packing(config, info, pipeline, records)
         return TrainData(dataset=dataset, batches=packs, total_steps=steps, packing_efficiency=efficiency,
-                         collate=_sharded(config, info, pipeline,
+                         collate=_sharded(config, info, pipeline, loaded.model.config,
                                           pipeline.packed_collator(rows_per_micro=train.micro_batch_size)))
     batches = PlannedBatches(len(dataset), seed=train.seed, rank=rank, world_size=world,
                              micro_batch=train.micro_batch_size, grad_accum=train.grad_accum)
     steps = total_steps(len(records), micro_batch=train.micro_batch_size, world_size=world,
                         grad_accum=train.grad_accum, epochs=train.epochs, max_steps=train.max_steps)
     return TrainData(dataset=dataset, batches=batches, total_steps=steps,
-                     collate=_sharded(config, info, pipeline, pipeline.collator()))
+                     collate=_sharded(config, info, pipeline, loaded.model.config, pipeline.collator()))
 
 
-def _sharded(config: RunConfig, info: DistInfo, pipeline: DataPipeline, collate: Any) -> Any:
+def _sharded(config: RunConfig, info: DistInfo, pipeline: DataPipeline, model_config: Any, collate: Any) -> Any:
     """``collate``, cut to this rank's slice of each micro-batch under sequence parallelism."""
     size = config.train.sequence_parallel
     if size == 1:
         return collate
-    return SequenceShards(collate, rank=info.rank % size, size=size, pad_token_id=pipeline.pad_token_id)
+    return SequenceShards(collate, rank=info.rank % size, size=size, pad_token_id=pipeline.pad_token_id,
+                          media_tokens=media_token_ids(model_config, pipeline.family.name))
 
 
 def _plan_packing(config: RunConfig, info: DistInfo, pipeline: DataPipeline, records: list[Record]

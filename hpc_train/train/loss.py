@@ -18,6 +18,7 @@ DeepSpeed's gradient sum over the group is exactly its gradient.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ from hpc_train.data.sequence_shard import SAMPLE_COUNTS, SHARD, SHARD_KEYS
 from hpc_train.data.tokenize import IGNORE_INDEX
 from hpc_train.models.host_masks import masks_decided_on_host
 from hpc_train.models.image_tokens import image_check_made
+from hpc_train.models.vision_share import features_for
 
 
 @dataclass
@@ -51,7 +53,9 @@ LossFn = Callable[[Any, dict[str, Any]], Loss]
 def supervised_logits(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
     """The logits at the batch's supervised positions, (rows, K, vocab)."""
     forward = {k: v for k, v in inputs.items() if k not in ("labels", LOSS_POSITIONS, LOSS_TARGETS, *SHARD_KEYS)}
-    with masks_decided_on_host(model, forward), image_check_made(model):
+    shard = inputs.get(SHARD)
+    rows = features_for(shard.feature_rows) if shard is not None else contextlib.nullcontext()
+    with masks_decided_on_host(model, forward), image_check_made(model), rows:
         return model(**forward, logits_to_keep=inputs[LOSS_POSITIONS], use_cache=False).logits
 
 

@@ -58,18 +58,25 @@ def kept(batch: dict, offset: int = 0) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("size", [2, 3, 4])
 def test_the_shards_hold_every_supervised_target_once_and_the_counts_add_up(make, size):
     whole = make()
-    shards = [shard_batch(dict(whole), rank=r, size=size, pad_token_id=PAD) for r in range(size)]
-    length = shards[0]["input_ids"].shape[1]
-    assert length % size == 0 and length >= whole["input_ids"].shape[1]
+    shards = [shard_batch(dict(whole), rank=r, size=size, pad_token_id=PAD, media_tokens={"image": 7})
+              for r in range(size)]
+    length = shards[0]["input_ids"].shape[1] * size
+    assert whole["input_ids"].shape[1] <= length < whole["input_ids"].shape[1] + size
+    ids = torch.cat([s["input_ids"] for s in shards], dim=1)
+    assert torch.equal(ids[:, :whole["input_ids"].shape[1]], whole["input_ids"]) and not ids[:, whole["input_ids"].shape[1]:].any()
+    # each placeholder's feature row (row-major order over the batch) goes to the rank holding it
+    rows = [s[SHARD].feature_rows["image"].wanted[s[SHARD].rank] for s in shards]
+    assert torch.cat(rows).sort().values.tolist() == list(range(int((whole["input_ids"] == 7).sum())))
+    assert all(int((s["input_ids"] == 7).sum()) == len(r) for s, r in zip(shards, rows, strict=True))
     assert all("attention_mask" not in s for s in shards)  # right-padded: causal attention is exact
     assert [s[SHARD].offset for s in shards] == [r * length // size for r in range(size)]
     assert sorted(p for s in shards for p in kept(s, s[SHARD].offset)) == kept(whole)
     for key in ("num_real_tokens", "num_supervised"):
         assert sum(s[key] for s in shards) == whole[key], key
-    assert sum(s["num_slots"] for s in shards) == shards[0]["input_ids"].numel()
+    assert sum(s["num_slots"] for s in shards) == ids.numel()
     assert {s[SHARD].loss_count for s in shards} == {whole["num_supervised"]}
-    positions = shards[0]["position_ids"]
-    assert positions.shape == shards[0]["input_ids"].shape
+    assert all(s["position_ids"].shape == s["input_ids"].shape for s in shards)
+    positions = torch.cat([s["position_ids"] for s in shards], dim=1)
     if "cu_seq_lens_q" in whole:  # any padding added is a sample of its own
         bounds = shards[0]["sample_bounds"]
         assert int(shards[0]["cu_seq_lens_q"][-1]) == length == bounds[-1]
@@ -87,7 +94,7 @@ def test_shares_of_the_sample_mean_loss_add_up_to_it():
     for rank in range(2):
         part = shard_batch(dict(whole), rank=rank, size=2, pad_token_id=PAD)
         global_positions = part[LOSS_POSITIONS][0] + part[SHARD].offset
-        padded = torch.cat([losses, torch.zeros(part["input_ids"].shape[1] - len(losses))])
+        padded = torch.cat([losses, torch.zeros(part["input_ids"].shape[1] * 2 - len(losses))])
         total += per_sample_mean(padded[global_positions], global_positions, part[LOSS_TARGETS][0],
                                  part["cu_seq_lens_q"], counts=part[SAMPLE_COUNTS])
     assert float(total) == pytest.approx(float(expected), rel=1e-6)
@@ -104,7 +111,7 @@ def test_only_the_first_rank_of_a_group_counts_the_samples():
     def collate(items):
         return {**padded_batch(), "num_skipped": 1}
 
-    first, second = (SequenceShards(collate, rank=r, size=2, pad_token_id=PAD)([]) for r in (0, 1))
+    first, second = (SequenceShards(collate, rank=r, size=2, pad_token_id=PAD, media_tokens={})([]) for r in (0, 1))
     assert first["sample_ids"] == ["a", "b"] and first["num_skipped"] == 1
     assert second["sample_ids"] == [] and second["num_skipped"] == 0
 
