@@ -152,8 +152,8 @@ class TrainConfig(_Section):
     """Recompute activations in the backward pass (less memory, about a third more compute)."""
     sequence_parallel: int = Field(1, ge=1)
     """Ranks that share one micro-batch's sequence (DeepSpeed's Ulysses; 1: off). The world size
-    must be a multiple of it; data parallelism runs over the rest. Its heads must split evenly:
-    ``hpc-train doctor``-style sizes per model in the README."""
+    must be a multiple of it; data parallelism runs over the rest. The language model's heads
+    must split evenly over it (the sizes each model allows: README, "Long videos")."""
     log_every: int = Field(1, ge=1)
     """Write a metrics line every N optimizer steps."""
     eval_every: int = Field(0, ge=0)
