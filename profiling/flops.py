@@ -146,14 +146,17 @@ class StepFlops:
 
 
 def step_flops(shape: ModelShape, trainability: Trainability, *, tokens: int, samples: int,
-               images: int) -> StepFlops:
+               images: int, context: float | None = None) -> StepFlops:
     """Model FLOPs of a step that ran ``tokens`` real language-model tokens in ``samples``
     sequences and ``images`` images (frames, tiles) through the vision tower.
 
-    Attention uses the mean sequence length ``tokens / samples``: exact for equal lengths,
-    a slight undercount when lengths vary.
+    Attention uses the mean sequence length ``context``, by default ``tokens / samples``: exact
+    for equal lengths, a slight undercount when lengths vary. A rank holding a slice of each
+    sequence (sequence parallelism) gives the whole sequences' mean: each of its tokens still
+    attends over the whole sequence.
     """
-    context = tokens / samples if samples else 0.0
+    if context is None:
+        context = tokens / samples if samples else 0.0
     # forward FLOPs of each component, and the part of it that is weight matmuls
     weights: dict[str, float] = {
         "llm": 2.0 * shape.text.matmul_params() * tokens,

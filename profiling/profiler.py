@@ -85,9 +85,11 @@ class Profiler:
         if not self._epochs:  # epochs count from the first step, not from setup
             self._last_step_end = time.perf_counter()
 
-    def step_done(self, *, samples: int, tokens: int, slot_tokens: int, epoch: int = 0) -> None:
+    def step_done(self, *, samples: int, tokens: int, slot_tokens: int, epoch: int = 0,
+                  context: float | None = None) -> None:
         images, self._images = self._images, 0
-        self.timer.step_done(samples=samples, tokens=tokens, slot_tokens=slot_tokens, images=images, epoch=epoch)
+        self.timer.step_done(samples=samples, tokens=tokens, slot_tokens=slot_tokens, images=images, epoch=epoch,
+                             context=context)
         now = time.perf_counter()
         entry = self._epochs.setdefault(epoch, {"epoch": epoch, "steps": 0, "wall_s": 0.0})
         entry["steps"] += 1

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -30,13 +31,15 @@ class StepRecord:
     slot_tokens: int
     images: int = 0
     epoch: int = 0
+    context: float | None = None
+    """Mean length of the sequences this step's tokens attend over (None: tokens / samples)."""
 
 
 @dataclass
 class _PendingStep:
     wall_ms: float
     events: list[tuple[str, object, object]]
-    counts: dict[str, int]
+    counts: dict[str, Any]
 
 
 @dataclass
@@ -93,14 +96,15 @@ class PhaseTimer:
             finally:
                 self._events.append((name, began, time.perf_counter()))
 
-    def step_done(self, *, samples: int, tokens: int, slot_tokens: int, images: int = 0, epoch: int = 0) -> None:
+    def step_done(self, *, samples: int, tokens: int, slot_tokens: int, images: int = 0, epoch: int = 0,
+                  context: float | None = None) -> None:
         """Close the current step (call once per optimizer step, after its optimizer phase)."""
         now = time.perf_counter()
         wall_ms = (now - self._step_started) * 1000.0
         self._step_started = now
         self._resolve_pending()
         counts = {"samples": samples, "tokens": tokens, "slot_tokens": slot_tokens, "images": images,
-                  "epoch": epoch}
+                  "epoch": epoch, "context": context}
         self._pending = _PendingStep(wall_ms, self._events, counts)
         self._events = []
         if not self._cuda:

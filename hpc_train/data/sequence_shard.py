@@ -47,6 +47,9 @@ class ShardFacts:
     """Supervised targets of the whole micro-batch: the token-mean loss's denominator."""
     feature_rows: dict[str, FeatureRows]
     """Per kind of media: the feature rows each rank's slice holds."""
+    whole_tokens: int
+    whole_samples: int
+    """Real tokens and samples of the whole micro-batch (the sequences its attention spans)."""
 
 
 class SequenceShards:
@@ -62,12 +65,12 @@ class SequenceShards:
 
     def __call__(self, items: Sequence[Any]) -> dict[str, Any]:
         batch = self.collate(items)
+        if "input_ids" in batch:
+            batch = shard_batch(batch, rank=self.rank, size=self.size, pad_token_id=self.pad_token_id,
+                                media_tokens=self.media_tokens)
         if self.rank:  # the group's samples are counted once, by its first rank
             batch = {**batch, "sample_ids": [], "num_skipped": 0}
-        if "input_ids" not in batch:
-            return batch
-        return shard_batch(batch, rank=self.rank, size=self.size, pad_token_id=self.pad_token_id,
-                           media_tokens=self.media_tokens)
+        return batch
 
 
 def shard_batch(batch: dict[str, Any], *, rank: int, size: int, pad_token_id: int,
@@ -93,7 +96,8 @@ def shard_batch(batch: dict[str, Any], *, rank: int, size: int, pad_token_id: in
     ids = batch["input_ids"]
     rows_of = {kind: FeatureRows(feature_rows(ids, token, size)) for kind, token in (media_tokens or {}).items()}
     batch[SHARD] = ShardFacts(rank=rank, size=size, offset=start, length=share,
-                              loss_count=num_supervised(labels), feature_rows=rows_of)
+                              loss_count=num_supervised(labels), feature_rows=rows_of,
+                              whole_tokens=batch["num_real_tokens"], whole_samples=len(batch["sample_ids"]))
     batch["input_ids"] = ids[:, start:start + share].contiguous()
     batch["position_ids"] = batch["position_ids"][:, start:start + share].contiguous()
     batch["num_real_tokens"] = int(real[:, start:start + share].sum())

@@ -12,7 +12,8 @@ class StepTimer(Protocol):
     def phase(self, name: str) -> AbstractContextManager[Any]: ...
     def section(self, name: str) -> AbstractContextManager[Any]: ...
     def step_begin(self) -> None: ...
-    def step_done(self, *, samples: int, tokens: int, slot_tokens: int, epoch: int = 0) -> None: ...
+    def step_done(self, *, samples: int, tokens: int, slot_tokens: int, epoch: int = 0,
+                  context: float | None = None) -> None: ...
 
 
 class NoTimer:
@@ -27,5 +28,6 @@ class NoTimer:
     def step_begin(self) -> None:
         return None
 
-    def step_done(self, *, samples: int, tokens: int, slot_tokens: int, epoch: int = 0) -> None:
+    def step_done(self, *, samples: int, tokens: int, slot_tokens: int, epoch: int = 0,
+                  context: float | None = None) -> None:
         return None

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from hpc_train.data.collate import FloatCast, step_inputs
+from hpc_train.data.sequence_shard import SHARD
 from hpc_train.data.worker_signals import survive_group_signals
 from hpc_train.dist import all_gather, barrier, sum_over_ranks
 from hpc_train.errors import HpcTrainError
@@ -129,6 +130,7 @@ class TrainLoop:
         sample_ids: list[str] = []
         counts = {"tokens": 0, "slot_tokens": 0, "supervised_tokens": 0, "samples": 0, "skipped_samples": 0,
                   "empty_micro_batches": 0}
+        sequences = [0, 0]  # real tokens and samples of the sequences this rank's tokens belong to
         while True:
             with timer.phase("data_wait"):
                 batch = next(micro)
@@ -142,6 +144,7 @@ class TrainLoop:
             if not empty:  # a stand-in's loss is 0/0 and is not averaged
                 losses.append(loss.value.detach())
             _tally(counts, batch, empty=empty)
+            _tally_sequences(sequences, batch, empty=empty)
             sample_ids += batch["sample_ids"]
             boundary = engine.is_gradient_accumulation_boundary()
             agreed = self._agree(losses, counts) if boundary else None
@@ -153,7 +156,8 @@ class TrainLoop:
             if agreed is not None:
                 break
         timer.step_done(samples=counts["samples"], tokens=counts["tokens"], slot_tokens=counts["slot_tokens"],
-                        epoch=self.training.state.epoch)
+                        epoch=self.training.state.epoch,
+                        context=sequences[0] / sequences[1] if sequences[1] else None)
         self._after_optimizer(agreed, sample_ids)
         # Under sequence parallelism each rank of a group holds a share of one micro-batch's loss.
         micro_losses = agreed["finite"] / self.parts.config.train.sequence_parallel
@@ -291,6 +295,16 @@ def _tally(counts: dict[str, int], batch: dict[str, Any], *, empty: bool) -> Non
         counts["slot_tokens"] += batch["num_slots"]
         counts["supervised_tokens"] += batch["num_supervised"]
         counts["samples"] += len(batch["sample_ids"])
+
+
+def _tally_sequences(sequences: list[int], batch: dict[str, Any], *, empty: bool) -> None:
+    """Add the whole micro-batch's real tokens and samples: under sequence parallelism this
+    rank's tokens are a slice of them, and their attention spans the whole sequences."""
+    if empty:
+        return
+    facts = batch.get(SHARD)
+    sequences[0] += facts.whole_tokens if facts is not None else batch["num_real_tokens"]
+    sequences[1] += facts.whole_samples if facts is not None else len(batch["sample_ids"])
 
 
 def _unusable(agreed: dict[str, float]) -> bool:

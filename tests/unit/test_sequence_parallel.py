@@ -169,3 +169,15 @@ def test_the_plan_says_it_does_not_model_sequence_parallelism_and_what_to_plan_i
 
     with pytest.raises(ConfigError, match="train.sequence_parallel=1 on the same GPUs for an upper bound"):
         make_plan(load_config("tiny_smolvlm", ["train.sequence_parallel=2"]), None, gpus_per_node=2, bf16=False)
+
+
+def test_the_flops_of_a_group_s_slices_add_up_to_the_whole_sequence_s():
+    from profiling.flops import Trainability, shape_of, step_flops
+
+    shape = shape_of(PRESETS["smolvlm-256m"].build_config())
+    trains = Trainability(trains=frozenset({"llm", "head"}))
+    whole = step_flops(shape, trains, tokens=30_000, samples=1, images=0)
+    slices = [step_flops(shape, trains, tokens=10_000, samples=int(r == 0), images=0, context=30_000)
+              for r in range(3)]
+    assert sum(f.total for f in slices) == pytest.approx(whole.total, rel=1e-9)
+    assert slices[1].total > step_flops(shape, trains, tokens=10_000, samples=1, images=0).total
