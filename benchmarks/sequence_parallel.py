@@ -10,6 +10,7 @@ steps 2.. from the metrics; the data-parallel arm trains N samples per step, the
 
     python benchmarks/sequence_parallel.py                           # tiny SmolVLM, 2 ranks, 96 frames
     python benchmarks/sequence_parallel.py --model smolvlm-256m --size 3 --frames 24
+    python benchmarks/sequence_parallel.py --set train.tiled_mlp=4   # both arms with tiled MLPs
 
 Prints one table; the goal is activations per rank <= 0.6x at N = 2 (about 1/N) and the
 tower's frames per rank 1/N.
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=2, help="ranks sharing a sample (and ranks of the run)")
     parser.add_argument("--frames", type=int, default=96, help="frames of the one video of each sample")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for both arms (e.g. train.tiled_mlp=4)")
     opts = parser.parse_args(argv)
     from hpc_train.data.synthetic import SyntheticSpec, make_dataset
 
@@ -113,11 +116,12 @@ def main(argv: list[str] | None = None) -> None:
                   f"data.video.max_frames={opts.frames}", "data.max_seq_len=1000000", "train.micro_batch_size=1",
                   "train.grad_accum=1", f"train.max_steps={opts.steps}", "train.device=cpu", "model.dtype=fp32",
                   "profile.enabled=false", "eval.generate=false",
-                  f"deepspeed.config={root / 'zero2_small_buckets.json'}"]
+                  f"deepspeed.config={root / 'zero2_small_buckets.json'}", *opts.set]
         whole = measured([*common, f"output_dir={root / 'dp'}"], opts.size, root / "dp-ranks")
         shared = measured([*common, f"output_dir={root / 'sp'}", f"train.sequence_parallel={opts.size}"], opts.size,
                           root / "sp-ranks")
-    print(f"{opts.model}, one {opts.frames}-frame video per sample, {opts.size} ranks, fp32 on the CPU "
+    print(f"{opts.model}{''.join(' ' + o for o in opts.set)}, one {opts.frames}-frame video per sample, "
+          f"{opts.size} ranks, fp32 on the CPU "
           f"(step 2's peak above its start, rank 0; step time median of steps 2..{opts.steps})")
     per_sample = {"dp": whole[0]["step_s"], "sp": shared[0]["step_s"]}
     rows = [("activations per rank (MiB)", whole[0]["activation_peak"] / 2**20, shared[0]["activation_peak"] / 2**20),

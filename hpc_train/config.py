@@ -150,6 +150,10 @@ class TrainConfig(_Section):
     """Clip the global gradient norm to this value (``null``: no clipping)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, about a third more compute)."""
+    tiled_mlp: int = Field(0, ge=0)
+    """Compute each language-model MLP over this many tiles of the sequence, recomputed in the
+    backward (DeepSpeed's TiledMLP; 0 or 1: whole): its intermediate activations, 3-4x the
+    hidden size per token, then exist for one tile at a time, for one more MLP forward a step."""
     sequence_parallel: int = Field(1, ge=1)
     """Ranks that share one micro-batch's sequence (DeepSpeed's Ulysses; 1: off). The world size
     must be a multiple of it; data parallelism runs over the rest. The language model's heads

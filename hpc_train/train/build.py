@@ -46,6 +46,7 @@ from hpc_train.models.sequence_parallel import (
     media_token_ids,
     use_sequence_parallel,
 )
+from hpc_train.models.tiled_mlp import use_tiled_mlp
 from hpc_train.models.varlen_backend import varlen_backend
 from hpc_train.train.checkpoint import Checkpointer, TrainState
 from hpc_train.train.data_order import PlannedBatches, total_steps
@@ -93,6 +94,9 @@ def build_run(config: RunConfig, info: DistInfo) -> RunParts:
         loaded = load_training_model(config, info, device, source, ds)
         attention = _use_our_attention(loaded, device)
         mpu = _sequence_parallel(config, info, loaded)
+        if training and config.train.tiled_mlp > 1:
+            use_tiled_mlp(loaded.model, loaded.family.name, config.train.tiled_mlp)
+            _say(info, f"tiled MLP: each language-model MLP in {config.train.tiled_mlp} tiles of the sequence")
         if image_tokens_always_match(loaded.model.config, loaded.processor, loaded.family.name):
             mark_image_tokens_checked(loaded.model)
         packed = f", packed rows by {attention}" if config.data.packing else ""

@@ -65,6 +65,12 @@ CASES = {
     # a long video (many frames, trained tower), padded, ZeRO-2
     "smolvlm-video-trained-vision": ("smolvlm", ("video",), ["train.mode=full", "data.video.num_frames=12",
                                                             "train.micro_batch_size=2"]),
+    # the split side's MLPs also in tiles (DeepSpeed's TiledMLP): ZeRO must reduce whole gradients
+    "llava-video-lora-zero3-tiled-mlp": ("llava_onevision", ("video",), [
+        "train.mode=lora", "data.video.num_frames=12", "train.micro_batch_size=1",
+        "deepspeed.config=ds_configs/zero3.json"], ["train.tiled_mlp=3"]),
+    "smolvlm-video-zero2-tiled-mlp": ("smolvlm", ("video", "image"), [
+        "train.mode=full", "data.video.num_frames=6", "train.micro_batch_size=2"], ["train.tiled_mlp=5"]),
     "llava-video-frozen-vision-zero3": ("llava_onevision", ("video",), [
         "train.mode=full", "model.freeze=[vision]", "data.video.num_frames=12", "train.micro_batch_size=1",
         "deepspeed.config=ds_configs/zero3.json"]),
@@ -81,13 +87,14 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_ranks_of_one_group_train_as_one_process(tmp_path, synthetic_data, tiny_model_dirs, case):
-    family, kinds, overrides = CASES[case]
+    family, kinds, overrides, *split_only = CASES[case]
     data = kinds_file(synthetic_data, kinds)
     common = [*overrides, "train.max_steps=2", f"data.media_root={synthetic_data}"]
     whole = train(tmp_path / "n1", family, tiny_model_dirs[family], data, *common, nproc=1)
     split = train(tmp_path / "n2", family, tiny_model_dirs[family], data, *common, "train.sequence_parallel=2",
-                  nproc=2)
+                  *(split_only[0] if split_only else []), nproc=2)
     assert "sequence parallelism: 1 groups of 2 ranks" in split["log"]
+    assert ("tiled MLP: each language-model MLP in" in split["log"]) == bool(split_only)
     assert_same_training(split, whole)
     if family == "smolvlm" and "video" in kinds:
         # the group encodes each tile and frame once, half on each rank
