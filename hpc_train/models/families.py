@@ -27,6 +27,12 @@ class Family:
     """``None`` when videos are fed as a run of images."""
     module_groups: dict[str, tuple[str, ...]]
     """Parameter-name prefixes of each module group (vision / connector / llm / head)."""
+    inner_model: str
+    """Class name of the model holding the vision tower and the language model."""
+    language_model: str
+    """That model's attribute holding the language model."""
+    media_kinds: tuple[str, ...]
+    """Kinds of media features merged into the sequence, each at its ``<kind>_token_id``."""
 
     @property
     def video_as_images(self) -> bool:
@@ -45,6 +51,9 @@ SMOLVLM = Family(
         "llm": ("model.text_model.",),
         "head": ("lm_head.",),
     },
+    inner_model="Idefics3Model",
+    language_model="text_model",
+    media_kinds=("image",),
 )
 
 LLAVA_ONEVISION = Family(
@@ -59,6 +68,9 @@ LLAVA_ONEVISION = Family(
         "llm": ("model.language_model.",),
         "head": ("lm_head.",),
     },
+    inner_model="LlavaOnevisionModel",
+    language_model="language_model",
+    media_kinds=("image", "video"),
 )
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (SMOLVLM, LLAVA_ONEVISION)}

@@ -18,9 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hpc_train.models.sequence_parallel import INNER_MODELS
-
-TEXT_MODELS = {"smolvlm": "text_model", "llava_onevision": "language_model"}
+from hpc_train.models.families import get_family
+from hpc_train.models.sequence_parallel import inner_model
 
 
 def use_tiled_mlp(model: torch.nn.Module, family_name: str, tiles: int) -> int:
@@ -28,8 +27,8 @@ def use_tiled_mlp(model: torch.nn.Module, family_name: str, tiles: int) -> int:
     while training; how many MLPs it changed."""
     if tiles < 2:
         raise ValueError(f"tiled MLP needs 2 tiles or more, not {tiles}")
-    inner = next(m for m in model.modules() if type(m).__name__ == INNER_MODELS[family_name])
-    layers = getattr(inner, TEXT_MODELS[family_name]).layers
+    family = get_family(family_name)
+    layers = getattr(inner_model(model, family), family.language_model).layers
     for layer in layers:
         layer.mlp.forward = types.MethodType(_tiled(layer.mlp.forward, tiles), layer.mlp)
     return len(layers)

@@ -13,7 +13,7 @@ from hpc_train.data.collate import Collator, step_inputs
 from hpc_train.data.loss_positions import loss_positions
 from hpc_train.data.packing import pack_samples
 from hpc_train.models.families import get_family
-from hpc_train.models.tiled_mlp import TEXT_MODELS, use_tiled_mlp
+from hpc_train.models.tiled_mlp import use_tiled_mlp
 from hpc_train.train.loss import token_mean_loss
 from tests.conftest import mixed_samples
 
@@ -36,7 +36,8 @@ def test_tiled_mlps_train_as_whole_ones(loaded_tiny, varlen_tiny, synthetic_data
     tiled = copy.deepcopy(whole)
     assert use_tiled_mlp(tiled, family, tiles=tiles) == whole.config.text_config.num_hidden_layers
     calls: list[int] = []
-    mlp = next(m for n, m in tiled.named_modules() if n.endswith(f"{TEXT_MODELS[family]}.layers.0.mlp"))
+    text = get_family(family).language_model
+    mlp = next(m for n, m in tiled.named_modules() if n.endswith(f"{text}.layers.0.mlp"))
     hook = mlp.down_proj.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[-2]))
     assert_same(loss_and_grads(whole, lambda: token_mean_loss(whole, inputs).value),
                 loss_and_grads(tiled, lambda: token_mean_loss(tiled, inputs).value))
