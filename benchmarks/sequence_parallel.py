@@ -5,15 +5,16 @@ parallel), side by side in one run on this machine.
 Both arms run the same ranks under the same ZeRO-2 partitioning (small gradient buckets), so what differs per rank is
 what one sample costs: the activations (rank 0's peak of live tensor bytes during the second
 step above what was live when it began, :class:`profiling.live_tensors.LiveTensorBytes`), the
-vision tower's frames (counted at the tower), and the step time per sample (the median of
-steps 2.. from the metrics; the data-parallel arm trains N samples per step, the shared arm one).
+vision tower's frames (counted at the tower), the video frames each rank decodes, and the step
+time per sample (the median of steps 2.. from the metrics; the data-parallel arm trains N
+samples per step, the shared arm one).
 
     python benchmarks/sequence_parallel.py                           # tiny SmolVLM, 2 ranks, 96 frames
     python benchmarks/sequence_parallel.py --model smolvlm-256m --size 3 --frames 24
     python benchmarks/sequence_parallel.py --set train.tiled_mlp=4   # both arms with tiled MLPs
 
 Prints one table; the goal is activations per rank <= 0.6x at N = 2 (about 1/N) and the
-tower's frames per rank 1/N.
+tower's frames and the decoded frames per rank 1/N.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ MODELS = {
 
 
 def worker(args: list[str], result: Path) -> None:
-    """One rank: its activation peak during step 2, frames its tower encoded per step, step times."""
+    """One rank: its activation peak during step 2, frames its tower encoded and its loader decoded, step times."""
     from hpc_train.config_file import load_config
     from hpc_train.dist import read_dist_env
     from hpc_train.train.build import build_run
@@ -63,12 +64,20 @@ def worker(args: list[str], result: Path) -> None:
         def count(module: object, args: tuple, kwargs: dict) -> None:
             frames[0] += (args[0] if args else kwargs["pixel_values"]).shape[0]
 
-        engine.step = step_then_mark
+        media, decoded = parts.train.dataset.media, [0]
+        load = media.load
+
+        def counting_load(record: object) -> object:
+            out = load(record)
+            decoded[0] += sum(len(v.frames) if v.decoded is None else v.decoded[1] - v.decoded[0] for v in out.videos)
+            return out
+
+        engine.step, media.load = step_then_mark, counting_load
         vision_tower(parts.loaded.model, parts.loaded.family).register_forward_pre_hook(count, with_kwargs=True)
         TrainLoop(parts).train()
     rows = [json.loads(line) for line in (Path(parts.config.output_dir) / "metrics.jsonl").read_text().splitlines()]
     times = [r["step_time_s"] for r in rows if "step_time_s" in r][1:]
-    result.write_text(json.dumps({"activation_peak": live.peak_since_mark - marks[0], "frames": frames[0],
+    result.write_text(json.dumps({"activation_peak": live.peak_since_mark - marks[0], "frames": frames[0], "decoded": decoded[0],
                                   "steps": len(times) + 1, "step_s": statistics.median(times)}))
 
 
@@ -126,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     per_sample = {"dp": whole[0]["step_s"], "sp": shared[0]["step_s"]}
     rows = [("activations per rank (MiB)", whole[0]["activation_peak"] / 2**20, shared[0]["activation_peak"] / 2**20),
             ("tower frames per rank per step", whole[0]["frames"] / opts.steps, shared[0]["frames"] / opts.steps),
+            ("frames decoded per rank per step", whole[0]["decoded"] / opts.steps, shared[0]["decoded"] / opts.steps),
             ("step time (s): a sample per rank / per group", per_sample["dp"], per_sample["sp"])]
     print(f"{'':34}{'whole sample per rank':>24}{f'N = {opts.size} sharing one':>24}{'ratio':>8}")
     for name, a, b in rows:

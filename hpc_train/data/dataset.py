@@ -7,13 +7,25 @@ Media are opened inside ``__getitem__``, so each DataLoader worker opens its own
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch.utils.data import Dataset
 
 from hpc_train.config import DataConfig
-from hpc_train.data.media import VideoSampling, audio_to_image, load_audio, load_image, load_video
+from hpc_train.data.media import (
+    FramesUndecodable,
+    VideoFrames,
+    VideoSampling,
+    audio_to_image,
+    black_video,
+    load_audio,
+    load_image,
+    load_video,
+)
+from hpc_train.data.media_share import share_bounds
 from hpc_train.data.records import Record
 from hpc_train.data.tokenize import ChatEncoder, EncodedSample, SampleMedia
 from hpc_train.errors import DataError
@@ -30,10 +42,19 @@ class Skipped:
 
 
 class MediaLoader:
-    """Reads a record's media as the config asks (frames, image shape, audio rate)."""
+    """Reads a record's media as the config asks (frames, image shape, audio rate).
 
-    def __init__(self, data: DataConfig) -> None:
+    With ``frame_share=(rank, size)`` (a sequence-parallel group's rank) it decodes only that
+    rank's share of each video's frames (:func:`~hpc_train.data.media_share.share_bounds`), so
+    the group decodes each frame once. Whether a video opens, and which frames it gives, every
+    rank finds out alike; only a frame that fails to decode is seen by its rank alone, so under
+    ``on_bad_sample: skip`` it becomes a black frame with a warning instead of a skipped sample
+    (one rank skipping what the others train on would hang the group).
+    """
+
+    def __init__(self, data: DataConfig, *, frame_share: tuple[int, int] | None = None) -> None:
         self.data = data
+        self.frame_share = frame_share
         self.sampling = VideoSampling(
             mode=data.video.sampling, num_frames=data.video.num_frames,
             fps=data.video.fps, max_frames=data.video.max_frames,
@@ -44,7 +65,7 @@ class MediaLoader:
             return SampleMedia(
                 images=[load_image(p, aspect_4to1=self.data.image.aspect_4to1,
                                    max_side=self.data.image.max_side) for p in record.images],
-                videos=[load_video(p, self.sampling, clip=record.video_clip) for p in record.videos],
+                videos=[self._video(p, record) for p in record.videos],
                 audios=[audio_to_image(load_audio(p, sample_rate=self.data.audio.sample_rate,
                                                   max_seconds=self.data.audio.max_seconds),
                                        self.data.audio.sample_rate, size=self.data.audio.image_size)
@@ -52,6 +73,21 @@ class MediaLoader:
             )
         except DataError as exc:
             raise exc.at(path=record.source, line=record.line, record_id=record.id) from exc
+
+    def _video(self, path: Path, record: Record) -> VideoFrames:
+        if self.frame_share is None:
+            return load_video(path, self.sampling, clip=record.video_clip)
+        rank, size = self.frame_share
+        try:
+            return load_video(path, self.sampling, clip=record.video_clip,
+                              share=lambda count: share_bounds(count, rank, size))
+        except FramesUndecodable as exc:
+            if self.data.on_bad_sample != "skip":
+                raise
+            warnings.warn(f"{exc.at(path=record.source, line=record.line, record_id=record.id)} -- trained with "
+                          "black frames instead: the other ranks of the sequence-parallel group decoded theirs",
+                          stacklevel=2)
+            return black_video(path, self.sampling, clip=record.video_clip)
 
 
 class SampleDataset(Dataset):

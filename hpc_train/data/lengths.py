@@ -20,7 +20,13 @@ import numpy as np
 from PIL import Image
 
 from hpc_train.config import DataConfig
-from hpc_train.data.media import VideoFrames, VideoSampling, probe_video, sample_frame_indices
+from hpc_train.data.media import (
+    VideoFrames,
+    VideoSampling,
+    probe_video,
+    sample_frame_indices,
+    video_size,
+)
 from hpc_train.data.records import Record
 from hpc_train.data.tokenize import ChatEncoder, SampleMedia
 from hpc_train.errors import DataError
@@ -36,21 +42,6 @@ def _image_size(path: Path) -> tuple[int, int]:
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: cannot read the image header ({exc})",
                         fix="check the file, or set data.on_bad_sample: skip") from exc
-
-
-def _video_shape(path: Path) -> tuple[int, int]:
-    import cv2
-
-    capture = cv2.VideoCapture(str(path))
-    try:
-        width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
-        height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
-    finally:
-        capture.release()
-    if width <= 0 or height <= 0:
-        raise DataError(f"{path}: cannot read the video's frame size",
-                        fix="re-encode the video, or set data.on_bad_sample: skip")
-    return width, height
 
 
 def stand_in_media(record: Record, data: DataConfig) -> SampleMedia:
@@ -69,7 +60,7 @@ def stand_in_media(record: Record, data: DataConfig) -> SampleMedia:
     for path in record.videos:
         count, fps = probe_video(path)
         frames = len(sample_frame_indices(count, fps, sampling, clip=record.video_clip))
-        width, height = _video_shape(path)
+        width, height = video_size(path)
         videos.append(VideoFrames(frames=np.zeros((frames, height, width, 3), dtype=np.uint8),
                                   timestamps=np.zeros(frames), native_fps=fps, num_source_frames=count))
     side = data.audio.image_size

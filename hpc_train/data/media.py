@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,9 @@ class VideoFrames:
     timestamps: np.ndarray
     native_fps: float
     num_source_frames: int
+    decoded: tuple[int, int] | None = None
+    """Under a frame share: frames ``[start, end)`` hold decoded pixels, the others are black
+    stand-ins of the same size (another rank decodes them); ``None``: every frame is decoded."""
 
 
 @dataclass(frozen=True)
@@ -184,15 +188,54 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
+def video_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` of a video's frames from its container header (no decoding)."""
+    import cv2
+
+    capture = cv2.VideoCapture(str(path))
+    try:
+        width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
+        height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    finally:
+        capture.release()
+    if width <= 0 or height <= 0:
+        raise MediaError("cannot read the video's frame size", path=path, fix=f"{FIX_VIDEO}, {FIX_SKIP}")
+    return width, height
+
+
+def black_video(path: str | Path, sampling: VideoSampling, clip: tuple[float, float] | None = None) -> VideoFrames:
+    """The frames ``sampling`` would choose, all black (sizes and times from the container)."""
+    p = _check_file(path, FIX_VIDEO)
+    vr = _open_video(p)
+    try:
+        n, fps = _video_meta(vr, p)
+        idx = sample_frame_indices(n, fps, sampling, clip)
+        stamps = np.asarray(vr.get_frame_timestamp(idx.tolist()), dtype=np.float64)
+    finally:
+        del vr
+    width, height = video_size(p)
+    return VideoFrames(frames=np.zeros((len(idx), height, width, 3), dtype=np.uint8),
+                       timestamps=stamps.reshape(len(idx), -1)[:, 0], native_fps=fps, num_source_frames=n,
+                       decoded=(0, 0))
+
+
 def probe_video(path: str | Path) -> tuple[int, float]:
     """Return ``(num_frames, fps)`` from the container index without decoding pixels."""
     p = _check_file(path, FIX_VIDEO)
     return _video_meta(_open_video(p), p)
 
 
-def load_video(path: str | Path, sampling: VideoSampling,
-               clip: tuple[float, float] | None = None) -> VideoFrames:
-    """Decode the frames chosen by ``sampling`` (within ``clip`` seconds, if given)."""
+class FramesUndecodable(MediaError):
+    """Frames of a video that opened and described itself fine could not be decoded."""
+
+
+def load_video(path: str | Path, sampling: VideoSampling, clip: tuple[float, float] | None = None,
+               *, share: Callable[[int], tuple[int, int]] | None = None) -> VideoFrames:
+    """Decode the frames chosen by ``sampling`` (within ``clip`` seconds, if given).
+
+    ``share(count)`` = ``(start, end)``: decode only those of the ``count`` chosen frames; the
+    rest are black frames of the same size (:attr:`VideoFrames.decoded`).
+    """
     p = _check_file(path, FIX_VIDEO)
     vr = _open_video(p)
     try:
@@ -201,20 +244,27 @@ def load_video(path: str | Path, sampling: VideoSampling,
             idx = sample_frame_indices(n, fps, sampling, clip)
         except MediaError as exc:
             raise exc.at(path=p) from exc
+        start, end = share(len(idx)) if share is not None else (0, len(idx))
+        wanted = idx[start:end] if end > start else idx[:1]  # a share of none still needs the size
         try:
-            frames = vr.get_batch(idx.tolist()).asnumpy()
+            decoded = vr.get_batch(wanted.tolist()).asnumpy()
             stamps = np.asarray(vr.get_frame_timestamp(idx.tolist()), dtype=np.float64)
         except Exception as exc:
-            raise MediaError(f"cannot decode frames {idx.tolist()} ({_short(exc)})", path=p,
-                             fix=f"{FIX_VIDEO}, {FIX_SKIP}") from exc
+            raise FramesUndecodable(f"cannot decode frames {wanted.tolist()} ({_short(exc)})", path=p,
+                                    fix=f"{FIX_VIDEO}, {FIX_SKIP}") from exc
     finally:
         del vr
-    if frames.ndim != 4 or frames.shape[0] != len(idx) or frames.shape[-1] != 3:
-        raise MediaError(f"decoder returned frames of shape {frames.shape}, expected "
-                         f"({len(idx)}, H, W, 3)", path=p, fix=f"{FIX_VIDEO}, {FIX_SKIP}")
+    if decoded.ndim != 4 or decoded.shape[0] != len(wanted) or decoded.shape[-1] != 3:
+        raise MediaError(f"decoder returned frames of shape {decoded.shape}, expected "
+                         f"({len(wanted)}, H, W, 3)", path=p, fix=f"{FIX_VIDEO}, {FIX_SKIP}")
     timestamps = stamps.reshape(len(idx), -1)[:, 0]
-    return VideoFrames(frames=np.ascontiguousarray(frames, dtype=np.uint8),
-                       timestamps=timestamps, native_fps=fps, num_source_frames=n)
+    if share is None:
+        frames = np.ascontiguousarray(decoded, dtype=np.uint8)
+    else:
+        frames = np.zeros((len(idx), *decoded.shape[1:]), dtype=np.uint8)
+        frames[start:end] = decoded[:max(end - start, 0)]
+    return VideoFrames(frames=frames, timestamps=timestamps, native_fps=fps, num_source_frames=n,
+                       decoded=None if share is None else (start, max(start, end)))
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -2,7 +2,8 @@
 
 - SmolVLM (Idefics3): ``pixel_values`` (B, N, 3, H, W) and ``pixel_attention_mask``
   (B, N, H, W), N the most tiles of any sample; padding tiles are all zero, which Idefics3
-  recognises and drops. A packed row is one sample of all the row's tiles.
+  recognises and drops. A packed row is one sample of all the row's tiles. ``tile_frames``
+  says which video frame each tile shows (host bookkeeping for sequence parallelism).
 - LLaVA-OneVision: images of all samples concatenated, ``pixel_values`` (I, P, 3, h, w) with
   P the most anyres patches, ``image_sizes`` (I, 2) and ``batch_num_images`` (B,); videos
   concatenated as ``pixel_values_videos`` (V, F, 3, h, w), so they need one frame count.
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from hpc_train.data.media_share import IMAGE_TILE, PADDING_TILE, TILE_FRAMES
 from hpc_train.errors import DataError
 
 if TYPE_CHECKING:
@@ -55,8 +57,9 @@ class Idefics3Layout(MediaLayout):
         if not tiles:
             return {}
         masks = [s.media["pixel_attention_mask"] for s in samples if "pixel_values" in s.media]
-        return _unless_full({"pixel_values": torch.cat(tiles)[None], "pixel_attention_mask": torch.cat(masks)[None]},
-                            masks)
+        frames = torch.cat([_tile_frames(s) for s in samples if "pixel_values" in s.media])[None]
+        return {**_unless_full({"pixel_values": torch.cat(tiles)[None], "pixel_attention_mask": torch.cat(masks)[None]},
+                               masks), TILE_FRAMES: frames}
 
 
 class LlavaOneVisionLayout(MediaLayout):
@@ -100,14 +103,24 @@ def _idefics3_batch(samples: Sequence[EncodedSample]) -> dict[str, torch.Tensor]
     width = max(t.shape[-1] for t in present)
     pixels = torch.zeros(len(samples), n, channels, height, width, dtype=present[0].dtype)
     mask = torch.zeros(len(samples), n, height, width, dtype=torch.bool)
+    frames = torch.tensor([PADDING_TILE, 0]).repeat(len(samples), n, 1)
     for i, s in enumerate(samples):
         if "pixel_values" not in s.media:
             continue
         t, m = s.media["pixel_values"], s.media["pixel_attention_mask"]
         pixels[i, : t.shape[0], :, : t.shape[-2], : t.shape[-1]] = t
         mask[i, : m.shape[0], : m.shape[-2], : m.shape[-1]] = m
+        frames[i, : t.shape[0]] = _tile_frames(s)
     real = [s.media["pixel_attention_mask"] for s in samples if "pixel_values" in s.media]
-    return _unless_full({"pixel_values": pixels, "pixel_attention_mask": mask}, real, (height, width))
+    return {**_unless_full({"pixel_values": pixels, "pixel_attention_mask": mask}, real, (height, width)),
+            TILE_FRAMES: frames}
+
+
+def _tile_frames(sample: EncodedSample) -> torch.Tensor:
+    """Which video frame each tile of ``sample`` shows (all images when the encoder did not say)."""
+    if TILE_FRAMES in sample.media:
+        return sample.media[TILE_FRAMES]
+    return torch.tensor([IMAGE_TILE, 0]).repeat(len(sample.media["pixel_values"]), 1)
 
 
 def _unless_full(media: dict[str, torch.Tensor], masks: Sequence[torch.Tensor],

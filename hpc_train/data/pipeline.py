@@ -36,8 +36,11 @@ class DataPipeline:
     def pad_token_id(self) -> int:
         return self.encoder.tokenizer.pad_token_id
 
-    def dataset(self, records: Sequence[Record]) -> SampleDataset:
-        return SampleDataset(records, self.encoder, self.media, self.data)
+    def dataset(self, records: Sequence[Record], *, frame_share: tuple[int, int] | None = None) -> SampleDataset:
+        """``frame_share=(rank, size)``: rank ``rank`` of a sequence-parallel group's training
+        samples, with only its share of each video's frames decoded (see :class:`MediaLoader`)."""
+        media = self.media if frame_share is None else MediaLoader(self.data, frame_share=frame_share)
+        return SampleDataset(records, self.encoder, media, self.data)
 
     def collator(self, *, padding_side: str = "right") -> Collator:
         """Padded batches; ``left`` for generation prompts."""

@@ -4,9 +4,10 @@ Every rank of a sequence-parallel group collates the same micro-batch; this wrap
 pads its rows to a multiple of the group size, gives them global ``position_ids`` (rotary
 positions of the whole row), drops the padding mask (the batch is right-padded, so causal
 attention is exact for every real token), cuts ``input_ids`` and ``position_ids`` to this
-rank's slice of the sequence and replaces the loss's positions by the slice's. The media stay
-whole (the group shares their encoding, :mod:`hpc_train.models.vision_share`), with the feature
-rows each rank's slice holds. What the loss needs to average exactly over the group — the
+rank's slice of the sequence and replaces the loss's positions by the slice's. The pixels are
+cut to those this rank encodes (:mod:`hpc_train.data.media_share`: the video frames it decoded,
+its share of the image tiles), with the feature rows each rank encodes and each rank's slice
+holds (the group routes them, :mod:`hpc_train.models.vision_share`). What the loss needs to average exactly over the group — the
 micro-batch's supervised count, each packed sample's — travels with it, and the bookkeeping
 counts become this rank's share, so summing them over all ranks counts every token once.
 """
@@ -21,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from hpc_train.data.loss_positions import loss_positions, num_supervised
+from hpc_train.data.media_share import FeatureRows, split_media
 from hpc_train.data.tokenize import IGNORE_INDEX
-from hpc_train.models.vision_share import FeatureRows
 
 SHARD = "sequence_shard"
 """A :class:`ShardFacts` (host numbers) in a sharded batch."""
@@ -46,7 +47,7 @@ class ShardFacts:
     loss_count: int
     """Supervised targets of the whole micro-batch: the token-mean loss's denominator."""
     feature_rows: dict[str, FeatureRows]
-    """Per kind of media: the feature rows each rank's slice holds."""
+    """Per kind of media in the micro-batch: the feature rows each rank encodes and its slice holds."""
     whole_tokens: int
     whole_samples: int
     """Real tokens and samples of the whole micro-batch (the sequences its attention spans)."""
@@ -94,7 +95,8 @@ def shard_batch(batch: dict[str, Any], *, rank: int, size: int, pad_token_id: in
     if "cu_seq_lens_q" in batch:
         batch[SAMPLE_COUNTS] = sample_counts(labels[0], batch["cu_seq_lens_q"])
     ids = batch["input_ids"]
-    rows_of = {kind: FeatureRows(feature_rows(ids, token, size)) for kind, token in (media_tokens or {}).items()}
+    rows_of = split_media(batch, rank, size, {kind: feature_rows(ids, token, size)
+                                              for kind, token in (media_tokens or {}).items()})
     batch[SHARD] = ShardFacts(rank=rank, size=size, offset=start, length=share,
                               loss_count=num_supervised(labels), feature_rows=rows_of,
                               whole_tokens=batch["num_real_tokens"], whole_samples=len(batch["sample_ids"]))

@@ -29,6 +29,7 @@ from PIL import Image
 
 from hpc_train.data.media import VideoFrames
 from hpc_train.data.media_layout import media_layout
+from hpc_train.data.media_share import IMAGE_TILE, TILE_FRAMES
 from hpc_train.data.records import Record
 from hpc_train.errors import DataError
 from hpc_train.models.families import Family
@@ -97,10 +98,10 @@ class ChatEncoder:
 
     def encode(self, record: Record, media: SampleMedia) -> EncodedSample:
         """Tokenize a whole conversation with labels on the assistant answers only."""
-        messages, images, videos, answers = self._messages(record, media, with_answers=True)
-        rendered = self._render(record, messages, add_generation_prompt=False)
-        text, spans = self._restore_answers(record, rendered, answers)
-        return self._tokenize(record, text, spans, images, videos, answers)
+        chat = self._messages(record, media, with_answers=True)
+        rendered = self._render(record, chat.messages, add_generation_prompt=False)
+        text, spans = self._restore_answers(record, rendered, chat.answers)
+        return self._tokenize(record, text, spans, chat)
 
     def encode_prompt(self, record: Record, media: SampleMedia) -> EncodedSample:
         """Tokenize the conversation up to its last answer, ending with the generation prompt.
@@ -109,9 +110,9 @@ class ChatEncoder:
         """
         last = max(i for i, t in enumerate(record.turns) if t.role == "assistant")
         head = dataclasses.replace(record, turns=record.turns[:last])
-        messages, images, videos, _ = self._messages(head, media, with_answers=False)
-        text = self._render(record, messages, add_generation_prompt=True)
-        sample = self._tokenize(record, text, [], images, videos, [])
+        chat = self._messages(head, media, with_answers=False)
+        text = self._render(record, chat.messages, add_generation_prompt=True)
+        sample = self._tokenize(record, text, [], chat)
         sample.answers = [record.turns[last].text]
         return sample
 
@@ -144,21 +145,19 @@ class ChatEncoder:
             kwargs["videos"] = videos
         out = self.processor(**kwargs)
         ids = out["input_ids"][0].long()
-        return EncodedSample(id=f"<blank {kind}>", input_ids=ids,
-                             labels=torch.full_like(ids, IGNORE_INDEX), media=self.layout.sample(out),
+        return EncodedSample(id=f"<blank {kind}>", input_ids=ids, labels=torch.full_like(ids, IGNORE_INDEX),
+                             media=self._media(out, [(IMAGE_TILE, 0)] * len(images or []), []),
                              num_media_tokens=len(ids), answers=[])
 
     # -- steps --------------------------------------------------------------------------
 
-    def _messages(self, record: Record, media: SampleMedia, *, with_answers: bool
-                  ) -> tuple[list[dict], list[Image.Image], list[np.ndarray], list[str]]:
-        images: list[Image.Image] = []
-        videos: list[np.ndarray] = []
-        answers: list[str] = []
+    def _messages(self, record: Record, media: SampleMedia, *, with_answers: bool) -> _Chat:
+        chat = _Chat()
+        images, videos, answers = chat.images, chat.videos, chat.answers
+        messages = chat.messages
         queues = {"<image>": list(media.images), "<video>": list(media.videos),
                   "<speech>": list(media.audios)}
         self._refuse_control_tokens(record)
-        messages: list[dict] = []
         if self.system_prompt and not any(t.role == "system" for t in record.turns):
             messages.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
         for turn in record.turns:
@@ -182,19 +181,31 @@ class ChatEncoder:
                 item = queues[piece].pop(0)
                 if piece == "<video>":
                     if self.family.video_as_images:
-                        for frame in item.frames:
+                        for j, frame in enumerate(item.frames):
                             content.append({"type": "image"})
                             images.append(Image.fromarray(frame))
+                            chat.image_frames.append((j, len(item.frames)))
                     else:
                         content.append({"type": "video"})
                         videos.append(item.frames)
                 else:
                     content.append({"type": "image"})
                     images.append(item)
+                    chat.image_frames.append((IMAGE_TILE, 0))
             if not content:
                 content.append({"type": "text", "text": ""})
             messages.append({"role": turn.role, "content": content})
-        return messages, images, videos, answers
+        return chat
+
+    def _media(self, out: Any, image_frames: list[tuple[int, int]], replacements: list[dict]
+               ) -> dict[str, torch.Tensor]:
+        """The layout's media tensors; SmolVLM's also say which video frame each tile shows
+        (the rank that decoded a frame encodes it under sequence parallelism)."""
+        media = self.layout.sample(out)
+        if "pixel_values" in media and self.family.video_as_images:
+            media[TILE_FRAMES] = _tile_frames(image_frames, replacements, self.family.image_token,
+                                              self.processor.image_seq_len, len(media["pixel_values"]))
+        return media
 
     def _refuse_control_tokens(self, record: Record) -> None:
         """A turn that writes the template's own tokens (``<|im_start|>``, ``<end_of_utterance>``)
@@ -255,9 +266,8 @@ class ChatEncoder:
         out.append(rendered[cursor:])
         return "".join(out), spans
 
-    def _tokenize(self, record: Record, text: str, spans: list[tuple[int, int]],
-                  images: list[Image.Image], videos: list[np.ndarray], answers: list[str]
-                  ) -> EncodedSample:
+    def _tokenize(self, record: Record, text: str, spans: list[tuple[int, int]], chat: _Chat) -> EncodedSample:
+        images, videos = chat.images, chat.videos
         kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "add_special_tokens": False,
                                   "return_text_replacement_offsets": True}
         if images:
@@ -301,15 +311,42 @@ class ChatEncoder:
             id=record.id,
             input_ids=input_ids.long(),
             labels=torch.tensor(labels, dtype=torch.long),
-            media=self.layout.sample(out),
+            media=self._media(out, chat.image_frames, replacements),
             num_media_tokens=num_media,
-            answers=answers,
+            answers=chat.answers,
         )
         if spans and sample.num_supervised == 0:
             raise DataError("the sample has no supervised tokens", path=record.source,
                             line=record.line, record_id=record.id,
                             fix="give the assistant turns some text")
         return sample
+
+
+@dataclass
+class _Chat:
+    """A record as the chat template and the processor take it."""
+
+    messages: list[dict] = field(default_factory=list)
+    images: list[Image.Image] = field(default_factory=list)
+    videos: list[np.ndarray] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+    image_frames: list[tuple[int, int]] = field(default_factory=list)
+    """Per image: ``(frame, frames)`` when it is a video's frame (SmolVLM), ``(-1, 0)`` otherwise."""
+
+
+def _tile_frames(image_frames: list[tuple[int, int]], replacements: list[dict], image_token: str, per_tile: int,
+                 tiles: int) -> torch.Tensor:
+    """(tiles, 2): each image's ``(frame, frames)`` for each of its tiles, whose number the
+    processor's expansion of that image tells (``per_tile`` placeholders a tile)."""
+    tags = torch.tensor(image_frames, dtype=torch.long).view(-1, 2)
+    if bool((tags[:, 0] == IMAGE_TILE).all()):
+        return torch.tensor([IMAGE_TILE, 0]).repeat(tiles, 1)
+    counts = [rep["replacement"].count(image_token) // per_tile
+              for rep in sorted(replacements, key=lambda r: r["span"][0]) if image_token in rep["replacement"]]
+    if len(counts) != len(tags) or sum(counts) != tiles:
+        raise DataError(f"the processor expanded {len(counts)} images into {sum(counts)} tiles, but made "
+                        f"{tiles} tiles of {len(tags)} images", fix="report this with the model's processor config")
+    return tags.repeat_interleave(torch.tensor(counts), dim=0)
 
 
 def _control_tokens(tokenizer: Any, *, keep: set[str]) -> re.Pattern[str] | None:

@@ -85,7 +85,7 @@ def use_sequence_parallel(model: Any, family_name: str, mpu: ModuleType) -> None
     group = mpu.get_sequence_parallel_group()
     inner = inner_model(model, get_family(family_name))
     _wrap_attention(model.config.text_config, group)
-    share_vision(inner, family_name, model.config, group)
+    share_vision(inner, family_name, group)
 
 
 def _wrap_attention(text: Any, group: Any) -> None:

@@ -202,8 +202,9 @@ def _train_data(config: RunConfig, info: DistInfo, pipeline: DataPipeline, loade
     if config.data.train is None:
         raise HpcTrainError("data.train is not set. Fix: pass data.train=PATH")
     records = read_split(config, "train")
-    dataset = pipeline.dataset(records)
     train = config.train
+    size = train.sequence_parallel
+    dataset = pipeline.dataset(records, frame_share=(info.rank % size, size) if size > 1 else None)
     rank, world = data_ranks(config, info)
     if config.data.packing:
         packs, steps, efficiency = _plan_packing(config, info, pipeline, records)

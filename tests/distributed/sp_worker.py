@@ -2,7 +2,7 @@
 step (DeepSpeed's ``safe_get_full_grad``, a collective under ZeRO-3), for the
 sequence-parallel tests. Run by torchrun: ``sp_worker.py GRADS_FILE RECIPE key=value ...``;
 rank 0 writes ``{step: {name: gradient}}`` to GRADS_FILE, every rank the number of tiles / frames
-its vision tower encoded in training to ``GRADS_FILE.rank<r>``; the losses are in the run's metrics.
+its vision tower encoded in training and the video frames it decoded to ``GRADS_FILE.rank<r>``; the losses are in the run's metrics.
 """
 
 from __future__ import annotations
@@ -41,8 +41,19 @@ def main(grads_file: str, recipe: str, *overrides: str) -> None:
         encoded[0] += pixels.shape[0] if module.training else 0
 
     vision_tower(parts.loaded.model, parts.loaded.family).register_forward_pre_hook(count, with_kwargs=True)
+    decoded = [0]
+    assert parts.train is not None
+    media = parts.train.dataset.media
+    load = media.load
+
+    def counting_load(record: object) -> object:
+        loaded = load(record)
+        decoded[0] += sum(len(v.frames) if v.decoded is None else v.decoded[1] - v.decoded[0] for v in loaded.videos)
+        return loaded
+
+    media.load = counting_load
     TrainLoop(parts).train()
-    Path(f"{grads_file}.rank{parts.info.rank}").write_text(str(encoded[0]))
+    Path(f"{grads_file}.rank{parts.info.rank}").write_text(f"{encoded[0]} {decoded[0]}")
     if parts.info.rank == 0:
         torch.save(recorded, grads_file)
 

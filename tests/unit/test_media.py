@@ -402,3 +402,63 @@ def test_no_decoder_at_import():
     src = Path(media.__file__).read_text()
     top_level = [line for line in src.splitlines() if line.startswith(("import ", "from "))]
     assert not any("decord" in line for line in top_level)
+
+
+@pytest.mark.parametrize("size", [2, 3, 16])
+def test_a_group_decodes_each_sampled_frame_once_each_rank_its_share(long_video, size):
+    from hpc_train.data.media_share import share_bounds
+
+    sampling = VideoSampling(num_frames=10)
+    whole = load_video(long_video, sampling)
+    shares = [load_video(long_video, sampling, share=lambda n, r=r: share_bounds(n, r, size)) for r in range(size)]
+    assert [i for s in shares for i in range(*s.decoded)] == list(range(10))
+    for part in shares:
+        start, end = part.decoded
+        assert part.frames.shape == whole.frames.shape  # the processor still sees every frame's size
+        np.testing.assert_array_equal(part.frames[start:end], whole.frames[start:end])
+        assert not part.frames[:start].any() and not part.frames[end:].any()  # the rest: black stand-ins
+        np.testing.assert_array_equal(part.timestamps, whole.timestamps)
+
+
+def test_black_video_has_the_sampled_frames_sizes_and_times(long_video):
+    from hpc_train.data.media import black_video
+
+    sampling = VideoSampling(mode="fps", fps=2.0)
+    black, real = black_video(long_video, sampling, clip=(1.0, 3.0)), load_video(long_video, sampling, clip=(1.0, 3.0))
+    assert black.frames.shape == real.frames.shape and not black.frames.any() and black.decoded == (0, 0)
+    np.testing.assert_array_equal(black.timestamps, real.timestamps)
+
+
+@pytest.fixture(scope="module")
+def undecodable_video(tmp_path_factory) -> Path:
+    """40 frames whose second half's coded bytes are overwritten: the container opens and
+    describes itself (frame count, rate, size), the later frames do not decode."""
+    path = tmp_path_factory.mktemp("broken") / "frames.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (32, 32))
+    noise = np.random.default_rng(0)
+    for _ in range(40):
+        writer.write(noise.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    writer.release()
+    data = bytearray(path.read_bytes())
+    start, end = (data.find(b"mdat") + data.find(b"moov")) // 2, data.find(b"moov") - 4
+    data[start:end] = b"\xff" * (end - start)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_frames_a_rank_cannot_decode_are_black_under_skip_and_an_error_otherwise(undecodable_video):
+    from hpc_train.config import DataConfig
+    from hpc_train.data.dataset import MediaLoader
+    from hpc_train.data.records import Record, Turn
+
+    record = Record(id="r", turns=(Turn("user", "<video>"), Turn("assistant", "a")), images=(),
+                    videos=(undecodable_video,), audios=(), source=Path("train.jsonl"), line=3)
+    skip = DataConfig(video={"num_frames": 8}, on_bad_sample="skip")
+    # the group cannot tell that one rank's frames failed: the sample stays, as black frames
+    with pytest.warns(UserWarning, match=r"frames\.mp4.*cannot decode frames.*black frames instead"):
+        frames = MediaLoader(skip, frame_share=(1, 2)).load(record).videos[0]
+    assert frames.decoded == (0, 0) and frames.frames.shape == (8, 32, 32, 3) and not frames.frames.any()
+    with pytest.raises(MediaError, match="cannot decode frames"):
+        MediaLoader(DataConfig(video={"num_frames": 8}), frame_share=(1, 2)).load(record)
+    with pytest.raises(MediaError, match="cannot decode frames"):  # without a group: skipped as before
+        MediaLoader(skip).load(record)

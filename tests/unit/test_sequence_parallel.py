@@ -11,6 +11,7 @@ import torch
 
 from hpc_train.config_file import load_config
 from hpc_train.data.loss_positions import LOSS_POSITIONS, LOSS_TARGETS, loss_positions
+from hpc_train.data.media_share import share_bounds
 from hpc_train.data.packing import pack_samples
 from hpc_train.data.sequence_shard import SAMPLE_COUNTS, SHARD, SequenceShards, shard_batch
 from hpc_train.data.tokenize import IGNORE_INDEX, EncodedSample
@@ -18,7 +19,6 @@ from hpc_train.dist import DistInfo
 from hpc_train.errors import ConfigError
 from hpc_train.models.presets import PRESETS
 from hpc_train.models.sequence_parallel import allowed_sizes, check_sequence_parallel
-from hpc_train.models.vision_share import share_bounds
 from hpc_train.train.build import build_run
 from hpc_train.train.engine import PACKAGE_ROOT, resolve_ds_config, share_scale
 from hpc_train.train.loss import per_sample_mean

@@ -1,0 +1,115 @@
+"""Which rank of a sequence-parallel group decodes and encodes which media, decided on the host.
+
+A video's sampled frames are split into contiguous shares, one per rank (:func:`share_bounds`):
+rank ``r`` decodes only its share (the other frames stay black stand-ins that keep the
+processor's token counts), and its vision tower encodes exactly the frames it decoded, so no
+pixel crosses the group and each frame is decoded and encoded once. Images are cheap to decode:
+every rank reads them whole, and the group splits their tiles (SmolVLM) for encoding.
+
+:func:`split_media` keeps a rank's own pixels in its micro-batch and says, per kind of media
+features, which global feature rows each rank encodes and which its slice of the tokens needs
+(:class:`FeatureRows`); :mod:`hpc_train.models.vision_share` routes the rows between them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+TILE_FRAMES = "tile_frames"
+"""SmolVLM batches: (B, N, 2) int64 per tile of ``pixel_values``, ``(frame, frames)`` for a
+video frame's tile, ``(-1, 0)`` for an image's, ``(-2, 0)`` for a padding tile."""
+IMAGE_TILE, PADDING_TILE = -1, -2
+
+
+@dataclass(frozen=True)
+class FeatureRows:
+    """For one kind of media (``image`` / ``video``), over the rows of the model's features."""
+
+    wanted: tuple[torch.Tensor, ...]
+    """``wanted[s]``: the rows whose placeholder tokens are in rank ``s``'s slice (sorted)."""
+    encoded: tuple[torch.Tensor, ...] = ()
+    """``encoded[s]``: the rows rank ``s`` encodes, sorted (the order its tower makes them);
+    empty when every rank encodes the whole kind (LLaVA-OneVision's images)."""
+    newline_after: tuple[int, ...] = ()
+    """LLaVA-OneVision videos: this rank's local frames that end a video (a newline row follows)."""
+
+
+def share_bounds(count: int, rank: int, size: int) -> tuple[int, int]:
+    """Items ``[start, end)`` of ``count`` that rank ``rank`` of ``size`` takes (contiguous,
+    sizes differing by at most one)."""
+    base, extra = divmod(count, size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def frame_owners(frame: torch.Tensor, frames: torch.Tensor, size: int) -> torch.Tensor:
+    """The rank that decodes frame ``frame`` of a video of ``frames`` (elementwise): the inverse
+    of :func:`share_bounds`."""
+    base, extra = frames // size, frames % size
+    split = extra * (base + 1)
+    return torch.where(frame < split, frame // (base + 1), extra + (frame - split) // base.clamp(min=1))
+
+
+def split_media(batch: dict[str, Any], rank: int, size: int, wanted: dict[str, tuple[torch.Tensor, ...]]
+                ) -> dict[str, FeatureRows]:
+    """Cut ``batch``'s pixels to those rank ``rank`` encodes (in place) and return every kind's
+    :class:`FeatureRows`. ``wanted``: per kind, the rows each rank's slice holds."""
+    rows = {kind: FeatureRows(w) for kind, w in wanted.items()}  # encoded whole on every rank, unless split here
+    if TILE_FRAMES in batch:
+        rows["image"] = _split_tiles(batch, rank, size, wanted["image"])
+    if "pixel_values_videos" in batch:
+        rows["video"] = _split_video_frames(batch, rank, size, wanted["video"])
+    return rows
+
+
+def _split_tiles(batch: dict[str, Any], rank: int, size: int, wanted: tuple[torch.Tensor, ...]) -> FeatureRows:
+    """SmolVLM: a video frame's tiles go to the rank that decoded it, images' tiles are split evenly."""
+    tags = batch.pop(TILE_FRAMES).flatten(0, 1)
+    real = (tags[:, 0] != PADDING_TILE).nonzero().squeeze(1)
+    frame, frames = tags[real, 0], tags[real, 1]
+    owner = frame_owners(frame.clamp(min=0), frames.clamp(min=1), size)
+    image = (frame == IMAGE_TILE).nonzero().squeeze(1)
+    for q in range(size):
+        start, end = share_bounds(len(image), q, size)
+        owner[image[start:end]] = q
+    per_tile = sum(len(w) for w in wanted) // max(len(real), 1)
+    encoded = tuple(_rows_of((owner == q).nonzero().squeeze(1), per_tile) for q in range(size))
+    mine = real[owner == rank]
+    pick = mine if len(mine) else real[:1]  # a rank without a share encodes a stand-in, times zero
+    batch["pixel_values"] = batch["pixel_values"].flatten(0, 1)[pick][None]
+    if "pixel_attention_mask" in batch:
+        batch["pixel_attention_mask"] = batch["pixel_attention_mask"].flatten(0, 1)[pick][None]
+    return FeatureRows(wanted, encoded)
+
+
+def _split_video_frames(batch: dict[str, Any], rank: int, size: int, wanted: tuple[torch.Tensor, ...]
+                        ) -> FeatureRows:
+    """LLaVA-OneVision: each rank encodes its share of every video's frames; a video's rows are
+    its frames' then one newline row, which goes with its last frame."""
+    pixels = batch["pixel_values_videos"]
+    videos, frames = pixels.shape[:2]
+    per_video = sum(len(w) for w in wanted) // videos
+    per_frame = (per_video - 1) // frames
+    encoded = []
+    for q in range(size):
+        start, end = share_bounds(frames, q, size)
+        one = torch.arange(start * per_frame, end * per_frame)
+        if end == frames > start:  # the newline goes with the video's last frame
+            one = torch.cat([one, torch.tensor([per_video - 1])])
+        encoded.append((torch.arange(videos)[:, None] * per_video + one).flatten())
+    start, end = share_bounds(frames, rank, size)
+    kept = pixels[:, start:end] if end > start else pixels[:1, :1]
+    batch["pixel_values_videos"] = kept.flatten(0, 1)[None]
+    ends = tuple(v * (end - start) + end - start - 1 for v in range(videos)) if end == frames > start else ()
+    return FeatureRows(wanted, tuple(encoded), ends)
+
+
+def _rows_of(tiles: torch.Tensor, per_tile: int) -> torch.Tensor:
+    return (tiles[:, None] * per_tile + torch.arange(per_tile)).flatten()
+
+
+__all__ = ["IMAGE_TILE", "PADDING_TILE", "TILE_FRAMES", "FeatureRows", "frame_owners", "share_bounds",
+           "split_media"]
