@@ -13,28 +13,16 @@ features, which global feature rows each rank encodes and which its slice of the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from hpc_train.models.vision_share import FeatureRows
 
 TILE_FRAMES = "tile_frames"
 """SmolVLM batches: (B, N, 2) int64 per tile of ``pixel_values``, ``(frame, frames)`` for a
 video frame's tile, ``(-1, 0)`` for an image's, ``(-2, 0)`` for a padding tile."""
 IMAGE_TILE, PADDING_TILE = -1, -2
-
-
-@dataclass(frozen=True)
-class FeatureRows:
-    """For one kind of media (``image`` / ``video``), over the rows of the model's features."""
-
-    wanted: tuple[torch.Tensor, ...]
-    """``wanted[s]``: the rows whose placeholder tokens are in rank ``s``'s slice (sorted)."""
-    encoded: tuple[torch.Tensor, ...] = ()
-    """``encoded[s]``: the rows rank ``s`` encodes, sorted (the order its tower makes them);
-    empty when every rank encodes the whole kind (LLaVA-OneVision's images)."""
-    newline_after: tuple[int, ...] = ()
-    """LLaVA-OneVision videos: this rank's local frames that end a video (a newline row follows)."""
 
 
 def share_bounds(count: int, rank: int, size: int) -> tuple[int, int]:
@@ -111,5 +99,5 @@ def _rows_of(tiles: torch.Tensor, per_tile: int) -> torch.Tensor:
     return (tiles[:, None] * per_tile + torch.arange(per_tile)).flatten()
 
 
-__all__ = ["IMAGE_TILE", "PADDING_TILE", "TILE_FRAMES", "FeatureRows", "frame_owners", "share_bounds",
+__all__ = ["IMAGE_TILE", "PADDING_TILE", "TILE_FRAMES", "frame_owners", "share_bounds",
            "split_media"]

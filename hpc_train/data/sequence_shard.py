@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from hpc_train.data.loss_positions import loss_positions, num_supervised
-from hpc_train.data.media_share import FeatureRows, split_media
+from hpc_train.data.media_share import split_media
 from hpc_train.data.tokenize import IGNORE_INDEX
+from hpc_train.models.vision_share import FeatureRows
 
 SHARD = "sequence_shard"
 """A :class:`ShardFacts` (host numbers) in a sharded batch."""

@@ -19,13 +19,26 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
-from hpc_train.data.media_share import FeatureRows
+
+@dataclass(frozen=True)
+class FeatureRows:
+    """For one kind of media (``image`` / ``video``), over the rows of the model's features."""
+
+    wanted: tuple[torch.Tensor, ...]
+    """``wanted[s]``: the rows whose placeholder tokens are in rank ``s``'s slice (sorted)."""
+    encoded: tuple[torch.Tensor, ...] = ()
+    """``encoded[s]``: the rows rank ``s`` encodes, sorted (the order its tower makes them);
+    empty when every rank encodes the whole kind (LLaVA-OneVision's images)."""
+    newline_after: tuple[int, ...] = ()
+    """LLaVA-OneVision videos: this rank's local frames that end a video (a newline row follows)."""
+
 
 _ROWS: ContextVar[dict[str, FeatureRows] | None] = ContextVar("sequence_parallel_feature_rows", default=None)
 
