@@ -10,6 +10,7 @@ process with fake tensors. Nothing is shared between the two but the config.
     python benchmarks/plan_accuracy.py                 # a covering set of cases (~25 min on 2 cores)
     python benchmarks/plan_accuracy.py --all           # every combination
     python benchmarks/plan_accuracy.py --models tiny-smolvlm --modes lora
+    python benchmarks/plan_accuracy.py --sequence-parallel 2   # the same cases, 2 ranks sharing each micro-batch
     python benchmarks/plan_accuracy.py --gpu           # on a GPU: smolvlm-256m and smolvlm-2.2b, bf16,
                                                        # torch.cuda.max_memory_allocated and step time (~4 min)
 
@@ -119,6 +120,9 @@ def measured(args: list[str], ranks: int, folder: Path, *, gpu: bool = False) ->
     codes = [p.wait() for p in procs]
     if any(codes):
         raise RuntimeError(f"real run failed ({codes}); see {folder}/rank0.log")
+    if any(arg.startswith("train.sequence_parallel=") for arg in args):  # the plan is the hungriest rank's
+        return max((json.loads((folder / f"rank{r}.json").read_text()) for r in range(ranks)),
+                   key=lambda m: m["train_peak"])
     return json.loads((folder / "rank0.json").read_text())
 
 
@@ -162,6 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", nargs="+", default=["full", "lora", "qlora"], choices=["full", "lora", "qlora"])
     parser.add_argument("--all", action="store_true", help="every combination instead of a covering set")
     parser.add_argument("--gpu", action="store_true", help="on this machine's GPU: the published sizes in bf16")
+    parser.add_argument("--sequence-parallel", type=int, default=1, metavar="N",
+                        help="every case on N ranks sharing each micro-batch (train.sequence_parallel=N); the "
+                             "measured side is then the hungriest rank's")
     args = parser.parse_args(argv)
     if args.gpu:
         return gpu_main()
@@ -179,6 +186,10 @@ def main(argv: list[str] | None = None) -> None:
             folder = root / f"case{n}"
             folder.mkdir()
             overrides = case_overrides(model, mode, zero, gc, packed, root / f"data-{model}", folder / "out")
+            if args.sequence_parallel > 1:
+                ranks = args.sequence_parallel
+                overrides.append(f"train.sequence_parallel={ranks}")
+                name = f"{name.rsplit(', ', 2)[0]}, sp {ranks}, {model}"
             real = measured(overrides, ranks, folder)
             plan = predicted(overrides, ranks)
             error = 100 * (plan["train_peak"] / real["train_peak"] - 1)

@@ -28,7 +28,7 @@
 #                    from `hpc-train plan --help` when the batch shell sees no GPU
 #   SEQUENCE_PARALLEL  ranks that share each sample's sequence (train.sequence_parallel, DeepSpeed
 #                    Ulysses; default: the config's, 1 = off). The job's ranks (nodes x processes
-#                    per node) must be a multiple of it. The plan is skipped under it (not modelled).
+#                    per node) must be a multiple of it; the plan plays each rank of a group.
 #
 # Preemption: the templates ask for SIGUSR1 some minutes before the time limit
 # (--signal=B:USR1@...). This script passes it on to the training processes, which save a
@@ -109,9 +109,7 @@ fi
 mkdir -p "$OUTPUT_DIR"
 
 NODES=${SLURM_NNODES:-1}
-if ((SP > 1)) && [[ ${PLAN:-1} != 0 ]]; then
-  hpc_log "plan: skipped (hpc-train plan does not model train.sequence_parallel=$SP yet)"
-elif [[ ${PLAN:-1} != 0 && $MODE != baseline && ($DEVICE != cpu || -n ${PLAN_GPU:-}) ]]; then
+if [[ ${PLAN:-1} != 0 && $MODE != baseline && ($DEVICE != cpu || -n ${PLAN_GPU:-}) ]]; then
   planned=0
   python -m hpc_train plan "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} --gpu "${PLAN_GPU:-auto}" \
     --nodes "$NODES" --gpus-per-node "$NPROC_PER_NODE" --search off --json "$OUTPUT_DIR/plan.json" || planned=$?

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hpc_train.data.dataset import Skipped
 from hpc_train.data.loss_positions import LOSS_KEYS, loss_positions, num_supervised
 from hpc_train.data.media_layout import media_layout
-from hpc_train.data.media_share import TILE_FRAMES
+from hpc_train.data.media_share import IMAGE_ROWS, TILE_FRAMES
 from hpc_train.data.tokenize import IGNORE_INDEX, EncodedSample
 from hpc_train.models.families import Family
 
@@ -67,7 +67,8 @@ class Collator:
         return batch
 
 
-BOOKKEEPING = ("sample_ids", "skipped", "num_skipped", "num_real_tokens", "num_slots", "num_supervised", TILE_FRAMES)
+BOOKKEEPING = ("sample_ids", "skipped", "num_skipped", "num_real_tokens", "num_slots", "num_supervised", TILE_FRAMES,
+               IMAGE_ROWS)
 
 
 class FloatCast:

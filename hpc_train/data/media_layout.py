@@ -7,6 +7,8 @@
 - LLaVA-OneVision: images of all samples concatenated, ``pixel_values`` (I, P, 3, h, w) with
   P the most anyres patches, ``image_sizes`` (I, 2) and ``batch_num_images`` (B,); videos
   concatenated as ``pixel_values_videos`` (V, F, 3, h, w), so they need one frame count.
+  ``image_rows`` says how many feature rows each image makes (host bookkeeping for sequence
+  parallelism).
 
 Chosen once per family (:func:`media_layout`); nothing else branches on the family's name.
 """
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from hpc_train.data.media_share import IMAGE_TILE, PADDING_TILE, TILE_FRAMES
+from hpc_train.data.media_share import IMAGE_ROWS, IMAGE_TILE, PADDING_TILE, TILE_FRAMES
 from hpc_train.errors import DataError
 
 if TYPE_CHECKING:
@@ -149,6 +151,8 @@ def llava_onevision_media(samples: Sequence[EncodedSample], *, packed: bool = Fa
         out["image_sizes"] = torch.cat([s.media["image_sizes"] for s in samples if "image_sizes" in s.media])
         out["batch_num_images"] = torch.tensor(
             [s.media["pixel_values"].shape[0] if "pixel_values" in s.media else 0 for s in samples])
+        if all(IMAGE_ROWS in s.media for s in samples if "pixel_values" in s.media):
+            out[IMAGE_ROWS] = torch.cat([s.media[IMAGE_ROWS] for s in samples if "pixel_values" in s.media])
     videos = [s.media["pixel_values_videos"] for s in samples if "pixel_values_videos" in s.media]
     if videos:
         frames = {v.shape[1] for v in videos}

@@ -4,7 +4,8 @@ A video's sampled frames are split into contiguous shares, one per rank (:func:`
 rank ``r`` decodes only its share (the other frames stay black stand-ins that keep the
 processor's token counts), and its vision tower encodes exactly the frames it decoded, so no
 pixel crosses the group and each frame is decoded and encoded once. Images are cheap to decode:
-every rank reads them whole, and the group splits their tiles (SmolVLM) for encoding.
+every rank reads them whole, and the group splits their encoding (SmolVLM: the tiles evenly;
+LLaVA-OneVision: whole samples' images).
 
 :func:`split_media` keeps a rank's own pixels in its micro-batch and says, per kind of media
 features, which global feature rows each rank encodes and which its slice of the tokens needs
@@ -17,8 +18,11 @@ from typing import Any
 
 import torch
 
-from hpc_train.models.vision_share import FeatureRows
+from hpc_train.models.vision_share import FeatureRows, routing
 
+IMAGE_ROWS = "image_rows"
+"""LLaVA-OneVision batches: (images,) int64 feature rows of each image (its anyres grid, unpadded,
+with its newlines: the placeholder tokens the processor made for it)."""
 TILE_FRAMES = "tile_frames"
 """SmolVLM batches: (B, N, 2) int64 per tile of ``pixel_values``, ``(frame, frames)`` for a
 video frame's tile, ``(-1, 0)`` for an image's, ``(-2, 0)`` for a padding tile."""
@@ -45,9 +49,11 @@ def split_media(batch: dict[str, Any], rank: int, size: int, wanted: dict[str, t
                 ) -> dict[str, FeatureRows]:
     """Cut ``batch``'s pixels to those rank ``rank`` encodes (in place) and return every kind's
     :class:`FeatureRows`. ``wanted``: per kind, the rows each rank's slice holds."""
-    rows = {kind: FeatureRows(w) for kind, w in wanted.items()}  # encoded whole on every rank, unless split here
+    rows = {kind: FeatureRows(rank, w) for kind, w in wanted.items()}  # encoded whole on every rank, unless split here
     if TILE_FRAMES in batch:
         rows["image"] = _split_tiles(batch, rank, size, wanted["image"])
+    if IMAGE_ROWS in batch:
+        rows["image"] = _split_images(batch, rank, size, wanted["image"])
     if "pixel_values_videos" in batch:
         rows["video"] = _split_video_frames(batch, rank, size, wanted["video"])
     return rows
@@ -70,7 +76,25 @@ def _split_tiles(batch: dict[str, Any], rank: int, size: int, wanted: tuple[torc
     batch["pixel_values"] = batch["pixel_values"].flatten(0, 1)[pick][None]
     if "pixel_attention_mask" in batch:
         batch["pixel_attention_mask"] = batch["pixel_attention_mask"].flatten(0, 1)[pick][None]
-    return FeatureRows(wanted, encoded)
+    return FeatureRows(rank, wanted, encoded, routing=routing(rank, encoded, wanted))
+
+
+def _split_images(batch: dict[str, Any], rank: int, size: int, wanted: tuple[torch.Tensor, ...]) -> FeatureRows:
+    """LLaVA-OneVision: each rank encodes the images of a share of the samples (a sample's images
+    stay together: whether an image is tiled, anyres, depends on how many its sample has)."""
+    counts = batch.pop(IMAGE_ROWS)
+    per_sample = [n for n in batch["batch_num_images"].tolist() if n]
+    first = [0, *torch.tensor(per_sample).cumsum(0).tolist()]  # each sample's first image
+    row = [0, *counts.cumsum(0).tolist()]  # each image's first feature row
+    bounds = [share_bounds(len(per_sample), q, size) for q in range(size)]
+    encoded = tuple(torch.arange(row[first[a]], row[first[b]]) for a, b in bounds)  # contiguous images
+    start, end = bounds[rank]
+    if end == start:  # a rank without a share encodes the first sample's images, times zero
+        start, end = 0, 1
+    mine = slice(first[start], first[end])
+    batch["pixel_values"], batch["image_sizes"] = batch["pixel_values"][mine], batch["image_sizes"][mine]
+    batch["batch_num_images"] = torch.tensor(per_sample[start:end])
+    return FeatureRows(rank, wanted, encoded, routing=routing(rank, encoded, wanted))
 
 
 def _split_video_frames(batch: dict[str, Any], rank: int, size: int, wanted: tuple[torch.Tensor, ...]
@@ -91,13 +115,22 @@ def _split_video_frames(batch: dict[str, Any], rank: int, size: int, wanted: tup
     start, end = share_bounds(frames, rank, size)
     kept = pixels[:, start:end] if end > start else pixels[:1, :1]
     batch["pixel_values_videos"] = kept.flatten(0, 1)[None]
-    ends = tuple(v * (end - start) + end - start - 1 for v in range(videos)) if end == frames > start else ()
-    return FeatureRows(wanted, tuple(encoded), ends)
+    ends = {v * (end - start) + end - start - 1 for v in range(videos)} if end == frames > start else set()
+    return FeatureRows(rank, wanted, tuple(encoded), _with_newlines(len(kept.flatten(0, 1)), per_frame, ends),
+                       routing(rank, tuple(encoded), wanted))
+
+
+def _with_newlines(frames: int, per_frame: int, ends: set[int]) -> torch.Tensor:
+    """The tower's rows of ``frames`` local frames (then one newline row) in the global layout's
+    order: the newline after each frame in ``ends``."""
+    rows = torch.arange(frames * per_frame).view(frames, per_frame)
+    newline = torch.tensor([frames * per_frame])
+    return torch.cat([torch.cat([rows[j], newline]) if j in ends else rows[j] for j in range(frames)])
 
 
 def _rows_of(tiles: torch.Tensor, per_tile: int) -> torch.Tensor:
     return (tiles[:, None] * per_tile + torch.arange(per_tile)).flatten()
 
 
-__all__ = ["IMAGE_TILE", "PADDING_TILE", "TILE_FRAMES", "frame_owners", "share_bounds",
+__all__ = ["IMAGE_ROWS", "IMAGE_TILE", "PADDING_TILE", "TILE_FRAMES", "frame_owners", "share_bounds",
            "split_media"]

@@ -29,7 +29,7 @@ from PIL import Image
 
 from hpc_train.data.media import VideoFrames
 from hpc_train.data.media_layout import media_layout
-from hpc_train.data.media_share import IMAGE_TILE, TILE_FRAMES
+from hpc_train.data.media_share import IMAGE_ROWS, IMAGE_TILE, TILE_FRAMES
 from hpc_train.data.records import Record
 from hpc_train.errors import DataError
 from hpc_train.models.families import Family
@@ -199,12 +199,19 @@ class ChatEncoder:
 
     def _media(self, out: Any, image_frames: list[tuple[int, int]], replacements: list[dict]
                ) -> dict[str, torch.Tensor]:
-        """The layout's media tensors; SmolVLM's also say which video frame each tile shows
-        (the rank that decoded a frame encodes it under sequence parallelism)."""
+        """The layout's media tensors, with what sequence parallelism shares their encoding by:
+        SmolVLM's say which video frame each tile shows (the rank that decoded a frame encodes
+        it), LLaVA-OneVision's how many feature rows each image makes."""
         media = self.layout.sample(out)
-        if "pixel_values" in media and self.family.video_as_images:
+        if "pixel_values" not in media:
+            return media
+        if self.family.video_as_images:
             media[TILE_FRAMES] = _tile_frames(image_frames, replacements, self.family.image_token,
                                               self.processor.image_seq_len, len(media["pixel_values"]))
+        else:
+            media[IMAGE_ROWS] = _image_rows(replacements, self.family.image_token, out["input_ids"][0],
+                                            self.tokenizer.convert_tokens_to_ids(self.family.image_token),
+                                            len(media["pixel_values"]))
         return media
 
     def _refuse_control_tokens(self, record: Record) -> None:
@@ -347,6 +354,20 @@ def _tile_frames(image_frames: list[tuple[int, int]], replacements: list[dict], 
         raise DataError(f"the processor expanded {len(counts)} images into {sum(counts)} tiles, but made "
                         f"{tiles} tiles of {len(tags)} images", fix="report this with the model's processor config")
     return tags.repeat_interleave(torch.tensor(counts), dim=0)
+
+
+def _image_rows(replacements: list[dict], image_token: str, ids: torch.Tensor, image_token_id: int,
+                images: int) -> torch.Tensor:
+    """(images,): each image's placeholder tokens (its feature rows), from the processor's
+    expansion of each image (or, for one image, from the token ids)."""
+    counts = [rep["replacement"].count(image_token)
+              for rep in sorted(replacements, key=lambda r: r["span"][0]) if image_token in rep["replacement"]]
+    if not counts and images == 1:
+        counts = [int((ids == image_token_id).sum())]
+    if len(counts) != images:
+        raise DataError(f"the processor expanded {len(counts)} images but made pixels of {images}",
+                        fix="report this with the model's processor config")
+    return torch.tensor(counts)
 
 
 def _control_tokens(tokenizer: Any, *, keep: set[str]) -> re.Pattern[str] | None:

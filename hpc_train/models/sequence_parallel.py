@@ -121,8 +121,10 @@ def _wrap_attention(text: Any, group: Any) -> None:
         mask = None if module.training else attention_mask
         return ulysses(module, query, key, value, mask, *args, **kwargs)
 
-    register_with_masks(name + ULYSSES_SUFFIX, attention)
-    text._attn_implementation = name + ULYSSES_SUFFIX
+    # One name per group size: a plan tries several sizes in one process.
+    wrapped = f"{name}{ULYSSES_SUFFIX}{ulysses.world_size}"
+    register_with_masks(wrapped, attention)
+    text._attn_implementation = wrapped
 
 
 __all__ = ["allowed_sizes", "check_sequence_parallel", "inner_model", "join_sequence_groups", "media_token_ids",

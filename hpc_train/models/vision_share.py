@@ -10,8 +10,7 @@ are exact.
 
 The rows each rank encodes and needs (:class:`FeatureRows`) are set around the forward with
 :func:`features_for`. A rank with no share encodes a stand-in and adds it times zero, so every
-rank runs the same modules (ZeRO-3 gathers them collectively). LLaVA-OneVision's images (a few
-anyres grids per sample) are encoded whole on every rank, each keeping its slice's rows.
+rank runs the same modules (ZeRO-3 gathers them collectively).
 """
 
 from __future__ import annotations
@@ -23,21 +22,51 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
 
 @dataclass(frozen=True)
-class FeatureRows:
-    """For one kind of media (``image`` / ``video``), over the rows of the model's features."""
+class Routing:
+    """One rank's all-to-all of feature rows, worked out on the host (:func:`routing`)."""
 
+    send: torch.Tensor
+    """Local rows to send, grouped by the rank they go to."""
+    send_counts: list[int]
+    receive_counts: list[int]
+    back: torch.Tensor
+    """Puts the received rows (grouped by sender) in the order of this rank's placeholders."""
+
+
+@dataclass(frozen=True)
+class FeatureRows:
+    """For one kind of media (``image`` / ``video``), over the rows of the model's features, as
+    rank ``rank`` of the group sees them."""
+
+    rank: int
     wanted: tuple[torch.Tensor, ...]
     """``wanted[s]``: the rows whose placeholder tokens are in rank ``s``'s slice (sorted)."""
     encoded: tuple[torch.Tensor, ...] = ()
-    """``encoded[s]``: the rows rank ``s`` encodes, sorted (the order its tower makes them);
-    empty when every rank encodes the whole kind (LLaVA-OneVision's images)."""
-    newline_after: tuple[int, ...] = ()
-    """LLaVA-OneVision videos: this rank's local frames that end a video (a newline row follows)."""
+    """``encoded[s]``: the rows rank ``s`` encodes, sorted (the order they are routed in);
+    empty when the group does not share the kind (every rank encodes it whole)."""
+    local_order: torch.Tensor | None = None
+    """LLaVA-OneVision videos: the tower's rows of this rank's frames (then one newline) in
+    ``encoded[rank]``'s order (a newline after each frame that ends a video)."""
+    routing: Routing | None = None
+    """This rank's all-to-all (when the group shares the kind's encoding)."""
+
+
+def routing(rank: int, encoded: tuple[torch.Tensor, ...], wanted: tuple[torch.Tensor, ...]) -> Routing:
+    """Rank ``rank``'s all-to-all: rank q encoded the global rows ``encoded[q]`` (sorted), rank s
+    wants ``wanted[s]`` (sorted). Host tensors in, host tensors out."""
+    own = encoded[rank]
+    sends = [torch.searchsorted(own, w[torch.isin(w, own)]) for w in wanted]
+    mine = wanted[rank]
+    source = torch.zeros(len(mine), dtype=torch.long)
+    for q, rows in enumerate(encoded):
+        source[torch.isin(mine, rows)] = q
+    return Routing(send=torch.cat(sends), send_counts=[len(s) for s in sends],
+                   receive_counts=torch.bincount(source, minlength=len(encoded)).tolist(),
+                   back=torch.argsort(torch.argsort(source, stable=True)))
 
 
 _ROWS: ContextVar[dict[str, FeatureRows] | None] = ContextVar("sequence_parallel_feature_rows", default=None)
@@ -53,23 +82,11 @@ def features_for(rows: dict[str, FeatureRows]) -> Iterator[None]:
         _ROWS.reset(token)
 
 
-def route(local: torch.Tensor, encoded: tuple[torch.Tensor, ...], wanted: tuple[torch.Tensor, ...], group: Any
-          ) -> torch.Tensor:
-    """This rank's wanted rows, in order, from the group's encoded rows: rank q encoded the
-    global rows ``encoded[q]`` (sorted; ``local`` here), rank s wants ``wanted[s]``."""
-    rank = dist.get_rank(group)
-    own = encoded[rank]
-    sends = [torch.searchsorted(own, w[torch.isin(w, own)]) for w in wanted]
-    mine = wanted[rank]
-    source = torch.zeros(len(mine), dtype=torch.long)
-    for q, rows in enumerate(encoded):
-        source[torch.isin(mine, rows)] = q
-    receives = torch.bincount(source, minlength=len(encoded)).tolist()
-    # Rows arrive grouped by sender (each group sorted); ``back`` puts them in ``mine``'s order.
-    back = torch.argsort(torch.argsort(source, stable=True))
-    out = all_to_all_single_autograd(local[torch.cat(sends).to(local.device)], receives,
-                                     [len(s) for s in sends], group)
-    return wait_tensor(out)[back.to(local.device)]
+def route(local: torch.Tensor, plan: Routing, group: Any) -> torch.Tensor:
+    """This rank's wanted rows, in order, from the group's encoded rows (``local`` here)."""
+    device = local.device
+    out = all_to_all_single_autograd(local[plan.send.to(device)], plan.receive_counts, plan.send_counts, group)
+    return wait_tensor(out)[plan.back.to(device)]
 
 
 def share_vision(inner: torch.nn.Module, family_name: str, group: Any) -> None:
@@ -109,41 +126,31 @@ def _llava_onevision_frames(inner: torch.nn.Module, original: Callable[..., Any]
         rows = _rows("video")
         out = original(pixel_values_videos, *args, **kwargs)  # this rank's frames as one video
         pooled = out.pooler_output[0]  # the frames' rows, then one newline row
-        frames = pixel_values_videos.shape[1]
-        per_frame = (pooled.shape[0] - 1) // frames
-        order = _with_newlines(frames, per_frame, rows.newline_after)
-        out.pooler_output = _routed(pooled[order.to(pooled.device)], rows, group)[None]
+        out.pooler_output = _routed(pooled[rows.local_order.to(pooled.device)], rows, group)[None]
         return out
 
     return get_video_features
 
 
 def _llava_onevision_images(inner: torch.nn.Module, original: Callable[..., Any], group: Any) -> Callable[..., Any]:
-    rank = dist.get_rank(group)
-
     def get_image_features(*args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
         if inner.training:
-            wanted = _rows("image").wanted[rank]
-            out.pooler_output = [torch.cat(list(out.pooler_output))[wanted.to(out.pooler_output[0].device)]]
+            rows, local = _rows("image"), torch.cat(list(out.pooler_output))
+            if rows.routing is None:  # encoded whole here: keep the slice's rows
+                out.pooler_output = [local[rows.wanted[rows.rank].to(local.device)]]
+            else:
+                out.pooler_output = [_routed(local, rows, group)]
         return out
 
     return get_image_features
 
 
-def _with_newlines(frames: int, per_frame: int, newline_after: tuple[int, ...]) -> torch.Tensor:
-    """Row order of the local frames' features in the global layout: a newline row (the last
-    one the tower made) after each frame that ends a video."""
-    rows = torch.arange(frames * per_frame).view(frames, per_frame)
-    newline = torch.tensor([frames * per_frame])
-    return torch.cat([torch.cat([rows[j], newline]) if j in newline_after else rows[j] for j in range(frames)])
-
-
 def _routed(local: torch.Tensor, rows: FeatureRows, group: Any) -> torch.Tensor:
     """The routed rows; a rank without a share sends none and keeps its stand-in's graph at zero."""
-    if len(rows.encoded[dist.get_rank(group)]):
-        return route(local, rows.encoded, rows.wanted, group)
-    return route(local[:0], rows.encoded, rows.wanted, group) + local.sum() * 0
+    if len(rows.encoded[rows.rank]):
+        return route(local, rows.routing, group)
+    return route(local[:0], rows.routing, group) + local.sum() * 0
 
 
-__all__ = ["FeatureRows", "features_for", "route", "share_vision"]
+__all__ = ["FeatureRows", "Routing", "features_for", "route", "routing", "share_vision"]

@@ -8,7 +8,7 @@ from typing import Any
 
 from hpc_train.config import RunConfig
 from hpc_train.data.packing import PlannedPacks, drop_too_long
-from hpc_train.errors import ConfigError
+from hpc_train.models.sequence_parallel import allowed_sizes
 from hpc_train.plan.gpus import Gpu
 from hpc_train.plan.planner import (
     CONTEXT_GIB,
@@ -69,11 +69,6 @@ def make_plan(config: RunConfig, gpu: Gpu | None, *, nodes: int = 1, gpus_per_no
     fit), ``up`` (also above them, to 4x, when it fits), ``off``."""
     if search not in SEARCHES:
         raise ValueError(f"search={search!r}: expected one of {', '.join(SEARCHES)}")
-    if config.train.sequence_parallel > 1:
-        raise ConfigError(
-            f"train.sequence_parallel={config.train.sequence_parallel}: hpc-train plan does not model sequence "
-            "parallelism yet. Fix: plan with train.sequence_parallel=1 on the same GPUs for an upper bound (each "
-            "rank then holds the whole sequence's activations, which sequence parallelism divides)")
     started = time.perf_counter()
     planner = Planner(config, nodes * gpus_per_node, bf16=bf16, on_gpu=gpu is not None or _runs_on_gpu_here(config))
     memory = planner.memory()
@@ -98,7 +93,7 @@ def _runs_on_gpu_here(config: RunConfig) -> bool:
 
 
 def _steps(planner: Planner) -> int:
-    config, world = planner.config, planner.world
+    config, world = planner.config, planner.data_world
     train = config.train
     if not config.data.packing:
         return total_steps(len(planner.records), micro_batch=train.micro_batch_size, world_size=world,
@@ -156,6 +151,7 @@ def _advice(planner: Planner, memory: MemoryPlan) -> list[tuple[str, float]]:
         candidates.append([f"deepspeed.config={ZERO3_CONFIG}"])
     if config.data.max_seq_len > 512:
         candidates.append([f"data.max_seq_len={config.data.max_seq_len // 2}"])
+    candidates.extend([f"train.sequence_parallel={size}"] for size in _larger_groups(planner))
     needed = memory.needs_gib
     out = []
     for overrides in candidates:
@@ -164,6 +160,14 @@ def _advice(planner: Planner, memory: MemoryPlan) -> list[tuple[str, float]]:
         if new < needed:
             out.append((" ".join(overrides), new))
     return sorted(out, key=lambda pair: pair[1])
+
+
+def _larger_groups(planner: Planner) -> list[int]:
+    """Sequence-parallel group sizes above the configured one that the model's heads and the
+    world allow (each spreads a micro-batch over more ranks)."""
+    text = getattr(planner.architecture, "text_config", planner.architecture)
+    now = planner.config.train.sequence_parallel
+    return [n for n in allowed_sizes(text, planner.world) if n > now and planner.world % n == 0]
 
 
 def sbatch_line(plan: Plan, config_arg: str, overrides: list[str]) -> str:
@@ -186,6 +190,7 @@ def to_dict(plan: Plan) -> dict[str, Any]:
         "config_digest": plan.config.digest(),
         "gpu": plan.gpu.name if plan.gpu else None, "gpu_memory_gib": plan.gpu.memory_gib if plan.gpu else None,
         "nodes": plan.nodes, "gpus_per_node": plan.gpus_per_node, "dtype": plan.dtype,
+        "sequence_parallel": plan.config.train.sequence_parallel,
         "zero_stage": mem.states.stage, "peak_allocated_bytes": mem.peak,
         "peak_allocated_gib": round(mem.peak / GIB, 4), "peak_moment": mem.peak_moment,
         "needs_gib": round(mem.needs_gib, 3), "fits": plan.fits,
@@ -213,6 +218,10 @@ def format_plan(plan: Plan, sbatch: str | None = None) -> str:
              f"({plan.nodes} node(s) x {plan.gpus_per_node})",
              f"hungriest micro-batch: {mem.batch.tokens:,} positions ({mem.batch.real_tokens:,} real tokens), "
              f"{mem.batch.tiles} images/frames/tiles, records {_ids(mem.batch.indices)}"]
+    size = config.train.sequence_parallel
+    if size > 1:
+        lines.append(f"sequence parallelism: each micro-batch shared by {size} ranks (about "
+                     f"{-(-mem.batch.tokens // size):,} positions each); the peak is the hungriest rank's")
     have = f" of {plan.gpu.memory_gib:.1f} GiB: {'fits' if plan.fits else 'DOES NOT FIT'}" if plan.gpu else ""
     lines.append(f"peak per rank: {mem.peak / GIB:.2f} GiB allocated (at {mem.peak_moment}); needs "
                  f"{mem.needs_gib:.2f} GiB with {FRAGMENTATION_PCT}% fragmentation and {CONTEXT_GIB:g} GiB "

@@ -2,7 +2,9 @@
 
 The activations are measured, not estimated: the run's own model (fake tensors, see
 :mod:`hpc_train.plan.fake_model`) runs one micro-step on the run's hungriest micro-batch
-(:mod:`hpc_train.plan.worst_batch`) under PyTorch's memory tracker; DeepSpeed's states are
+(:mod:`hpc_train.plan.worst_batch`) under PyTorch's memory tracker — under sequence
+parallelism once per rank of a group, each on its slice, over PyTorch's fake process group
+(:mod:`hpc_train.plan.fake_world`), the hungriest rank's being the plan; DeepSpeed's states are
 counted by its rules (:mod:`hpc_train.plan.states`). A :class:`Planner` builds the model, the
 data and the shapes once, so trying other micro-batches, row lengths or frame counts costs
 one fake step each.
@@ -19,10 +21,17 @@ import torch
 from hpc_train.config import RunConfig
 from hpc_train.data.mixture import read_split
 from hpc_train.data.pipeline import build_pipeline
+from hpc_train.data.sequence_shard import shard_batch
 from hpc_train.errors import HpcTrainError
 from hpc_train.models.load import load_processor, model_family
+from hpc_train.models.sequence_parallel import (
+    check_sequence_parallel,
+    media_token_ids,
+    use_sequence_parallel,
+)
 from hpc_train.plan.fake_model import fake_training_model, model_config
 from hpc_train.plan.fake_step import StepMemory, step_memory
+from hpc_train.plan.fake_world import sequence_group
 from hpc_train.plan.gpus import Gpu
 from hpc_train.plan.params import deepspeed_params
 from hpc_train.plan.states import States, deepspeed_states
@@ -98,23 +107,37 @@ class Planner:
         self.dtype = torch.bfloat16 if bf16 else torch.float32
         self.records = read_split(config, "train")
         self.mode = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True)
-        self.model = fake_training_model(config, self.family, self.architecture, self.processor, self.dtype,
-                                         self.mode)
+        self.model = self._model(config)
         self._shapes: dict[str, Any] = {}
 
     def changed(self, config: RunConfig) -> Planner:
         """A planner of ``config`` (this one with a training setting changed: mode, checkpointing,
-        freezing, DeepSpeed config) sharing this one's records, processor and measured lengths."""
+        freezing, DeepSpeed config, sequence parallelism) sharing this one's records, processor
+        and measured lengths."""
         other = copy.copy(self)
         other.config = config
-        other.model = fake_training_model(config, self.family, self.architecture, self.processor, self.dtype,
-                                          self.mode)
+        other.model = self._model(config)
         return other
+
+    def _model(self, config: RunConfig) -> torch.nn.Module:
+        """The run's fake model; under sequence parallelism split over a group of the fake world
+        (:mod:`hpc_train.plan.fake_world`), as each rank's is."""
+        model = fake_training_model(config, self.family, self.architecture, self.processor, self.dtype, self.mode)
+        size = config.train.sequence_parallel
+        if size > 1:
+            check_sequence_parallel(getattr(self.architecture, "text_config", self.architecture), size, self.world)
+            use_sequence_parallel(model, self.family.name, sequence_group(self.world, size))
+        return model
+
+    @property
+    def data_world(self) -> int:
+        """Ranks that read different micro-batches (a sequence-parallel group reads one)."""
+        return self.world // self.config.train.sequence_parallel
 
     @property
     def ds(self) -> dict[str, Any]:
         text = getattr(self.architecture, "text_config", self.architecture)
-        return resolve_ds_config(self.config, self.world, bf16=self.bf16, hidden_size=int(text.hidden_size))
+        return resolve_ds_config(self.config, self.data_world, bf16=self.bf16, hidden_size=int(text.hidden_size))
 
     def states(self) -> States:
         ds = self.ds
@@ -128,9 +151,21 @@ class Planner:
         config = config or self.config
         pipeline = build_pipeline(config.data, self.processor, self.family)
         batch = worst_batch(config, pipeline, self.records, self.lengths(config, pipeline), indices)
-        step = step_memory(config, self.family, self.model, batch.batch)
+        step = max((step_memory(config, self.family, self.model, part) for part in self._rank_batches(config, batch)),
+                   key=lambda s: s.step_bytes)
         states = self.states()
         return MemoryPlan(states=states, step=step, moments=states.moments(step.step_bytes), batch=batch)
+
+    def _rank_batches(self, config: RunConfig, batch: PlannedBatch) -> list[dict[str, Any]]:
+        """What each rank of a sequence-parallel group trains of ``batch`` (the batch itself
+        without it): the plan is the hungriest rank's."""
+        size = config.train.sequence_parallel
+        if size == 1:
+            return [batch.batch]
+        tokens = media_token_ids(self.architecture, self.family.name)
+        pad = self.processor.tokenizer.pad_token_id
+        return [shard_batch(dict(batch.batch), rank=r, size=size, pad_token_id=pad, media_tokens=tokens)
+                for r in range(size)]
 
     def lengths(self, config: RunConfig, pipeline: Any = None) -> list[int]:
         """Every record's token length under ``config``'s media settings (measured once per setting)."""

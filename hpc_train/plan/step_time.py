@@ -49,9 +49,11 @@ def step_time(config: RunConfig, shape: ModelShape, trainability: Trainability, 
     if peak is None:
         return None
     samples = len(batch.batch.get("sample_ids", ())) or config.train.micro_batch_size
-    micro = step_flops(shape, trainability, tokens=batch.tokens, samples=samples, images=batch.tiles).total
+    size = config.train.sequence_parallel  # a rank's share of the group's micro-batch
+    micro = step_flops(shape, trainability, tokens=-(-batch.tokens // size), samples=samples,
+                       images=-(-batch.tiles // size), context=batch.tokens / samples).total
     accum = config.train.grad_accum
     flops = micro * accum
     seconds = (flops / (peak * 1e12 * EFFICIENCY[1]), flops / (peak * 1e12 * EFFICIENCY[0]))
-    return StepTime(flops_per_step=flops, tokens_per_step=batch.tokens * accum, seconds=seconds, steps=steps,
+    return StepTime(flops_per_step=flops, tokens_per_step=-(-batch.tokens // size) * accum, seconds=seconds, steps=steps,
                     peak_tflops=peak)

@@ -178,7 +178,10 @@ def test_sequence_parallel_across_two_nodes_and_a_size_the_job_cannot_take(clust
                         extra_env={"SEQUENCE_PARALLEL": "2", "PLAN_GPU": "L4"})
     log = log_of(tmp_path / f"hpc-lora-{job}.out")
     assert state["JobState"] == "COMPLETED", log[-4000:]
-    assert "plan: skipped" in log and "sequence parallelism: 1 groups of 2 ranks" in log
+    # the plan plays both ranks of the group (on PyTorch's fake process group), then the run trains
+    assert "sequence parallelism: each micro-batch shared by 2 ranks" in log, log[-4000:]
+    assert json.loads((tmp_path / "out" / "plan.json").read_text())["sequence_parallel"] == 2
+    assert "sequence parallelism: 1 groups of 2 ranks" in log
     assert len(read_metrics(tmp_path / "out" / "metrics.jsonl")) >= 2
     job, state = ok_job(cluster, "-N", "2", f"--output={tmp_path}/%x-%j.out", "slurm/lora.slurm",
                         *job_args(tmp_path / "out3"), extra_env={"SEQUENCE_PARALLEL": "3"})

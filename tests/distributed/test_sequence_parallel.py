@@ -104,7 +104,7 @@ def test_two_ranks_of_one_group_train_as_one_process(tmp_path, synthetic_data, t
         # the group encodes each tile and frame once, about half on each rank
         assert sum(split["encoded"]) == whole["encoded"][0] > 0
         assert max(split["encoded"]) <= whole["encoded"][0] // 2 + 2
-    elif "video" in kinds:  # LLaVA-OneVision shares the frames (each rank still encodes a batch's images)
+    elif "video" in kinds:  # LLaVA-OneVision shares the frames and whole samples' images
         assert max(split["encoded"]) < whole["encoded"][0]
 
 

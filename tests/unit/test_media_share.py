@@ -64,8 +64,12 @@ def test_llava_ranks_encode_their_frames_of_every_video_and_the_last_one_its_new
     per_rank = [share_bounds(frames, r, size) for r in range(size)]
     expected = torch.cat([batch["pixel_values_videos"][:, a:b].flatten(0, 1) for a, b in per_rank])
     assert torch.equal(kept, expected)
-    assert rows[0].newline_after == () and rows[-1].newline_after == tuple(
-        v * (frames - per_rank[-1][0]) + frames - per_rank[-1][0] - 1 for v in range(videos))
+    per_frame = (int((batch["input_ids"] == token).sum()) // videos - 1) // frames
+    for r, (a, b) in enumerate(per_rank):  # the tower's newline row goes after each video's last frame
+        order = rows[r].local_order
+        assert len(order) == len(rows[r].encoded[r])
+        at = (order == videos * (b - a) * per_frame).nonzero().squeeze(1).tolist()
+        assert at == ([(v + 1) * ((b - a) * per_frame + 1) - 1 for v in range(videos)] if b == frames else [])
 
 
 def test_a_one_frame_video_is_encoded_by_one_rank_newline_included(loaded_tiny, synthetic_data):
@@ -81,4 +85,30 @@ def test_a_one_frame_video_is_encoded_by_one_rank_newline_included(loaded_tiny, 
     shards = [shard_batch(dict(batch), rank=r, size=3, pad_token_id=0, media_tokens=tokens) for r in range(3)]
     encoded = shards[0][SHARD].feature_rows["video"].encoded
     assert len(encoded[0]) == int((batch["input_ids"] == tokens["video"]).sum()) and not any(map(len, encoded[1:]))
-    assert [s[SHARD].feature_rows["video"].newline_after for s in shards] == [(0,), (), ()]
+    orders = [s[SHARD].feature_rows["video"].local_order for s in shards]
+    assert orders[0][-1] == len(orders[0]) - 1 and all(len(o) and o.max() < len(orders[0]) - 1 for o in orders[1:])
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_llava_ranks_encode_whole_samples_images_into_the_rows_they_say(loaded_tiny, synthetic_data, size):
+    model, processor = loaded_tiny["llava_onevision"]
+    samples = [s for s in mixed_samples(loaded_tiny, synthetic_data, "llava_onevision")
+               if "pixel_values" in s.media]  # one image, two images, a spectrogram
+    batch = Collator(get_family("llava_onevision"), processor.tokenizer.pad_token_id)(samples)
+    assert sorted(batch["batch_num_images"].tolist()) == [1, 1, 2]
+    tokens = media_token_ids(model.config, "llava_onevision")
+    shards = [shard_batch(dict(batch), rank=r, size=size, pad_token_id=0, media_tokens=tokens) for r in range(size)]
+
+    def features(media: dict) -> torch.Tensor:
+        with torch.no_grad():
+            out = model.get_image_features(pixel_values=media["pixel_values"], image_sizes=media["image_sizes"],
+                                           batch_num_images=media["batch_num_images"])
+        return torch.cat(list(out.pooler_output))
+
+    whole = features(batch)
+    rows = [s[SHARD].feature_rows["image"] for s in shards]
+    assert sorted(torch.cat(rows[0].encoded).tolist()) == list(range(len(whole)))
+    for r, shard in enumerate(shards):
+        if len(rows[r].encoded[r]):  # each rank's own images make exactly the rows it says, anyres kept
+            torch.testing.assert_close(features(shard), whole[rows[r].encoded[r]])
+        assert int(shard["batch_num_images"].sum()) == len(shard["image_sizes"]) == len(shard["pixel_values"])

@@ -5,6 +5,10 @@ tests/distributed/test_sequence_parallel.py)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,11 +168,53 @@ def test_a_baseline_run_refuses_sequence_parallelism_before_joining_any_group():
         build_run(config, DistInfo(rank=0, world_size=2, local_rank=0, local_world_size=2))
 
 
-def test_the_plan_says_it_does_not_model_sequence_parallelism_and_what_to_plan_instead():
+@pytest.fixture(scope="module")
+def long_video_set(tmp_path_factory) -> Path:
+    from hpc_train.data.synthetic import SyntheticSpec, make_dataset
+
+    out = tmp_path_factory.mktemp("long_videos")
+    make_dataset(out, SyntheticSpec(n_train=2, n_eval=0, kinds=("video",), weights={"video": 1.0}, video_frames=32))
+    return out / "train.jsonl"
+
+
+@pytest.mark.parametrize("family", ["smolvlm", "llava_onevision"])
+def test_the_plan_plays_each_rank_of_a_group_on_its_slice(tmp_path, long_video_set, family):
     from hpc_train.plan.command import make_plan
 
-    with pytest.raises(ConfigError, match="train.sequence_parallel=1 on the same GPUs for an upper bound"):
-        make_plan(load_config("tiny_smolvlm", ["train.sequence_parallel=2"]), None, gpus_per_node=2, bf16=False)
+    args = [f"data.train={long_video_set}", "data.eval=null", "data.video.num_frames=32", "data.max_seq_len=100000",
+            "train.micro_batch_size=1", f"output_dir={tmp_path}", "model.dtype=fp32"]
+    whole = make_plan(load_config(f"tiny_{family}", args), None, gpus_per_node=2, bf16=False, search="off")
+    # a process of its own: the plan's ranks play on PyTorch's fake process group
+    done = subprocess.run([sys.executable, "-m", "hpc_train", "plan", f"tiny_{family}", *args,
+                           "train.sequence_parallel=2", "--gpus-per-node", "2", "--search", "off",
+                           "--json", str(tmp_path / "plan.json")], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "sequence parallelism: each micro-batch shared by 2 ranks" in done.stdout
+    split = json.loads((tmp_path / "plan.json").read_text())
+    kinds = ("vision activations", "language-model activations", "logits, loss and temporaries")
+    before = {k: whole.memory.components()[k] for k in kinds}
+    after = {k: split["components_bytes"][k] for k in kinds}
+    assert split["sequence_parallel"] == 2 and split["batch"]["tokens"] == whole.memory.batch.tokens
+    assert sum(after.values()) <= 0.65 * sum(before.values()), (before, after)
+    assert all(after[k] < before[k] for k in kinds), (before, after)
+
+
+def test_a_plan_refuses_to_play_ranks_in_a_process_with_a_real_world():
+    import torch.distributed as dist
+
+    from hpc_train.errors import HpcTrainError
+    from hpc_train.plan.fake_world import sequence_group
+
+    made = not dist.is_initialized()
+    if made:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(HpcTrainError, match="run hpc-train plan in a process of its own"):
+            sequence_group(2, 2)
+    finally:
+        if made:
+            dist.destroy_process_group()
 
 
 def test_the_flops_of_a_group_s_slices_add_up_to_the_whole_sequence_s():
