@@ -138,6 +138,16 @@ def predicted(args: list[str], ranks: int, *, gpu: bool = False) -> dict[str, ob
             "seconds": plan.seconds, "step_s": plan.time.seconds if plan.time else None}
 
 
+def splits_over(args: list[str], size: int) -> bool:
+    """Whether the model of ``args`` takes sequence-parallel groups of ``size``."""
+    from hpc_train.config_file import load_config
+    from hpc_train.models.sequence_parallel import allowed_sizes
+    from hpc_train.plan.fake_model import model_config
+
+    architecture = model_config(load_config(args[0], args[1:]))
+    return size in allowed_sizes(getattr(architecture, "text_config", architecture), size)
+
+
 def make_data(folder: Path, n: int) -> None:
     from hpc_train.data.synthetic import SyntheticSpec, make_dataset
 
@@ -190,6 +200,9 @@ def main(argv: list[str] | None = None) -> None:
                 ranks = args.sequence_parallel
                 overrides.append(f"train.sequence_parallel={ranks}")
                 name = f"{name.rsplit(', ', 2)[0]}, sp {ranks}, {model}"
+                if not splits_over(overrides, ranks):
+                    print(f"{name:<58}skipped: its attention heads do not split over {ranks} ranks", flush=True)
+                    continue
             real = measured(overrides, ranks, folder)
             plan = predicted(overrides, ranks)
             error = 100 * (plan["train_peak"] / real["train_peak"] - 1)
