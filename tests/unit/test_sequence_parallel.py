@@ -200,6 +200,26 @@ def test_the_plan_plays_each_rank_of_a_group_on_its_slice(tmp_path, long_video_s
     assert all(after[k] < before[k] for k in kinds), (before, after)
 
 
+def test_a_preset_s_plan_cuts_its_batch_at_the_processor_s_media_tokens(tmp_path, long_video_set):
+    """A preset's architecture keeps the published token ids; the batch has the processor's."""
+    from hpc_train.data.pipeline import build_pipeline
+    from hpc_train.plan.planner import Planner
+    from hpc_train.plan.worst_batch import worst_batch
+
+    args = ["model.path=null", "model.preset=smolvlm-256m", f"data.train={long_video_set}", "data.eval=null",
+            "data.video.num_frames=8", "train.micro_batch_size=1", "train.grad_accum=1", f"output_dir={tmp_path}"]
+    planner = Planner(load_config("smolvlm_lora", args), 3, bf16=False, on_gpu=False)
+    assert planner.architecture.image_token_id != planner.processor.tokenizer.convert_tokens_to_ids("<image>")
+    config = load_config("smolvlm_lora", [*args, "train.sequence_parallel=3"])
+    pipeline = build_pipeline(config.data, planner.processor, planner.family)
+    batch = worst_batch(config, pipeline, planner.records, planner.lengths(config, pipeline))
+    parts = planner._rank_batches(config, batch)
+    rows = [p[SHARD].feature_rows["image"] for p in parts]
+    placeholders = int((batch.batch["input_ids"] == planner.processor.tokenizer.convert_tokens_to_ids("<image>")).sum())
+    assert placeholders > 0 and sum(len(r.wanted[r.rank]) for r in rows) == placeholders
+    assert all(len(r.encoded[r.rank]) for r in rows)  # each of the 3 ranks encodes its share of the frames
+
+
 def test_a_plan_refuses_to_play_ranks_in_a_process_with_a_real_world():
     import torch.distributed as dist
 
