@@ -11,7 +11,9 @@ Arms:
   positions alone, one fp32 logits tensor of (supervised, vocab).
 - ``DeepSpeed tiled, every position``: ``TiledFusedLogitsLoss`` over the whole row in tiles of
   ``--tile`` positions (the unsupervised ones ignored by the loss), backward inside its forward.
-- ``DeepSpeed tiled, supervised positions``: the same over our supervised positions only.
+- ``the loop's head``: what the training loop runs (:mod:`hpc_train.train.logits_tiles`): ours
+  while the supervised positions' fp32 logits fit ``--tile-mib`` (``train.logits_tile_mib``),
+  past that DeepSpeed's tiled loss over those positions, in tiles of that size.
 
 Peaks are measured by :class:`profiling.live_tensors.LiveTensorBytes` above what is live before
 the arm (the hidden states and the head). The goal decides which head the training loop uses:
@@ -19,6 +21,7 @@ the lower peak at the supervised shares users train (answers of tens to thousand
 after a long video), at equal loss (1e-6 relative).
 
     python benchmarks/logits_loss.py [--preset smolvlm-256m] [--tokens 8192] [--supervised 0.01 0.1 0.5 1]
+        [--tile 1024] [--tile-mib 256]
 """
 
 from __future__ import annotations
@@ -36,11 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hpc_train.data.tokenize import IGNORE_INDEX  # noqa: E402
 from hpc_train.models.presets import PRESETS  # noqa: E402
+from hpc_train.train.logits_tiles import logits_tiles, tiled_weighted_loss  # noqa: E402
 from hpc_train.train.loss import token_losses  # noqa: E402
 from profiling.live_tensors import LiveTensorBytes  # noqa: E402
 
 
-def ours(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, tile: int) -> torch.Tensor:
+def ours(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, tile: int, tile_mib: float = 0
+         ) -> torch.Tensor:
     keep = (targets[0] != IGNORE_INDEX).nonzero().squeeze(1)
     logits = head(hidden[:, keep])
     return token_losses(logits, targets[:, keep]).sum() / len(keep)
@@ -57,21 +62,25 @@ def _tiled(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, t
     return total / int((targets != IGNORE_INDEX).sum())
 
 
-def deepspeed_every_position(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, tile: int
-                             ) -> torch.Tensor:
+def deepspeed_every_position(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, tile: int,
+                             tile_mib: float = 0) -> torch.Tensor:
     return _tiled(head, hidden, targets, tile)
 
 
-def deepspeed_supervised(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, tile: int
-                         ) -> torch.Tensor:
+def loops_head(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, tile: int, tile_mib: float
+               ) -> torch.Tensor:
     keep = (targets[0] != IGNORE_INDEX).nonzero().squeeze(1)
-    return _tiled(head, hidden[:, keep], targets[:, keep], tile)
+    tiles = logits_tiles(len(keep), head.out_features, tile_mib)
+    if tiles == 1:
+        return ours(head, hidden, targets, tile)
+    weights = torch.full((1, len(keep)), 1 / len(keep))
+    return tiled_weighted_loss(head, hidden[:, keep], targets[:, keep], weights, tiles, tied=False)
 
 
 ARMS: dict[str, Callable[..., torch.Tensor]] = {
     "supervised only (ours)": ours,
     "DeepSpeed tiled, every position": deepspeed_every_position,
-    "DeepSpeed tiled, supervised positions": deepspeed_supervised,
+    "the loop's head": loops_head,
 }
 
 
@@ -86,14 +95,14 @@ def targets_of(tokens: int, supervised: float, vocab: int, answer: int = 64) -> 
 
 
 def measure(arm: Callable[..., torch.Tensor], head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
-            tile: int) -> dict[str, float]:
+            tile: int, tile_mib: float) -> dict[str, float]:
     x = hidden.detach().clone().requires_grad_(True)
     with LiveTensorBytes() as live:
         live.adopt([x, head.weight])
         live.mark()
         start = live.current
         began = time.perf_counter()
-        loss = arm(head, x, targets, tile)
+        loss = arm(head, x, targets, tile, tile_mib)
         loss.backward()
         seconds = time.perf_counter() - began
         peak = live.peak_since_mark - start
@@ -106,18 +115,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=8192, help="positions of the row")
     parser.add_argument("--supervised", type=float, nargs="+", default=[0.01, 0.1, 0.5, 1.0])
     parser.add_argument("--tile", type=int, default=1024, help="positions per tile of DeepSpeed's loss")
+    parser.add_argument("--tile-mib", type=float, default=256.0, help="the loop's train.logits_tile_mib")
     args = parser.parse_args(argv)
     text = PRESETS[args.preset].build_config().text_config
     torch.manual_seed(0)
     head = torch.nn.Linear(text.hidden_size, text.vocab_size, bias=False).requires_grad_(False)
     hidden = torch.randn(1, args.tokens, text.hidden_size)
     print(f"{args.preset} head ({text.hidden_size} x {text.vocab_size:,}, frozen), {args.tokens:,} positions, "
-          f"fp32 on the CPU, {torch.get_num_threads()} threads; DeepSpeed tiles of {args.tile} positions")
+          f"fp32 on the CPU, {torch.get_num_threads()} threads; DeepSpeed tiles of {args.tile} positions, "
+          f"the loop's of {args.tile_mib:g} MiB")
     print("| supervised | " + " | ".join(f"{name}: peak MiB, s" for name in ARMS) + " | loss, gradient rel. diff |")
     print("|---|" + "---|" * (len(ARMS) + 1))
     for share in args.supervised:
         targets = targets_of(args.tokens, share, text.vocab_size)
-        results = [measure(arm, head, hidden, targets, args.tile) for arm in ARMS.values()]
+        results = [measure(arm, head, hidden, targets, args.tile, args.tile_mib) for arm in ARMS.values()]
         base = results[0]
         diff = max(max(abs(r["loss"] - base["loss"]) / abs(base["loss"]),
                        float((r["grad"] - base["grad"]).abs().max() / base["grad"].abs().max())) for r in results[1:])

@@ -154,6 +154,10 @@ class TrainConfig(_Section):
     """Compute each language-model MLP over this many tiles of the sequence, recomputed in the
     backward (DeepSpeed's TiledMLP; 0 or 1: whole): its intermediate activations, 3-4x the
     hidden size per token, then exist for one tile at a time, for one more MLP forward a step."""
+    logits_tile_mib: float = Field(256.0, gt=0)
+    """The head and loss run over tiles of a micro-batch's supervised positions whose fp32 logits
+    stay within this size (DeepSpeed's TiledFusedLogitsLoss), once those logits would pass it:
+    long captions and text-heavy rows then hold one tile's logits at a time."""
     sequence_parallel: int = Field(1, ge=1)
     """Ranks that share one micro-batch's sequence (DeepSpeed's Ulysses; 1: off). The world size
     must be a multiple of it; data parallelism runs over the rest. The language model's heads

@@ -37,16 +37,17 @@ class StepMemory:
         return self.peak - self.weights
 
 
-def step_memory(config: RunConfig, family: Family, model: torch.nn.Module, batch: dict[str, Any]) -> StepMemory:
+def step_memory(config: RunConfig, family: Family, model: torch.nn.Module, batch: dict[str, Any], *,
+                zero: int) -> StepMemory:
     """The memory of one micro-step of the run's fake model (:func:`fake_training_model`) on
-    ``batch`` (a collated batch, real CPU tensors)."""
+    ``batch`` (a collated batch, real CPU tensors) under ZeRO stage ``zero`` (its head tiled or not)."""
     mode = _fake_mode_of(model)
     inputs = step_inputs(batch)
     fake = fake_batch(inputs, mode)
     tracker = StepTracker()
     with tracker.watching(_watched_modules(model, family)), values_from_host(model, inputs), mode, tracker:
         tracker.track_external(model)
-        loss = loss_for(config.data)(model, fake)
+        loss = loss_for(config.data, config.train, zero=zero)(model, fake)
         if loss.value.requires_grad:
             loss.value.backward()
     kinds = tracker.peak_by_kind

@@ -132,8 +132,11 @@ class Planner:
 
     @property
     def ds(self) -> dict[str, Any]:
+        return self._ds(self.config)
+
+    def _ds(self, config: RunConfig) -> dict[str, Any]:
         text = getattr(self.architecture, "text_config", self.architecture)
-        return resolve_ds_config(self.config, self.data_world, bf16=self.bf16, hidden_size=int(text.hidden_size))
+        return resolve_ds_config(config, self.data_world, bf16=self.bf16, hidden_size=int(text.hidden_size))
 
     def states(self) -> States:
         ds = self.ds
@@ -147,8 +150,9 @@ class Planner:
         config = config or self.config
         pipeline = build_pipeline(config.data, self.processor, self.family)
         batch = worst_batch(config, pipeline, self.records, self.lengths(config, pipeline), indices)
-        step = max((step_memory(config, self.family, self.model, part) for part in self._rank_batches(config, batch)),
-                   key=lambda s: s.step_bytes)
+        zero = zero_stage(self._ds(config))
+        step = max((step_memory(config, self.family, self.model, part, zero=zero)
+                    for part in self._rank_batches(config, batch)), key=lambda s: s.step_bytes)
         states = self.states()
         return MemoryPlan(states=states, step=step, moments=states.moments(step.step_bytes), batch=batch)
 

@@ -50,7 +50,14 @@ from hpc_train.models.tiled_mlp import use_tiled_mlp
 from hpc_train.models.varlen_backend import varlen_backend
 from hpc_train.train.checkpoint import Checkpointer, TrainState
 from hpc_train.train.data_order import PlannedBatches, total_steps
-from hpc_train.train.engine import build_optimizer, read_ds_config, resolve_ds_config, zero_stage
+from hpc_train.train.engine import (
+    backward_scale,
+    build_optimizer,
+    read_ds_config,
+    resolve_ds_config,
+    zero_stage,
+)
+from hpc_train.train.logits_tiles import describe_tiles
 from hpc_train.train.loss import loss_for
 from hpc_train.train.metrics import MetricsLogger
 from hpc_train.train.output_dir import (
@@ -97,6 +104,8 @@ def build_run(config: RunConfig, info: DistInfo) -> RunParts:
         if training and config.train.tiled_mlp > 1:
             use_tiled_mlp(loaded.model, loaded.family.name, config.train.tiled_mlp)
             _say(info, f"tiled MLP: each language-model MLP in {config.train.tiled_mlp} tiles of the sequence")
+        if training:
+            _say(info, f"head and loss: {describe_tiles(loaded.model, config.train, zero_stage(ds))}")
         if image_tokens_always_match(loaded.model.config, loaded.processor, loaded.family.name):
             mark_image_tokens_checked(loaded.model)
         packed = f", packed rows by {attention}" if config.data.packing else ""
@@ -111,8 +120,9 @@ def build_run(config: RunConfig, info: DistInfo) -> RunParts:
         tower = vision_tower(loaded.model, loaded.family)
         if tower is not None:
             profiler.count_images(tower)
+    loss = loss_for(config.data, config.train, zero=zero_stage(ds), backward_scale=backward_scale(config, ds))
     return RunParts(config=config, info=info, device=device, loaded=loaded, ds=ds, pipeline=pipeline,
-                    loss=loss_for(config.data), timer=timer, profiler=profiler, train=train, eval=evals,
+                    loss=loss, timer=timer, profiler=profiler, train=train, eval=evals,
                     training=engine, eval_model=eval_model, attention=attention)
 
 

@@ -126,6 +126,12 @@ def share_scale(ds: dict[str, Any] | None, sequence_parallel: int) -> float:
     return float(sequence_parallel) if sequence_parallel > 1 and zero_stage(ds) == 3 else 1.0
 
 
+def backward_scale(config: RunConfig, ds: dict[str, Any] | None) -> float:
+    """What the loop's backward multiplies a micro-batch's loss by: DeepSpeed's 1 / grad_accum
+    and :func:`share_scale`."""
+    return share_scale(ds, config.train.sequence_parallel) / config.train.grad_accum
+
+
 def offloads_optimizer(ds: dict[str, Any] | None) -> bool:
     """Whether a DeepSpeed config moves the optimizer state to CPU memory."""
     device = (ds or {}).get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
