@@ -19,9 +19,14 @@ _PEFT_PREFIX = "base_model.model."
 _LINEAR_NAMES = r"(q_proj|k_proj|v_proj|o_proj|out_proj|gate_proj|up_proj|down_proj|fc1|fc2|proj|linear_1|linear_2)"
 
 
+def bare_name(name: str) -> str:
+    """A parameter's or module's name in the model without its PEFT wrapper."""
+    return name.removeprefix(_PEFT_PREFIX)
+
+
 def group_of(name: str, family: Family) -> str:
     """The module group (vision / connector / llm / head) a parameter or module name belongs to."""
-    bare = name.removeprefix(_PEFT_PREFIX)
+    bare = bare_name(name)
     for group, prefixes in family.module_groups.items():
         if bare.startswith(prefixes):
             return group

@@ -106,13 +106,20 @@ def prepare_for_training(model: torch.nn.Module, config: RunConfig, family: Fami
         model.requires_grad_(False)
     elif mode in ("lora", "qlora") and config.model.adapter is None:
         model.requires_grad_(False)
-        if config.train.gradient_checkpointing:
-            model.enable_input_require_grads()
         model = apply_lora(model, family, config.lora)
     if config.train.gradient_checkpointing and mode != "baseline":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _no_input_grads(model)
     apply_freezing(model, family, config.model.freeze)
     return model
+
+
+def _no_input_grads(model: torch.nn.Module) -> None:
+    """Transformers and PEFT make every sub-model's input embeddings require grad when
+    checkpointing is enabled, which reentrant checkpointing needs and ours (non-reentrant) does
+    not. The vision tower's are among them: a frozen tower would then keep its activations and
+    run its backward (and its recompute) for a gradient nobody uses."""
+    model.disable_input_require_grads()
 
 
 def _no_cache(model: torch.nn.Module) -> None:
