@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, ImageStat
@@ -208,15 +209,29 @@ def black_video(path: str | Path, sampling: VideoSampling, clip: tuple[float, fl
     p = _check_file(path, FIX_VIDEO)
     vr = _open_video(p)
     try:
-        n, fps = _video_meta(vr, p)
-        idx = sample_frame_indices(n, fps, sampling, clip)
-        stamps = np.asarray(vr.get_frame_timestamp(idx.tolist()), dtype=np.float64)
+        n, fps, idx = _chosen_frames(vr, p, sampling, clip)
+        stamps = _timestamps(vr, idx)
     finally:
         del vr
     width, height = video_size(p)
-    return VideoFrames(frames=np.zeros((len(idx), height, width, 3), dtype=np.uint8),
-                       timestamps=stamps.reshape(len(idx), -1)[:, 0], native_fps=fps, num_source_frames=n,
-                       decoded=(0, 0))
+    return VideoFrames(frames=np.zeros((len(idx), height, width, 3), dtype=np.uint8), timestamps=stamps,
+                       native_fps=fps, num_source_frames=n, decoded=(0, 0))
+
+
+def _chosen_frames(vr: Any, path: Path, sampling: VideoSampling, clip: tuple[float, float] | None
+                   ) -> tuple[int, float, np.ndarray]:
+    """``(frames in the file, its fps, the indices sampling chooses)`` of an open video."""
+    n, fps = _video_meta(vr, path)
+    try:
+        return n, fps, sample_frame_indices(n, fps, sampling, clip)
+    except MediaError as exc:
+        raise exc.at(path=path) from exc
+
+
+def _timestamps(vr: Any, idx: np.ndarray) -> np.ndarray:
+    """Each chosen frame's start time in seconds."""
+    stamps = np.asarray(vr.get_frame_timestamp(idx.tolist()), dtype=np.float64)
+    return stamps.reshape(len(idx), -1)[:, 0]
 
 
 def probe_video(path: str | Path) -> tuple[int, float]:
@@ -239,16 +254,12 @@ def load_video(path: str | Path, sampling: VideoSampling, clip: tuple[float, flo
     p = _check_file(path, FIX_VIDEO)
     vr = _open_video(p)
     try:
-        n, fps = _video_meta(vr, p)
-        try:
-            idx = sample_frame_indices(n, fps, sampling, clip)
-        except MediaError as exc:
-            raise exc.at(path=p) from exc
+        n, fps, idx = _chosen_frames(vr, p, sampling, clip)
         start, end = share(len(idx)) if share is not None else (0, len(idx))
         wanted = idx[start:end] if end > start else idx[:1]  # a share of none still needs the size
         try:
             decoded = vr.get_batch(wanted.tolist()).asnumpy()
-            stamps = np.asarray(vr.get_frame_timestamp(idx.tolist()), dtype=np.float64)
+            timestamps = _timestamps(vr, idx)
         except Exception as exc:
             raise FramesUndecodable(f"cannot decode frames {wanted.tolist()} ({_short(exc)})", path=p,
                                     fix=f"{FIX_VIDEO}, {FIX_SKIP}") from exc
@@ -257,7 +268,6 @@ def load_video(path: str | Path, sampling: VideoSampling, clip: tuple[float, flo
     if decoded.ndim != 4 or decoded.shape[0] != len(wanted) or decoded.shape[-1] != 3:
         raise MediaError(f"decoder returned frames of shape {decoded.shape}, expected "
                          f"({len(wanted)}, H, W, 3)", path=p, fix=f"{FIX_VIDEO}, {FIX_SKIP}")
-    timestamps = stamps.reshape(len(idx), -1)[:, 0]
     if share is None:
         frames = np.ascontiguousarray(decoded, dtype=np.uint8)
     else:

@@ -180,9 +180,18 @@ def _text_config(model_type: str, width: int, tokenizer: Any) -> dict[str, Any]:
 
 def set_token_ids(model: PreTrainedModel, tokenizer: Any) -> None:
     """Point the model's special-token ids (media, pad, bos, eos) at this tokenizer's ids."""
+    point_token_ids(model.config, tokenizer)
+    gen = model.generation_config
+    gen.pad_token_id = tokenizer.pad_token_id
+    gen.eos_token_id = tokenizer.eos_token_id
+    gen.bos_token_id = tokenizer.bos_token_id
+
+
+def point_token_ids(config: Any, tokenizer: Any) -> None:
+    """Point a model config's media and special-token ids at this tokenizer's (a preset's
+    architecture carries the published ones)."""
     image = tokenizer.convert_tokens_to_ids("<image>")
     video = tokenizer.convert_tokens_to_ids("<video>") if "<video>" in tokenizer.get_vocab() else None
-    config = model.config
     for name in ("image_token_id", "image_token_index"):
         if hasattr(config, name):
             setattr(config, name, image)
@@ -195,10 +204,6 @@ def set_token_ids(model: PreTrainedModel, tokenizer: Any) -> None:
     text = getattr(config, "text_config", None) or config
     text.pad_token_id, text.bos_token_id, text.eos_token_id = (
         tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    gen = model.generation_config
-    gen.pad_token_id = tokenizer.pad_token_id
-    gen.eos_token_id = tokenizer.eos_token_id
-    gen.bos_token_id = tokenizer.bos_token_id
 
 
 def preset_processor(name: str) -> ProcessorMixin:

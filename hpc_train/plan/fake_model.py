@@ -40,8 +40,12 @@ def model_config(config: RunConfig) -> Any:
 
         return build_tiny(model.family)[0].config
     from hpc_train.models.presets import get_preset
+    from hpc_train.models.tiny import point_token_ids, preset_processor
 
-    return get_preset(model.preset).build_config()
+    # As the run's saved preset (models.tiny.build_preset): its media ids are its tokenizer's.
+    architecture = get_preset(model.preset).build_config()
+    point_token_ids(architecture, preset_processor(model.preset).tokenizer)
+    return architecture
 
 
 def fake_training_model(config: RunConfig, family: Family, architecture: Any, processor: Any,

@@ -24,7 +24,11 @@ from hpc_train.data.pipeline import build_pipeline
 from hpc_train.data.sequence_shard import shard_batch
 from hpc_train.errors import HpcTrainError
 from hpc_train.models.load import load_processor, model_family
-from hpc_train.models.sequence_parallel import check_sequence_parallel, use_sequence_parallel
+from hpc_train.models.sequence_parallel import (
+    check_sequence_parallel,
+    media_token_ids,
+    use_sequence_parallel,
+)
 from hpc_train.plan.fake_model import fake_training_model, model_config
 from hpc_train.plan.fake_step import StepMemory, step_memory
 from hpc_train.plan.fake_world import sequence_group
@@ -162,12 +166,8 @@ class Planner:
         size = config.train.sequence_parallel
         if size == 1:
             return [batch.batch]
-        # The processor's ids: a preset's architecture keeps the published ones, which the run
-        # points at its tokenizer's (models.tiny.set_token_ids) before any batch meets them.
-        tokenizer = self.processor.tokenizer
-        tokens = {kind: tokenizer.convert_tokens_to_ids(getattr(self.family, f"{kind}_token"))
-                  for kind in self.family.media_kinds}
-        pad = tokenizer.pad_token_id
+        tokens = media_token_ids(self.architecture, self.family.name)
+        pad = self.processor.tokenizer.pad_token_id
         return [shard_batch(dict(batch.batch), rank=r, size=size, pad_token_id=pad, media_tokens=tokens)
                 for r in range(size)]
 

@@ -201,15 +201,18 @@ def test_the_plan_plays_each_rank_of_a_group_on_its_slice(tmp_path, long_video_s
 
 
 def test_a_preset_s_plan_cuts_its_batch_at_the_processor_s_media_tokens(tmp_path, long_video_set):
-    """A preset's architecture keeps the published token ids; the batch has the processor's."""
+    """A preset's published architecture has other token ids than its processor; the plan's
+    architecture has the processor's, as the run's saved preset does."""
     from hpc_train.data.pipeline import build_pipeline
+    from hpc_train.models.presets import get_preset
     from hpc_train.plan.planner import Planner
     from hpc_train.plan.worst_batch import worst_batch
 
     args = ["model.path=null", "model.preset=smolvlm-256m", f"data.train={long_video_set}", "data.eval=null",
             "data.video.num_frames=8", "train.micro_batch_size=1", "train.grad_accum=1", f"output_dir={tmp_path}"]
     planner = Planner(load_config("smolvlm_lora", args), 3, bf16=False, on_gpu=False)
-    assert planner.architecture.image_token_id != planner.processor.tokenizer.convert_tokens_to_ids("<image>")
+    image = planner.processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert get_preset("smolvlm-256m").build_config().image_token_id != image == planner.architecture.image_token_id
     config = load_config("smolvlm_lora", [*args, "train.sequence_parallel=3"])
     pipeline = build_pipeline(config.data, planner.processor, planner.family)
     batch = worst_batch(config, pipeline, planner.records, planner.lengths(config, pipeline))
