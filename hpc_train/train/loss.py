@@ -55,7 +55,8 @@ class Loss:
     value: torch.Tensor
     logits: torch.Tensor
     """(rows, K, vocab), at least one position: the loop sends a zero or a NaN gradient through
-    them when the loss itself must not be used (a stand-in, a step to skip)."""
+    them when the loss itself must not be used (a stand-in, a step to skip). When the head ran
+    in tiles, its input (rows, K, hidden), which serves the same way."""
 
 
 LossFn = Callable[[Any, dict[str, Any]], Loss]
