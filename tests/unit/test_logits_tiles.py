@@ -15,16 +15,10 @@ from hpc_train.data.tokenize import IGNORE_INDEX
 from hpc_train.models.families import get_family
 from hpc_train.train.logits_tiles import LOGITS_BYTES, logits_tiles
 from hpc_train.train.loss import sample_mean_weights, token_mean_weights, weighted_loss
-from tests.unit.test_supervised_loss import FAMILIES, assert_same, loss_and_grads, packed
+from tests.unit import test_supervised_loss
+from tests.unit.test_supervised_loss import assert_same, loss_and_grads, packed
 
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def case(request, loaded_tiny, varlen_tiny, synthetic_data):
-    from tests.conftest import mixed_samples
-
-    family = request.param
-    pad = loaded_tiny[family][1].tokenizer.pad_token_id
-    return family, varlen_tiny[family], pad, mixed_samples(loaded_tiny, synthetic_data, family)
+case = test_supervised_loss.case  # the same fixture: both families' tiny models and mixed samples
 
 
 def tile_mib(model: torch.nn.Module, positions: int) -> float:
