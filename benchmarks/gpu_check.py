@@ -247,6 +247,27 @@ def bf16_zero2_run(c: Check) -> str:
     return f"loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps"
 
 
+def vision_cache_run(c: Check) -> str:
+    """Two LoRA runs over the same first steps sharing ``data.vision_cache``: the second computes no
+    features (pinned copies and the writer's CUDA events on a GPU) and has the first's losses."""
+    cache = c.work / "vision-cache"
+    common = ["train.mode=lora", "lora.target=llm", "lora.dropout=0", "train.max_steps=4", "train.micro_batch_size=4",
+              f"data.vision_cache={cache}"]
+    runs = []
+    for name in ("cache-cold", "cache-warm"):
+        c.train(name, *common)
+        runs.append([json.loads(line) for line in (c.work / name / "metrics.jsonl").read_text().splitlines()
+                     if "loss" in json.loads(line)])
+    cold, warm = runs
+    assert [s["vision_computed_samples"] for s in warm] == [0] * len(warm) and sum(
+        s["vision_cached_samples"] for s in warm), warm
+    worst = max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(cold, warm, strict=True))
+    assert worst <= (1e-6 if c.cpu else 1e-2), (cold, warm)
+    stored = sum(f.stat().st_size for f in cache.rglob("*.safetensors"))
+    return (f"warm run: {sum(s['vision_cached_samples'] for s in warm):.0f} samples from the cache, none computed; "
+            f"losses' largest relative difference {worst:.1e}; cache {stored / 2**10:.0f} KiB")
+
+
 def plan_accuracy(c: Check) -> str:
     """hpc-train plan against the real runs' peaks (GPU: max_memory_allocated, bf16, step time)."""
     args = ["--models", "tiny-smolvlm", "--modes", "lora"] if c.cpu else ["--gpu"]
@@ -259,7 +280,8 @@ def plan_accuracy(c: Check) -> str:
 PARTS: dict[str, Callable[[Check], str]] = {
     "doctor-gpu-rows": doctor_gpu_rows, "device-binding": device_binding, "varlen-exactness": varlen_exactness,
     "host-syncs": host_syncs, "packed-vs-padded": packed_vs_padded, "profiler-overhead": profiler_overhead,
-    "mfu-and-memory": mfu_and_memory, "bf16-zero2-run": bf16_zero2_run, "plan-accuracy": plan_accuracy}
+    "mfu-and-memory": mfu_and_memory, "bf16-zero2-run": bf16_zero2_run, "vision-cache-run": vision_cache_run,
+    "plan-accuracy": plan_accuracy}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,6 +61,22 @@ def _train(args: argparse.Namespace) -> int:
         cleanup()
 
 
+def _cache_vision(args: argparse.Namespace) -> int:
+    from hpc_train.cache_vision import fill_vision_cache
+    from hpc_train.config_file import load_config
+    from hpc_train.dist import cleanup, read_dist_env
+
+    config = load_config(args.config, args.overrides)
+    info = read_dist_env()
+    try:
+        fill = fill_vision_cache(config, info)
+    finally:
+        cleanup()
+    if info.is_main:
+        print(fill.describe(config.vision_cache_dir))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from hpc_train.demo import run_demo
 
@@ -193,6 +209,12 @@ def _add_run_commands(sub: Any) -> None:
         p.add_argument("config", help="YAML config or shipped recipe name (e.g. tiny_smolvlm)")
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
         p.set_defaults(func=_train)
+
+    p = sub.add_parser("cache-vision", help="fill data.vision_cache with the frozen vision tower's features of "
+                                            "every training sample before the run (also under a launcher)")
+    p.add_argument("config", help="YAML config or shipped recipe name (the run's own)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.set_defaults(func=_cache_vision)
 
     p = sub.add_parser("plan", help="predict a run's peak GPU memory per rank (by component), its step time and "
                                     "what fits, before it is queued; exit 3 when it does not fit")

@@ -112,6 +112,23 @@ class DataConfig(_Section):
     cache_samples: bool = False
     """Keep every encoded sample in memory after its first use (each worker keeps its own):
     for small datasets trained for many epochs."""
+    vision_cache: str | None = None
+    """A folder (on the filesystem the checkpoints use; ``{output_dir}`` is filled in) of the
+    features a frozen vision tower and connector hand the language model, per training sample: a
+    sample found there is trained without decoding its media or running the tower. Written as
+    samples are first computed (or ahead, by ``hpc-train cache-vision``); an entry whose weights,
+    media settings or media files changed is never used. Off when anything in the tower or
+    connector trains (the run says why)."""
+
+    @field_validator("vision_cache")
+    @classmethod
+    def _cache_placeholder(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                value.format(output_dir="output_dir")
+            except (KeyError, IndexError, ValueError, AttributeError):
+                raise ValueError(f"{value!r} may only use the placeholder {{output_dir}}") from None
+        return value
     video: VideoConfig = VideoConfig()
     image: ImageConfig = ImageConfig()
     audio: AudioConfig = AudioConfig()
@@ -263,6 +280,12 @@ class RunConfig(_Section):
         return self.to_dict() == other.to_dict()
 
     __hash__ = None  # type: ignore[assignment]  # mutable, like every pydantic model
+
+    @property
+    def vision_cache_dir(self) -> str | None:
+        """``data.vision_cache`` with ``{output_dir}`` filled in."""
+        cache = self.data.vision_cache
+        return None if cache is None else cache.format(output_dir=self.output_dir)
 
     def origin(self, key: str) -> str | None:
         """Where the dotted ``key`` was set: ``file:line``, ``override 'k=v'``, or ``None`` (default)."""

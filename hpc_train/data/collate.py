@@ -14,6 +14,7 @@ from hpc_train.data.loss_positions import LOSS_KEYS, loss_positions, num_supervi
 from hpc_train.data.media_layout import media_layout
 from hpc_train.data.media_share import IMAGE_ROWS, TILE_FRAMES
 from hpc_train.data.tokenize import IGNORE_INDEX, EncodedSample
+from hpc_train.data.vision_cache import NOT_STORED, VISION_FEATURES, FeatureCollation, token_owners
 from hpc_train.models.families import Family
 
 
@@ -21,10 +22,12 @@ class Collator:
     """Collate :class:`EncodedSample` items (dropping :class:`Skipped` ones, counted)."""
 
     def __init__(self, family: Family, pad_token_id: int, *, pad_to_multiple_of: int | None = None,
-                 blanks: Sequence[EncodedSample] = (), padding_side: str = "right") -> None:
+                 blanks: Sequence[EncodedSample] = (), padding_side: str = "right",
+                 features: FeatureCollation | None = None) -> None:
         """``blanks``: snippets from :meth:`ChatEncoder.blank_media`; a batch lacking a media
         kind gets that blank added to its first sample, masked and unsupervised, on the
-        padding side (``left`` for generation prompts, which must end with the prompt)."""
+        padding side (``left`` for generation prompts, which must end with the prompt).
+        ``features``: the vision cache's layout of batches (``data.vision_cache``)."""
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
         self.padding_side = padding_side
@@ -33,6 +36,7 @@ class Collator:
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
         self.blanks = list(blanks)
+        self.features = features
 
     def __call__(self, items: Sequence[EncodedSample | Skipped]) -> dict[str, Any]:
         samples = [s for s in items if isinstance(s, EncodedSample)]
@@ -44,14 +48,19 @@ class Collator:
         }
         if not samples:
             return batch
+        left = self.padding_side == "left"
+        keys: list[str] = []
+        owners = [token_owners(s, keys) for s in samples] if self.features else None
         for blank in self.blanks:
-            if not any(has_media_kind(s, blank) for s in samples):
-                samples = [_add_blank(samples[0], blank, at_start=self.padding_side == "left"),
-                           *samples[1:]]
+            if not any(has_media_kind(s, blank) or (self.features and self.features.has_kind(s, blank))
+                       for s in samples):
+                samples = [_add_blank(samples[0], blank, at_start=left), *samples[1:]]
+                if owners:
+                    extra = torch.full((len(blank),), NOT_STORED)
+                    owners[0] = torch.cat([extra, owners[0]] if left else [owners[0], extra])
         length = max(len(s) for s in samples)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        left = self.padding_side == "left"
         batch["input_ids"] = torch.stack([_pad1d(s.input_ids, length, self.pad_token_id, left) for s in samples])
         batch["labels"] = torch.stack([_pad1d(s.labels, length, IGNORE_INDEX, left) for s in samples])
         batch["attention_mask"] = torch.stack([_pad1d(_mask(s), length, 0, left) for s in samples])
@@ -64,6 +73,9 @@ class Collator:
             # mask on the device every forward to find that out (generation keeps its mask).
             del batch["attention_mask"]
         batch.update(self.layout.batch(samples))
+        if owners is not None:
+            batch[VISION_FEATURES] = self.features.rows(
+                batch["input_ids"], torch.stack([_pad1d(o, length, NOT_STORED, left) for o in owners]), samples, keys)
         return batch
 
 
@@ -86,8 +98,9 @@ class FloatCast:
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """The keys of a batch that go into ``model(**...)`` (bookkeeping and the loss's positions removed)."""
-    return {k: v for k, v in batch.items() if k not in BOOKKEEPING and k not in LOSS_KEYS}
+    """The keys of a batch that go into ``model(**...)`` (bookkeeping, the loss's positions and
+    cached features removed)."""
+    return {k: v for k, v in batch.items() if k not in BOOKKEEPING and k not in LOSS_KEYS and k != VISION_FEATURES}
 
 
 def step_inputs(batch: dict[str, Any]) -> dict[str, Any]:
@@ -111,7 +124,8 @@ def _add_blank(sample: EncodedSample, blank: EncodedSample, *, at_start: bool) -
         labels=torch.cat([first.labels, second.labels]), media=media,
         num_media_tokens=sample.num_media_tokens + blank.num_media_tokens, answers=sample.answers,
         masked_head=sample.masked_head + (len(blank) if at_start else 0),
-        masked_tail=sample.masked_tail + (0 if at_start else len(blank)))
+        masked_tail=sample.masked_tail + (0 if at_start else len(blank)),
+        features=sample.features, feature_key=sample.feature_key)
 
 
 def _mask(sample: EncodedSample) -> torch.Tensor:

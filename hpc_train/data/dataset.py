@@ -7,11 +7,13 @@ Media are opened inside ``__getitem__``, so each DataLoader worker opens its own
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
 from torch.utils.data import Dataset
 
 from hpc_train.config import DataConfig
@@ -20,6 +22,7 @@ from hpc_train.data.media import (
     VideoFrames,
     VideoSampling,
     audio_to_image,
+    black_image,
     black_video,
     load_audio,
     load_image,
@@ -28,6 +31,7 @@ from hpc_train.data.media import (
 from hpc_train.data.media_share import share_bounds
 from hpc_train.data.records import Record
 from hpc_train.data.tokenize import ChatEncoder, EncodedSample, SampleMedia
+from hpc_train.data.vision_cache import VisionCache
 from hpc_train.errors import DataError
 
 
@@ -74,6 +78,18 @@ class MediaLoader:
         except DataError as exc:
             raise exc.at(path=record.source, line=record.line, record_id=record.id) from exc
 
+    def stand_ins(self, record: Record) -> SampleMedia:
+        """Black media of the sizes :meth:`load` would give, read from the files' headers (no
+        pixel or sample decoded): the processor makes the same tokens from them."""
+        image, audio = self.data.image, self.data.audio
+        try:
+            return SampleMedia(
+                images=[black_image(p, aspect_4to1=image.aspect_4to1, max_side=image.max_side) for p in record.images],
+                videos=[black_video(p, self.sampling, clip=record.video_clip) for p in record.videos],
+                audios=[Image.new("RGB", (audio.image_size, audio.image_size)) for _ in record.audios])
+        except DataError as exc:
+            raise exc.at(path=record.source, line=record.line, record_id=record.id) from exc
+
     def _video(self, path: Path, record: Record) -> VideoFrames:
         if self.frame_share is None:
             return load_video(path, self.sampling, clip=record.video_clip)
@@ -91,14 +107,20 @@ class MediaLoader:
 
 
 class SampleDataset(Dataset):
-    """A map-style dataset of encoded samples (or :class:`Skipped` markers)."""
+    """A map-style dataset of encoded samples (or :class:`Skipped` markers).
+
+    With a ``vision_cache``, a sample whose features are all cached is encoded from stand-in
+    media (:meth:`MediaLoader.stand_ins`) and carries the features instead of pixels; any other
+    sample carries its key, so the features the model computes for it are written there.
+    """
 
     def __init__(self, records: Sequence[Record], encoder: ChatEncoder, media: MediaLoader,
-                 data: DataConfig) -> None:
+                 data: DataConfig, *, vision_cache: VisionCache | None = None) -> None:
         self.records = records
         self.encoder = encoder
         self.media = media
         self.data = data
+        self.vision_cache = vision_cache
         self._cache: dict[int, EncodedSample | Skipped] | None = {} if data.cache_samples else None
 
     def __len__(self) -> int:
@@ -114,7 +136,7 @@ class SampleDataset(Dataset):
     def _build(self, index: int) -> EncodedSample | Skipped:
         try:
             record = self.records[index]
-            sample = self.encoder.encode(record, self.media.load(record))
+            sample = self._encode(record)
         except DataError as exc:
             if self.data.on_bad_sample == "skip":
                 return Skipped(id=exc.record_id or str(index), reason=str(exc), kind="bad_record")
@@ -128,3 +150,19 @@ class SampleDataset(Dataset):
                             fix="raise data.max_seq_len, use fewer frames (data.video.num_frames / "
                                 "max_frames), or set data.truncation=drop")
         return sample
+
+    def _encode(self, record: Record) -> EncodedSample:
+        cache = self.vision_cache
+        if cache is None or not record.has_media():
+            return self.encoder.encode(record, self.media.load(record))
+        try:
+            key = cache.sample_key(record)
+        except OSError:  # a missing file: the media loader says so, in the data's terms
+            return self.encoder.encode(record, self.media.load(record))
+        features = cache.load(record, key)
+        if features is not None:
+            sample = self.encoder.encode(record, self.media.stand_ins(record))
+            if cache.fits(sample, features):
+                return dataclasses.replace(sample, media={}, features=features)
+        sample = self.encoder.encode(record, self.media.load(record))
+        return dataclasses.replace(sample, feature_key=key)

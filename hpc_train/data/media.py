@@ -321,8 +321,7 @@ def load_image(path: str | Path, *, aspect_4to1: bool = False,
     ``aspect_4to1`` the result is letterboxed to width == 4 * height first, and then
     ``max_side`` bounds the width.
     """
-    if max_side is not None and max_side < (4 if aspect_4to1 else 1):
-        raise ValueError(f"max_side is too small: {max_side}")
+    _check_max_side(max_side, aspect_4to1)
     p = _check_file(path, FIX_IMAGE)
     try:
         with Image.open(p) as raw:
@@ -331,6 +330,35 @@ def load_image(path: str | Path, *, aspect_4to1: bool = False,
     except Exception as exc:  # PIL raises OSError, SyntaxError, struct.error, EOFError, ...
         raise MediaError(f"cannot decode image ({_short(exc)})", path=p,
                          fix=f"{FIX_IMAGE}, {FIX_SKIP}") from exc
+    return _shaped(img, aspect_4to1=aspect_4to1, max_side=max_side)
+
+
+def black_image(path: str | Path, *, aspect_4to1: bool = False, max_side: int | None = None) -> Image.Image:
+    """A black image of the size :func:`load_image` would give, from the file's header alone
+    (its pixels are never decoded)."""
+    _check_max_side(max_side, aspect_4to1)
+    p = _check_file(path, FIX_IMAGE)
+    try:
+        with Image.open(p) as raw:
+            width, height = raw.size
+            turned = raw.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8)
+    except Exception as exc:
+        raise MediaError(f"cannot read the image's header ({_short(exc)})", path=p,
+                         fix=f"{FIX_IMAGE}, {FIX_SKIP}") from exc
+    size = (height, width) if turned else (width, height)
+    return _shaped(Image.new("RGB", size), aspect_4to1=aspect_4to1, max_side=max_side)
+
+
+_EXIF_ORIENTATION = 0x0112
+"""Orientations 5-8 turn the picture by 90 degrees (``ImageOps.exif_transpose`` swaps its sides)."""
+
+
+def _check_max_side(max_side: int | None, aspect_4to1: bool) -> None:
+    if max_side is not None and max_side < (4 if aspect_4to1 else 1):
+        raise ValueError(f"max_side is too small: {max_side}")
+
+
+def _shaped(img: Image.Image, *, aspect_4to1: bool, max_side: int | None) -> Image.Image:
     if aspect_4to1:
         canvas = resize_to_4to1(img)
         if max_side is not None and canvas.width > max_side:

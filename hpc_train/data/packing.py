@@ -20,11 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from hpc_train.data.collate import has_media_kind
 from hpc_train.data.loss_positions import loss_positions, num_supervised
 from hpc_train.data.media_layout import media_layout
 from hpc_train.data.tokenize import IGNORE_INDEX, EncodedSample
+from hpc_train.data.vision_cache import NOT_STORED, VISION_FEATURES, FeatureCollation, token_owners
 from hpc_train.errors import DataError
 
 
@@ -166,11 +168,12 @@ class PackedCollator:
     skipped ones); a row lacking a media kind gets a blank of it as a last, unsupervised sample."""
 
     def __init__(self, family_name: str, pad_token_id: int, *, pad_to: int,
-                 blanks: Sequence[EncodedSample] = ()) -> None:
+                 blanks: Sequence[EncodedSample] = (), features: FeatureCollation | None = None) -> None:
         self.family_name = family_name
         self.pad_token_id = pad_token_id
         self.pad_to = pad_to
         self.blanks = list(blanks)
+        self.features = features
 
     def __call__(self, items: Sequence[object]) -> dict[str, object]:
         samples = [s for s in items if isinstance(s, EncodedSample)]
@@ -181,10 +184,16 @@ class PackedCollator:
             return batch
         real = sum(len(s) for s in samples)
         for blank in self.blanks:
-            if not any(has_media_kind(s, blank) for s in samples):
+            if not any(has_media_kind(s, blank) or (self.features and self.features.has_kind(s, blank))
+                       for s in samples):
                 samples.append(blank)
         batch.update(pack_samples(samples, pad_token_id=self.pad_token_id, family_name=self.family_name,
                                   pad_to=self.pad_to))
+        if self.features is not None:
+            keys: list[str] = []
+            owners = torch.cat([token_owners(s, keys) for s in samples])
+            owners = F.pad(owners, (0, batch["input_ids"].shape[1] - len(owners)), value=NOT_STORED)
+            batch[VISION_FEATURES] = self.features.rows(batch["input_ids"], owners, samples, keys)
         batch["sample_ids"] = [s.id for s in samples if not s.id.startswith("<blank")]
         batch["num_real_tokens"] = real
         batch["num_slots"] = max(self.pad_to, int(batch["input_ids"].shape[1]))

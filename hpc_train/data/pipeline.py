@@ -8,6 +8,7 @@ media snippets that keep every rank's modules the same.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ from hpc_train.data.dataset import MediaLoader, SampleDataset
 from hpc_train.data.packing import PackedCollator
 from hpc_train.data.records import Record
 from hpc_train.data.tokenize import ChatEncoder, EncodedSample
+from hpc_train.data.vision_cache import FeatureCollation, VisionCache
 from hpc_train.models.families import Family
 
 
@@ -31,25 +33,38 @@ class DataPipeline:
     media: MediaLoader
     blanks: list[EncodedSample] = field(repr=False)
     """One masked, unsupervised snippet per media kind (see :meth:`ChatEncoder.blank_media`)."""
+    vision_cache: VisionCache | None = None
+    """The frozen-vision feature cache, for the datasets and collators asked for ``cached``."""
+    feature_collation: FeatureCollation | None = None
 
     @property
     def pad_token_id(self) -> int:
         return self.encoder.tokenizer.pad_token_id
 
-    def dataset(self, records: Sequence[Record], *, frame_share: tuple[int, int] | None = None) -> SampleDataset:
+    def with_vision_cache(self, cache: VisionCache, *, zero_stage: int) -> DataPipeline:
+        """This pipeline with ``cache`` for its ``cached`` datasets and collators."""
+        collation = FeatureCollation(root=str(cache.store.root), token_ids=cache.token_ids,
+                                     blank_when_cached=zero_stage == 3)
+        return dataclasses.replace(self, vision_cache=cache, feature_collation=collation)
+
+    def dataset(self, records: Sequence[Record], *, frame_share: tuple[int, int] | None = None,
+                cached: bool = False) -> SampleDataset:
         """``frame_share=(rank, size)``: rank ``rank`` of a sequence-parallel group's training
-        samples, with only its share of each video's frames decoded (see :class:`MediaLoader`)."""
+        samples, with only its share of each video's frames decoded (see :class:`MediaLoader`).
+        ``cached``: samples from the vision cache where it has them."""
         media = self.media if frame_share is None else MediaLoader(self.data, frame_share=frame_share)
-        return SampleDataset(records, self.encoder, media, self.data)
+        return SampleDataset(records, self.encoder, media, self.data, vision_cache=self.vision_cache if cached else None)
 
-    def collator(self, *, padding_side: str = "right") -> Collator:
+    def collator(self, *, padding_side: str = "right", cached: bool = False) -> Collator:
         """Padded batches; ``left`` for generation prompts."""
-        return Collator(self.family, self.pad_token_id, blanks=self.blanks, padding_side=padding_side)
+        return Collator(self.family, self.pad_token_id, blanks=self.blanks, padding_side=padding_side,
+                        features=self.feature_collation if cached else None)
 
-    def packed_collator(self, *, rows_per_micro: int) -> PackedCollator:
+    def packed_collator(self, *, rows_per_micro: int, cached: bool = False) -> PackedCollator:
         """One packed row of ``rows_per_micro`` x ``data.max_seq_len`` slots per micro-batch."""
         return PackedCollator(self.family.name, self.pad_token_id, blanks=self.blanks,
-                              pad_to=self.data.max_seq_len * rows_per_micro)
+                              pad_to=self.data.max_seq_len * rows_per_micro,
+                              features=self.feature_collation if cached else None)
 
 
 def build_pipeline(data: DataConfig, processor: Any, family: Family) -> DataPipeline:

@@ -65,6 +65,12 @@ class EncodedSample:
     masked_head: int = 0
     masked_tail: int = 0
     """Leading / trailing tokens no real token attends to (blank media added for ZeRO, see collate)."""
+    features: dict[str, torch.Tensor] | None = None
+    """Cached feature rows per kind of media features (``data.vision_cache``); ``media`` is then
+    empty: the sample's vision work is already done."""
+    feature_key: str | None = None
+    """The vision cache's key of a sample whose features are not cached yet: its features are
+    written there once the model computes them."""
 
     def __len__(self) -> int:
         return int(self.input_ids.numel())

@@ -32,10 +32,22 @@ def cache_refusal(model: nn.Module, family: Family) -> str | None:
     moving = [f"{group} ({'LoRA' if census[group].lora else 'trained'})" for group in VISION_GROUPS
               if census[group].trainable or census[group].lora]
     if not moving:
-        return None
+        return _dropout_refusal(model, family)
     return (f"data.vision_cache is off for this run: the {' and the '.join(moving)} change the cached "
             "features every step. Fix, to use it: model.freeze=[vision, connector] with train.mode=full, "
             "or lora.target=llm")
+
+
+def _dropout_refusal(model: nn.Module, family: Family) -> str | None:
+    """A tower or connector with dropout makes other features every training step."""
+    vision = getattr(getattr(model, "config", None), "vision_config", None)
+    rates = [m.p for name, m in model.named_modules() if isinstance(m, nn.Dropout)
+             and group_of(name, family) in VISION_GROUPS]
+    rates.append(float(getattr(vision, "attention_dropout", 0.0) or 0.0))
+    if max(rates) <= 0:
+        return None
+    return (f"data.vision_cache is off for this run: the vision tower or connector has dropout ({max(rates)}), so "
+            "its features change every training step. Fix, to use it: a model config with vision dropout 0")
 
 
 def vision_weights_digest(model: nn.Module, family: Family) -> str:

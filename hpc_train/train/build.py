@@ -80,6 +80,7 @@ from hpc_train.train.trainable_model import (
     load_training_model,
     model_source,
 )
+from hpc_train.train.vision_cache_setup import open_vision_cache, vision_cache_refusal
 from profiling.profiler import DTYPE_NAMES, Profiler
 
 
@@ -110,7 +111,8 @@ def build_run(config: RunConfig, info: DistInfo) -> RunParts:
             mark_image_tokens_checked(loaded.model)
         packed = f", packed rows by {attention}" if config.data.packing else ""
         _say(info, f"device: {_describe(device)}, compute dtype {DTYPE_NAMES.get(loaded.dtype, loaded.dtype)}{packed}")
-        pipeline = build_pipeline(config.data, loaded.processor, loaded.family)
+        pipeline = _with_vision_cache(config, info, build_pipeline(config.data, loaded.processor, loaded.family),
+                                      loaded, zero_stage(ds), training)
         train = _train_data(config, info, pipeline, loaded) if training else None
         evals = _eval_data(config, pipeline)
         engine = _training_engine(config, info, loaded, ds, train.total_steps, mpu) if train is not None else None
@@ -197,6 +199,20 @@ def _ds_config(config: RunConfig, info: DistInfo, training: bool, source: Path, 
                              hidden_size=hidden_size(source))
 
 
+def _with_vision_cache(config: RunConfig, info: DistInfo, pipeline: DataPipeline, loaded: LoadedModel,
+                       zero: int, training: bool) -> DataPipeline:
+    if config.data.vision_cache is None or not training:
+        return pipeline
+    refusal = vision_cache_refusal(config, loaded)
+    if refusal is not None:
+        _say(info, refusal)
+        return pipeline
+    cache = open_vision_cache(config, loaded)
+    _say(info, f"vision cache: {config.vision_cache_dir} (training samples found there skip decoding and the "
+               "vision tower; the others are stored as they are computed)")
+    return pipeline.with_vision_cache(cache, zero_stage=zero)
+
+
 def _eval_model(loaded: LoadedModel, ds: dict[str, Any] | None) -> Any:
     if ds is None:
         return loaded.model
@@ -214,19 +230,19 @@ def _train_data(config: RunConfig, info: DistInfo, pipeline: DataPipeline, loade
     records = read_split(config, "train")
     train = config.train
     size = train.sequence_parallel
-    dataset = pipeline.dataset(records, frame_share=(info.rank % size, size) if size > 1 else None)
+    dataset = pipeline.dataset(records, frame_share=(info.rank % size, size) if size > 1 else None, cached=True)
     rank, world = data_ranks(config, info)
     if config.data.packing:
         packs, steps, efficiency = _plan_packing(config, info, pipeline, records)
         return TrainData(dataset=dataset, batches=packs, total_steps=steps, packing_efficiency=efficiency,
                          collate=_sharded(config, info, pipeline, loaded.model.config,
-                                          pipeline.packed_collator(rows_per_micro=train.micro_batch_size)))
+                                          pipeline.packed_collator(rows_per_micro=train.micro_batch_size, cached=True)))
     batches = PlannedBatches(len(dataset), seed=train.seed, rank=rank, world_size=world,
                              micro_batch=train.micro_batch_size, grad_accum=train.grad_accum)
     steps = total_steps(len(records), micro_batch=train.micro_batch_size, world_size=world,
                         grad_accum=train.grad_accum, epochs=train.epochs, max_steps=train.max_steps)
     return TrainData(dataset=dataset, batches=batches, total_steps=steps,
-                     collate=_sharded(config, info, pipeline, loaded.model.config, pipeline.collator()))
+                     collate=_sharded(config, info, pipeline, loaded.model.config, pipeline.collator(cached=True)))
 
 
 def _sharded(config: RunConfig, info: DistInfo, pipeline: DataPipeline, model_config: Any, collate: Any) -> Any:

@@ -32,9 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from hpc_train.config import DataConfig, TrainConfig
+from hpc_train.data.feature_writer import store_computed
 from hpc_train.data.loss_positions import LOSS_POSITIONS, LOSS_TARGETS
 from hpc_train.data.sequence_shard import SAMPLE_COUNTS, SHARD, SHARD_KEYS
 from hpc_train.data.tokenize import IGNORE_INDEX
+from hpc_train.data.vision_cache import VISION_FEATURES
+from hpc_train.models.cached_vision import CachedFeatures, cached_features_for
 from hpc_train.models.host_masks import masks_decided_on_host
 from hpc_train.models.image_tokens import image_check_made
 from hpc_train.models.vision_share import features_for
@@ -72,11 +75,19 @@ def supervised_logits(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _forward_context(model: Any, inputs: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    forward = {k: v for k, v in inputs.items() if k not in ("labels", LOSS_POSITIONS, LOSS_TARGETS, *SHARD_KEYS)}
+    forward = {k: v for k, v in inputs.items()
+               if k not in ("labels", LOSS_POSITIONS, LOSS_TARGETS, VISION_FEATURES, *SHARD_KEYS)}
     shard = inputs.get(SHARD)
     rows = features_for(shard.feature_rows) if shard is not None else contextlib.nullcontext()
-    with masks_decided_on_host(model, forward), image_check_made(model), rows:
+    cached = inputs.get(VISION_FEATURES)
+    with masks_decided_on_host(model, forward), image_check_made(model), rows, _cached(cached):
         yield forward
+    if cached is not None:
+        store_computed(cached)
+
+
+def _cached(features: CachedFeatures | None) -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext() if features is None else cached_features_for(features)
 
 
 def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from hpc_train.config import RunConfig
+from hpc_train.data.feature_writer import flush_writers
 from hpc_train.dist import DistInfo, read_dist_env
 from hpc_train.train import run_outputs
 from hpc_train.train.build import build_run
@@ -30,6 +31,7 @@ def run(config: RunConfig, *, evaluate_only: bool = False, info: DistInfo | None
         if parts.training is not None:
             parts.training.metrics.close()  # TensorBoard's buffered steps too: the process exits at once
         raise
+    flush_writers()  # the features this rank computed last, before the run says it is done
     run_outputs.finish(parts)
     if status == 0:
         run_outputs.mark_complete(parts)

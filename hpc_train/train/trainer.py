@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from hpc_train.data.collate import FloatCast, step_inputs
 from hpc_train.data.sequence_shard import SHARD
+from hpc_train.data.vision_cache import VISION_FEATURES
 from hpc_train.data.worker_signals import survive_group_signals
 from hpc_train.dist import all_gather, barrier, sum_over_ranks
 from hpc_train.errors import HpcTrainError
@@ -129,7 +130,7 @@ class TrainLoop:
         losses: list[torch.Tensor] = []
         sample_ids: list[str] = []
         counts = {"tokens": 0, "slot_tokens": 0, "supervised_tokens": 0, "samples": 0, "skipped_samples": 0,
-                  "empty_micro_batches": 0}
+                  "empty_micro_batches": 0, **dict.fromkeys(CACHE_COUNTS if self.parts.pipeline.vision_cache else (), 0)}
         sequences = [0, 0]  # real tokens and samples of the sequences this rank's tokens belong to
         while True:
             with timer.phase("data_wait"):
@@ -295,6 +296,16 @@ def _tally(counts: dict[str, int], batch: dict[str, Any], *, empty: bool) -> Non
         counts["slot_tokens"] += batch["num_slots"]
         counts["supervised_tokens"] += batch["num_supervised"]
         counts["samples"] += len(batch["sample_ids"])
+    features = batch.get(VISION_FEATURES)
+    if features is not None:
+        counts["vision_cached_samples"] += features.samples_cached
+        counts["vision_computed_samples"] += features.samples_computed
+        counts["vision_cache_bytes_read"] += features.bytes_read
+
+
+CACHE_COUNTS = ("vision_cached_samples", "vision_computed_samples", "vision_cache_bytes_read")
+"""A step's vision-cache counts (runs with ``data.vision_cache``): samples whose features came from
+the cache, samples whose features were computed (and stored), bytes of cached features read."""
 
 
 def _tally_sequences(sequences: list[int], batch: dict[str, Any], *, empty: bool) -> None:

@@ -20,7 +20,7 @@ LAYERS = {
     "data": 4,
     "train": 5,
     # commands
-    "check_data": 6, "cli": 6, "demo": 6, "doctor": 6, "plan": 6, "__main__": 6,
+    "cache_vision": 6, "check_data": 6, "cli": 6, "demo": 6, "doctor": 6, "plan": 6, "__main__": 6,
 }
 
 

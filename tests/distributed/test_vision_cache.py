@@ -1,0 +1,90 @@
+"""Real 2-rank DeepSpeed runs with ``data.vision_cache``: the cold run, and the run with the cache
+warm, train with the losses of the run without it; under ZeRO-3 a rank whose batch is all
+cached still meets the other in the tower's gathers (no hang)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hpc_train.train.metrics import read_metrics
+
+from .conftest import ok, run_hpc_train
+
+
+def media_file(synthetic_data: Path, out: Path) -> Path:
+    """16 records of every media kind, two text-only (two steps per epoch on 2 ranks of 4)."""
+    records = [json.loads(line) for line in (synthetic_data / "train.jsonl").read_text().splitlines()]
+    picked = [r for r in records if r["kind"] != "text"][:14] + [r for r in records if r["kind"] == "text"][:2]
+    out.write_text("".join(json.dumps(r) + "\n" for r in picked))
+    return out
+
+
+def steps(out: Path) -> list[dict]:
+    return [row for row in read_metrics(out / "metrics.jsonl") if "loss" in row]
+
+
+def run(train_args, family: str, out: Path, data: Path, synthetic_data: Path, *extra: str) -> list[dict]:
+    ok(run_hpc_train("train", *train_args(family, out, f"data.train={data}", f"data.media_root={synthetic_data}",
+                                          "data.eval=null", "train.epochs=2", "train.mode=lora", "lora.target=llm",
+                                          "lora.dropout=0", "eval.generate=false", *extra), timeout=400))
+    return steps(out)
+
+
+def test_zero2_cold_and_warm_cache_train_as_without_it(tmp_path, synthetic_data, train_args):
+    data = media_file(synthetic_data, tmp_path / "media.jsonl")
+    cache = tmp_path / "cache"
+    plain = run(train_args, "smolvlm", tmp_path / "plain", data, synthetic_data)
+    cold = run(train_args, "smolvlm", tmp_path / "cold", data, synthetic_data, f"data.vision_cache={cache}")
+    warm = run(train_args, "smolvlm", tmp_path / "warm", data, synthetic_data, f"data.vision_cache={cache}")
+    expected = [s["loss"] for s in plain]
+    assert len(expected) == 4
+    assert [s["loss"] for s in cold] == pytest.approx(expected, rel=1e-6)
+    assert [s["loss"] for s in warm] == pytest.approx(expected, rel=1e-6)
+    assert [s["vision_cached_samples"] for s in cold[:2]] == [0, 0]
+    assert sum(s["vision_computed_samples"] for s in cold[:2]) == 14  # every media sample, once
+    assert [s["vision_computed_samples"] for s in warm] == [0] * 4
+    assert sum(s["vision_cached_samples"] for s in warm) == 28 and all(s["vision_cache_bytes_read"] for s in warm)
+    assert len(list(cache.rglob("*.safetensors"))) == 14
+
+
+def test_zero3_packed_mixed_cache_does_not_hang_and_trains_as_without_it(tmp_path, synthetic_data, train_args):
+    data = media_file(synthetic_data, tmp_path / "media.jsonl")
+    cache = tmp_path / "cache"
+    extra = ("deepspeed.config=ds_configs/zero3.json", "data.packing=true", "data.max_seq_len=768",
+             "train.micro_batch_size=1", "data.video.num_frames=4")
+    plain = run(train_args, "llava_onevision", tmp_path / "plain", data, synthetic_data, *extra)
+    run(train_args, "llava_onevision", tmp_path / "cold", data, synthetic_data, *extra, f"data.vision_cache={cache}")
+    entries = sorted(cache.rglob("*.safetensors"))
+    for entry in entries[::2]:  # some rows all cached on a rank, others not
+        entry.unlink()
+    mixed = run(train_args, "llava_onevision", tmp_path / "mixed", data, synthetic_data, *extra,
+                f"data.vision_cache={cache}")
+    assert [s["loss"] for s in mixed] == pytest.approx([s["loss"] for s in plain], rel=1e-5)
+    assert sum(s["vision_cached_samples"] for s in mixed) and sum(s["vision_computed_samples"] for s in mixed)
+
+
+def test_cache_vision_fills_the_cache_on_two_ranks_and_the_run_then_computes_nothing(tmp_path, synthetic_data,
+                                                                                    train_args):
+    data = media_file(synthetic_data, tmp_path / "media.jsonl")
+    cache = tmp_path / "cache"
+    args = train_args("smolvlm", tmp_path / "run", f"data.train={data}", f"data.media_root={synthetic_data}",
+                      "data.eval=null", "train.mode=lora", "lora.target=llm", f"data.vision_cache={cache}")
+    filled = ok(run_hpc_train("cache-vision", *args, nproc=2))
+    assert "14 training samples with media: 14 computed and stored, 0 already cached (hit rate 0%)" in filled.stdout
+    assert len(list(cache.rglob("*.safetensors"))) == 14
+    again = ok(run_hpc_train("cache-vision", *args, nproc=1))
+    assert "0 computed and stored, 14 already cached (hit rate 100%)" in again.stdout
+    trained = run(train_args, "smolvlm", tmp_path / "run", data, synthetic_data, f"data.vision_cache={cache}")
+    assert [s["vision_computed_samples"] for s in trained] == [0] * 4
+
+
+def test_cache_vision_refuses_a_run_that_trains_the_tower(tmp_path, synthetic_data, train_args):
+    args = train_args("smolvlm", tmp_path / "run", "train.mode=lora", "lora.target=all",
+                      f"data.vision_cache={tmp_path / 'cache'}")
+    refused = run_hpc_train("cache-vision", *args, nproc=1)
+    assert refused.returncode != 0
+    assert "data.vision_cache is off for this run: the vision (LoRA)" in refused.stderr
+    assert not (tmp_path / "cache").exists()
