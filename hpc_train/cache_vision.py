@@ -84,6 +84,8 @@ def fill_vision_cache(config: RunConfig, info: DistInfo) -> CacheFill:
             continue
         fill.already += features.samples_cached
         fill.computed += features.samples_computed
+        if not features.samples_computed:
+            continue
         merged_features(inner, loaded.family.name, to_device(model_inputs(batch), device), features)
         store_computed(features)
         if info.is_main and time.perf_counter() - said > _PROGRESS_S:

@@ -56,6 +56,7 @@ class Profiler:
         self._sections: dict[str, float] = {}
         self._phase: str | None = None
         self._images = 0
+        self._vision_cache: dict[str, int] | None = None
         self._last_step_end = self._started
         self._epochs: dict[int, dict[str, float]] = {}
         self._shape: ModelShape | None = None
@@ -119,6 +120,15 @@ class Profiler:
         except (UnknownArchitecture, AttributeError) as exc:
             self._shape, self._unknown = None, f"FLOPs unknown: {exc}"
 
+    def vision_cache(self, *, cached: int, computed: int, bytes_read: int) -> None:
+        """A micro-batch's samples whose media features came from a feature cache, those computed,
+        and the cached bytes read (the report's ``vision_cache``)."""
+        counts = self._vision_cache or {"samples_cached": 0, "samples_computed": 0, "bytes_read": 0}
+        counts["samples_cached"] += cached
+        counts["samples_computed"] += computed
+        counts["bytes_read"] += bytes_read
+        self._vision_cache = counts
+
     def count_images(self, vision_tower: torch.nn.Module) -> None:
         """Count images (frames, tiles) the vision tower encodes in forward phases."""
 
@@ -151,4 +161,4 @@ class Profiler:
             records, warmup_excluded=self.timer.warmup_excluded, rank=self.rank, local_rank=self.local_rank,
             world_size=self.world_size, host=host_name(), device=str(self.device),
             device_name=device_name, workload=self.workload, memory=peak_memory(self.device, self._memory), flops=flops,
-            wall_s=wall, first_step=first_step)
+            wall_s=wall, first_step=first_step, vision_cache=self._vision_cache)

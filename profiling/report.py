@@ -60,8 +60,10 @@ def flops_section(records: Sequence[StepRecord], shape: ModelShape | None, train
 def build_rank_report(records: Sequence[StepRecord], *, warmup_excluded: int, rank: int, local_rank: int,
                       world_size: int, host: str, device: str, device_name: str, workload: str,
                       memory: Mapping[str, float | None], flops: Mapping[str, Any],
-                      wall_s: Mapping[str, Any], first_step: int = 1) -> dict[str, Any]:
-    """One rank's report from its measured steps (warm-up already left out)."""
+                      wall_s: Mapping[str, Any], first_step: int = 1,
+                      vision_cache: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """One rank's report from its measured steps (warm-up already left out); ``vision_cache``:
+    the whole run's feature-cache counts (samples cached / computed, bytes read), when it had one."""
     if workload not in WORKLOADS:
         raise ValueError(f"workload must be one of {WORKLOADS}, not {workload!r}")
     measured_s = sum(r.step_ms for r in records) / 1000.0
@@ -87,8 +89,14 @@ def build_rank_report(records: Sequence[StepRecord], *, warmup_excluded: int, ra
         "memory": dict(memory),
         "flops": dict(flops),
         "wall_s": dict(wall_s),
+        **({"vision_cache": _with_hit_rate(vision_cache)} if vision_cache is not None else {}),
         "series": {"step_ms": [round(r.step_ms, 3) for r in records]},
     }
+
+
+def _with_hit_rate(counts: Mapping[str, int]) -> dict[str, Any]:
+    samples = counts["samples_cached"] + counts["samples_computed"]
+    return {**counts, "hit_rate": counts["samples_cached"] / samples if samples else None}
 
 
 def _phases_seen(records: Sequence[StepRecord]) -> list[str]:
@@ -138,6 +146,7 @@ def merge_reports(ranks: Sequence[Mapping[str, Any]], *, run: Mapping[str, Any],
         "memory": memory,
         "flops": flops,
         "wall_s": dict(ranks[0]["wall_s"]),
+        **_merged_vision_cache(ranks),
         "notes": notes,
         "slowest_rank": {
             "rank": slowest["rank"], "host": slowest["host"],
@@ -147,6 +156,14 @@ def merge_reports(ranks: Sequence[Mapping[str, Any]], *, run: Mapping[str, Any],
         },
         "per_rank": per_rank,
     }
+
+
+def _merged_vision_cache(ranks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    counted = [r["vision_cache"] for r in ranks if "vision_cache" in r]
+    if not counted:
+        return {}
+    keys = ("samples_cached", "samples_computed", "bytes_read")
+    return {"vision_cache": _with_hit_rate({k: sum(c[k] for c in counted) for k in keys})}
 
 
 def _complete_world(ranks: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

@@ -71,4 +71,9 @@ def show(report: Mapping[str, Any]) -> str:
     parts = ", ".join(f"{k} {v:.1f}" for k, v in wall.items() if isinstance(v, int | float))
     lines.append(f"  wall (s): {parts}; epochs: " + (", ".join(
         f"{e['epoch']}: {e['steps']} steps {e['wall_s']:.1f} s" for e in wall.get("epochs", [])) or DASH))
+    cache = report.get("vision_cache")
+    if cache is not None:
+        rate = DASH if cache["hit_rate"] is None else f"{cache['hit_rate']:.0%}"
+        lines.append(f"  vision cache: {cache['samples_cached']} samples cached, {cache['samples_computed']} computed "
+                     f"(hit rate {rate}), {cache['bytes_read'] / 2**20:.1f} MiB read")
     return "\n".join(lines)

@@ -128,9 +128,13 @@ class SampleDataset(Dataset):
 
     def __getitem__(self, index: int) -> EncodedSample | Skipped:
         if self._cache is not None:
-            if index not in self._cache:
-                self._cache[index] = self._build(index)
-            return self._cache[index]
+            if index in self._cache:
+                return self._cache[index]
+            sample = self._build(index)
+            # a sample whose features are still to be stored is built again: next time from them
+            if not isinstance(sample, EncodedSample) or sample.feature_key is None:
+                self._cache[index] = sample
+            return sample
         return self._build(index)
 
     def _build(self, index: int) -> EncodedSample | Skipped:

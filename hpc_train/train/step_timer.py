@@ -14,6 +14,7 @@ class StepTimer(Protocol):
     def step_begin(self) -> None: ...
     def step_done(self, *, samples: int, tokens: int, slot_tokens: int, epoch: int = 0,
                   context: float | None = None) -> None: ...
+    def vision_cache(self, *, cached: int, computed: int, bytes_read: int) -> None: ...
 
 
 class NoTimer:
@@ -30,4 +31,7 @@ class NoTimer:
 
     def step_done(self, *, samples: int, tokens: int, slot_tokens: int, epoch: int = 0,
                   context: float | None = None) -> None:
+        return None
+
+    def vision_cache(self, *, cached: int, computed: int, bytes_read: int) -> None:
         return None

@@ -145,6 +145,10 @@ class TrainLoop:
             if not empty:  # a stand-in's loss is 0/0 and is not averaged
                 losses.append(loss.value.detach())
             _tally(counts, batch, empty=empty)
+            if VISION_FEATURES in batch:
+                features = batch[VISION_FEATURES]
+                timer.vision_cache(cached=features.samples_cached, computed=features.samples_computed,
+                                   bytes_read=features.bytes_read)
             _tally_sequences(sequences, batch, empty=empty)
             sample_ids += batch["sample_ids"]
             boundary = engine.is_gradient_accumulation_boundary()

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from hpc_train.train.metrics import read_metrics
+from profiling.report import read_report
+from profiling.show import show
 
 from .conftest import ok, run_hpc_train
 
@@ -48,6 +50,10 @@ def test_zero2_cold_and_warm_cache_train_as_without_it(tmp_path, synthetic_data,
     assert [s["vision_computed_samples"] for s in warm] == [0] * 4
     assert sum(s["vision_cached_samples"] for s in warm) == 28 and all(s["vision_cache_bytes_read"] for s in warm)
     assert len(list(cache.rglob("*.safetensors"))) == 14
+    report = read_report(tmp_path / "warm" / "profile" / "report.json")  # both ranks' counts, merged
+    assert report["vision_cache"]["samples_cached"] == 28 and report["vision_cache"]["samples_computed"] == 0
+    assert report["vision_cache"]["hit_rate"] == 1.0 and report["vision_cache"]["bytes_read"] > 0
+    assert "vision cache: 28 samples cached, 0 computed (hit rate 100%)" in show(report)
 
 
 def test_zero3_packed_mixed_cache_does_not_hang_and_trains_as_without_it(tmp_path, synthetic_data, train_args):
@@ -75,6 +81,10 @@ def test_cache_vision_fills_the_cache_on_two_ranks_and_the_run_then_computes_not
     filled = ok(run_hpc_train("cache-vision", *args, nproc=2))
     assert "14 training samples with media: 14 computed and stored, 0 already cached (hit rate 0%)" in filled.stdout
     assert len(list(cache.rglob("*.safetensors"))) == 14
+    report = read_report(tmp_path / "warm" / "profile" / "report.json")  # both ranks' counts, merged
+    assert report["vision_cache"]["samples_cached"] == 28 and report["vision_cache"]["samples_computed"] == 0
+    assert report["vision_cache"]["hit_rate"] == 1.0 and report["vision_cache"]["bytes_read"] > 0
+    assert "vision cache: 28 samples cached, 0 computed (hit rate 100%)" in show(report)
     again = ok(run_hpc_train("cache-vision", *args, nproc=1))
     assert "0 computed and stored, 14 already cached (hit rate 100%)" in again.stdout
     trained = run(train_args, "smolvlm", tmp_path / "run", data, synthetic_data, f"data.vision_cache={cache}")

@@ -256,3 +256,14 @@ def test_the_cache_folder_may_name_the_output_dir_and_nothing_else(tmp_path):
     assert config.vision_cache_dir == f"{tmp_path}/vc"
     with pytest.raises(ConfigError, match="only use the placeholder"):
         run_config("smolvlm", "{run}/vc")
+
+
+def test_samples_kept_in_memory_are_kept_once_their_features_are_cached(loaded_tiny, synthetic_data, tmp_path):
+    setup = Setup("smolvlm", loaded_tiny["smolvlm"][1], synthetic_data, tmp_path / "cache", "data.cache_samples=true")
+    dataset = setup.pipeline.dataset(setup.records, cached=True)
+    cold = [dataset[i] for i in range(len(dataset))]
+    setup.loss_and_grads(setup.batch(cold, cached=True, packed=False))
+    flush_writers()
+    warm = [dataset[i] for i in range(len(dataset))]
+    assert [bool(s.features) for s in warm] == [True, True, True, True, False]
+    assert all(dataset[i] is warm[i] for i in range(len(dataset)))
