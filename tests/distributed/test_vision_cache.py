@@ -14,6 +14,7 @@ from profiling.report import read_report
 from profiling.show import show
 
 from .conftest import ok, run_hpc_train
+from .test_sequence_parallel import assert_same_training, train
 
 
 def media_file(synthetic_data: Path, out: Path) -> Path:
@@ -35,25 +36,29 @@ def run(train_args, family: str, out: Path, data: Path, synthetic_data: Path, *e
     return steps(out)
 
 
-def test_zero2_cold_and_warm_cache_train_as_without_it(tmp_path, synthetic_data, train_args):
+def test_zero2_cold_and_warm_cache_train_as_without_it(tmp_path, synthetic_data, tiny_model_dirs):
+    """Losses and every LoRA gradient of each step as without the cache; warm, the ranks decode no
+    video frame and their towers encode nothing."""
     data = media_file(synthetic_data, tmp_path / "media.jsonl")
     cache = tmp_path / "cache"
-    plain = run(train_args, "smolvlm", tmp_path / "plain", data, synthetic_data)
-    cold = run(train_args, "smolvlm", tmp_path / "cold", data, synthetic_data, f"data.vision_cache={cache}")
-    warm = run(train_args, "smolvlm", tmp_path / "warm", data, synthetic_data, f"data.vision_cache={cache}")
-    expected = [s["loss"] for s in plain]
-    assert len(expected) == 4
-    assert [s["loss"] for s in cold] == pytest.approx(expected, rel=1e-6)
-    assert [s["loss"] for s in warm] == pytest.approx(expected, rel=1e-6)
-    assert [s["vision_cached_samples"] for s in cold[:2]] == [0, 0]
-    assert sum(s["vision_computed_samples"] for s in cold[:2]) == 14  # every media sample, once
-    assert [s["vision_computed_samples"] for s in warm] == [0] * 4
-    assert sum(s["vision_cached_samples"] for s in warm) == 28 and all(s["vision_cache_bytes_read"] for s in warm)
+    common = (f"data.media_root={synthetic_data}", "train.epochs=2", "train.mode=lora", "lora.target=llm",
+              "train.micro_batch_size=4")
+
+    def recorded(name: str, *extra: str) -> dict:
+        return train(tmp_path / name, "smolvlm", tiny_model_dirs["smolvlm"], data, *common, *extra, nproc=2)
+
+    plain = recorded("plain")
+    cold = recorded("cold", f"data.vision_cache={cache}")
+    warm = recorded("warm", f"data.vision_cache={cache}")
+    assert len(plain["metrics"]) == 4
+    assert_same_training(cold, plain)
+    assert_same_training(warm, plain)
+    assert [s["loss"] for s in warm["metrics"]] == pytest.approx([s["loss"] for s in plain["metrics"]], rel=1e-6)
+    assert [s["vision_cached_samples"] for s in cold["metrics"][:2]] == [0, 0]
+    assert sum(s["vision_computed_samples"] for s in cold["metrics"][:2]) == 14  # every media sample, once
+    assert [s["vision_computed_samples"] for s in warm["metrics"]] == [0] * 4
+    assert warm["encoded"] == (0, 0) and warm["decoded"] == (0, 0) and min(plain["decoded"]) > 0
     assert len(list(cache.rglob("*.safetensors"))) == 14
-    report = read_report(tmp_path / "warm" / "profile" / "report.json")  # both ranks' counts, merged
-    assert report["vision_cache"]["samples_cached"] == 28 and report["vision_cache"]["samples_computed"] == 0
-    assert report["vision_cache"]["hit_rate"] == 1.0 and report["vision_cache"]["bytes_read"] > 0
-    assert "vision cache: 28 samples cached, 0 computed (hit rate 100%)" in show(report)
 
 
 def test_zero3_packed_mixed_cache_does_not_hang_and_trains_as_without_it(tmp_path, synthetic_data, train_args):
@@ -81,14 +86,14 @@ def test_cache_vision_fills_the_cache_on_two_ranks_and_the_run_then_computes_not
     filled = ok(run_hpc_train("cache-vision", *args, nproc=2))
     assert "14 training samples with media: 14 computed and stored, 0 already cached (hit rate 0%)" in filled.stdout
     assert len(list(cache.rglob("*.safetensors"))) == 14
-    report = read_report(tmp_path / "warm" / "profile" / "report.json")  # both ranks' counts, merged
-    assert report["vision_cache"]["samples_cached"] == 28 and report["vision_cache"]["samples_computed"] == 0
-    assert report["vision_cache"]["hit_rate"] == 1.0 and report["vision_cache"]["bytes_read"] > 0
-    assert "vision cache: 28 samples cached, 0 computed (hit rate 100%)" in show(report)
     again = ok(run_hpc_train("cache-vision", *args, nproc=1))
     assert "0 computed and stored, 14 already cached (hit rate 100%)" in again.stdout
     trained = run(train_args, "smolvlm", tmp_path / "run", data, synthetic_data, f"data.vision_cache={cache}")
     assert [s["vision_computed_samples"] for s in trained] == [0] * 4
+    report = read_report(tmp_path / "run" / "profile" / "report.json")  # both ranks' counts, merged
+    assert report["vision_cache"]["samples_cached"] == 28 and report["vision_cache"]["samples_computed"] == 0
+    assert report["vision_cache"]["hit_rate"] == 1.0 and report["vision_cache"]["bytes_read"] > 0
+    assert "vision cache: 28 samples cached, 0 computed (hit rate 100%)" in show(report)
 
 
 def test_cache_vision_refuses_a_run_that_trains_the_tower(tmp_path, synthetic_data, train_args):
