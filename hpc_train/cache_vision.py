@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -97,8 +98,6 @@ def fill_vision_cache(config: RunConfig, info: DistInfo) -> CacheFill:
 
 
 def _summed(fill: CacheFill, root: str, seconds: float) -> CacheFill:
-    from pathlib import Path
-
     counts = all_gather([fill.samples, fill.already, fill.computed, fill.skipped])
     total = [sum(rank[k] for rank in counts) for k in range(4)]
     stored = sum(p.stat().st_size for p in Path(root).rglob("*.safetensors"))
