@@ -87,14 +87,6 @@ class CachedFeatures:
         """Bytes of cached rows the batch carries (read from the cache)."""
         return sum(k.cached.numel() * k.cached.element_size() for k in self.kinds.values())
 
-    @property
-    def rows_cached(self) -> int:
-        return sum(len(k.cached_at) for k in self.kinds.values())
-
-    @property
-    def rows_computed(self) -> int:
-        return sum(len(k.computed_at) for k in self.kinds.values())
-
 
 _BATCH: ContextVar[CachedFeatures | None] = ContextVar("cached_vision_features", default=None)
 
