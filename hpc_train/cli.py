@@ -1,5 +1,5 @@
 """The ``hpc-train`` command: train, eval, plan, demo, doctor, make-data, make-tiny, check-data,
-show-config, convert-proassist, topology."""
+show-config, download, convert-proassist, topology."""
 
 from __future__ import annotations
 
@@ -74,6 +74,20 @@ def _cache_vision(args: argparse.Namespace) -> int:
         cleanup()
     if info.is_main:
         print(fill.describe(config.vision_cache_dir))
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    from hpc_train.models.hub import HubId, download
+
+    hub_id = HubId.parse(args.repo)
+    if hub_id is None:
+        raise ConfigError(f"{args.repo}: not a hub id. Fix: name it as org/name or org/name@revision "
+                          "(e.g. HuggingFaceTB/SmolVLM-256M-Instruct)")
+    got = download(hub_id, repo_type=args.repo_type, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    print(f"{hub_id.repo} at commit {got.commit} is in {got.folder}\n"
+          f"use it as {'model.path' if args.repo_type == 'model' else 'data.train'}={got.pinned(args.repo)} "
+          f"(pinned) or ={hub_id} (whatever the cache holds for it)")
     return 0
 
 
@@ -253,7 +267,8 @@ def _add_run_commands(sub: Any) -> None:
 
 
 def _add_tool_commands(sub: Any) -> None:
-    """show-config, topology, doctor, convert-proassist, check-data: the commands that inspect."""
+    """show-config, topology, doctor, download, convert-proassist, check-data: the commands that
+    inspect or fetch."""
     p = sub.add_parser("show-config", help="print the resolved config, or every key with --keys")
     p.add_argument("config", nargs="?", default=None, help="YAML config or shipped recipe name")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
@@ -277,6 +292,13 @@ def _add_tool_commands(sub: Any) -> None:
     p.add_argument("--min-free-gib", type=float, default=2.0, help="free disk below this is a blocker (default 2)")
     p.add_argument("--json", default=None, help="also write the checks as JSON to this file")
     p.set_defaults(func=_doctor)
+
+    p = sub.add_parser("download", help="fetch a model (or dataset) repo from the Hugging Face Hub into the local "
+                                        "cache runs read offline (on a node with internet)")
+    p.add_argument("repo", help="org/name or org/name@revision (branch, tag or commit)")
+    p.add_argument("--repo-type", choices=["model", "dataset"], default="model")
+    p.add_argument("--cache-dir", default=None, help="the cache to fill (default: HF_HUB_CACHE, else HF_HOME/hub)")
+    p.set_defaults(func=_download)
 
     p = sub.add_parser("convert-proassist", help="convert ProAssist-style dialogs to LLaVA JSONL")
     p.add_argument("input", help="ProAssist dialogs (JSON or JSONL)")
@@ -307,14 +329,16 @@ def _default_accelerator() -> None:
 def main(argv: list[str] | None = None) -> int:
     from hpc_train.extensions import use_environment_extensions_dir
 
-    # Never reach a model hub: every model comes from a local folder or a preset.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    if args.command != "download":
+        # Never reach a model hub during a run: every model comes from a folder, the local cache
+        # or a preset (read before huggingface_hub is imported: it reads this once).
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     _default_accelerator()
     use_environment_extensions_dir()
     # torch.distributed deprecation notices raised inside DeepSpeed: nothing a user can act on.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
-    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except HpcTrainError as exc:

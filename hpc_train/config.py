@@ -30,14 +30,18 @@ class ModelConfig(_Section):
     family: Literal["smolvlm", "llava_onevision"] = "smolvlm"
     """Model family: ``smolvlm`` (SmolVLM / SmolVLM2, transformers' Idefics3) or ``llava_onevision``."""
     path: str | None = None
-    """Local folder written by ``save_pretrained`` (model + processor). Never a hub id: nothing is downloaded."""
+    """A folder written by ``save_pretrained`` (model + processor), or a Hugging Face hub id
+    (``org/name``, ``org/name@revision``) read offline from the local cache (``HF_HOME`` /
+    ``HF_HUB_CACHE``; fill it with ``hpc-train download org/name``). Runs pin it to the commit
+    resolved (``config.resolved.yaml``); nothing is downloaded during a run."""
     preset: str | None = None
     """Build the model from a known config instead of loading ``path`` (random weights, offline
     processor): ``tiny`` (a CPU-sized model of ``family``) or a published architecture:
     ``smolvlm-256m``, ``smolvlm-500m``, ``smolvlm-2.2b``, ``smolvlm2-2.2b``,
     ``llava-onevision-0.5b``, ``llava-onevision-7b``."""
     adapter: str | None = None
-    """A LoRA adapter folder (written by a lora/qlora run) applied on top of the model."""
+    """A LoRA adapter applied on top of the model: a folder (written by a lora/qlora run) or a hub id,
+    as for ``path``."""
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
     """Parameter and compute dtype: ``auto`` is bf16 on a GPU that has it, fp32 otherwise."""
     freeze: list[Literal["vision", "connector", "llm"]] = []
@@ -55,6 +59,10 @@ class VideoConfig(_Section):
     """Frames per second in ``fps`` mode."""
     max_frames: int = Field(32, ge=1)
     """Upper bound on frames per video in either mode."""
+    backend: Literal["auto", "decord", "torchcodec"] = "auto"
+    """The video decoder: ``torchcodec`` (PyTorch's; FFmpeg from the PyAV wheel or the system),
+    ``decord``, or ``auto``: torchcodec where it loads, else decord. Both pick the same frames;
+    pixels may differ by a few grey levels (benchmarks/RESULTS.md)."""
 
 
 class ImageConfig(_Section):

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from hpc_train.extensions import skip_shared_memory_comm
-from hpc_train.topology import DistInfo, discover, free_port
+from hpc_train.topology import DistInfo, discover
 
 joined = False
 """Whether this process has joined a process group (see :func:`hpc_train.cli.entry`)."""
@@ -40,7 +40,9 @@ def init_distributed(info: DistInfo, device: torch.device, *, timeout_s: float =
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        # Port 0: the store binds one of its own. Nothing else joins a world of one, and a port
+        # found free beforehand can be taken by another process before the store listens.
+        os.environ.setdefault("MASTER_PORT", "0")
     elif info.source in ("slurm", "mpi"):
         # torch's env:// rendezvous (and DeepSpeed's) reads these; srun and mpirun do not set them.
         os.environ.update(info.as_env())

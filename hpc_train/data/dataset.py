@@ -20,13 +20,13 @@ from hpc_train.config import DataConfig
 from hpc_train.data.media import (
     FramesUndecodable,
     VideoFrames,
-    VideoSampling,
     audio_to_image,
     black_image,
     black_video,
     load_audio,
     load_image,
     load_video,
+    video_sampling,
 )
 from hpc_train.data.media_share import share_bounds
 from hpc_train.data.records import Record
@@ -59,10 +59,7 @@ class MediaLoader:
     def __init__(self, data: DataConfig, *, frame_share: tuple[int, int] | None = None) -> None:
         self.data = data
         self.frame_share = frame_share
-        self.sampling = VideoSampling(
-            mode=data.video.sampling, num_frames=data.video.num_frames,
-            fps=data.video.fps, max_frames=data.video.max_frames,
-        )
+        self.sampling = video_sampling(data.video)
 
     def load(self, record: Record) -> SampleMedia:
         try:

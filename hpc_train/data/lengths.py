@@ -22,9 +22,10 @@ from PIL import Image
 from hpc_train.config import DataConfig
 from hpc_train.data.media import (
     VideoFrames,
-    VideoSampling,
     probe_video,
     sample_frame_indices,
+    video_sampling,
+    video_settings,
     video_size,
 )
 from hpc_train.data.records import Record
@@ -46,8 +47,7 @@ def _image_size(path: Path) -> tuple[int, int]:
 
 def stand_in_media(record: Record, data: DataConfig) -> SampleMedia:
     """Blank media with the sizes and frame counts the real ones would have."""
-    sampling = VideoSampling(mode=data.video.sampling, num_frames=data.video.num_frames,
-                             fps=data.video.fps, max_frames=data.video.max_frames)
+    sampling = video_sampling(data.video)
     images = []
     for path in record.images:
         if data.image.aspect_4to1 or data.image.max_side is not None:
@@ -58,7 +58,7 @@ def stand_in_media(record: Record, data: DataConfig) -> SampleMedia:
             images.append(Image.new("RGB", _image_size(path), (128, 128, 128)))
     videos = []
     for path in record.videos:
-        count, fps = probe_video(path)
+        count, fps = probe_video(path, sampling.backend)
         frames = len(sample_frame_indices(count, fps, sampling, clip=record.video_clip))
         width, height = video_size(path)
         videos.append(VideoFrames(frames=np.zeros((frames, height, width, 3), dtype=np.uint8),
@@ -146,7 +146,7 @@ def _cache_file(cache_dir: str | Path, source: str | Path, encoder: ChatEncoder,
     stat = path.stat()
     key = json.dumps({
         "file": str(path.resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns,
-        "video": data.video.model_dump(), "image": data.image.model_dump(),
+        "video": video_settings(data.video), "image": data.image.model_dump(),
         "audio": data.audio.model_dump(), "system": data.system_prompt, "media_root": data.media_root,
         "ids": data.ids_file, "template": encoder.processor.chat_template,
         "tokenizer": len(encoder.tokenizer), "family": encoder.family.name,

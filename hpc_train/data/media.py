@@ -2,9 +2,9 @@
 
 Every failure a user can cause (missing file, empty file, undecodable bytes, a clip
 outside the video) is raised as :class:`~hpc_train.errors.MediaError` naming the path
-and a fix; raw decord / PIL / soundfile / librosa exceptions never escape.
+and a fix; raw decord / torchcodec / PIL / soundfile / librosa exceptions never escape.
 
-decord and librosa are imported lazily: decord holds native decoder state that must
+Video decoders and librosa are imported lazily: decoders hold native state that must
 not be created at import time or carried into forked / pickled DataLoader workers, and
 librosa pulls in scipy + numba (seconds of import time) that text-only runs never need.
 """
@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, ImageStat
 
+from hpc_train.config import VideoConfig
+from hpc_train.data.video_backends import BACKENDS, VideoReader, open_reader, resolve_backend
 from hpc_train.errors import MediaError
 
 VIDEO_MODES = ("uniform", "fps")
@@ -68,8 +70,12 @@ class VideoSampling:
     num_frames: int = 8
     fps: float = 1.0
     max_frames: int = 32
+    backend: str = "decord"
+    """The decoder (``decord`` or ``torchcodec``; ``auto`` is resolved before this is made)."""
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"video backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.mode not in VIDEO_MODES:
             raise ValueError(f"video sampling mode must be one of {VIDEO_MODES}, got {self.mode!r}")
         if not isinstance(self.num_frames, int | np.integer) or self.num_frames < 1:
@@ -78,6 +84,18 @@ class VideoSampling:
             raise ValueError(f"video sampling fps must be > 0, got {self.fps!r}")
         if not isinstance(self.max_frames, int | np.integer) or self.max_frames < 1:
             raise ValueError(f"video max_frames must be an int >= 1, got {self.max_frames!r}")
+
+
+def video_sampling(video: VideoConfig) -> VideoSampling:
+    """The run's ``data.video`` settings, its decoder resolved (``auto``: torchcodec where it works)."""
+    return VideoSampling(mode=video.sampling, num_frames=video.num_frames, fps=video.fps,
+                         max_frames=video.max_frames, backend=resolve_backend(video.backend))
+
+
+def video_settings(video: VideoConfig) -> dict[str, Any]:
+    """``data.video`` as cache keys need it: the decoder resolved (``auto`` may mean different
+    decoders on different machines)."""
+    return {**video.model_dump(), "backend": resolve_backend(video.backend)}
 
 
 def _uniform_pick(first: int, last: int, k: int) -> np.ndarray:
@@ -158,21 +176,19 @@ def _check_file(path: str | Path, fix: str) -> Path:
     return p
 
 
-def _open_video(path: Path):  # decord's type is only importable lazily, hence no annotation
-    # Opened per call on purpose: a VideoReader owns native decoder threads and must not
-    # be created at import time or stored on objects pickled into DataLoader workers.
-    from decord import VideoReader, cpu
-
+def _open_video(path: Path, backend: str) -> VideoReader:
+    # Opened per call on purpose: a reader owns native decoder threads and must not be
+    # created at import time or stored on objects pickled into DataLoader workers.
     try:
-        return VideoReader(os.fspath(path), ctx=cpu(0), num_threads=1)
-    except Exception as exc:  # decord raises bare RuntimeError / DECORDError
+        return open_reader(path, backend)
+    except Exception as exc:  # decoders raise bare RuntimeError / DECORDError / ValueError
         raise MediaError(f"cannot decode video ({_short(exc)})", path=path,
                          fix=f"{FIX_VIDEO}, {FIX_SKIP}") from exc
 
 
-def _video_meta(vr: object, path: Path) -> tuple[int, float]:
+def _video_meta(vr: VideoReader, path: Path) -> tuple[int, float]:
     try:
-        n, fps = len(vr), float(vr.get_avg_fps())
+        n, fps = vr.meta()
     except Exception as exc:
         raise MediaError(f"cannot read video metadata ({_short(exc)})", path=path,
                          fix=f"{FIX_VIDEO}, {FIX_SKIP}") from exc
@@ -207,10 +223,10 @@ def video_size(path: Path) -> tuple[int, int]:
 def black_video(path: str | Path, sampling: VideoSampling, clip: tuple[float, float] | None = None) -> VideoFrames:
     """The frames ``sampling`` would choose, all black (sizes and times from the container)."""
     p = _check_file(path, FIX_VIDEO)
-    vr = _open_video(p)
+    vr = _open_video(p, sampling.backend)
     try:
         n, fps, idx = _chosen_frames(vr, p, sampling, clip)
-        stamps = _timestamps(vr, idx)
+        stamps = vr.timestamps(idx)
     finally:
         del vr
     width, height = video_size(p)
@@ -218,7 +234,7 @@ def black_video(path: str | Path, sampling: VideoSampling, clip: tuple[float, fl
                        native_fps=fps, num_source_frames=n, decoded=(0, 0))
 
 
-def _chosen_frames(vr: Any, path: Path, sampling: VideoSampling, clip: tuple[float, float] | None
+def _chosen_frames(vr: VideoReader, path: Path, sampling: VideoSampling, clip: tuple[float, float] | None
                    ) -> tuple[int, float, np.ndarray]:
     """``(frames in the file, its fps, the indices sampling chooses)`` of an open video."""
     n, fps = _video_meta(vr, path)
@@ -228,16 +244,10 @@ def _chosen_frames(vr: Any, path: Path, sampling: VideoSampling, clip: tuple[flo
         raise exc.at(path=path) from exc
 
 
-def _timestamps(vr: Any, idx: np.ndarray) -> np.ndarray:
-    """Each chosen frame's start time in seconds."""
-    stamps = np.asarray(vr.get_frame_timestamp(idx.tolist()), dtype=np.float64)
-    return stamps.reshape(len(idx), -1)[:, 0]
-
-
-def probe_video(path: str | Path) -> tuple[int, float]:
+def probe_video(path: str | Path, backend: str = "decord") -> tuple[int, float]:
     """Return ``(num_frames, fps)`` from the container index without decoding pixels."""
     p = _check_file(path, FIX_VIDEO)
-    return _video_meta(_open_video(p), p)
+    return _video_meta(_open_video(p, backend), p)
 
 
 class FramesUndecodable(MediaError):
@@ -252,14 +262,14 @@ def load_video(path: str | Path, sampling: VideoSampling, clip: tuple[float, flo
     rest are black frames of the same size (:attr:`VideoFrames.decoded`).
     """
     p = _check_file(path, FIX_VIDEO)
-    vr = _open_video(p)
+    vr = _open_video(p, sampling.backend)
     try:
         n, fps, idx = _chosen_frames(vr, p, sampling, clip)
         start, end = share(len(idx)) if share is not None else (0, len(idx))
         wanted = idx[start:end] if end > start else idx[:1]  # a share of none still needs the size
         try:
-            decoded = vr.get_batch(wanted.tolist()).asnumpy()
-            timestamps = _timestamps(vr, idx)
+            decoded = vr.frames(wanted)
+            timestamps = vr.timestamps(idx)
         except Exception as exc:
             raise FramesUndecodable(f"cannot decode frames {wanted.tolist()} ({_short(exc)})", path=p,
                                     fix=f"{FIX_VIDEO}, {FIX_SKIP}") from exc

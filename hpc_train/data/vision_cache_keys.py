@@ -18,6 +18,7 @@ from torch import nn
 
 from hpc_train.config import DataConfig
 from hpc_train.data.feature_store import tensors_digest
+from hpc_train.data.media import video_settings
 from hpc_train.models.adapters import bare_name, group_of, param_census
 from hpc_train.models.families import Family
 
@@ -66,7 +67,8 @@ def _named_tensors(model: nn.Module) -> list[tuple[str, Any]]:
 def processing_digest(data: DataConfig, processor: Any) -> str:
     """A digest of what turns a media file into pixels: the run's image, video and audio
     settings and the processor's image and video settings."""
-    settings = {"image": data.image.model_dump(), "video": data.video.model_dump(), "audio": data.audio.model_dump()}
+    settings = {"image": data.image.model_dump(), "video": video_settings(data.video),
+                "audio": data.audio.model_dump()}
     for part in ("image_processor", "video_processor"):
         sub = getattr(processor, part, None)
         if sub is not None:

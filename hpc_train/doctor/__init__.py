@@ -38,6 +38,7 @@ class RunNeeds:
     offload: bool = False
     cpu_run: bool = False
     """``train.device=cpu``: GPUs in the allocation are left alone on purpose."""
+    video_backend: str = "auto"
 
 
 def needs_of_config(config_path: str, overrides: list[str], output_dir: str | None) -> RunNeeds:
@@ -49,7 +50,8 @@ def needs_of_config(config_path: str, overrides: list[str], output_dir: str | No
     ds, _ = read_ds_config(config.deepspeed.config)
     training = config.train.mode != "baseline"
     return RunNeeds(Path(output_dir or config.output_dir), qlora=config.train.mode == "qlora",
-                    offload=training and offloads_optimizer(ds), cpu_run=config.train.device == "cpu")
+                    offload=training and offloads_optimizer(ds), cpu_run=config.train.device == "cpu",
+                    video_backend=config.data.video.backend)
 
 
 def run_checks(needs: RunNeeds, *, env: Mapping[str, str] | None = None, min_free_gib: float = 2.0,
@@ -62,6 +64,6 @@ def run_checks(needs: RunNeeds, *, env: Mapping[str, str] | None = None, min_fre
     return [python_check(pins),
             Check("platform", "info", f"{platform.system()} {platform.machine()}", f"{cpus} CPU(s) for this process"),
             *package_checks(pins), *torch_checks(env, qlora=needs.qlora, cpu_run=needs.cpu_run), deepspeed_check(offload=needs.offload),
-            *media_checks(), *launcher_checks(), *([job] if job else []),
+            *media_checks(needs.video_backend), *launcher_checks(), *([job] if job else []),
             *output_checks(needs.output_dir, min_free_gib=min_free_gib, warn_free_gib=warn_free_gib),
             extensions_check(env)]

@@ -13,7 +13,7 @@ from hpc_train.pins import INSTALL_FIX, Pins, drift, installed_version, normaliz
 
 # Each gets a row of its own; every other requirement and pin is summed up in one row each.
 KEY_PACKAGES = ("torch", "torchvision", "transformers", "deepspeed", "peft", "accelerate", "bitsandbytes",
-                "decord", "librosa", "mpi4py")
+                "decord", "torchcodec", "av", "librosa", "mpi4py")
 SETUP_CFG = Path(__file__).resolve().parents[2] / "setup.cfg"
 
 

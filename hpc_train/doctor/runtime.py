@@ -20,9 +20,28 @@ def import_check(module: str, label: str) -> Check:
     return Check(label, "ok", f"{module} imports")
 
 
-def media_checks() -> list[Check]:
-    return [import_check("decord", "video decoding"), import_check("librosa", "audio loading"),
-            import_check("soundfile", "audio files (libsndfile)")]
+def media_checks(video_backend: str = "auto") -> list[Check]:
+    return [import_check("decord", "video decoding"), video_backend_check(video_backend),
+            import_check("librosa", "audio loading"), import_check("soundfile", "audio files (libsndfile)")]
+
+
+def video_backend_check(requested: str) -> Check:
+    """Which decoder ``data.video.backend`` gets here: torchcodec decodes a probe video for real."""
+    try:
+        from hpc_train.data.video_backends import (
+            FIX_BACKEND,
+            describe_torchcodec,
+            torchcodec_problem,
+        )
+    except Exception as exc:
+        return Check("video backend", "fail", "hpc-train's video readers do not import", str(exc)[:200])
+    problem = torchcodec_problem()
+    if problem is None:
+        return Check("video backend", "ok", f"{requested} uses torchcodec", describe_torchcodec())
+    if requested == "torchcodec":
+        return Check("video backend", "fail", "torchcodec does not decode here", f"{problem}. Fix: {FIX_BACKEND}")
+    status = "info" if requested == "decord" else "warn"
+    return Check("video backend", status, f"{requested} uses decord", problem)
 
 
 def deepspeed_check(*, offload: bool) -> Check:

@@ -11,6 +11,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedM
 from hpc_train.config import ModelConfig
 from hpc_train.errors import ConfigError
 from hpc_train.models.families import Family, family_of_model_type, get_family
+from hpc_train.models.hub import resolve
 from hpc_train.models.presets import get_preset
 from hpc_train.models.tiny import build_preset, build_tiny, preset_processor
 
@@ -59,12 +60,22 @@ def load_model_and_processor(model: ModelConfig, **model_kwargs: object) -> tupl
 
 
 def model_folder(path: str | None) -> Path:
-    """The saved model folder at ``path``; one that is not there fails with the fix."""
-    folder = Path(path or "")
-    if not (folder / "config.json").is_file():
-        raise ConfigError(
-            f"model.path={path}: no config.json there, so it is not a saved model folder. Fix: point "
-            "model.path at a folder written by save_pretrained (`hpc-train make-tiny smolvlm DIR` "
-            "writes one), or set model.preset=tiny"
-        )
-    return folder
+    """The saved model folder ``path`` names: a folder, or a hub id read from the local cache; one
+    that is not there fails with the fix."""
+    return resolve(path or "", "model.path").folder
+
+
+def pin_revisions(model: ModelConfig) -> ModelConfig:
+    """``model`` with each hub id in it pinned to the commit the local cache resolves it to, so
+    that ``config.resolved.yaml`` reruns exactly these weights (folders are left as they are)."""
+    update = {}
+    if model.path is not None:
+        update["path"] = resolve(model.path, "model.path").pinned(model.path)
+    if model.adapter is not None:
+        update["adapter"] = resolve(model.adapter, "model.adapter", "adapter_config.json").pinned(model.adapter)
+    return model.model_copy(update=update)
+
+
+def adapter_folder(adapter: str) -> Path:
+    """The LoRA adapter folder ``model.adapter`` names (a folder or a hub id, as for model.path)."""
+    return resolve(adapter, "model.adapter", marker="adapter_config.json").folder

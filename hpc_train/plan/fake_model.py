@@ -56,7 +56,9 @@ def fake_training_model(config: RunConfig, family: Family, architecture: Any, pr
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(architecture, dtype=dtype)
         if config.model.adapter is not None:
-            model = _with_adapter(model, Path(config.model.adapter))
+            from hpc_train.models.load import adapter_folder
+
+            model = _with_adapter(model, adapter_folder(config.model.adapter))
         model = prepare_for_training(model, config, family)
     model.train()
     # Packed rows on a CPU plan go through the exact per-sample kernel; the GPU kernels keep

@@ -17,9 +17,11 @@ import torch.distributed as dist
 
 import hpc_train
 from hpc_train.config import RunConfig
+from hpc_train.data.video_backends import resolve_backend
 from hpc_train.dist import DistInfo
 from hpc_train.models.adapters import param_census
 from hpc_train.models.families import Family
+from hpc_train.models.hub import HubId
 from profiling.environment import collect_environment
 from profiling.flops import Trainability
 from profiling.profiler import Profiler
@@ -52,6 +54,7 @@ def describe_run(config: RunConfig, info: DistInfo, *, zero_stage: int | None, p
     cfg = config
     return {
         "name": cfg.name, "mode": cfg.train.mode, "model": cfg.model.preset or cfg.model.path,
+        "model_revision": hub_revision(cfg.model.path), "video_backend": resolve_backend(cfg.data.video.backend),
         "family": cfg.model.family, "dtype": cfg.model.dtype, "zero_stage": zero_stage,
         "micro_batch_size": cfg.train.micro_batch_size, "grad_accum": cfg.train.grad_accum,
         "eval_batch_size": cfg.eval.batch_size,
@@ -63,6 +66,12 @@ def describe_run(config: RunConfig, info: DistInfo, *, zero_stage: int | None, p
         "gradient_checkpointing": cfg.train.gradient_checkpointing, "planned_steps": planned_steps,
         "output_dir": str(Path(cfg.output_dir).resolve()), "config_hash": cfg.digest(),
     }
+
+
+def hub_revision(path: str | None) -> str | None:
+    """The commit a pinned hub id (``org/name@commit``) names; None for a folder or a preset."""
+    hub_id = HubId.parse(path) if path is not None else None
+    return hub_id.revision if hub_id is not None else None
 
 
 def rank_file(config: RunConfig, rank: int) -> Path:

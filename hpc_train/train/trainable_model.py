@@ -14,7 +14,7 @@ from hpc_train.device import native_bf16
 from hpc_train.dist import DistInfo, barrier
 from hpc_train.models.adapters import apply_freezing, apply_lora, quantization_config
 from hpc_train.models.families import Family
-from hpc_train.models.load import model_family
+from hpc_train.models.load import adapter_folder, model_family, model_folder
 from hpc_train.models.tiny import save_preset, save_tiny
 from hpc_train.train.engine import zero_stage
 
@@ -55,7 +55,7 @@ def hidden_size(source: Path) -> int:
 def model_source(config: RunConfig, info: DistInfo) -> Path:
     """The folder to load; a preset is written once (by rank 0) to ``output_dir/base_model``."""
     if config.model.path is not None:
-        return Path(config.model.path)
+        return model_folder(config.model.path)
     folder = Path(config.output_dir) / "base_model"
     if info.is_main and not (folder / "config.json").is_file():
         if config.model.preset == "tiny":
@@ -88,7 +88,7 @@ def load_training_model(config: RunConfig, info: DistInfo, device: torch.device,
     if config.model.adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, config.model.adapter, is_trainable=mode in ("lora", "qlora"))
+        model = PeftModel.from_pretrained(model, adapter_folder(config.model.adapter), is_trainable=mode in ("lora", "qlora"))
     model = prepare_for_training(model, config, family)
     if mode != "qlora" and stage != 3:
         model.to(device)

@@ -98,7 +98,7 @@ def test_the_whole_table_on_this_machine_has_no_blocker(tmp_path):
     checks = run_checks(RunNeeds(tmp_path), min_free_gib=0.01, warn_free_gib=0.01)
     names = [c.name for c in checks]
     for expected in ("python", "torch", "transformers", "CUDA", "NCCL", "compute dtype", "packing attention",
-                     "bitsandbytes (QLoRA)", "DeepSpeed ops", "video decoding", "audio loading", "mpirun",
+                     "bitsandbytes (QLoRA)", "DeepSpeed ops", "video decoding", "video backend", "audio loading", "mpirun",
                      "SLURM", "output dir", "free disk"):
         assert expected in names
     assert not blockers(checks), format_table(checks)

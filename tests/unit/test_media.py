@@ -169,15 +169,20 @@ def _ball_colour_estimate(frame: np.ndarray) -> np.ndarray:
     return px[np.argsort(score)[-60:]].mean(axis=0)
 
 
-def test_probe_video(video_set):
+BACKENDS = pytest.mark.parametrize("backend", ["decord", "torchcodec"])
+
+
+@BACKENDS
+def test_probe_video(video_set, backend):
     root, records = video_set
-    assert probe_video(root / records[0]["video"]) == (8, pytest.approx(4.0))
+    assert probe_video(root / records[0]["video"], backend) == (8, pytest.approx(4.0))
 
 
-def test_load_video_shape_timestamps_and_colour(video_set):
+@BACKENDS
+def test_load_video_shape_timestamps_and_colour(video_set, backend):
     root, records = video_set
     for rec in records:
-        clip = load_video(root / rec["video"], VideoSampling(num_frames=8))
+        clip = load_video(root / rec["video"], VideoSampling(num_frames=8, backend=backend))
         assert isinstance(clip, VideoFrames)
         assert clip.frames.shape == (8, 64, 64, 3) and clip.frames.dtype == np.uint8
         assert clip.num_source_frames == 8 and clip.native_fps == pytest.approx(4.0)
@@ -191,8 +196,9 @@ def test_load_video_shape_timestamps_and_colour(video_set):
             assert dist.min() < 50
 
 
-def test_load_video_fps_mode_and_clip(long_video):
-    clip = load_video(long_video, VideoSampling(mode="fps", fps=2.0), clip=(1.0, 3.0))
+@BACKENDS
+def test_load_video_fps_mode_and_clip(long_video, backend):
+    clip = load_video(long_video, VideoSampling(mode="fps", fps=2.0, backend=backend), clip=(1.0, 3.0))
     np.testing.assert_allclose(clip.timestamps, [1.0, 1.5, 2.0, 2.5], atol=0.01)
     # Frames really are the ones asked for: grey level 5*t + 20 for t = 10, 15, 20, 25.
     levels = clip.frames.reshape(len(clip.frames), -1).mean(axis=1)
@@ -200,9 +206,10 @@ def test_load_video_fps_mode_and_clip(long_video):
     assert clip.num_source_frames == 40 and clip.native_fps == pytest.approx(10.0)
 
 
-def test_load_video_clip_outside_names_path(long_video):
+@BACKENDS
+def test_load_video_clip_outside_names_path(long_video, backend):
     with pytest.raises(MediaError) as info:
-        load_video(long_video, VideoSampling(), clip=(10.0, 12.0))
+        load_video(long_video, VideoSampling(backend=backend), clip=(10.0, 12.0))
     assert str(long_video) in str(info.value) and "Fix:" in str(info.value)
 
 
@@ -243,15 +250,16 @@ def test_load_video_decoder_states_become_media_errors(tmp_path, monkeypatch, n,
 def _loader(suffix: str):
     return {
         ".mp4": lambda p: load_video(p, VideoSampling()),
+        ".mp4-torchcodec": lambda p: load_video(p, VideoSampling(backend="torchcodec")),
         ".png": load_image,
         ".wav": load_audio,
     }[suffix]
 
 
-@pytest.mark.parametrize("suffix", [".mp4", ".png", ".wav"])
+@pytest.mark.parametrize("suffix", [".mp4", ".mp4-torchcodec", ".png", ".wav"])
 @pytest.mark.parametrize("state", ["missing", "empty", "garbage", "directory"])
 def test_unreadable_media_raise_media_error(tmp_path, suffix, state):
-    path = tmp_path / f"bad{suffix}"
+    path = tmp_path / f"bad{suffix.split('-')[0]}"
     if state == "empty":
         path.write_bytes(b"")
     elif state == "garbage":
@@ -265,11 +273,13 @@ def test_unreadable_media_raise_media_error(tmp_path, suffix, state):
     assert isinstance(info.value, DataError) and info.value.path == str(path)
 
 
-def test_probe_video_garbage(tmp_path):
+@BACKENDS
+def test_probe_video_garbage(tmp_path, backend):
     path = tmp_path / "x.mp4"
     path.write_bytes(b"\x00\x01garbage" * 100)
-    with pytest.raises(MediaError, match="cannot decode video"):
-        probe_video(path)
+    with pytest.raises(MediaError, match="cannot decode video") as info:
+        probe_video(path, backend)
+    assert str(path) in str(info.value) and "Fix: re-encode it with `ffmpeg" in str(info.value)
 
 
 def test_truncated_png_is_media_error(tmp_path):
@@ -398,17 +408,21 @@ def test_audio_to_image_deterministic_size_and_silence():
 
 
 def test_no_decoder_at_import():
-    # Decoders (decord) must only be opened inside calls: DataLoader workers fork/pickle.
-    src = Path(media.__file__).read_text()
-    top_level = [line for line in src.splitlines() if line.startswith(("import ", "from "))]
-    assert not any("decord" in line for line in top_level)
+    # Decoders must only be opened inside calls: DataLoader workers fork/pickle.
+    from hpc_train.data import video_backends
+
+    for module in (media, video_backends):
+        src = Path(module.__file__).read_text()
+        top_level = [line for line in src.splitlines() if line.startswith(("import ", "from "))]
+        assert not any("decord" in line or "torchcodec" in line for line in top_level)
 
 
+@BACKENDS
 @pytest.mark.parametrize("size", [2, 3, 16])
-def test_a_group_decodes_each_sampled_frame_once_each_rank_its_share(long_video, size):
+def test_a_group_decodes_each_sampled_frame_once_each_rank_its_share(long_video, size, backend):
     from hpc_train.data.media_share import share_bounds
 
-    sampling = VideoSampling(num_frames=10)
+    sampling = VideoSampling(num_frames=10, backend=backend)
     whole = load_video(long_video, sampling)
     shares = [load_video(long_video, sampling, share=lambda n, r=r: share_bounds(n, r, size)) for r in range(size)]
     assert [i for s in shares for i in range(*s.decoded)] == list(range(10))
