@@ -189,6 +189,21 @@ class TrainConfig(_Section):
     must split evenly over it (the sizes each model allows: README, "Long videos")."""
     log_every: int = Field(1, ge=1)
     """Write a metrics line every N optimizer steps."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = ["tensorboard"]
+    """Experiment trackers that get the scalars of ``metrics.jsonl`` (always written), from rank 0,
+    with the run's name and resolved config: ``tensorboard`` (``OUTPUT_DIR/tensorboard``),
+    ``wandb`` (``WANDB_PROJECT``, default ``hpc-train``; ``WANDB_MODE=offline`` on nodes without
+    internet), ``mlflow`` (``MLFLOW_TRACKING_URI``, default ``OUTPUT_DIR/mlflow.db``;
+    ``MLFLOW_EXPERIMENT_NAME``, default ``hpc-train``); ``[]``: none. A resumed run goes on in the
+    same tracker runs. wandb and mlflow come with the ``trackers`` extra."""
+
+    @field_validator("report_to")
+    @classmethod
+    def _once_each(cls, value: list[str]) -> list[str]:
+        twice = sorted({name for name in value if value.count(name) > 1})
+        if twice:
+            raise ValueError(f"names {', '.join(twice)} more than once")
+        return value
     eval_every: int = Field(0, ge=0)
     """Evaluate on ``data.eval`` every N optimizer steps (0: only at the end)."""
     early_stopping_patience: int | None = Field(None, ge=1)
@@ -311,7 +326,7 @@ class RunConfig(_Section):
     def _check_model_source(self) -> RunConfig:
         if (self.model.path is None) == (self.model.preset is None):
             raise ValueError(
-                "set exactly one of model.path (a saved model folder) and model.preset (e.g. tiny)"
+                "set exactly one of model.path (a saved model folder or hub id) and model.preset (e.g. tiny)"
             )
         return self
 

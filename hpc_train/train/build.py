@@ -73,6 +73,7 @@ from hpc_train.train.profile_report import trainability, vision_tower
 from hpc_train.train.run_parts import REQUEUE_MARKER, EvalData, RunParts, TrainData, TrainingEngine
 from hpc_train.train.schedule import build_scheduler, lr_multiplier
 from hpc_train.train.step_timer import NoTimer, StepTimer
+from hpc_train.train.trackers import check_trackers, open_trackers
 from hpc_train.train.trainable_model import (
     LoadedModel,
     compute_dtype,
@@ -89,6 +90,7 @@ def build_run(config: RunConfig, info: DistInfo) -> RunParts:
     config = config.model_copy(update={"model": pin_revisions(config.model)})
     model_family(config.model)  # a preset or folder of another family fails before any collective
     _check_sequence_parallel_mode(config)
+    check_trackers(config.train.report_to)
     device = choose_device(info, config.train.device)
     init_distributed(info, device)
     _say(info, f"topology: {info.describe()}")
@@ -339,7 +341,9 @@ def _training_engine(config: RunConfig, info: DistInfo, loaded: LoadedModel, ds:
     checkpointer = Checkpointer(Path(config.output_dir) / "checkpoints", info, keep=train.keep_checkpoints,
                                 expected_bytes=per_checkpoint)
     state, resumed = _resume(config, info, engine, checkpointer)
-    metrics = MetricsLogger(config.output_dir, enabled=info.is_main, resume_step=state.step if resumed else None)
+    trackers = open_trackers(config, resumed=resumed) if info.is_main else []
+    metrics = MetricsLogger(config.output_dir, enabled=info.is_main, resume_step=state.step if resumed else None,
+                            trackers=trackers)
     multiplier = lr_multiplier(state.step, total_steps=steps, warmup_steps=train.warmup_steps,
                                min_ratio=train.min_lr_ratio)
     _say(info, f"{train.mode} training, ZeRO-{zero_stage(ds)}, world size {info.world_size}, {steps} optimizer steps "

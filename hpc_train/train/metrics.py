@@ -1,4 +1,5 @@
-"""``metrics.jsonl`` (one flushed line per logged step) and TensorBoard, on rank 0 only."""
+"""``metrics.jsonl`` (one flushed line per logged step) and the trackers of ``train.report_to``, on
+rank 0 only."""
 
 from __future__ import annotations
 
@@ -8,25 +9,22 @@ from pathlib import Path
 from typing import Any
 
 from hpc_train.train.output_dir import writing
+from hpc_train.train.trackers import Tracker, scalars_of
 
 
 class MetricsLogger:
-    """Appends step metrics; on resume, drops lines written after the checkpoint it resumes from."""
+    """Appends step metrics and hands their scalars to the trackers; on resume, drops lines written
+    after the checkpoint it resumes from."""
 
-    def __init__(self, output_dir: str | Path, *, enabled: bool, resume_step: int | None = None) -> None:
+    def __init__(self, output_dir: str | Path, *, enabled: bool, resume_step: int | None = None,
+                 trackers: list[Tracker] | None = None) -> None:
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
-        self._tb = None
+        self.trackers = trackers or []
         if not enabled:
             return
         with writing(self.path):
             self._start(resume_step)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
-        except ImportError:  # tensorboard is optional
-            self._tb = None
         self._handle = self.path.open("a")
 
     def _start(self, resume_step: int | None) -> None:
@@ -46,17 +44,17 @@ class MetricsLogger:
         with writing(self.path):
             self._handle.write(json.dumps(row) + "\n")
             self._handle.flush()
-        if self._tb is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
+        scalars = scalars_of(row)
+        for tracker in self.trackers:
+            tracker.log(step, scalars)
 
     def close(self) -> None:
         if not self.enabled:
             return
         self._handle.close()
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []  # closed once, whichever exit path comes first
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
