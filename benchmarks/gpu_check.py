@@ -36,10 +36,7 @@ class Check:
         self.work = out / "work"
 
     def python(self, *args: str) -> str:
-        from hpc_train.topology import free_port
-
-        # a run of one process listens on MASTER_PORT (29500 unless set): another job may hold it
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_PORT": str(free_port())}
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
         done = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env)
         if done.returncode != 0:
             raise AssertionError(f"{' '.join(args[:3])} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")

@@ -85,9 +85,13 @@ def _download(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.repo}: not a hub id. Fix: name it as org/name or org/name@revision "
                           "(e.g. HuggingFaceTB/SmolVLM-256M-Instruct)")
     got = download(hub_id, repo_type=args.repo_type, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
-    print(f"{hub_id.repo} at commit {got.commit} is in {got.folder}\n"
-          f"use it as {'model.path' if args.repo_type == 'model' else 'data.train'}={got.pinned(args.repo)} "
-          f"(pinned) or ={hub_id} (whatever the cache holds for it)")
+    print(f"{hub_id.repo} at commit {got.commit} is in {got.folder}")
+    if args.repo_type == "model":
+        print(f"use it as model.path={got.pinned(args.repo)} (pinned) or model.path={hub_id} (whatever the cache "
+              "holds for it)")
+    else:
+        print(f"point data.train at its JSON / JSONL file there (data.train={got.folder}/<file>; media paths "
+              "resolve against the file's folder)")
     return 0
 
 

@@ -15,10 +15,11 @@ from huggingface_hub.file_download import (
 
 
 def cache_repo(cache: Path, repo_id: str, folder: Path, commit: str, refs: tuple[str, ...] = ("main",),
-               missing: tuple[str, ...] = ()) -> Path:
-    """``folder``'s files as the model repo ``repo_id`` at ``commit`` in the cache ``cache``; the
-    files named in ``missing`` are listed in the tree but absent (a download cut short)."""
-    storage = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
+               missing: tuple[str, ...] = (), repo_type: str = "model") -> Path:
+    """``folder``'s files as the repo ``repo_id`` (a model, or ``repo_type``) at ``commit`` in the
+    cache ``cache``; the files named in ``missing`` are listed in the tree but absent (a download
+    cut short)."""
+    storage = cache / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
     snapshot = storage / "snapshots" / commit
     entries = {}
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):

@@ -50,5 +50,10 @@ def test_download_is_offline_safe_and_says_what_to_do(tiny_model_dirs, tmp_path)
     assert absent.returncode == 2
     assert absent.stderr.startswith(f"error: acme/absent@v2: could not be fetched into {cache}: ")
     assert "HF_HUB_OFFLINE unset" in absent.stderr
+    cache_repo(cache, "acme/balls", tiny_model_dirs["smolvlm"], COMMIT, repo_type="dataset")
+    dataset = hpc_train("download", "acme/balls", "--repo-type", "dataset", env=env)
+    assert dataset.returncode == 0, dataset.stderr[-3000:]
+    snapshot = cache / "datasets--acme--balls" / "snapshots" / COMMIT
+    assert f"point data.train at its JSON / JSONL file there (data.train={snapshot}/<file>" in dataset.stdout
     not_an_id = hpc_train("download", "./models/x", env=env)
     assert not_an_id.returncode == 2 and "not a hub id" in not_an_id.stderr
