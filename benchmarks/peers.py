@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -193,11 +194,16 @@ def timing_callback(out: Path, counter: type[Counter]) -> Any:
     from transformers import TrainerCallback
 
     class Timing(TrainerCallback):
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.began, self.tokens = time.perf_counter(), counter.real_tokens
+        """From one step's end to the next: Trainer fetches a step's batches before ``on_step_begin``,
+        and hpc-train's step time includes that wait."""
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.last, self.tokens = time.perf_counter(), counter.real_tokens
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            seconds, tokens = time.perf_counter() - self.began, counter.real_tokens - self.tokens
+            now = time.perf_counter()
+            seconds, tokens = now - self.last, counter.real_tokens - self.tokens
+            self.last, self.tokens = now, counter.real_tokens
             if dist.is_initialized():
                 import torch
 
@@ -262,14 +268,21 @@ def worker(opts: argparse.Namespace) -> int:
         trainer.add_callback(timing_callback(out, Counter))
         trainer.train()
     except Exception as exc:  # the peer's refusal or crash is that arm's result, shown whole
-        lines = [s for s in f"{type(exc).__name__}: {exc}".splitlines() if s.strip()]
-        (out / "error.txt").write_text(f"{lines[0][:150]} ... {lines[-1][:300]}" if len(lines) > 1 else lines[0])
+        (out / "error.txt").write_text(innermost_error(exc))
         raise
     if not dist.is_initialized() or dist.get_rank() == 0:
         held_out = list(read_records(opts.work / "data" / "eval.jsonl"))[:opts.n_eval]
         result = {"accuracy": accuracy(trainer.model, processor, held_out)}
         (out / "eval_results.json").write_text(json.dumps(result))
     return 0
+
+
+def innermost_error(exc: BaseException) -> str:
+    """The last ``SomethingError: message`` line of the exception's text: a DataLoader worker's
+    own error is inside the message of the one the main process raises."""
+    text = f"{type(exc).__name__}: {exc}"
+    named = [s.strip() for s in text.splitlines() if re.match(r"\s*\w*(Error|Exception): ", s)]
+    return (named[-1] if named else text.splitlines()[0])[:400]
 
 
 def hf_trainer(model: Any, processor: Any, train: list, collator: Any, args: dict, arguments: Any,
