@@ -1,6 +1,6 @@
 """Peers: hpc-train (padded, packed) against HF ``Trainer`` and TRL ``SFTTrainer`` on one tiny SmolVLM.
 
-    pip install -e ".[peers]"        # trl, in the environment whose python runs this script
+    pip install -c hpc_train/constraints.txt -e ".[peers]"   # trl, in the environment that runs this
     python benchmarks/peers.py [--nproc 1 2] [--steps 24] [--rounds 1] [--n-train 600] [--out DIR]
 
 Every arm trains the same tiny random SmolVLM (``hpc-train make-tiny smolvlm``) on the same
@@ -11,8 +11,8 @@ steps, learning rate, fp32, DeepSpeed ZeRO-2, on the CPU, with 1 and 2 processes
 - ``hpc padded`` / ``hpc packed``: ``python -m hpc_train train`` with ``data.packing`` off / on;
 - ``hf trainer``: ``transformers.Trainer`` with a hand-written collator that renders each record
   with the processor's chat template and supervises only the assistant answers;
-- ``trl sft``: ``trl.SFTTrainer`` with ``assistant_only_loss``; if it refuses or crashes, its
-  error is that arm's result.
+- ``trl sft``: ``trl.SFTTrainer`` with ``assistant_only_loss`` (given TRL's own copy of SmolVLM's
+  template if it refuses the tiny model's); if it still refuses or crashes, its error is that arm's result.
 
 Arms are interleaved (round robin within each round); numbers are medians over rounds. Measured:
 real tokens/s (non-padding tokens of all ranks per second of optimizer-step time, steps after
@@ -87,7 +87,7 @@ def run_arm(arm: str, nproc: int, opts: argparse.Namespace, out: Path) -> dict[s
     log.close()
     if proc.returncode:
         return {"error": error_text(out)}
-    result = read_results(arm, out)
+    result = read_results(out)
     return {**result, "startup_s": startup, "wall_s": wall}
 
 
@@ -100,7 +100,7 @@ def error_text(out: Path) -> str:
     return lines[-1].strip() if lines else "failed (see log.txt)"
 
 
-def read_results(arm: str, out: Path) -> dict[str, Any]:
+def read_results(out: Path) -> dict[str, Any]:
     """Real tokens/s, final loss and accuracy, from hpc-train's outputs or the worker's."""
     steps = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines() if s.strip()]
     steps = [s for s in steps if "loss" in s and "step_time_s" in s]
