@@ -146,7 +146,7 @@ def build_optimizer(groups: list[dict[str, Any]], config: RunConfig, ds: dict[st
     torch's fused kernel where every weight allows it (HF Trainer's default too): one pass over
     the weights instead of one per operation, and no full-size temporaries. Under ZeRO the
     optimizer steps a handful of large flattened partitions, so the unfused path's passes are
-    the whole cost (``benchmarks/peers.py``: 2.7x the fused step on the CPU)."""
+    the whole cost (profiled in ``benchmarks/peers.py``'s arms on the CPU: 2.7x the fused call)."""
     betas = tuple(config.train.betas)
     if offloads_optimizer(ds):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
