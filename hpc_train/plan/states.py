@@ -15,10 +15,10 @@ gradient store: P·4 with fp32 gradient accumulation in bf16,
 else the whole of every parameter that overlaps the rank's share. The step adds a flattened
 fp32 gradient (P·4) and unfused AdamW's temporaries: one (P·4) on a GPU, where it runs
 ``foreach``, two on the CPU, where it runs tensor by tensor (``torch/optim/adamw.py``). Runs
-use torch's fused AdamW, which makes none of those temporaries: measured on the CPU its step
-peaks 1–1.6 P·4 lower (ZeRO-3) and 0.4–1 lower (ZeRO-2) than this rule, whose own peak is
-exact for the unfused step; the rule is kept as the upper bound (the fused kernel's own peak
-moves with the parameters' shapes).
+use torch's fused AdamW, which makes none of those temporaries: measured on the CPU (two small
+MLPs) its step peaks 1.4–2.0 P·4 lower (ZeRO-3) and 0.4–1.0 lower (ZeRO-2) than this rule,
+whose own peak is exact for the unfused step; the rule is kept as the upper bound (the fused
+step's own peak moves with the parameters' shapes).
 
 ZeRO-3: every weight as a partition of ceil(n/W) elements, the fp32 master and gradient
 partitions, one ``reduce_bucket_size`` bucket in the communication dtype (kept), Adam's
