@@ -6,7 +6,9 @@ place (a rename within a folder is atomic on POSIX filesystems, Lustre and GPFS 
 a reader sees the whole entry or none. What a rename cannot promise (a filesystem that loses
 the tail of a file in a crash, a copy cut short by hand) the read catches: the entry's header
 carries its key and a digest of its bytes, and a mismatch makes the entry a miss, to be
-recomputed and rewritten. Entries are memory-mapped, so a load reads only its own bytes.
+recomputed and rewritten. A load reads the entry through one open file: safetensors' own
+``safe_open`` can read header and body from two different entries when a writer renames a new
+one into place between them (seen as rejected entries under load).
 
 This module only stores tensors under keys; what a key covers (the weights, the processing,
 the media file) is decided by its callers (:func:`media_identity`, :func:`tensors_digest`).
@@ -15,14 +17,14 @@ the media file) is decided by its callers (:func:`media_identity`, :func:`tensor
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save
+from safetensors.torch import load, save
 
 FORMAT = "hpc-train-features-1"
 """Written into every entry's header; an entry of another format is a miss."""
@@ -59,9 +61,7 @@ class FeatureStore:
         """The entry's tensor, or ``None`` when it is absent, torn or not this key's."""
         path = self.path_for(key)
         try:
-            with safe_open(str(path), framework="pt") as entry:
-                meta = entry.metadata() or {}
-                tensor = entry.get_tensor(_TENSOR)
+            meta, tensor = _read(path)
         except FileNotFoundError:
             self.counts.misses += 1
             return None
@@ -93,6 +93,16 @@ class FeatureStore:
             partial.unlink(missing_ok=True)
         self.counts.writes += 1
         return path
+
+
+def _read(path: Path) -> tuple[dict[str, str], torch.Tensor]:
+    """An entry's header metadata and tensor, both from the one file opened (a rename that puts a
+    newer entry in its place meanwhile does not change what is read)."""
+    with open(path, "rb") as entry:
+        data = entry.read()
+    header_length = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8:8 + header_length]).get("__metadata__") or {}
+    return meta, load(data)[_TENSOR]
 
 
 def _digest(tensor: torch.Tensor) -> str:
