@@ -156,12 +156,12 @@ def build_optimizer(groups: list[dict[str, Any]], config: RunConfig, ds: dict[st
     return torch.optim.AdamW(groups, lr=config.train.lr, betas=betas, fused=fused_allowed(groups))
 
 
-FUSED_DEVICES = ("cpu", "cuda")
+_FUSED_DEVICES = ("cpu", "cuda")
 
 
 def fused_allowed(groups: list[dict[str, Any]]) -> bool:
     """Whether torch's fused AdamW takes every weight of ``groups``: floating point, on a CPU or GPU."""
-    return all(p.is_floating_point() and p.device.type in FUSED_DEVICES for g in groups for p in g["params"])
+    return all(p.is_floating_point() and p.device.type in _FUSED_DEVICES for g in groups for p in g["params"])
 
 
 def _fill(node: dict[str, Any], key: str, value: Any, source: Path, *, key_path: str | None = None) -> None:

@@ -28,9 +28,10 @@ def test_a_run_on_the_cpu_steps_with_the_fused_kernel():
 
 
 def test_weights_the_kernel_cannot_take_get_the_unfused_step():
-    on_meta = nn.Linear(4, 4, device="meta")
-    assert not fused_allowed([{"params": list(on_meta.parameters())}])
-    assert fused_allowed(_groups(_model()))
+    on_meta = [{"params": list(nn.Linear(4, 4, device="meta").parameters())}]
+    assert not fused_allowed(on_meta) and fused_allowed(_groups(_model()))
+    optimizer = build_optimizer(on_meta, load_config("tiny_smolvlm", []), {})
+    assert not any(group["fused"] for group in optimizer.param_groups)
 
 
 def test_the_fused_step_is_the_unfused_one():
