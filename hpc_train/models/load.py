@@ -14,6 +14,7 @@ from hpc_train.models.families import Family, family_of_model_type, get_family
 from hpc_train.models.hub import resolve
 from hpc_train.models.presets import get_preset
 from hpc_train.models.tiny import build_preset, build_tiny, preset_processor
+from hpc_train.safe_load import refusing_code
 
 
 def model_family(model: ModelConfig) -> Family:
@@ -55,7 +56,8 @@ def load_model_and_processor(model: ModelConfig, **model_kwargs: object) -> tupl
         return build_preset(model.preset)
     folder = model_folder(model.path)
     processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
-    net = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, **model_kwargs)
+    with refusing_code(folder, "model.path"):
+        net = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, **model_kwargs)
     return net, processor
 
 

@@ -10,8 +10,9 @@ folder of the same name from an earlier run is moved aside before the new one is
 A resume verifies the newest checkpoint against its manifest and falls back to the newest one
 that verifies, saying which it skipped and why. Checkpoints that exist but none verify stop the
 run with their names, never a silent start from step 0; ``train.resume=false`` starts over and
-keeps the old checkpoints in ``checkpoints.before-<time>/``. RNG state loads with
-``weights_only=True``: a checkpoint folder can hold data, never code.
+keeps the old checkpoints in ``checkpoints.before-<time>/``. Every file is read back as data
+(:mod:`hpc_train.safe_load`): one that would run code fails its checkpoint like a
+corrupted file. A checkpoint folder can hold data, never code.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ import torch.distributed as dist
 
 from hpc_train.dist import DistInfo, barrier
 from hpc_train.errors import HpcTrainError
+from hpc_train.safe_load import CodeInFile, load_data, weights_only_loads
 from hpc_train.train.manifest import MANIFEST, problems, write_manifest
+from hpc_train.train.module_restore import restore_module
 from hpc_train.train.output_dir import (
     OutputError,
     agreed,
@@ -231,8 +234,12 @@ class Checkpointer:
         """Restore model, optimizer, scheduler and RNG from a verified checkpoint; return the
         trainer's position."""
         try:
-            loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name,
-                                               load_optimizer_states=True, load_lr_scheduler_states=True)
+            with weights_only_loads():
+                loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True, custom_load_fn=restore_module)
+        except CodeInFile as exc:  # replaced after it was verified
+            raise CheckpointError(f"{exc}. Fix: remove {path} (the resume then takes the checkpoint before it), "
+                                  "or start over with train.resume=false") from None
         except Exception as exc:  # verified files that still do not fit this run's model or world
             raise CheckpointError(f"{path}: DeepSpeed cannot load it into this run ({type(exc).__name__}: "
                                   f"{str(exc)[:300]}). Fix: resume with the model, ZeRO stage and world size it was "
@@ -306,7 +313,7 @@ def _rng_state() -> dict[str, Any]:
 def restore_rng(path: Path) -> None:
     """Set every generator from a file :func:`_rng_state` wrote; tensors and numbers only, so a
     file planted in the output folder cannot run code in the job."""
-    _set_rng_state(torch.load(path, weights_only=True))
+    _set_rng_state(load_data(path))
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:

@@ -2,7 +2,9 @@
 
 A checkpoint folder counts as complete only when its manifest exists and every file it lists is
 there with that size and checksum. Hashing is shared out over the ranks (file ``i`` to rank
-``i % world``), both when a checkpoint is written and when one is verified before a resume.
+``i % world``), both when a checkpoint is written and when one is verified before a resume. A
+verified ``.pt`` file must also read back as data (:mod:`hpc_train.safe_load`): one that
+would run code while it is read fails the checkpoint like a corrupted file.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import torch.distributed as dist
 
 from hpc_train.dist import all_gather
+from hpc_train.safe_load import code_problem
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -93,4 +96,5 @@ def _file_problems(path: Path, name: str, expected: dict[str, Any]) -> list[str]
         return [f"{name} has {size} bytes, the manifest says {expected.get('size')} (truncated or overwritten)"]
     if sha256(path) != expected.get("sha256"):
         return [f"{name} does not match its checksum (corrupted)"]
-    return []
+    refused = code_problem(path, name) if name.endswith(".pt") else None
+    return [refused] if refused else []

@@ -98,8 +98,9 @@ def room_problem(path: Path, need: int, what: str) -> str | None:
     free = free_bytes(path)
     if free >= need * HEADROOM:
         return None
-    return (f"not enough free space for {what} in {path}: it needs about {need / MIB:.1f} MiB, "
-            f"{free / MIB:.1f} MiB are free. Fix: {FIX_SPACE}")
+    return (f"not enough free space for {what} in {path}: it needs about {need / MIB:.1f} MiB and a "
+            f"{HEADROOM - 1:.0%} margin ({need * HEADROOM / MIB:.1f} MiB in all), {free / MIB:.1f} MiB are free. "
+            f"Fix: {FIX_SPACE}")
 
 
 def is_write_failure(exc: BaseException) -> bool:

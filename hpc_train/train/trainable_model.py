@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,12 +13,14 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedM
 
 from hpc_train.config import RunConfig
 from hpc_train.device import native_bf16
-from hpc_train.dist import DistInfo, barrier
+from hpc_train.dist import DistInfo
 from hpc_train.models.adapters import apply_freezing, apply_lora, quantization_config
 from hpc_train.models.families import Family
 from hpc_train.models.load import adapter_folder, model_family, model_folder
 from hpc_train.models.tiny import save_preset, save_tiny
+from hpc_train.safe_load import refusing_code
 from hpc_train.train.engine import zero_stage
+from hpc_train.train.output_dir import OutputError, agreed, is_write_failure, write_failure
 
 
 @dataclass
@@ -53,17 +57,37 @@ def hidden_size(source: Path) -> int:
 
 
 def model_source(config: RunConfig, info: DistInfo) -> Path:
-    """The folder to load; a preset is written once (by rank 0) to ``output_dir/base_model``."""
+    """The folder to load; a preset is written once (by rank 0) to ``output_dir/base_model``,
+    whole or not at all: a write that fails (a full disk) stops every rank with the path and a fix."""
     if config.model.path is not None:
         return model_folder(config.model.path)
     folder = Path(config.output_dir) / "base_model"
-    if info.is_main and not (folder / "config.json").is_file():
-        if config.model.preset == "tiny":
-            save_tiny(config.model.family, folder, seed=config.train.seed)
-        else:
-            save_preset(config.model.preset, folder, seed=config.train.seed)
-    barrier()
+    problem = agreed(_write_preset(config, folder) if info.is_main else None)
+    if problem:
+        raise OutputError(problem)
     return folder
+
+
+def _write_preset(config: RunConfig, folder: Path) -> str | None:
+    """Save the preset into a staging folder renamed to ``folder`` once whole; the write failure's
+    message, or None. A folder without weights (left by an hpc-train before this one) is redone."""
+    if (folder / "config.json").is_file() and any(folder.glob("model*.safetensors")):
+        return None
+    staging = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        if config.model.preset == "tiny":
+            save_tiny(config.model.family, staging, seed=config.train.seed)
+        else:
+            save_preset(config.model.preset, staging, seed=config.train.seed)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging, folder)
+    except Exception as exc:
+        if not is_write_failure(exc):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)  # a partial copy must not keep the disk full
+        return f"{write_failure(folder, exc)} (the {config.model.preset} preset's weights were not written)"
+    return None
 
 
 def load_training_model(config: RunConfig, info: DistInfo, device: torch.device, source: Path,
@@ -83,12 +107,15 @@ def load_training_model(config: RunConfig, info: DistInfo, device: torch.device,
         from transformers.integrations import HfDeepSpeedConfig
 
         zero3_marker = HfDeepSpeedConfig(ds_config)
-    model: PreTrainedModel = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+    with refusing_code(source, "model.path"):
+        model: PreTrainedModel = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
     processor = AutoProcessor.from_pretrained(source, local_files_only=True)
     if config.model.adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter_folder(config.model.adapter), is_trainable=mode in ("lora", "qlora"))
+        adapter = adapter_folder(config.model.adapter)
+        with refusing_code(adapter, "model.adapter"):
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=mode in ("lora", "qlora"))
     model = prepare_for_training(model, config, family)
     if mode != "qlora" and stage != 3:
         model.to(device)

@@ -15,7 +15,7 @@ from hpc_train.config_file import load_config
 from hpc_train.data.collate import step_inputs
 from hpc_train.data.mixture import read_split
 from hpc_train.data.pipeline import build_pipeline
-from hpc_train.dist import init_distributed, read_dist_env
+from hpc_train.dist import read_dist_env
 from hpc_train.errors import ConfigError
 from hpc_train.models.attention import use_varlen_attention
 from hpc_train.models.image_tokens import image_tokens_always_match, mark_image_tokens_checked
@@ -109,14 +109,6 @@ def test_nf4_storage_is_what_bitsandbytes_keeps():
         planned = _nf4(384 * 256, 4, zero_stage=2, double_quant=double)
         assert planned.numel * planned.element_size == weight.data.nbytes
         assert planned.constants == constants
-
-
-@pytest.fixture(scope="module")
-def world_of_one():
-    """A process group of one, joined as a run joins it (its environment too). Both are left for
-    the session's other in-process runs: DeepSpeed keeps its groups once made, and
-    test_train_loop ends them."""
-    init_distributed(read_dist_env({}), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -5,49 +5,20 @@ the test hands the loop (the distributed tests cover the same behaviour across r
 from __future__ import annotations
 
 import json
-import os
 import signal
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from hpc_train.config_file import load_config
 from hpc_train.data.collate import step_inputs
 from hpc_train.data.dataset import Skipped
 from hpc_train.data.loss_positions import loss_positions
 from hpc_train.data.tokenize import IGNORE_INDEX
-from hpc_train.dist import read_dist_env
-from hpc_train.train.build import build_run
 from hpc_train.train.run_parts import REQUEUE_EXIT_CODE, REQUEUE_MARKER, RunParts
 from hpc_train.train.schedule import lr_multiplier
 from hpc_train.train.trainer import TrainingStopped, TrainLoop
 from profiling.host_reads import HostReads
-
-
-@pytest.fixture(scope="module")
-def world_of_one():
-    """One process group for the module; the environment it sets is put back after."""
-    saved = dict(os.environ)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-@pytest.fixture
-def build(world_of_one, tiny_model_dirs, synthetic_data, tmp_path):
-    def make(*overrides: str) -> RunParts:
-        config = load_config("tiny_smolvlm", [
-            f"output_dir={tmp_path / 'run'}", f"model.path={tiny_model_dirs['smolvlm']}", "model.preset=null",
-            f"data.train={synthetic_data / 'train.jsonl'}", f"data.eval={synthetic_data / 'eval.jsonl'}",
-            "data.num_workers=0", "train.mode=full", "train.micro_batch_size=2", "train.grad_accum=1",
-            "eval.max_samples=4", "eval.batch_size=4", "train.save_every=0", "train.eval_every=0", *overrides])
-        return build_run(config, read_dist_env({}))
-
-    return make
 
 
 def batches(parts: RunParts, count: int, *, size: int = 2, start: int = 0) -> list[dict]:
