@@ -46,13 +46,13 @@ def _check_data(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from hpc_train.config_file import load_config
     from hpc_train.dist import cleanup
-    from hpc_train.train.run import run
+    from hpc_train.train.run import PeerLost, run
     from hpc_train.train.trainer import TrainingStopped
 
     config = load_config(args.config, args.overrides)
     try:
         return run(config, evaluate_only=args.command == "eval")
-    except TrainingStopped as exc:
+    except (TrainingStopped, PeerLost) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     finally:

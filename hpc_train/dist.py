@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from hpc_train.extensions import skip_shared_memory_comm
+from hpc_train.lost_ranks import start_beating
 from hpc_train.topology import DistInfo, discover
 
 joined = False
@@ -52,6 +53,7 @@ def init_distributed(info: DistInfo, device: torch.device, *, timeout_s: float =
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     global joined
     joined = True
+    start_beating(dist.get_rank(), dist.get_world_size())  # so that a survivor can name a lost rank
 
 
 def barrier() -> None:

@@ -2,19 +2,47 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch.distributed as dist
+
 from hpc_train.config import RunConfig
 from hpc_train.data.feature_writer import flush_writers
 from hpc_train.dist import DistInfo, read_dist_env
+from hpc_train.errors import HpcTrainError
+from hpc_train.lost_ranks import lost_ranks, peer_gone, store_host_is_rank_0
 from hpc_train.train import run_outputs
 from hpc_train.train.build import build_run
+from hpc_train.train.checkpoint import Checkpointer
+from hpc_train.train.run_parts import RunParts
 from hpc_train.train.trainer import TrainLoop, install_stop_signals
 
 
+class PeerLost(HpcTrainError):
+    """A collective failed because another rank of the job is gone; the message names it."""
+
+    exit_code = 1
+
+
 def run(config: RunConfig, *, evaluate_only: bool = False, info: DistInfo | None = None) -> int:
-    """Build, train (unless ``evaluate_only``), export and evaluate; the exit status."""
+    """Build, train (unless ``evaluate_only``), export and evaluate; the exit status. A rank lost
+    on the way stops this one with :class:`PeerLost`."""
     if evaluate_only:
         config = config.model_copy(update={"train": config.train.model_copy(update={"mode": "baseline"})})
-    parts = build_run(config, info or read_dist_env())
+    info = info or read_dist_env()
+    built: list[RunParts] = []
+    try:
+        return _run(config, info, built)
+    except Exception as exc:
+        words = peer_gone(exc) if info.world_size > 1 else None
+        if words is None:
+            raise
+        raise PeerLost(lost_peer_message(config, info, words, step=built[0].step if built else None)) from None
+
+
+def _run(config: RunConfig, info: DistInfo, built: list[RunParts]) -> int:
+    parts = build_run(config, info)
+    built.append(parts)
     loop = TrainLoop(parts) if parts.training is not None else None
     # An evaluation-only run has nothing to checkpoint: a stop signal lets it finish.
     install_stop_signals(loop.request_stop if loop is not None else _ignore)
@@ -38,8 +66,28 @@ def run(config: RunConfig, *, evaluate_only: bool = False, info: DistInfo | None
     return status
 
 
+def lost_peer_message(config: RunConfig, info: DistInfo, words: str, *, step: int | None) -> str:
+    """Which rank is gone, that the job stops, and where the same command resumes."""
+    lost = lost_ranks(info.rank, info.world_size)
+    if lost is None and store_host_is_rank_0():
+        who = "lost rank 0 (it held the process group's store, which no longer answers)"
+    elif lost is None:
+        who = "lost the process group's store too (torchrun's agent on the first node): a node may be down"
+    elif lost:
+        who = f"lost rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))} (its process ended or its node " \
+              "is unreachable)"
+    else:
+        who = "a peer closed its connection while every rank still answers (see the other ranks' errors)"
+    when = f" during step {step + 1}" if step is not None else ""
+    latest = Checkpointer(Path(config.output_dir) / "checkpoints", info).latest()
+    resume = (f"the same command resumes from step {int(latest.name.split('-')[1])} ({latest})" if latest
+              else "the same command starts again from step 0 (no checkpoint was saved yet)")
+    backend = dist.get_backend() if dist.is_initialized() else "the process group"
+    return f"rank {info.rank}: {who}{when} ({backend}: {words}). This rank stops, and so does the job; {resume}"
+
+
 def _ignore(signum: int, frame: object) -> None:
     return None
 
 
-__all__ = ["run"]
+__all__ = ["PeerLost", "lost_peer_message", "run"]

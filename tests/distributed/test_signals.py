@@ -68,12 +68,14 @@ def stopped_with_a_checkpoint(out: Path, signal_name: str) -> int:
 def test_a_dead_rank_ends_the_other_at_once_despite_its_workers(tmp_path, train_args):
     """The survivor's collective fails as soon as the dead rank's workers die with it (they hold
     copies of its sockets), and it shuts its own workers down without waiting for torchrun's
-    30 s kill: it exits with its own error (1), not torchrun's SIGKILL (-9)."""
+    30 s kill: it exits with its own error (1), not torchrun's SIGKILL (-9), and says in one
+    line which rank is gone and where the same command resumes, instead of gloo's traceback."""
     out = tmp_path / "run"
-    proc = start(hpc_train_cmd("train", *args_for(train_args, out)), out)
+    proc = start(hpc_train_cmd("train", *args_for(train_args, out, "train.save_every=2")), out)
     everything = psutil.Process(proc.pid).children(recursive=True)
     assert len(everything) >= 2 + 2 * 2, [p.cmdline()[:3] for p in everything]  # 2 ranks, 2 workers each
-    ranks_of(proc)[-1].kill()
+    victim = next(p for p in ranks_of(proc) if p.environ().get("RANK") == "0")
+    victim.kill()
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0
     codes = list(dict(re.findall(r"rank\s*:\s*(\d+) \(local_rank.*?\n\s*exitcode\s*:\s*(-?\d+)", output)).values())
@@ -82,7 +84,13 @@ def test_a_dead_rank_ends_the_other_at_once_despite_its_workers(tmp_path, train_
     # handler at shutdown); a survivor that hung would get torchrun's SIGKILL after 30 s: a second -9.
     survivor = [code for code in codes if code != "-9"]
     assert len(codes) == 2 and len(survivor) == 1 and survivor[0] in ("1", "-15"), output[-3000:]
-    assert re.search(r"Connection (closed|reset) by peer", output), output[-3000:]  # the survivor's own error
+    said = re.search(r"error: rank 1: lost rank 0 \(its process ended or its node is unreachable\) during step "
+                     r"(\d+) \(gloo: Connection (closed|reset) by peer\)\. This rank stops, and so does the job; the "
+                     r"same command resumes from step (\d+) \((.*)\)", output)
+    assert said, output[-3000:]
+    saved = (out / "checkpoints" / "latest").read_text().strip()
+    assert int(said.group(3)) == int(saved.split("-")[1]) < int(said.group(1)) and said.group(4).endswith(saved)
+    assert "[rank1]: Traceback" not in output and not re.search(r'File ".*hpc_train/', output), output[-3000:]
     assert not alive(everything), [p.cmdline()[:4] for p in alive(everything)]
 
 
