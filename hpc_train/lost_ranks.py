@@ -25,8 +25,9 @@ BEAT_S = 0.5
 MISSED_BEATS = 3
 """Beats a survivor waits for before it names a rank whose counter did not move."""
 _KEY = "hpc-train/beat/{rank}"
-_PEER_GONE = re.compile(r"Connection (?:closed|reset) by peer|Broken pipe|remote process exited|"
-                        r"Socket Timeout|ECONNRESET|EPIPE", re.IGNORECASE)
+_PEER_GONE = re.compile(r"Connection (?:closed|reset) by peer|Broken pipe|remote process exited|ECONNRESET|EPIPE",
+                        re.IGNORECASE)
+"""How gloo (and NCCL, where it raises) says a peer went away; a timeout is a peer that hangs, not this."""
 
 _store: dist.Store | None = None
 
@@ -45,6 +46,8 @@ def start_beating(rank: int, world_size: int) -> None:
 
 def peer_gone(exc: BaseException) -> str | None:
     """The transport's words when ``exc`` is a collective that lost a peer, else None."""
+    if not isinstance(exc, RuntimeError):  # torch.distributed's errors are RuntimeErrors
+        return None
     found = _PEER_GONE.search(str(exc))
     return found.group(0) if found else None
 

@@ -12,7 +12,9 @@
 #
 # SIGUSR1 / SIGTERM reach this script (srun forwards them); it passes them to the training
 # processes themselves, which checkpoint at the next step boundary. (torchrun would end its
-# workers on SIGTERM without that chance, and dies on SIGUSR1.)
+# workers on SIGTERM without that chance, and dies on SIGUSR1.) When every worker of the node
+# stopped that way, the script exits 75 (EX_TEMPFAIL: requeue), as a rank started without
+# torchrun would; any other failure keeps torchrun's own status.
 set -euo pipefail
 
 gpus_on_node() {
@@ -37,6 +39,11 @@ node_name=${SLURMD_NODENAME:-$(hostname -s)}
 echo "[torchrun.sh] node $node_rank of $nodes ($node_name): $nproc process(es), c10d rendezvous" \
      "$rdzv_host:$port, id ${SLURM_JOB_ID:-local}, command: $*"
 
+# Each worker that stops for a requeue leaves a file here (torchrun reports it as a failure).
+HPC_TRAIN_REQUEUE_DIR=$(mktemp -d "${TMPDIR:-/tmp}/hpc-train-requeue.XXXXXX")
+export HPC_TRAIN_REQUEUE_DIR
+trap 'rm -rf "$HPC_TRAIN_REQUEUE_DIR"' EXIT
+
 # SLURM delivers a step's signals to every process in it, torchrun's agent included, and
 # torchrun dies of SIGUSR1: it must ignore it (its workers install their own handler).
 (trap '' USR1; exec python -m torch.distributed.run --nnodes="$nodes" --nproc_per_node="$nproc" \
@@ -54,11 +61,11 @@ while :; do
   wait "$agent" && status=0 || status=$?
   kill -0 "$agent" 2>/dev/null || break  # wait returned for a signal, not because torchrun ended
 done
-if [[ $stopping == USR1 && $status != 0 ]]; then
-  # The workers stopped on request (torchrun reports that as a failure). Exiting 0 keeps
-  # srun from tearing down other nodes that may still be finishing the same checkpoint;
-  # the batch script decides from the requeue marker.
-  echo "[torchrun.sh] node $node_rank: workers stopped after SIGUSR1 (torchrun status $status)"
-  exit 0
+requeued=$(find "$HPC_TRAIN_REQUEUE_DIR" -name 'rank*' | wc -l)
+if ((status != 0 && requeued == nproc)); then
+  # torchrun reports workers that stopped on request as failed (status 1).
+  echo "[torchrun.sh] node $node_rank: all $nproc worker(s) stopped for a requeue after a checkpoint" \
+       "(${stopping:+SIG$stopping, }torchrun status $status); exiting 75"
+  exit 75
 fi
 exit "$status"

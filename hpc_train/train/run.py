@@ -8,13 +8,13 @@ import torch.distributed as dist
 
 from hpc_train.config import RunConfig
 from hpc_train.data.feature_writer import flush_writers
-from hpc_train.dist import DistInfo, read_dist_env
+from hpc_train.dist import DistInfo, barrier, read_dist_env
 from hpc_train.errors import HpcTrainError
 from hpc_train.lost_ranks import lost_ranks, peer_gone, store_host_is_rank_0
 from hpc_train.train import run_outputs
 from hpc_train.train.build import build_run
 from hpc_train.train.checkpoint import Checkpointer
-from hpc_train.train.run_parts import RunParts
+from hpc_train.train.run_parts import REQUEUE_EXIT_CODE, RunParts, note_requeue_stop
 from hpc_train.train.trainer import TrainLoop, install_stop_signals
 
 
@@ -63,6 +63,12 @@ def _run(config: RunConfig, info: DistInfo, built: list[RunParts]) -> int:
     run_outputs.finish(parts)
     if status == 0:
         run_outputs.mark_complete(parts)
+    if status == REQUEUE_EXIT_CODE:
+        # A launcher that ends the job when one task exits (srun --kill-on-bad-exit) must not
+        # stop a rank still writing its outputs; then each node's launcher learns that all its
+        # ranks stopped for a requeue (launch/torchrun.sh exits 75 for them).
+        barrier()
+        note_requeue_stop(info.rank)
     return status
 
 

@@ -7,6 +7,8 @@ only read them. Every field is declared here, so what a run is made of reads in 
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +36,21 @@ REQUEUE_EXIT_CODE = 75
 """Exit status after a signal-triggered checkpoint (EX_TEMPFAIL): the job should be requeued."""
 REQUEUE_MARKER = "requeue.json"
 """Written to ``output_dir`` by rank 0 next to that exit; removed when the run starts again."""
+REQUEUE_DIR_ENV = "HPC_TRAIN_REQUEUE_DIR"
+"""A folder (set by ``launch/torchrun.sh``) where each rank that stopped for a requeue leaves a
+file: torchrun reports such workers as failed, and the script exits 75 when all of them did."""
 COMPLETE_MARKER = "run_complete.json"
 """Written when a training run has trained, exported and evaluated: the same command again then
 does nothing (and says so) instead of rewriting its outputs."""
+
+
+def note_requeue_stop(rank: int) -> None:
+    """Tell the node's launcher (``$HPC_TRAIN_REQUEUE_DIR``, when it set one) that this rank
+    stopped for a requeue."""
+    folder = os.environ.get(REQUEUE_DIR_ENV)
+    if folder:
+        with contextlib.suppress(OSError):  # the launcher then reports torchrun's status instead
+            (Path(folder) / f"rank{rank}").write_text(str(REQUEUE_EXIT_CODE))
 
 
 @dataclass
@@ -121,5 +135,5 @@ class RunParts:
             print(text, flush=True)
 
 
-__all__ = ["COMPLETE_MARKER", "REQUEUE_EXIT_CODE", "REQUEUE_MARKER", "EvalData", "RunParts", "TrainData",
-           "TrainingEngine"]
+__all__ = ["COMPLETE_MARKER", "REQUEUE_DIR_ENV", "REQUEUE_EXIT_CODE", "REQUEUE_MARKER", "EvalData", "RunParts", "TrainData",
+           "TrainingEngine", "note_requeue_stop"]

@@ -59,6 +59,10 @@ class TrainLoop:
         self.training: TrainingEngine = parts.training
         self.signalled: int | None = None
         """A stop signal this rank received (set by the handlers, or a test)."""
+        self._parent = os.getppid()
+        self.launcher_died = False
+        """The signal came from the kernel because the process that started this rank died
+        (see :func:`install_stop_signals`), not from the job."""
         self._share_scale = share_scale(parts.ds, parts.config.train.sequence_parallel)
         self._stop_agreed: int | None = None
         """A stop signal every rank knows of (agreed in the step's all-reduce), so all stop at
@@ -67,6 +71,7 @@ class TrainLoop:
     def request_stop(self, signum: int, frame: object = None) -> None:
         """A signal handler (see :func:`install_stop_signals`): checkpoint and requeue at the next step."""
         self.signalled = signum
+        self.launcher_died = self.launcher_died or os.getppid() != self._parent
 
     def train(self, micro_batches: Iterable[dict[str, Any]] | None = None) -> int:
         """Run to the planned step count; the process exit status. ``micro_batches``: collated
@@ -264,7 +269,10 @@ class TrainLoop:
         if self.parts.info.is_main:
             # Launchers between us and the scheduler (torchrun) report their own status;
             # this marker tells them the stop was a requested one.
-            marker = {"signal": name, "step": state.step, "checkpoint": str(path), "exit_code": REQUEUE_EXIT_CODE}
+            marker = {"signal": name, "step": state.step, "checkpoint": str(path), "exit_code": REQUEUE_EXIT_CODE,
+                      "cause": (f"the launcher that started the ranks died (the kernel sent {name}; plain torchrun "
+                                "dies of SIGUSR1: launch/torchrun.sh passes it on)") if self.launcher_died
+                      else f"{name} sent to the ranks"}
             with writing(output / REQUEUE_MARKER):
                 (output / REQUEUE_MARKER).write_text(json.dumps(marker))
         # No rank exits before the marker exists: a launcher that ends the job when one

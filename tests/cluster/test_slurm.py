@@ -190,31 +190,42 @@ def test_sequence_parallel_across_two_nodes_and_a_size_the_job_cannot_take(clust
     assert "train.sequence_parallel=3 does not divide the job's 2 ranks" in log and "[torchrun.sh]" not in log
 
 
-def start_training(cluster, tmp_path: Path, out: Path, args: list[str], env: dict[str, str] | None = None) -> str:
-    """Submit the lora template on 2 nodes; its job id once the first step is logged."""
-    submitted = sbatch(cluster, "--parsable", "-N", "2", f"--output={tmp_path}/%x-%j.out", "slurm/lora.slurm",
-                       *args, extra_env=env)
+def start_training(cluster, tmp_path: Path, out: Path, args: list[str], env: dict[str, str] | None = None, *,
+                   template: str = "lora", options: tuple[str, ...] = ()) -> str:
+    """Submit a template on 2 nodes; its job id once the first step is logged."""
+    submitted = sbatch(cluster, "--parsable", "-N", "2", *options, f"--output={tmp_path}/%x-%j.out",
+                       f"slurm/{template}.slurm", *args, extra_env=env)
     assert submitted.returncode == 0, submitted.stderr
     wait_until(lambda: (out / "metrics.jsonl").is_file() and read_metrics(out / "metrics.jsonl"), 300,
                "the first logged step")
     return submitted.stdout.strip()
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+@pytest.mark.parametrize(("template", "launcher"), [("lora", "torchrun"), ("qlora", "torchrun"), ("qlora", "deepspeed")])
 def test_preempted_job_checkpoints_requeues_and_matches_the_uninterrupted_run(cluster, job_args, template_runs,
-                                                                               tmp_path, launcher):
+                                                                               tmp_path, template, launcher):
+    """The warning before the time limit, as ``--signal=B:USR1@...`` sends it to the batch shell.
+    QLoRA as the template runs it (4 ranks, as its uninterrupted run above): its 4-bit layers
+    must not stop the requeued job from loading its own checkpoint."""
     out = tmp_path / "out"
-    job = start_training(cluster, tmp_path, out, job_args(out), {"LAUNCHER": launcher})
+    options = ("--gpus-per-node=2",) if template == "qlora" else ()
+    job = start_training(cluster, tmp_path, out, job_args(out), {"LAUNCHER": launcher}, template=template,
+                         options=options)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=cluster, check=True, timeout=30)
     state = wait_for_job(cluster, job)
-    log = log_of(tmp_path / f"hpc-lora-{job}.out")
+    log = log_of(tmp_path / f"hpc-{template}-{job}.out")
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", log[-6000:]
     assert "got SIGUSR1" in log and "requeueing job" in log and "resumed from" in log
     assert "checkpoint saved" in log and "exit code 138" not in log  # nothing died of the signal itself
+    if launcher == "torchrun":  # the launcher's status is 75 too (torchrun's own is 1)
+        per_node = 2 if template == "qlora" else 1
+        for node in (0, 1):
+            assert f"[torchrun.sh] node {node}: all {per_node} worker(s) stopped for a requeue after a checkpoint " \
+                   "(SIGUSR1, torchrun status 1); exiting 75" in log, log[-6000:]
     resumed_at = int(log.split("resumed from")[1].split(" at step ")[1].split()[0])
     assert 1 <= resumed_at < 12  # it really stopped part-way
     final = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r][-1]
-    reference = [r["loss"] for r in read_metrics(template_runs["lora"]["out"] / "metrics.jsonl") if "loss" in r]
+    reference = [r["loss"] for r in read_metrics(template_runs[template]["out"] / "metrics.jsonl") if "loss" in r]
     assert final == pytest.approx(reference[-1], rel=1e-5)
 
 

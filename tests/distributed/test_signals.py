@@ -126,11 +126,15 @@ def test_usr1_to_a_plain_torchrun_group_stops_its_ranks_with_a_checkpoint(tmp_pa
         time.sleep(0.2)
     step = stopped_with_a_checkpoint(out, "SIGTERM")
     assert len(read_metrics(out / "metrics.jsonl")) == step
+    # what reached the ranks, said as it was: not the USR1 the agent died of
+    assert json.loads((out / "requeue.json").read_text())["cause"].startswith("the launcher that started the ranks "
+                                                                           "died (the kernel sent SIGTERM;")
 
 
 def test_usr1_to_the_launch_script_group_is_forwarded_by_a_surviving_agent(tmp_path, train_args):
     """The README's training command (``launch/torchrun.sh``): the agent ignores USR1, the script
-    passes it to the ranks, they checkpoint and exit 75, and the script exits 0 for a requeue."""
+    passes it to the ranks, they checkpoint and exit 75, and so does the script (torchrun itself
+    reports them as failed)."""
     out = tmp_path / "run"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -141,7 +145,9 @@ def test_usr1_to_the_launch_script_group_is_forwarded_by_a_surviving_agent(tmp_p
     everything = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGUSR1)
     output, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, output[-3000:]
-    assert "workers stopped after SIGUSR1" in output, output[-3000:]
+    assert proc.returncode == 75, output[-3000:]
+    assert "[torchrun.sh] node 0: all 2 worker(s) stopped for a requeue after a checkpoint (SIGUSR1, torchrun " \
+           "status 1); exiting 75" in output, output[-3000:]
     stopped_with_a_checkpoint(out, "SIGUSR1")
+    assert json.loads((out / "requeue.json").read_text())["cause"] == "SIGUSR1 sent to the ranks"
     assert not alive(everything)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -220,14 +221,25 @@ def test_non_finite_loss_stops_with_step_and_sample_ids(tmp_path, train_args):
         assert "train_" in message  # the batch's sample ids are named
 
 
-def test_qlora_under_zero3_on_llava_onevision(tmp_path, train_args):
-    out = tmp_path / "qlora_z3"
-    result = ok(run_hpc_train("train", *train_args("llava_onevision", out, "train.max_steps=2", "train.mode=qlora",
-                                                   "deepspeed.config=ds_configs/zero3.json", "eval.generate=false")))
+def test_qlora_under_zero3_on_llava_onevision_trains_and_resumes(tmp_path, train_args):
+    """2 ranks: the 4-bit weights partitioned like any other; a run stopped after its step-1
+    checkpoint (the checkpoint alone, as a kill leaves it) resumes to the uninterrupted step 2."""
+    out, stopped = tmp_path / "qlora_z3", tmp_path / "stopped"
+    setting = ("train.max_steps=2", "train.save_every=1", "train.mode=qlora", "deepspeed.config=ds_configs/zero3.json",
+               "eval.generate=false")
+    result = ok(run_hpc_train("train", *train_args("llava_onevision", out, *setting)))
     assert "4-bit NF4" in result.stdout
     tensors = load_file(out / "adapter" / "adapter_model.safetensors")
     assert tensors and all(torch.isfinite(v).all() for v in tensors.values())
     assert len(losses(out)) == 2
+    shutil.copytree(out / "checkpoints" / "step-00000001", stopped / "checkpoints" / "step-00000001")
+    (stopped / "checkpoints" / "latest").write_text("step-00000001")
+    resumed = ok(run_hpc_train("train", *train_args("llava_onevision", stopped, *setting)))
+    assert f"resumed from {stopped / 'checkpoints' / 'step-00000001'} at step 1" in resumed.stdout
+    assert losses(stopped) == pytest.approx(losses(out)[1:], rel=1e-5)
+    again = load_file(stopped / "adapter" / "adapter_model.safetensors")
+    assert again.keys() == tensors.keys()
+    assert all(torch.allclose(again[k], tensors[k], rtol=1e-5, atol=1e-7) for k in tensors)
 
 
 def test_baseline_evaluation_under_zero3_matches_single_process(tmp_path, train_args):
