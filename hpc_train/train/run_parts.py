@@ -135,5 +135,5 @@ class RunParts:
             print(text, flush=True)
 
 
-__all__ = ["COMPLETE_MARKER", "REQUEUE_DIR_ENV", "REQUEUE_EXIT_CODE", "REQUEUE_MARKER", "EvalData", "RunParts", "TrainData",
-           "TrainingEngine", "note_requeue_stop"]
+__all__ = ["COMPLETE_MARKER", "REQUEUE_DIR_ENV", "REQUEUE_EXIT_CODE", "REQUEUE_MARKER", "EvalData", "RunParts",
+           "TrainData", "TrainingEngine", "note_requeue_stop"]
