@@ -42,7 +42,7 @@ class CodeInFile(HpcTrainError):
     a pickle of data at all)."""
 
     def __init__(self, path: Path | str, unpickler_error: str, fix: str | None = None) -> None:
-        self.path, self.refusal = Path(path), _refusal(unpickler_error)
+        self.refusal = _refusal(unpickler_error)
         super().__init__(f"{path}: {self.refusal}{f'. Fix: {fix}' if fix else ''}")
 
 
@@ -58,7 +58,7 @@ def allowed_classes() -> list[type]:
 def load_data(path: Path | str, *, map_location: Any = None, mmap: bool = False) -> Any:
     """``torch.load`` of ``path`` with the weights-only unpickler and :func:`allowed_classes`;
     :class:`CodeInFile` for a file that needs anything else."""
-    return _load(_ORIGINAL_LOAD, path, map_location=map_location, mmap=mmap)
+    return _load(path, map_location=map_location, mmap=mmap)
 
 
 def code_problem(path: Path, name: str) -> str | None:
@@ -81,7 +81,7 @@ def weights_only_loads() -> Iterator[None]:
     False). Not thread-safe: for the main thread's checkpoint load."""
     def load(f: Any, map_location: Any = None, pickle_module: Any = None, *, weights_only: bool | None = None,
              mmap: bool | None = None, **kwargs: Any) -> Any:
-        return _load(_ORIGINAL_LOAD, f, map_location=map_location, mmap=mmap, **kwargs)
+        return _load(f, map_location=map_location, mmap=mmap, **kwargs)
 
     torch.load = load  # type: ignore[assignment]
     try:
@@ -105,10 +105,10 @@ def refusing_code(folder: Path, setting: str) -> Iterator[None]:
                          "saved as .safetensors (tensors only)") from None
 
 
-def _load(original: Any, f: Any, *, map_location: Any, mmap: bool | None, **kwargs: Any) -> Any:
+def _load(f: Any, *, map_location: Any, mmap: bool | None, **kwargs: Any) -> Any:
     with torch.serialization.safe_globals(allowed_classes()):
         try:
-            return original(f, map_location=map_location, weights_only=True, mmap=mmap, **kwargs)
+            return _ORIGINAL_LOAD(f, map_location=map_location, weights_only=True, mmap=mmap, **kwargs)
         except pickle.UnpicklingError as exc:
             raise CodeInFile(f if isinstance(f, (str, Path)) else getattr(f, "name", "a file"), str(exc)) from None
 
