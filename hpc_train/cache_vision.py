@@ -26,7 +26,6 @@ from hpc_train.device import choose_device
 from hpc_train.dist import DistInfo, all_gather, init_distributed
 from hpc_train.errors import ConfigError
 from hpc_train.models.cached_vision import merged_features
-from hpc_train.models.sequence_parallel import inner_model
 from hpc_train.train.evaluate import to_device
 from hpc_train.train.trainable_model import load_training_model, model_source
 from hpc_train.train.vision_cache_setup import open_vision_cache, vision_cache_refusal
@@ -74,7 +73,7 @@ def fill_vision_cache(config: RunConfig, info: DistInfo) -> CacheFill:
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=config.train.micro_batch_size, num_workers=config.data.num_workers,
         collate_fn=FloatCast(pipeline.collator(cached=True), loaded.dtype))
-    inner = inner_model(loaded.model, loaded.family)
+    inner = loaded.family.inner_model(loaded.model)
     fill = CacheFill(samples=len(mine))
     said = time.perf_counter()
     loaded.model.train()  # as in training (the tower has no dropout: the cache refuses one)

@@ -27,8 +27,11 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """Which model to train and how to load it."""
 
-    family: Literal["smolvlm", "llava_onevision"] = "smolvlm"
-    """Model family: ``smolvlm`` (SmolVLM / SmolVLM2, transformers' Idefics3) or ``llava_onevision``."""
+    family: Literal["smolvlm", "smolvlm2", "llava_onevision"] = "smolvlm"
+    """Model family: ``smolvlm`` (SmolVLM, transformers' Idefics3), ``smolvlm2`` (SmolVLM2,
+    transformers' SmolVLM) or ``llava_onevision``. Leave it out with ``model.path`` or a published
+    ``model.preset``: the folder's ``config.json`` (its ``model_type``) or the preset says it;
+    ``smolvlm`` for ``preset: tiny``."""
     path: str | None = None
     """A folder written by ``save_pretrained`` (model + processor), or a Hugging Face hub id
     (``org/name``, ``org/name@revision``) read offline from the local cache (``HF_HOME`` /
@@ -37,8 +40,8 @@ class ModelConfig(_Section):
     preset: str | None = None
     """Build the model from a known config instead of loading ``path`` (random weights, offline
     processor): ``tiny`` (a CPU-sized model of ``family``) or a published architecture:
-    ``smolvlm-256m``, ``smolvlm-500m``, ``smolvlm-2.2b``, ``smolvlm2-2.2b``,
-    ``llava-onevision-0.5b``, ``llava-onevision-7b``."""
+    ``smolvlm-256m``, ``smolvlm-500m``, ``smolvlm-2.2b``, ``smolvlm2-256m``, ``smolvlm2-500m``,
+    ``smolvlm2-2.2b``, ``llava-onevision-0.5b``, ``llava-onevision-7b``."""
     adapter: str | None = None
     """A LoRA adapter applied on top of the model: a folder (written by a lora/qlora run) or a hub id,
     as for ``path``."""
@@ -59,6 +62,12 @@ class VideoConfig(_Section):
     """Frames per second in ``fps`` mode."""
     max_frames: int = Field(32, ge=1)
     """Upper bound on frames per video in either mode."""
+    split_frames: bool = False
+    """SmolVLM (which takes a video as a run of images): split each frame into tiles as an image
+    is, instead of one tile a frame. At the published 512-px tiles and 2048-px long edge a split
+    frame costs up to 17 tiles (1,088 tokens) against 64. SmolVLM2 and LLaVA-OneVision have a
+    video path of their own and never split frames. A sample holding images too has its frames
+    split as its images are (the processor splits all of a call's images alike)."""
     backend: Literal["auto", "decord", "torchcodec"] = "auto"
     """The video decoder: ``torchcodec`` (PyTorch's; FFmpeg from the PyAV wheel or the system),
     ``decord``, or ``auto``: torchcodec where it loads, else decord. Both pick the same frames;

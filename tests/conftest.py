@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-FAMILIES = ("smolvlm", "llava_onevision")
+FAMILIES = ("smolvlm", "smolvlm2", "llava_onevision")
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +26,7 @@ def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny random models of both families, saved once with save_pretrained."""
+    """Tiny random models of every family, saved once with save_pretrained."""
     from hpc_train.models.tiny import save_tiny
 
     root = tmp_path_factory.mktemp("tiny_models")

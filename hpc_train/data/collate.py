@@ -1,5 +1,5 @@
 """Padded batches of encoded samples; each family's media tensors are laid out by its
-:class:`~hpc_train.data.media_layout.MediaLayout`, chosen once."""
+:class:`~hpc_train.models.families.MediaLayout` (``Family.layout``)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ import torch.nn.functional as F
 
 from hpc_train.data.dataset import Skipped
 from hpc_train.data.loss_positions import LOSS_KEYS, loss_positions, num_supervised
-from hpc_train.data.media_layout import media_layout
-from hpc_train.data.media_share import IMAGE_ROWS, TILE_FRAMES
 from hpc_train.data.tokenize import IGNORE_INDEX, EncodedSample
 from hpc_train.data.vision_cache import NOT_STORED, VISION_FEATURES, FeatureCollation, token_owners
 from hpc_train.models.families import Family
+from hpc_train.models.media_keys import IMAGE_ROWS, TILE_FRAMES
 
 
 class Collator:
@@ -32,7 +31,7 @@ class Collator:
             raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
         self.padding_side = padding_side
         self.family = family
-        self.layout = media_layout(family.name)
+        self.layout = family.layout
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
         self.blanks = list(blanks)

@@ -18,15 +18,8 @@ from typing import Any
 
 import torch
 
+from hpc_train.models.media_keys import IMAGE_ROWS, IMAGE_TILE, PADDING_TILE, TILE_FRAMES
 from hpc_train.models.vision_share import FeatureRows, routing
-
-IMAGE_ROWS = "image_rows"
-"""LLaVA-OneVision batches: (images,) int64 feature rows of each image (its anyres grid, unpadded,
-with its newlines: the placeholder tokens the processor made for it)."""
-TILE_FRAMES = "tile_frames"
-"""SmolVLM batches: (B, N, 2) int64 per tile of ``pixel_values``, ``(frame, frames)`` for a
-video frame's tile, ``(-1, 0)`` for an image's, ``(-2, 0)`` for a padding tile."""
-IMAGE_TILE, PADDING_TILE = -1, -2
 
 
 def share_bounds(count: int, rank: int, size: int) -> tuple[int, int]:

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 
 from hpc_train.data.collate import has_media_kind
 from hpc_train.data.loss_positions import loss_positions, num_supervised
-from hpc_train.data.media_layout import media_layout
 from hpc_train.data.tokenize import IGNORE_INDEX, EncodedSample
 from hpc_train.data.vision_cache import NOT_STORED, VISION_FEATURES, FeatureCollation, token_owners
 from hpc_train.errors import DataError
+from hpc_train.models.families import get_family
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def pack_samples(samples: Sequence[EncodedSample], *, pad_token_id: int, family_
         "sample_bounds": tuple(starts),
         "sample_ids": [s.id for s in samples],
     }
-    batch.update(media_layout(family_name).packed_row(samples))
+    batch.update(get_family(family_name).layout.packed_row(samples))
     return batch
 
 

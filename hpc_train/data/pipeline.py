@@ -69,7 +69,7 @@ class DataPipeline:
 
 def build_pipeline(data: DataConfig, processor: Any, family: Family) -> DataPipeline:
     """The pipeline for a model's processor (its tokenizer and image processor)."""
-    encoder = ChatEncoder(processor, family, system_prompt=data.system_prompt)
+    encoder = ChatEncoder(processor, family, system_prompt=data.system_prompt, split_frames=data.video.split_frames)
     return DataPipeline(data=data, family=family, encoder=encoder, media=MediaLoader(data),
                         blanks=encoder.blank_media())
 

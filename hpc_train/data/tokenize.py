@@ -9,11 +9,12 @@ How the labels are made exact, for any chat template:
    right before the answer, which byte-level tokenizers fold into the answer's first token.
 2. The processor expands media placeholders (images, videos) and tokenizes the whole text,
    as it would for inference.
-3. The expanded text is cut at every answer boundary and every media expansion, each piece
-   is tokenized on its own, and the concatenation must equal the processor's ids. Pieces
-   inside answer spans are labelled with their ids; everything else, media tokens
-   included, is -100. If the pieces ever disagree with the whole, the sample is refused
-   rather than mislabelled.
+3. The expanded text is cut at every answer boundary, each piece is tokenized on its own,
+   and the concatenation must equal the processor's ids. Pieces inside answer spans are
+   labelled with their ids; everything else, media tokens included, is -100. If the pieces
+   ever disagree with the whole, the sample is refused rather than mislabelled. (A media
+   expansion is no cut: SmolVLM2's begins with a word, which byte-level BPE joins to the
+   space before it; its tokens are those starting inside it.)
 """
 
 from __future__ import annotations
@@ -28,11 +29,10 @@ import torch
 from PIL import Image
 
 from hpc_train.data.media import VideoFrames
-from hpc_train.data.media_layout import media_layout
-from hpc_train.data.media_share import IMAGE_ROWS, IMAGE_TILE, TILE_FRAMES
 from hpc_train.data.records import Record
 from hpc_train.errors import DataError
 from hpc_train.models.families import Family
+from hpc_train.models.media_keys import IMAGE_ROWS, IMAGE_TILE, TILE_FRAMES
 
 IGNORE_INDEX = -100
 _PLACEHOLDER_RE = re.compile(r"(<image>|<video>|<speech>)")
@@ -87,12 +87,16 @@ class EncodedSample:
 class ChatEncoder:
     """Turns a :class:`Record` plus its decoded media into an :class:`EncodedSample`."""
 
-    def __init__(self, processor: Any, family: Family, *, system_prompt: str | None = None) -> None:
+    def __init__(self, processor: Any, family: Family, *, system_prompt: str | None = None,
+                 split_frames: bool = False) -> None:
+        """``split_frames``: a family that takes a video as a run of images (SmolVLM) has each
+        frame split into tiles as an image is, instead of one tile a frame."""
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.family = family
-        self.layout = media_layout(family.name)
+        self.layout = family.layout
         self.system_prompt = system_prompt
+        self.split_frames = split_frames
         if getattr(processor, "chat_template", None) is None:
             raise DataError(
                 "the processor has no chat template",
@@ -149,6 +153,7 @@ class ChatEncoder:
             kwargs["images"] = [images]
         if videos:
             kwargs["videos"] = videos
+            kwargs.update(_video_inputs(self.family, [_still(v) for v in videos]))
         out = self.processor(**kwargs)
         ids = out["input_ids"][0].long()
         return EncodedSample(id=f"<blank {kind}>", input_ids=ids, labels=torch.full_like(ids, IGNORE_INDEX),
@@ -185,15 +190,16 @@ class ChatEncoder:
                                     line=record.line, record_id=record.id,
                                     fix=f"give one media file per {piece}")
                 item = queues[piece].pop(0)
-                if piece == "<video>":
-                    if self.family.video_as_images:
-                        for j, frame in enumerate(item.frames):
-                            content.append({"type": "image"})
-                            images.append(Image.fromarray(frame))
-                            chat.image_frames.append((j, len(item.frames)))
-                    else:
-                        content.append({"type": "video"})
-                        videos.append(item.frames)
+                if piece == "<video>" and self.family.video_token is None:  # a run of images
+                    for j, frame in enumerate(item.frames):
+                        content.append({"type": "image"})
+                        images.append(Image.fromarray(frame))
+                        chat.image_frames.append((j, len(item.frames)))
+                elif piece == "<video>":
+                    content.append({"type": "video"})
+                    videos.append(item)
+                    if self.family.video_as_images:  # one tile a frame, in the video's replacement
+                        chat.image_frames.append([(j, len(item.frames)) for j in range(len(item.frames))])
                 else:
                     content.append({"type": "image"})
                     images.append(item)
@@ -287,10 +293,16 @@ class ChatEncoder:
             # Nested per sample: LLaVA-OneVision gives a multi-image sample fewer tokens per
             # image than a single one, and only knows it is one sample when grouped.
             kwargs["images"] = [images]
+            if not self.split_frames and chat.image_frames and all(
+                    isinstance(tag, tuple) and tag[0] != IMAGE_TILE for tag in chat.image_frames):
+                kwargs["do_image_splitting"] = False  # only video frames: one tile each
         if videos:
-            kwargs["videos"] = videos
+            kwargs["videos"] = [v.frames for v in videos]
+            kwargs.update(_video_inputs(self.family, videos))
         try:
             out = self.processor(**kwargs)
+            if images and videos and self.family.video_as_images:
+                out.update(_pixels_in_token_order(self.processor, images, kwargs, out))
         except Exception as exc:
             raise DataError(f"the processor rejected this sample: {exc}", path=record.source,
                             line=record.line, record_id=record.id,
@@ -306,14 +318,14 @@ class ChatEncoder:
         for start, end in zip(cuts, cuts[1:], strict=False):
             if start == end:
                 continue
-            ids = self.tokenizer(expanded[start:end], add_special_tokens=False)["input_ids"]
+            piece = self.tokenizer(expanded[start:end], add_special_tokens=False, return_offsets_mapping=True)
+            ids = piece["input_ids"]
             pieces_ids.extend(ids)
             if any(s <= start and end <= e for s, e in supervised_ranges.items()):
                 labels.extend(ids)
             else:
                 labels.extend([IGNORE_INDEX] * len(ids))
-            if any(s <= start and end <= e for s, e in media_ranges):
-                num_media += len(ids)
+            num_media += sum(any(s <= start + first < e for s, e in media_ranges) for first, _ in piece["offset_mapping"])
         if pieces_ids != input_ids.tolist():
             raise DataError(
                 "tokenizing answer spans on their own gives different tokens than the whole text, "
@@ -341,25 +353,65 @@ class _Chat:
 
     messages: list[dict] = field(default_factory=list)
     images: list[Image.Image] = field(default_factory=list)
-    videos: list[np.ndarray] = field(default_factory=list)
+    videos: list[VideoFrames] = field(default_factory=list)
     answers: list[str] = field(default_factory=list)
-    image_frames: list[tuple[int, int]] = field(default_factory=list)
-    """Per image: ``(frame, frames)`` when it is a video's frame (SmolVLM), ``(-1, 0)`` otherwise."""
+    image_frames: list[tuple[int, int] | list[tuple[int, int]]] = field(default_factory=list)
+    """Per item of image features, in order: an image's tag, ``(frame, frames)`` when it is a
+    video's frame fed as an image (SmolVLM), ``(-1, 0)`` otherwise, given to each of its tiles;
+    a video whose frames are image features (SmolVLM2): one tag per frame (one tile each)."""
 
 
-def _tile_frames(image_frames: list[tuple[int, int]], replacements: list[dict], image_token: str, per_tile: int,
-                 tiles: int) -> torch.Tensor:
-    """(tiles, 2): each image's ``(frame, frames)`` for each of its tiles, whose number the
-    processor's expansion of that image tells (``per_tile`` placeholders a tile)."""
-    tags = torch.tensor(image_frames, dtype=torch.long).view(-1, 2)
-    if bool((tags[:, 0] == IMAGE_TILE).all()):
+def _tile_frames(image_frames: list[tuple[int, int] | list[tuple[int, int]]], replacements: list[dict],
+                 image_token: str, per_tile: int, tiles: int) -> torch.Tensor:
+    """(tiles, 2): each item's tags for each of its tiles, whose number the processor's expansion
+    of that item tells (``per_tile`` placeholders a tile)."""
+    if all(tag == (IMAGE_TILE, 0) for tag in image_frames):
         return torch.tensor([IMAGE_TILE, 0]).repeat(tiles, 1)
     counts = [rep["replacement"].count(image_token) // per_tile
               for rep in sorted(replacements, key=lambda r: r["span"][0]) if image_token in rep["replacement"]]
-    if len(counts) != len(tags) or sum(counts) != tiles:
-        raise DataError(f"the processor expanded {len(counts)} images into {sum(counts)} tiles, but made "
-                        f"{tiles} tiles of {len(tags)} images", fix="report this with the model's processor config")
-    return tags.repeat_interleave(torch.tensor(counts), dim=0)
+    if len(counts) != len(image_frames) or sum(counts) != tiles:
+        raise DataError(f"the processor expanded {len(counts)} media items into {sum(counts)} tiles, but made "
+                        f"{tiles} tiles of {len(image_frames)} items", fix="report this with the model's processor config")
+    tags = []
+    for tag, count in zip(image_frames, counts, strict=True):
+        if isinstance(tag, list) and len(tag) != count:
+            raise DataError(f"the processor made {count} tiles of a {len(tag)}-frame video (one a frame expected)",
+                            fix="report this with the model's processor config")
+        tags.append(torch.tensor(tag).view(-1, 2) if isinstance(tag, list) else torch.tensor([tag]).repeat(count, 1))
+    return torch.cat(tags)
+
+
+def _still(frames: np.ndarray | VideoFrames) -> VideoFrames:
+    """``frames`` as a video sampled at one frame a second (a blank video has no file)."""
+    if isinstance(frames, VideoFrames):
+        return frames
+    return VideoFrames(frames=frames, timestamps=np.arange(len(frames), dtype=np.float64), native_fps=1.0,
+                       num_source_frames=len(frames))
+
+
+def _video_inputs(family: Family, videos: list[VideoFrames]) -> dict[str, Any]:
+    return family.video_inputs(videos) if family.video_inputs else {}
+
+
+def _pixels_in_token_order(processor: Any, images: list[Image.Image], kwargs: dict[str, Any], out: Any
+                           ) -> dict[str, torch.Tensor]:
+    """A sample's image tiles and video frames, in the order of their tokens. SmolVLMProcessor
+    returns both under ``pixel_values``, so with images and videos in one call the videos' replace
+    the images'; each is processed here on its own and interleaved as the text places them."""
+    options = {k: v for k, v in kwargs.items() if k in ("video_metadata", "do_sample_frames")}
+    image_out = processor.image_processor(images=[images], return_tensors="pt")
+    video_out = processor.video_processor(videos=kwargs["videos"], return_tensors="pt", **options)
+    image_tiles = list(zip(image_out["pixel_values"][0], image_out["pixel_attention_mask"][0], strict=True))
+    frames = [list(zip(v, m, strict=True)) for v, m in
+              zip(video_out["pixel_values"], video_out["pixel_attention_mask"], strict=True)]
+    per_tile = processor.image_seq_len
+    tiles = []
+    for rep in sorted(out["text_replacement_offsets"][0], key=lambda r: r["span"][0]):
+        count = rep["replacement"].count(processor.image_token) // per_tile
+        source = frames.pop(0) if rep["type"] == "video" else image_tiles
+        tiles += source[:count] if rep["type"] == "video" else [source.pop(0) for _ in range(count)]
+    return {"pixel_values": torch.stack([t for t, _ in tiles])[None],
+            "pixel_attention_mask": torch.stack([m for _, m in tiles])[None]}
 
 
 def _image_rows(replacements: list[dict], image_token: str, ids: torch.Tensor, image_token_id: int,
@@ -397,7 +449,8 @@ def _shift(position: int, replacements: list[dict]) -> int:
 
 def _expand(text: str, spans: list[tuple[int, int]], replacements: list[dict]
             ) -> tuple[str, list[int], list[tuple[int, int]]]:
-    """The expanded text, the cut points between pieces, and the media pieces' ranges."""
+    """The expanded text, the cut points between pieces (the answers' bounds), and the media
+    expansions' ranges."""
     parts: list[str] = []
     cursor = 0
     for rep in sorted(replacements, key=lambda r: r["span"][0]):
@@ -411,6 +464,4 @@ def _expand(text: str, spans: list[tuple[int, int]], replacements: list[dict]
     cuts = {0, len(expanded)}
     for s, e in spans:
         cuts.update((_shift(s, replacements), _shift(e, replacements)))
-    for s, e in media_ranges:
-        cuts.update((s, e))
     return expanded, sorted(cuts), media_ranges

@@ -14,7 +14,7 @@ without autograd; the rows it computed are kept for the cache to store.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,10 +23,6 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from hpc_train.models.families import get_family
-
-PIXEL_INPUTS = {"image": ("pixel_values", "pixel_attention_mask", "image_sizes", "batch_num_images"),
-                "video": ("pixel_values_videos", "image_sizes_videos")}
-"""The forward's inputs that carry each kind's pixels (and their layout)."""
 
 
 @dataclass
@@ -125,15 +121,16 @@ def merged_features(inner: torch.nn.Module, family_name: str, inputs: dict[str, 
     """Each kind's rows for the language model, as transformers takes precomputed ones: the
     pixels in ``inputs`` (removed from it) encoded, the cached rows put between them. The rows
     encoded here are left in ``features.computed``."""
-    encoders = _ENCODERS[get_family(family_name).name]
+    family = get_family(family_name)
     like = inner.get_input_embeddings().weight
     outputs = {}
     for kind, rows in features.kinds.items():
-        pixels = {name: inputs.pop(name, None) for name in PIXEL_INPUTS[kind]}
+        names = family.pixel_inputs[kind]
+        pixels = {name: inputs.pop(name, None) for name in names}
         computed = None
-        if pixels[PIXEL_INPUTS[kind][0]] is not None:
+        if pixels[names[0]] is not None:
             with torch.no_grad():
-                computed = encoders[kind](inner, pixels, inputs)
+                computed = family.feature_encoders[kind](inner, pixels, inputs)
             features.computed[kind] = computed
         if rows.total:
             merged = rows.merged(computed, like)
@@ -141,30 +138,4 @@ def merged_features(inner: torch.nn.Module, family_name: str, inputs: dict[str, 
     return outputs
 
 
-def _idefics3_images(inner: Any, pixels: dict[str, Any], kwargs: dict[str, Any]) -> torch.Tensor:
-    out = inner.get_image_features(pixels["pixel_values"], pixels["pixel_attention_mask"], return_dict=True)
-    return torch.cat(list(out.pooler_output))
-
-
-_LLAVA_OPTIONS = ("vision_feature_layer", "vision_feature_select_strategy")
-
-
-def _llava_images(inner: Any, pixels: dict[str, Any], kwargs: dict[str, Any]) -> torch.Tensor:
-    options = {name: kwargs.get(name) for name in (*_LLAVA_OPTIONS, "vision_aspect_ratio")}
-    out = inner.get_image_features(pixels["pixel_values"], pixels["image_sizes"], batch_num_images=pixels["batch_num_images"],
-                                   return_dict=True, **options)
-    return torch.cat(list(out.pooler_output))
-
-
-def _llava_videos(inner: Any, pixels: dict[str, Any], kwargs: dict[str, Any]) -> torch.Tensor:
-    options = {name: kwargs.get(name) for name in _LLAVA_OPTIONS}
-    return inner.get_video_features(pixels["pixel_values_videos"], return_dict=True, **options).pooler_output.flatten(0, 1)
-
-
-_ENCODERS: dict[str, dict[str, Callable[[Any, dict[str, Any], dict[str, Any]], torch.Tensor]]] = {
-    "smolvlm": {"image": _idefics3_images},
-    "llava_onevision": {"image": _llava_images, "video": _llava_videos},
-}
-
-
-__all__ = ["PIXEL_INPUTS", "CachedFeatures", "KindRows", "cached_features_for", "merged_features", "use_cached_vision"]
+__all__ = ["CachedFeatures", "KindRows", "cached_features_for", "merged_features", "use_cached_vision"]

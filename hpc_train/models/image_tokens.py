@@ -27,9 +27,12 @@ def smolvlm_tile_tokens(model_config: Any) -> int:
 
 
 def image_tokens_always_match(model_config: Any, processor: Any, family_name: str) -> bool:
-    """Whether the processor's image tokens always match the model's features (SmolVLM only;
-    True means the per-forward check can go). A disagreement fails here, before any step."""
-    if family_name != "smolvlm":
+    """Whether the processor's image tokens always match the model's features (families whose
+    tiles all cost the same tokens; True means the per-forward check can go). A disagreement
+    fails here, before any step."""
+    from hpc_train.models.families import get_family
+
+    if not get_family(family_name).tile_tokens_fixed:
         return False
     per_tile, tile = smolvlm_tile_tokens(model_config), model_config.vision_config.image_size
     written = processor.image_seq_len

@@ -10,7 +10,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedM
 
 from hpc_train.config import ModelConfig
 from hpc_train.errors import ConfigError
-from hpc_train.models.families import Family, family_of_model_type, get_family
+from hpc_train.models.families import Family, family_of_config, get_family
 from hpc_train.models.hub import resolve
 from hpc_train.models.presets import get_preset
 from hpc_train.models.tiny import build_preset, build_tiny, preset_processor
@@ -18,24 +18,30 @@ from hpc_train.safe_load import refusing_code
 
 
 def model_family(model: ModelConfig) -> Family:
-    """The family of the configured model; a named preset or a folder's own ``model_type`` must
-    agree with it."""
-    family = get_family(model.family)
+    """The family of the configured model: a named preset's, or the one a folder's ``config.json``
+    says it is (``model_type``), else ``model.family``. A ``model.family`` set in the config must
+    agree with the preset or folder."""
+    explicit = "family" in model.model_fields_set
     if model.preset is not None and model.preset != "tiny":
-        found = get_preset(model.preset)
-        if found.family != family.name:
-            raise ConfigError(f"model.preset={model.preset} is a {found.family} model but model.family is "
-                              f"{family.name}. Fix: set model.family={found.family}")
+        found = get_family(get_preset(model.preset).family)
+        if explicit and found.name != model.family:
+            raise ConfigError(f"model.preset={model.preset} is a {found.name} model but model.family is "
+                              f"{model.family}. Fix: set model.family={found.name}, or leave it out")
+        return found
     if model.path is not None:
-        folder = model_folder(model.path)
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type", "")
-        found = family_of_model_type(model_type)
-        if found.name != family.name:
+        config_file = model_folder(model.path) / "config.json"
+        found = family_of_config(json.loads(config_file.read_text()), str(config_file))
+        if explicit and found.name != model.family:
             raise ConfigError(
-                f"{folder}/config.json: model_type '{model_type}' is the {found.name} family, but "
-                f"model.family is '{family.name}'. Fix: set model.family={found.name}"
-            )
-    return family
+                f"{config_file}: model_type '{found.model_types[0]}' is the {found.name} family ({found.title}), "
+                f"but model.family is '{model.family}'. Fix: set model.family={found.name}, or leave it out")
+        return found
+    return get_family(model.family)
+
+
+def with_family(model: ModelConfig) -> ModelConfig:
+    """``model`` with ``family`` set to the one its preset or folder is (see :func:`model_family`)."""
+    return model.model_copy(update={"family": model_family(model).name})
 
 
 def load_processor(model: ModelConfig) -> Any:

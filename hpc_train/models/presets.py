@@ -5,8 +5,10 @@ be built for planning (on the ``meta`` device: no memory), for throughput benchm
 randomly initialised starting point, without anything being downloaded. ``hf_id`` only says
 where the trained weights live; it is never fetched.
 
-The four SmolVLM presets are built as transformers' Idefics3; both LLaVA-OneVision presets as
-``LlavaOnevisionForConditionalGeneration``.
+Each preset is built with its family's classes (``Family.config_class`` / ``model_class``):
+SmolVLM as transformers' Idefics3, SmolVLM2 as transformers' SmolVLM, LLaVA-OneVision as
+``LlavaOnevisionForConditionalGeneration``; its processor (``models.tiny.preset_processor``) has
+the published processor settings (images split into tiles) at the preset's tile size.
 
 Where the numbers come from: each preset's comment names the checkpoint repo and file. The hub
 itself cannot be reached from here, so the values were read from copies of those files quoted
@@ -25,14 +27,7 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
-from transformers import (
-    Idefics3Config,
-    Idefics3ForConditionalGeneration,
-    LlavaOnevisionConfig,
-    LlavaOnevisionForConditionalGeneration,
-    PretrainedConfig,
-    PreTrainedModel,
-)
+from transformers import PretrainedConfig, PreTrainedModel
 
 from hpc_train.errors import ConfigError
 from hpc_train.models.families import FAMILIES
@@ -47,7 +42,7 @@ class Preset:
 
     name: str
     family: str
-    """``smolvlm`` or ``llava_onevision`` (a key of ``hpc_train.models.families.FAMILIES``)."""
+    """A key of ``hpc_train.models.families.FAMILIES``."""
     hf_id: str
     """Where the published weights live (documentation only; never fetched)."""
     published_params: int
@@ -64,15 +59,12 @@ class Preset:
 
     def build_config(self) -> PretrainedConfig:
         """A fresh config of this architecture (callers may edit it freely)."""
-        values = copy.deepcopy(dict(self.config_values))
-        if self.family == "smolvlm":
-            return Idefics3Config(**values)
-        return LlavaOnevisionConfig(**values)
+        return FAMILIES[self.family].config_class(**copy.deepcopy(dict(self.config_values)))
 
 
 def _smolvlm(*, vision: dict[str, Any], text: dict[str, Any], scale_factor: int,
              image_token_id: int) -> Mapping[str, Any]:
-    """Idefics3Config keyword arguments; the text model of every SmolVLM is a Llama."""
+    """Idefics3Config / SmolVLMConfig keyword arguments; the text model of every SmolVLM is a Llama."""
     return MappingProxyType({
         "vision_config": vision,
         "text_config": {"model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5,
@@ -194,19 +186,45 @@ _PRESET_LIST = [
             scale_factor=3, image_token_id=49153,
         ),
     ),
-    # HuggingFaceTB/SmolVLM2-2.2B-Instruct, config.json: the SmolVLM 2.2B layout (same vision
-    # tower, connector and SmolLM2-1.7B text sizes, rope_theta 273768, 16384 positions) with
-    # the SmolVLM2 tokenizer: vocab 49280, image_token_id 49190. Params: the model page shows
-    # 2.25B (the name says 2.2B, 2.1% off the real total).
-    #
-    # Built as Idefics3: the checkpoint says model_type "smolvlm" / SmolVLMForConditionalGeneration,
-    # whose modules and parameter names are Idefics3's (same vision transformer, pixel-shuffle
-    # connector, Llama text model). What differs is outside the weights: SmolVLM's processor
-    # (video frames with timestamps, "<global-img>" tiles, different token expansion) and the
-    # model/config class names. So counts and step cost match; to run the published weights,
-    # load the checkpoint folder with the Auto classes (hpc_train.models.load) instead.
+    # SmolVLM2 (transformers' SmolVLM classes, model_type "smolvlm"): the same modules and parameter
+    # names as Idefics3, so the layer sizes below are config.json's as for SmolVLM; what differs is
+    # the processor (videos with timestamps, frames unsplit). Sources: each repo's config.json as
+    # quoted on its hub commit pages (SmolVLM2-500M-Video-Instruct PR #4 adds num_hidden_layers 32;
+    # SmolVLM2-2.2B-Instruct refs/pr/21: scale_factor 3, image_token_id 49190, text 2048/8192/24
+    # layers, 8192 positions); the two small ones keep SmolVLM-256M/500M's SmolLM2 text sizes
+    # (576/1536/30/9/3 and 960/2560/32/15/5, vocab 49280, rope_theta 100000) and the SigLIP
+    # base-patch16-512 tower; scale_factor 4 (64 tokens a 512-px tile, processor_config image_seq_len
+    # 64). The 2.2B's rope_theta (130000) comes from a copy of its config in public test specs.
+    # Params: the names say 256M / 500M / 2.2B (no exact figure found); the totals match SmolVLM's
+    # same-sized presets (the 2.2B: 2.25B).
     Preset(
-        name="smolvlm2-2.2b", family="smolvlm", hf_id="HuggingFaceTB/SmolVLM2-2.2B-Instruct",
+        name="smolvlm2-256m", family="smolvlm2", hf_id="HuggingFaceTB/SmolVLM2-256M-Video-Instruct",
+        published_params=256_000_000, image_size=512,
+        tokens_per_image=_smolvlm_tokens(_SIGLIP_B16_512, 4),
+        tokens_per_video_frame=_smolvlm_tokens(_SIGLIP_B16_512, 4),
+        config_values=_smolvlm(
+            vision=dict(_SIGLIP_B16_512),
+            text={"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                  "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49280,
+                  "max_position_embeddings": 8192, "rope_theta": 100_000.0},
+            scale_factor=4, image_token_id=49190,
+        ),
+    ),
+    Preset(
+        name="smolvlm2-500m", family="smolvlm2", hf_id="HuggingFaceTB/SmolVLM2-500M-Video-Instruct",
+        published_params=500_000_000, image_size=512,
+        tokens_per_image=_smolvlm_tokens(_SIGLIP_B16_512, 4),
+        tokens_per_video_frame=_smolvlm_tokens(_SIGLIP_B16_512, 4),
+        config_values=_smolvlm(
+            vision=dict(_SIGLIP_B16_512),
+            text={"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
+                  "num_attention_heads": 15, "num_key_value_heads": 5, "vocab_size": 49280,
+                  "max_position_embeddings": 8192, "rope_theta": 100_000.0},
+            scale_factor=4, image_token_id=49190,
+        ),
+    ),
+    Preset(
+        name="smolvlm2-2.2b", family="smolvlm2", hf_id="HuggingFaceTB/SmolVLM2-2.2B-Instruct",
         published_params=2_250_000_000, image_size=384,
         tokens_per_image=_smolvlm_tokens(_SIGLIP_SO400M_384, 3),
         tokens_per_video_frame=_smolvlm_tokens(_SIGLIP_SO400M_384, 3),
@@ -214,7 +232,7 @@ _PRESET_LIST = [
             vision=dict(_SIGLIP_SO400M_384),
             text={"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
                   "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 49280,
-                  "max_position_embeddings": 16384, "rope_theta": 273_768.0},
+                  "max_position_embeddings": 8192, "rope_theta": 130_000.0},
             scale_factor=3, image_token_id=49190,
         ),
     ),
@@ -253,12 +271,6 @@ _PRESET_LIST = [
 
 PRESETS: dict[str, Preset] = {p.name: p for p in _PRESET_LIST}
 
-_MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
-    "smolvlm": Idefics3ForConditionalGeneration,
-    "llava_onevision": LlavaOnevisionForConditionalGeneration,
-}
-
-
 def get_preset(name: str) -> Preset:
     """The preset called ``name``; an unknown name raises ConfigError with the closest match."""
     try:
@@ -282,7 +294,7 @@ def build_model(name: str, *, device: str | torch.device = "cpu",
     """
     preset = get_preset(name)
     config = preset.build_config()
-    model_class = _MODEL_CLASSES[preset.family]
+    model_class = FAMILIES[preset.family].model_class
     with torch.device(device):
         # _from_config sets the default dtype while the modules are created.
         model = model_class._from_config(config, dtype=dtype)

@@ -23,9 +23,8 @@ from typing import Any
 import torch
 
 from hpc_train.errors import ConfigError
-from hpc_train.models.families import Family, get_family
+from hpc_train.models.families import get_family
 from hpc_train.models.host_masks import register_with_masks
-from hpc_train.models.vision_share import share_vision
 
 ULYSSES_SUFFIX = "_ulysses"
 
@@ -74,18 +73,13 @@ def media_token_ids(config: Any, family_name: str) -> dict[str, int]:
     return {kind: getattr(config, f"{kind}_token_id") for kind in get_family(family_name).media_kinds}
 
 
-def inner_model(model: torch.nn.Module, family: Family) -> torch.nn.Module:
-    """The family's model holding the vision tower and the language model (also inside wrappers)."""
-    return next(m for m in model.modules() if type(m).__name__ == family.inner_model)
-
-
 def use_sequence_parallel(model: Any, family_name: str, mpu: ModuleType) -> None:
     """Split ``model``'s training forward over this rank's sequence-parallel group (after
     :func:`~hpc_train.models.attention.use_varlen_attention`, whose attention it wraps)."""
     group = mpu.get_sequence_parallel_group()
-    inner = inner_model(model, get_family(family_name))
+    family = get_family(family_name)
     _wrap_attention(model.config.text_config, group)
-    share_vision(inner, family_name, group)
+    family.share_vision(family.inner_model(model), group)
 
 
 def _wrap_attention(text: Any, group: Any) -> None:
@@ -127,5 +121,5 @@ def _wrap_attention(text: Any, group: Any) -> None:
     text._attn_implementation = wrapped
 
 
-__all__ = ["allowed_sizes", "check_sequence_parallel", "inner_model", "join_sequence_groups", "media_token_ids",
+__all__ = ["allowed_sizes", "check_sequence_parallel", "join_sequence_groups", "media_token_ids",
            "use_sequence_parallel"]

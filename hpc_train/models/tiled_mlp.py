@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from hpc_train.models.families import get_family
-from hpc_train.models.sequence_parallel import inner_model
 
 
 def use_tiled_mlp(model: torch.nn.Module, family_name: str, tiles: int) -> int:
@@ -28,7 +27,7 @@ def use_tiled_mlp(model: torch.nn.Module, family_name: str, tiles: int) -> int:
     if tiles < 2:
         raise ValueError(f"tiled MLP needs 2 tiles or more, not {tiles}")
     family = get_family(family_name)
-    layers = getattr(inner_model(model, family), family.language_model).layers
+    layers = family.language_model_of(model).layers
     for layer in layers:
         layer.mlp.forward = types.MethodType(_tiled(layer.mlp.forward, tiles), layer.mlp)
     return len(layers)

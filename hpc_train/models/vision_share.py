@@ -9,14 +9,15 @@ sends each row's gradient back to the rank that encoded it, so a trained tower's
 are exact.
 
 The rows each rank encodes and needs (:class:`FeatureRows`) are set around the forward with
-:func:`features_for`. A rank with no share encodes a stand-in and adds it times zero, so every
+:func:`features_for`; each family wraps its inner model's feature methods with :func:`rows_of`
+and :func:`routed` (``Family.share_vision``). A rank with no share encodes a stand-in and adds it times zero, so every
 rank runs the same modules (ZeRO-3 gathers them collectively).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -89,17 +90,8 @@ def route(local: torch.Tensor, plan: Routing, group: Any) -> torch.Tensor:
     return wait_tensor(out)[plan.back.to(device)]
 
 
-def share_vision(inner: torch.nn.Module, family_name: str, group: Any) -> None:
-    """Make ``inner`` (the family's model holding tower and language model) encode only this
-    rank's pixels while training, and keep only its slice's features."""
-    if family_name == "smolvlm":
-        inner.get_image_features = _idefics3_tiles(inner, inner.get_image_features, group)
-    else:
-        inner.get_video_features = _llava_onevision_frames(inner, inner.get_video_features, group)
-        inner.get_image_features = _llava_onevision_images(inner, inner.get_image_features, group)
-
-
-def _rows(kind: str) -> FeatureRows:
+def rows_of(kind: str) -> FeatureRows:
+    """The feature rows of ``kind`` set for this training forward by :func:`features_for`."""
     rows = _ROWS.get()
     if rows is None or kind not in rows:
         raise ValueError("a training forward under sequence parallelism takes micro-batches cut by "
@@ -107,50 +99,11 @@ def _rows(kind: str) -> FeatureRows:
     return rows[kind]
 
 
-def _idefics3_tiles(inner: torch.nn.Module, original: Callable[..., Any], group: Any) -> Callable[..., Any]:
-    def get_image_features(pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None,
-                           **kwargs: Any) -> Any:
-        if not inner.training:
-            return original(pixel_values, pixel_attention_mask, **kwargs)
-        out = original(pixel_values, pixel_attention_mask, **kwargs)  # this rank's tiles only
-        out.pooler_output = [_routed(torch.cat(list(out.pooler_output)), _rows("image"), group)]
-        return out
-
-    return get_image_features
-
-
-def _llava_onevision_frames(inner: torch.nn.Module, original: Callable[..., Any], group: Any) -> Callable[..., Any]:
-    def get_video_features(pixel_values_videos: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if not inner.training:
-            return original(pixel_values_videos, *args, **kwargs)
-        rows = _rows("video")
-        out = original(pixel_values_videos, *args, **kwargs)  # this rank's frames as one video
-        pooled = out.pooler_output[0]  # the frames' rows, then one newline row
-        out.pooler_output = _routed(pooled[rows.local_order.to(pooled.device)], rows, group)[None]
-        return out
-
-    return get_video_features
-
-
-def _llava_onevision_images(inner: torch.nn.Module, original: Callable[..., Any], group: Any) -> Callable[..., Any]:
-    def get_image_features(*args: Any, **kwargs: Any) -> Any:
-        out = original(*args, **kwargs)
-        if inner.training:
-            rows, local = _rows("image"), torch.cat(list(out.pooler_output))
-            if rows.routing is None:  # encoded whole here: keep the slice's rows
-                out.pooler_output = [local[rows.wanted[rows.rank].to(local.device)]]
-            else:
-                out.pooler_output = [_routed(local, rows, group)]
-        return out
-
-    return get_image_features
-
-
-def _routed(local: torch.Tensor, rows: FeatureRows, group: Any) -> torch.Tensor:
+def routed(local: torch.Tensor, rows: FeatureRows, group: Any) -> torch.Tensor:
     """The routed rows; a rank without a share sends none and keeps its stand-in's graph at zero."""
     if len(rows.encoded[rows.rank]):
         return route(local, rows.routing, group)
     return route(local[:0], rows.routing, group) + local.sum() * 0
 
 
-__all__ = ["FeatureRows", "Routing", "features_for", "route", "routing", "share_vision"]
+__all__ = ["FeatureRows", "Routing", "features_for", "route", "routed", "routing", "rows_of"]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
-from hpc_train.data.media_layout import HOST_KEYS
+from hpc_train.models.media_keys import HOST_KEYS
 
 
 def fake_batch(batch: dict[str, Any], mode: FakeTensorMode) -> dict[str, Any]:

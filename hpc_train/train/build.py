@@ -39,7 +39,7 @@ from hpc_train.models.adapters import (
 )
 from hpc_train.models.attention import use_varlen_attention
 from hpc_train.models.image_tokens import image_tokens_always_match, mark_image_tokens_checked
-from hpc_train.models.load import model_family, pin_revisions
+from hpc_train.models.load import pin_revisions, with_family
 from hpc_train.models.sequence_parallel import (
     check_sequence_parallel,
     join_sequence_groups,
@@ -87,8 +87,8 @@ from profiling.profiler import DTYPE_NAMES, Profiler
 
 def build_run(config: RunConfig, info: DistInfo) -> RunParts:
     """Join the process group and build every part of the run (collective: all ranks call it)."""
-    config = config.model_copy(update={"model": pin_revisions(config.model)})
-    model_family(config.model)  # a preset or folder of another family fails before any collective
+    # A preset or folder of another family fails here, before any collective; one left out is set.
+    config = config.model_copy(update={"model": with_family(pin_revisions(config.model))})
     _check_sequence_parallel_mode(config)
     check_trackers(config.train.report_to)
     device = choose_device(info, config.train.device)

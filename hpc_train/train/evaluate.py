@@ -19,12 +19,12 @@ import torch
 from hpc_train.data.collate import Collator, model_inputs, step_inputs
 from hpc_train.data.dataset import SampleDataset
 from hpc_train.data.loss_positions import LOSS_TARGETS
-from hpc_train.data.media_layout import HOST_KEYS
 from hpc_train.data.pipeline import DataPipeline
 from hpc_train.data.records import RECORD_KINDS, Record
 from hpc_train.data.tokenize import IGNORE_INDEX, EncodedSample
 from hpc_train.dist import DistInfo, all_reduce_max, all_reduce_sum
 from hpc_train.errors import DataError
+from hpc_train.models.media_keys import HOST_KEYS
 from hpc_train.train.loss import supervised_logits, token_losses
 from hpc_train.train.step_timer import NoTimer, StepTimer
 

@@ -26,7 +26,7 @@ from hpc_train.data.vision_cache_keys import (
 from hpc_train.models.adapters import group_of
 from hpc_train.models.cached_vision import use_cached_vision
 from hpc_train.models.families import Family
-from hpc_train.models.sequence_parallel import inner_model, media_token_ids
+from hpc_train.models.sequence_parallel import media_token_ids
 from hpc_train.train.trainable_model import LoadedModel
 
 
@@ -47,7 +47,7 @@ def open_vision_cache(config: RunConfig, loaded: LoadedModel) -> VisionCache:
         weights = vision_weights_digest(loaded.model, family)
     prefix = cache_prefix(family_name=family.name, weights=weights, dtype=loaded.dtype,
                           processing=processing_digest(config.data, loaded.processor))
-    use_cached_vision(inner_model(loaded.model, family), family.name)
+    use_cached_vision(family.inner_model(loaded.model), family.name)
     return VisionCache(store=FeatureStore(config.vision_cache_dir), prefix=prefix,
                        token_ids=media_token_ids(loaded.model.config, family.name),
                        video_as_images=family.video_as_images)

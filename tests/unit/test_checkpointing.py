@@ -17,7 +17,7 @@ from hpc_train.train.trainable_model import prepare_for_training
 from tests.conftest import mixed_samples
 from tests.unit.test_supervised_loss import assert_same, loss_and_grads
 
-RECIPES = {"smolvlm": "tiny_smolvlm", "llava_onevision": "tiny_llava_onevision"}
+RECIPES = {"smolvlm": "tiny_smolvlm", "smolvlm2": "tiny_smolvlm2", "llava_onevision": "tiny_llava_onevision"}
 
 
 def prepared(family: str, *overrides: str) -> torch.nn.Module:

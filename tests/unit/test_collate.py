@@ -16,9 +16,7 @@ from hpc_train.data.records import read_records
 from hpc_train.data.tokenize import IGNORE_INDEX, ChatEncoder
 from hpc_train.errors import DataError
 from hpc_train.models.families import get_family
-from tests.conftest import mixed_samples
-
-FAMILIES = ("smolvlm", "llava_onevision")
+from tests.conftest import FAMILIES, mixed_samples
 
 
 @pytest.mark.parametrize("family", FAMILIES)

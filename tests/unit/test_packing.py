@@ -21,9 +21,7 @@ from hpc_train.models.attention import (
     varlen_attention,
 )
 from hpc_train.models.families import get_family
-from tests.conftest import mixed_samples
-
-FAMILIES = ("smolvlm", "llava_onevision")
+from tests.conftest import FAMILIES, mixed_samples
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -33,8 +33,9 @@ from hpc_train.train.loss import loss_for
 from hpc_train.train.trainable_model import prepare_for_training
 from hpc_train.train.trainer import TrainLoop
 from profiling.live_tensors import LiveTensorBytes
+from tests.conftest import FAMILIES
 
-RECIPES = {"smolvlm": "tiny_smolvlm", "llava_onevision": "tiny_llava_onevision"}
+RECIPES = {"smolvlm": "tiny_smolvlm", "smolvlm2": "tiny_smolvlm2", "llava_onevision": "tiny_llava_onevision"}
 
 
 def test_live_tensor_bytes_counts_each_storage_once_until_it_is_freed():
@@ -76,7 +77,7 @@ def real_step_bytes(config, family_name: str, batch: dict) -> int:
     return live.peak - weights
 
 
-@pytest.mark.parametrize("family", ["smolvlm", "llava_onevision"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mode,checkpointing,packing,tiles", [
     ("full", False, False, False), ("lora", True, False, False), ("full", True, True, False),
     ("lora", False, True, False), ("full", False, False, True)])  # tiles: the head in tiles of 4 positions

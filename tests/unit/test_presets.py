@@ -50,7 +50,7 @@ def test_token_costs_follow_from_the_config(name):
     vision = config.vision_config
     assert vision.image_size == preset.image_size
     patches = (vision.image_size // vision.patch_size) ** 2
-    if preset.family == "smolvlm":
+    if preset.family in ("smolvlm", "smolvlm2"):
         # Pixel shuffle folds scale x scale patches into one token; a video frame is one tile.
         assert preset.tokens_per_image == patches // config.scale_factor**2
         assert preset.tokens_per_video_frame == preset.tokens_per_image

@@ -25,6 +25,7 @@ from profiling.report import (
     write_json,
 )
 from profiling.timers import StepRecord
+from tests.conftest import FAMILIES
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 MEMORY = {"gpu_peak_allocated_gib": None, "gpu_peak_reserved_gib": None, "gpu_total_gib": None,
@@ -214,7 +215,7 @@ def test_a_step_that_never_closed_leaves_nothing_in_the_next():
     assert list(profiler.timer.records[0].phases_ms) == ["forward"]
 
 
-@pytest.mark.parametrize("family", ["smolvlm", "llava_onevision"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_profiler_counts_the_real_towers_images(loaded_tiny, synthetic_data, family):
     """Through the real model of the installed transformers (which changed how it hands image
     features around in 5.24): one count per tile (SmolVLM, padding tiles not) or per anyres patch

@@ -26,6 +26,7 @@ from hpc_train.models.sequence_parallel import allowed_sizes, check_sequence_par
 from hpc_train.train.build import build_run
 from hpc_train.train.engine import PACKAGE_ROOT, resolve_ds_config, share_scale
 from hpc_train.train.loss import per_sample_mean
+from tests.conftest import FAMILIES
 
 PAD = 0
 
@@ -177,7 +178,7 @@ def long_video_set(tmp_path_factory) -> Path:
     return out / "train.jsonl"
 
 
-@pytest.mark.parametrize("family", ["smolvlm", "llava_onevision"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_the_plan_plays_each_rank_of_a_group_on_its_slice(tmp_path, long_video_set, family):
     from hpc_train.plan.command import make_plan
 

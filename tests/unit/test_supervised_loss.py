@@ -12,9 +12,7 @@ from hpc_train.data.packing import pack_samples
 from hpc_train.data.tokenize import IGNORE_INDEX
 from hpc_train.models.families import get_family
 from hpc_train.train.loss import full_logits_loss, sample_mean_loss, token_mean_loss
-from tests.conftest import mixed_samples
-
-FAMILIES = ("smolvlm", "llava_onevision")
+from tests.conftest import FAMILIES, mixed_samples
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

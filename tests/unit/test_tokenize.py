@@ -22,8 +22,7 @@ from hpc_train.data.records import Record, Turn, read_records
 from hpc_train.data.tokenize import IGNORE_INDEX, ChatEncoder, SampleMedia
 from hpc_train.errors import DataError
 from hpc_train.models.families import get_family
-
-FAMILIES = ("smolvlm", "llava_onevision")
+from tests.conftest import FAMILIES
 
 
 def supervised_runs(labels: torch.Tensor) -> list[list[int]]:

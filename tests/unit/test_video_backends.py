@@ -21,6 +21,7 @@ from hpc_train.data.video_backends import resolve_backend, torchcodec_problem
 from hpc_train.doctor.runtime import video_backend_check
 from hpc_train.errors import ConfigError
 from hpc_train.models.families import get_family
+from tests.conftest import FAMILIES
 
 # The most two decoders built on different FFmpeg releases may differ by (colour conversion
 # rounding); measured on these videos: 0.
@@ -49,7 +50,7 @@ def test_torchcodec_picks_decords_frames(synthetic_data, sampling, clip):
         assert gap <= MAX_GREY_LEVELS, (path, gap)
 
 
-@pytest.mark.parametrize("family", ["smolvlm", "llava_onevision"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_packing_lengths_are_exact_with_torchcodec(loaded_tiny, synthetic_data, family, tmp_path):
     data = DataConfig(video={"num_frames": 4, "backend": "torchcodec"})
     records = read_records(synthetic_data / "train.jsonl", media_root=data.media_root)

@@ -25,7 +25,7 @@ from hpc_train.train.trainable_model import LoadedModel, prepare_for_training
 from hpc_train.train.vision_cache_setup import open_vision_cache, vision_cache_refusal
 from tests.unit.test_supervised_loss import assert_same, loss_and_grads
 
-RECIPES = {"smolvlm": "tiny_smolvlm", "llava_onevision": "tiny_llava_onevision"}
+RECIPES = {"smolvlm": "tiny_smolvlm", "smolvlm2": "tiny_smolvlm2", "llava_onevision": "tiny_llava_onevision"}
 KINDS = ["image", "multi_image", "video", "audio", "text"]
 
 

@@ -17,7 +17,7 @@ from hpc_train.models.load import model_family
 from hpc_train.models.tiny import build_tiny
 from hpc_train.train.trainable_model import prepare_for_training
 
-RECIPES = {"smolvlm": "tiny_smolvlm", "llava_onevision": "tiny_llava_onevision"}
+RECIPES = {"smolvlm": "tiny_smolvlm", "smolvlm2": "tiny_smolvlm2", "llava_onevision": "tiny_llava_onevision"}
 FAMILIES = list(RECIPES)
 
 
