@@ -29,6 +29,15 @@ import torch
 from PIL import Image
 
 from hpc_train.data.media import VideoFrames
+from hpc_train.data.processor_media import (
+    expand,
+    image_rows,
+    pixels_in_token_order,
+    shift,
+    still,
+    tile_frames,
+    video_inputs,
+)
 from hpc_train.data.records import Record
 from hpc_train.errors import DataError
 from hpc_train.models.families import Family
@@ -153,7 +162,7 @@ class ChatEncoder:
             kwargs["images"] = [images]
         if videos:
             kwargs["videos"] = videos
-            kwargs.update(_video_inputs(self.family, [_still(v) for v in videos]))
+            kwargs.update(video_inputs(self.family, [still(v) for v in videos]))
         out = self.processor(**kwargs)
         ids = out["input_ids"][0].long()
         return EncodedSample(id=f"<blank {kind}>", input_ids=ids, labels=torch.full_like(ids, IGNORE_INDEX),
@@ -218,10 +227,10 @@ class ChatEncoder:
         if "pixel_values" not in media:
             return media
         if self.family.video_as_images:
-            media[TILE_FRAMES] = _tile_frames(image_frames, replacements, self.family.image_token,
+            media[TILE_FRAMES] = tile_frames(image_frames, replacements, self.family.image_token,
                                               self.processor.image_seq_len, len(media["pixel_values"]))
         else:
-            media[IMAGE_ROWS] = _image_rows(replacements, self.family.image_token, out["input_ids"][0],
+            media[IMAGE_ROWS] = image_rows(replacements, self.family.image_token, out["input_ids"][0],
                                             self.tokenizer.convert_tokens_to_ids(self.family.image_token),
                                             len(media["pixel_values"]))
         return media
@@ -298,11 +307,11 @@ class ChatEncoder:
                 kwargs["do_image_splitting"] = False  # only video frames: one tile each
         if videos:
             kwargs["videos"] = [v.frames for v in videos]
-            kwargs.update(_video_inputs(self.family, videos))
+            kwargs.update(video_inputs(self.family, videos))
         try:
             out = self.processor(**kwargs)
             if images and videos and self.family.video_as_images:
-                out.update(_pixels_in_token_order(self.processor, images, kwargs, out))
+                out.update(pixels_in_token_order(self.processor, images, kwargs, out))
         except Exception as exc:
             raise DataError(f"the processor rejected this sample: {exc}", path=record.source,
                             line=record.line, record_id=record.id,
@@ -310,11 +319,11 @@ class ChatEncoder:
         input_ids = out["input_ids"][0]
         replacements = out.get("text_replacement_offsets", [[]])
         replacements = replacements[0] if replacements else []
-        expanded, cuts, media_ranges = _expand(text, spans, replacements)
+        expanded, cuts, media_ranges = expand(text, spans, replacements)
         pieces_ids: list[int] = []
         labels: list[int] = []
         num_media = 0
-        supervised_ranges = {_shift(s, replacements): _shift(e, replacements) for s, e in spans}
+        supervised_ranges = {shift(s, replacements): shift(e, replacements) for s, e in spans}
         for start, end in zip(cuts, cuts[1:], strict=False):
             if start == end:
                 continue
@@ -361,107 +370,9 @@ class _Chat:
     a video whose frames are image features (SmolVLM2): one tag per frame (one tile each)."""
 
 
-def _tile_frames(image_frames: list[tuple[int, int] | list[tuple[int, int]]], replacements: list[dict],
-                 image_token: str, per_tile: int, tiles: int) -> torch.Tensor:
-    """(tiles, 2): each item's tags for each of its tiles, whose number the processor's expansion
-    of that item tells (``per_tile`` placeholders a tile)."""
-    if all(tag == (IMAGE_TILE, 0) for tag in image_frames):
-        return torch.tensor([IMAGE_TILE, 0]).repeat(tiles, 1)
-    counts = [rep["replacement"].count(image_token) // per_tile
-              for rep in sorted(replacements, key=lambda r: r["span"][0]) if image_token in rep["replacement"]]
-    if len(counts) != len(image_frames) or sum(counts) != tiles:
-        raise DataError(f"the processor expanded {len(counts)} media items into {sum(counts)} tiles, but made "
-                        f"{tiles} tiles of {len(image_frames)} items", fix="report this with the model's processor config")
-    tags = []
-    for tag, count in zip(image_frames, counts, strict=True):
-        if isinstance(tag, list) and len(tag) != count:
-            raise DataError(f"the processor made {count} tiles of a {len(tag)}-frame video (one a frame expected)",
-                            fix="report this with the model's processor config")
-        tags.append(torch.tensor(tag).view(-1, 2) if isinstance(tag, list) else torch.tensor([tag]).repeat(count, 1))
-    return torch.cat(tags)
-
-
-def _still(frames: np.ndarray | VideoFrames) -> VideoFrames:
-    """``frames`` as a video sampled at one frame a second (a blank video has no file)."""
-    if isinstance(frames, VideoFrames):
-        return frames
-    return VideoFrames(frames=frames, timestamps=np.arange(len(frames), dtype=np.float64), native_fps=1.0,
-                       num_source_frames=len(frames))
-
-
-def _video_inputs(family: Family, videos: list[VideoFrames]) -> dict[str, Any]:
-    return family.video_inputs(videos) if family.video_inputs else {}
-
-
-def _pixels_in_token_order(processor: Any, images: list[Image.Image], kwargs: dict[str, Any], out: Any
-                           ) -> dict[str, torch.Tensor]:
-    """A sample's image tiles and video frames, in the order of their tokens. SmolVLMProcessor
-    returns both under ``pixel_values``, so with images and videos in one call the videos' replace
-    the images'; each is processed here on its own and interleaved as the text places them."""
-    options = {k: v for k, v in kwargs.items() if k in ("video_metadata", "do_sample_frames")}
-    image_out = processor.image_processor(images=[images], return_tensors="pt")
-    video_out = processor.video_processor(videos=kwargs["videos"], return_tensors="pt", **options)
-    image_tiles = list(zip(image_out["pixel_values"][0], image_out["pixel_attention_mask"][0], strict=True))
-    frames = [list(zip(v, m, strict=True)) for v, m in
-              zip(video_out["pixel_values"], video_out["pixel_attention_mask"], strict=True)]
-    per_tile = processor.image_seq_len
-    tiles = []
-    for rep in sorted(out["text_replacement_offsets"][0], key=lambda r: r["span"][0]):
-        count = rep["replacement"].count(processor.image_token) // per_tile
-        source = frames.pop(0) if rep["type"] == "video" else image_tiles
-        tiles += source[:count] if rep["type"] == "video" else [source.pop(0) for _ in range(count)]
-    return {"pixel_values": torch.stack([t for t, _ in tiles])[None],
-            "pixel_attention_mask": torch.stack([m for _, m in tiles])[None]}
-
-
-def _image_rows(replacements: list[dict], image_token: str, ids: torch.Tensor, image_token_id: int,
-                images: int) -> torch.Tensor:
-    """(images,): each image's placeholder tokens (its feature rows), from the processor's
-    expansion of each image (or, for one image, from the token ids)."""
-    counts = [rep["replacement"].count(image_token)
-              for rep in sorted(replacements, key=lambda r: r["span"][0]) if image_token in rep["replacement"]]
-    if not counts and images == 1:
-        counts = [int((ids == image_token_id).sum())]
-    if len(counts) != images:
-        raise DataError(f"the processor expanded {len(counts)} images but made pixels of {images}",
-                        fix="report this with the model's processor config")
-    return torch.tensor(counts)
-
-
 def _control_tokens(tokenizer: Any, *, keep: set[str]) -> re.Pattern[str] | None:
     """The tokenizer's special tokens other than the media placeholders, longest first."""
     special = set(tokenizer.all_special_tokens)
     special |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
     tokens = sorted(special - keep, key=len, reverse=True)
     return re.compile("|".join(re.escape(t) for t in tokens)) if tokens else None
-
-
-def _shift(position: int, replacements: list[dict]) -> int:
-    """Where a character of the unexpanded text lands after the media expansions before it."""
-    delta = 0
-    for rep in replacements:
-        start, end = rep["span"]
-        if end <= position:
-            new_start, new_end = rep["new_span"]
-            delta += (new_end - new_start) - (end - start)
-    return position + delta
-
-
-def _expand(text: str, spans: list[tuple[int, int]], replacements: list[dict]
-            ) -> tuple[str, list[int], list[tuple[int, int]]]:
-    """The expanded text, the cut points between pieces (the answers' bounds), and the media
-    expansions' ranges."""
-    parts: list[str] = []
-    cursor = 0
-    for rep in sorted(replacements, key=lambda r: r["span"][0]):
-        start, end = rep["span"]
-        parts.append(text[cursor:start])
-        parts.append(rep["replacement"])
-        cursor = end
-    parts.append(text[cursor:])
-    expanded = "".join(parts)
-    media_ranges = [tuple(rep["new_span"]) for rep in replacements]
-    cuts = {0, len(expanded)}
-    for s, e in spans:
-        cuts.update((_shift(s, replacements), _shift(e, replacements)))
-    return expanded, sorted(cuts), media_ranges

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 import shutil
+from typing import Any
 
 from hpc_train.doctor.table import Check
 
@@ -42,6 +44,26 @@ def video_backend_check(requested: str) -> Check:
         return Check("video backend", "fail", "torchcodec does not decode here", f"{problem}. Fix: {FIX_BACKEND}")
     status = "info" if requested == "decord" else "warn"
     return Check("video backend", status, f"{requested} uses decord", problem)
+
+
+def processor_checks(model: Any) -> list[Check]:
+    """The configured model's processor, built for real: a package its class needs only when it is
+    made (SmolVLM2's imports num2words then) is missing here, not at the first sample."""
+    if model is None:
+        return []
+    what = model.path or f"preset {model.preset}"
+    try:
+        from hpc_train.models.load import load_processor
+
+        processor = load_processor(model)
+    except ImportError as exc:
+        named = re.search(r"`([A-Za-z0-9_.-]+)`", str(exc))
+        missing = exc.name or (named.group(1) if named else "the package it names")
+        return [Check("model processor", "fail", f"{what}: does not load",
+                      f"{exc} Fix: pip install -c hpc_train/constraints.txt {missing} (setup.cfg's install has it)")]
+    except Exception as exc:  # noqa: BLE001 - a folder not on this node is the run's error, not a blocker here
+        return [Check("model processor", "warn", f"{what}: not checked", f"{type(exc).__name__}: {str(exc)[:200]}")]
+    return [Check("model processor", "ok", f"{type(processor).__name__} loads", str(what))]
 
 
 def deepspeed_check(*, offload: bool) -> Check:

@@ -115,3 +115,23 @@ def test_packing_attention_row_names_the_kernel_and_why_flash_is_not_used(monkey
     old = varlen_check([t4])  # no bf16 on a T4: the run computes in fp32
     assert old.found == "per-sample SDPA" and "fp16 / bf16 only (this run: float32)" in old.note
     assert "stays exact" in old.note
+
+
+def test_a_processor_dependency_missing_for_the_configured_model_blocks(monkeypatch, tiny_model_dirs):
+    """SmolVLM2's processor imports num2words when it is made. Without the package transformers
+    sets its ``num2words`` to None at import, which is what is set here (this environment has it)."""
+    from transformers.models.smolvlm import processing_smolvlm
+
+    from hpc_train.config import ModelConfig
+    from hpc_train.doctor.runtime import processor_checks
+
+    model = ModelConfig(path=str(tiny_model_dirs["smolvlm2"]))
+    [fine] = processor_checks(model)
+    assert (fine.status, fine.found) == ("ok", "SmolVLMProcessor loads")
+    monkeypatch.setattr(processing_smolvlm, "num2words", None)
+    [row] = processor_checks(model)
+    assert row.status == "fail" and "pip install -c hpc_train/constraints.txt num2words" in row.note
+    assert blockers([row]) == [row]
+    assert processor_checks(ModelConfig(family="smolvlm", preset="tiny"))[0].status == "ok"
+    [absent] = processor_checks(ModelConfig(path="/nowhere/SmolVLM2"))
+    assert absent.status == "warn" and "no config.json there" in absent.note
