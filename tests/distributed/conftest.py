@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-FAMILIES = ("smolvlm", "llava_onevision")
+FAMILIES = ("smolvlm", "smolvlm2", "llava_onevision")
 RUN_TIMEOUT_S = 420  # a hang (e.g. ranks running different modules under ZeRO-3) fails here
 
 
@@ -57,7 +57,7 @@ def train_args(tiny_model_dirs, synthetic_data):
 
 @pytest.fixture(scope="session")
 def zero2_runs(tmp_path_factory, train_args):
-    """Full fine-tunes on 2 ranks under ZeRO-2 for both families, 4 steps each."""
+    """Full fine-tunes on 2 ranks under ZeRO-2 for every family, 4 steps each."""
     runs = {}
     for family in FAMILIES:
         out = tmp_path_factory.mktemp(f"z2_{family}")

@@ -70,13 +70,13 @@ CASES = {
     "llava-video-lora-zero3-tiled-mlp": ("llava_onevision", ("video",), [
         "train.mode=lora", "data.video.num_frames=12", "train.micro_batch_size=1",
         "deepspeed.config=ds_configs/zero3.json"], ["train.tiled_mlp=3"]),
-    "smolvlm-video-zero2-tiled-mlp": ("smolvlm", ("video", "image"), [
+    "smolvlm2-video-zero2-tiled-mlp": ("smolvlm2", ("video", "image"), [
         "train.mode=full", "data.video.num_frames=6", "train.micro_batch_size=2"], ["train.tiled_mlp=5"]),
     "llava-video-frozen-vision-zero3": ("llava_onevision", ("video",), [
         "train.mode=full", "model.freeze=[vision]", "data.video.num_frames=12", "train.micro_batch_size=1",
         "deepspeed.config=ds_configs/zero3.json"]),
     # packed rows of every kind of sample, sample boundaries across the split
-    "smolvlm-packed-lora-checkpointing": ("smolvlm", ("text", "image", "multi_image", "video", "audio"), [
+    "smolvlm2-packed-lora-checkpointing": ("smolvlm2", ("text", "image", "multi_image", "video", "audio"), [
         "train.mode=lora", "lora.target=all", "data.packing=true", "data.max_seq_len=384",
         "train.micro_batch_size=1", "train.gradient_checkpointing=true"]),
     "llava-packed-sample-loss-trained-vision": ("llava_onevision", ("text", "image", "video", "audio"), [
@@ -100,7 +100,7 @@ def test_two_ranks_of_one_group_train_as_one_process(tmp_path, synthetic_data, t
     if "video" in kinds:  # the group decodes each video frame once, about half on each rank
         assert sum(split["decoded"]) == whole["decoded"][0] > 0
         assert max(split["decoded"]) <= whole["decoded"][0] // 2 + len(split["metrics"]) * 2
-    if family == "smolvlm" and "video" in kinds:
+    if family in ("smolvlm", "smolvlm2") and "video" in kinds:
         # the group encodes each tile and frame once, about half on each rank
         assert sum(split["encoded"]) == whole["encoded"][0] > 0
         assert max(split["encoded"]) <= whole["encoded"][0] // 2 + 2

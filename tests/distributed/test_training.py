@@ -103,11 +103,11 @@ def test_per_group_learning_rates_are_the_ones_applied(tmp_path, tiny_model_dirs
         assert rates[group] * 0.5 < delta <= rates[group] * 1.01, (group, delta)
 
 
-@pytest.mark.parametrize("mode", ["lora", "qlora"])
-def test_lora_and_qlora_train_adapters_only(tmp_path, train_args, mode):
+@pytest.mark.parametrize(("mode", "family"), [("lora", "smolvlm"), ("qlora", "smolvlm2")])
+def test_lora_and_qlora_train_adapters_only(tmp_path, train_args, mode, family):
     out = tmp_path / mode
     extra = ["train.gradient_checkpointing=true"] if mode == "qlora" else []
-    result = ok(run_hpc_train("train", *train_args("smolvlm", out, "train.max_steps=3", f"train.mode={mode}",
+    result = ok(run_hpc_train("train", *train_args(family, out, "train.max_steps=3", f"train.mode={mode}",
                                                    "eval.generate=false", *extra)))
     adapter = out / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()

@@ -45,8 +45,8 @@ def test_cache_vision_on_two_ranks_then_a_warm_zero2_run_trains_as_without_it(tm
     cache = tmp_path / "cache"
     common = (f"data.media_root={synthetic_data}", "train.epochs=2", "train.mode=lora", "lora.target=llm",
               "train.micro_batch_size=4")
-    plain = train(tmp_path / "plain", "smolvlm", tiny_model_dirs["smolvlm"], data, *common, nproc=2)
-    args = train_args("smolvlm", tmp_path / "fill", f"data.train={data}", *common, "data.eval=null",
+    plain = train(tmp_path / "plain", "smolvlm2", tiny_model_dirs["smolvlm2"], data, *common, nproc=2)
+    args = train_args("smolvlm2", tmp_path / "fill", f"data.train={data}", *common, "data.eval=null",
                       f"data.vision_cache={cache}")
     filled = ok(run_hpc_train("cache-vision", *args, nproc=2))
     assert "14 training samples with media: 14 computed and stored, 0 already cached (hit rate 0%)" in filled.stdout
@@ -54,7 +54,7 @@ def test_cache_vision_on_two_ranks_then_a_warm_zero2_run_trains_as_without_it(tm
     again = ok(run_hpc_train("cache-vision", *args, nproc=1))
     assert "0 computed and stored, 14 already cached (hit rate 100%)" in again.stdout
 
-    warm = train(tmp_path / "warm", "smolvlm", tiny_model_dirs["smolvlm"], data, *common,
+    warm = train(tmp_path / "warm", "smolvlm2", tiny_model_dirs["smolvlm2"], data, *common,
                  f"data.vision_cache={cache}", nproc=2)
     assert len(plain["metrics"]) == 4
     assert_same_training(warm, plain)

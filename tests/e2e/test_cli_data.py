@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import FAMILIES
+
 from hpc_train.cli import main
 
 
@@ -18,11 +20,12 @@ def test_make_tiny_writes_a_loadable_folder(tmp_path, capsys):
     assert (tmp_path / "m" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("family", ["smolvlm", "llava_onevision"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_check_data_on_synthetic_set(synthetic_data, tiny_model_dirs, tmp_path, capsys, family):
+    """Each family's saved folder through its shipped LoRA recipe, the family read from the folder."""
     report_path = tmp_path / "audit.json"
-    code = main(["check-data", f"tiny_{family}", f"model.path={tiny_model_dirs[family]}", "model.preset=null",
-                 f"data.train={synthetic_data / 'train.jsonl'}",
+    code = main(["check-data", f"{family}_lora", f"model.path={tiny_model_dirs[family]}",
+                 f"data.train={synthetic_data / 'train.jsonl'}", "data.media_root=null", "data.max_seq_len=4096",
                  "--json", str(report_path)])
     out = capsys.readouterr().out
     assert code == 0, out

@@ -22,19 +22,21 @@ def hpc_train(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 def test_a_run_from_a_hub_id_records_the_commit_it_trained(tiny_model_dirs, synthetic_data, tmp_path):
-    cache_repo(tmp_path / "hf" / "hub", "acme/tiny-smolvlm", tiny_model_dirs["smolvlm"], COMMIT)
+    """A SmolVLM2 repo in the hub cache, through the shipped SmolVLM2 recipe (the family read from it)."""
+    cache_repo(tmp_path / "hf" / "hub", "acme/tiny-smolvlm2", tiny_model_dirs["smolvlm2"], COMMIT)
     env = {**child_env(), "HF_HOME": str(tmp_path / "hf")}
     env.pop("HF_HUB_CACHE", None)
     out = tmp_path / "out"
-    trained = hpc_train("train", "tiny_smolvlm", "model.preset=null", "model.path=acme/tiny-smolvlm",
+    trained = hpc_train("train", "smolvlm2_lora", "model.path=acme/tiny-smolvlm2", "data.vision_cache=null",
+                        "data.media_root=null", "train.grad_accum=1", "profile.copy_to=null",
                         f"data.train={synthetic_data / 'train.jsonl'}", "data.eval=null", "data.num_workers=0",
                         f"output_dir={out}", "train.max_steps=1",
                         "train.device=cpu", "profile.enabled=true", "profile.warmup_steps=0", env=env)
     assert trained.returncode == 0, trained.stderr[-3000:]
     resolved = yaml.safe_load((out / "config.resolved.yaml").read_text())
-    assert resolved["model"]["path"] == f"acme/tiny-smolvlm@{COMMIT}"
+    assert resolved["model"]["path"] == f"acme/tiny-smolvlm2@{COMMIT}" and resolved["model"]["family"] == "smolvlm2"
     run = json.loads((out / PROFILE_REPORT).read_text())["run"]
-    assert run["model"] == f"acme/tiny-smolvlm@{COMMIT}" and run["model_revision"] == COMMIT
+    assert run["model"] == f"acme/tiny-smolvlm2@{COMMIT}" and run["model_revision"] == COMMIT and run["family"] == "smolvlm2"
     assert run["video_backend"] == "torchcodec"  # auto, where torchcodec decodes
 
 

@@ -123,7 +123,8 @@ def test_only_the_first_rank_of_a_group_counts_the_samples():
 
 # The group sizes of each published preset, as the README's table says.
 PRESET_SIZES = {"smolvlm-256m": [1, 3, 9], "smolvlm-500m": [1, 5, 15], "smolvlm-2.2b": [1, 2, 4, 8, 16, 32],
-                "smolvlm2-2.2b": [1, 2, 4, 8, 16, 32], "llava-onevision-0.5b": [1, 2, 14],
+                "smolvlm2-256m": [1, 3, 9], "smolvlm2-500m": [1, 5, 15], "smolvlm2-2.2b": [1, 2, 4, 8, 16, 32],
+                "llava-onevision-0.5b": [1, 2, 14],
                 "llava-onevision-7b": [1, 2, 4, 28]}
 
 

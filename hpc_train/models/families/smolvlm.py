@@ -126,11 +126,12 @@ def image_processor_settings(tile: int, *, splitting: bool, edge_tiles: int = 2)
             "max_image_size": {"longest_edge": tile}, "do_image_splitting": splitting}
 
 
-def processor(*, tile: int, image_seq_len: int, image_splitting: bool = False) -> ProcessorMixin:
+def processor(*, tile: int, image_seq_len: int, image_splitting: bool = False, edge_tiles: int = 2) -> ProcessorMixin:
     """An offline SmolVLM (Idefics3) processor: tiny BPE tokenizer, ``tile``-px tiles."""
     tokenizer = train_tokenizer(SPECIAL_TOKENS, corpus=corpus(), single_token_words=answer_words(),
                                 bos="<|im_start|>", eos="<end_of_utterance>", pad="<|endoftext|>")
-    image_processor = Idefics3ImageProcessor(**image_processor_settings(tile, splitting=image_splitting))
+    settings = image_processor_settings(tile, splitting=image_splitting, edge_tiles=edge_tiles)
+    image_processor = Idefics3ImageProcessor(**settings)
     return Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
                              image_seq_len=image_seq_len, chat_template=CHAT_TEMPLATE)
 
@@ -159,7 +160,10 @@ def build_tiny(*, image_splitting: bool = False, seed: int = 0, width: int = 64)
 
 
 def preset_processor(config: Any, tokens_per_image: int) -> ProcessorMixin:
-    return processor(tile=config.vision_config.image_size, image_seq_len=tokens_per_image)
+    """As the published folders' preprocessor_config.json: images resized to 4 tiles on the long edge
+    (2048 px of 512-px tiles for 256M / 500M, 1536 of 384 for 2.2B) and split."""
+    return processor(tile=config.vision_config.image_size, image_seq_len=tokens_per_image, image_splitting=True,
+                     edge_tiles=4)
 
 
 IDEFICS3_GROUPS = {"vision": ("model.vision_model.",), "connector": ("model.connector.",),
