@@ -12,6 +12,7 @@ latter means rank 0 itself is gone.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import re
@@ -30,18 +31,31 @@ _PEER_GONE = re.compile(r"Connection (?:closed|reset) by peer|Broken pipe|remote
 """How gloo (and NCCL, where it raises) says a peer went away; a timeout is a peer that hangs, not this."""
 
 _store: dist.Store | None = None
+_stop = threading.Event()
+_beater: threading.Thread | None = None
 
 
 def start_beating(rank: int, world_size: int) -> None:
     """Beat on the store of the process group just joined (nothing in a world of one)."""
-    global _store
+    global _store, _beater
     if world_size < 2 or _store is not None:
         return
     try:
         _store = _client()
     except Exception:  # noqa: BLE001 - no beat means only a less specific message on a loss
         return
-    threading.Thread(target=_beat, args=(_store, rank), name="hpc-train-beat", daemon=True).start()
+    _beater = threading.Thread(target=_beat, args=(_store, rank), name="hpc-train-beat", daemon=True)
+    _beater.start()
+    atexit.register(stop_beating)
+
+
+def stop_beating() -> None:
+    """End the beat before the interpreter does: a daemon thread still inside the store's C++ call
+    when Python finalizes is unwound through it, and the process aborts ("terminate called
+    without an active exception") after a run that succeeded."""
+    _stop.set()
+    if _beater is not None and _beater is not threading.current_thread():
+        _beater.join(timeout=4 * BEAT_S)
 
 
 def peer_gone(exc: BaseException) -> str | None:
@@ -81,12 +95,12 @@ def _client() -> dist.TCPStore:
 
 def _beat(store: dist.Store, rank: int) -> None:
     key = _KEY.format(rank=rank)
-    while True:
+    while not _stop.is_set():
         try:
             store.add(key, 1)
         except Exception:  # noqa: BLE001 - the store is gone: the run is failing anyway
             return
-        time.sleep(BEAT_S)
+        _stop.wait(BEAT_S)
 
 
-__all__ = ["BEAT_S", "lost_ranks", "peer_gone", "start_beating", "store_host_is_rank_0"]
+__all__ = ["BEAT_S", "lost_ranks", "peer_gone", "start_beating", "stop_beating", "store_host_is_rank_0"]

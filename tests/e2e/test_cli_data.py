@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAMILIES
-
 from hpc_train.cli import main
+from tests.conftest import FAMILIES
 
 
 def test_make_tiny_writes_a_loadable_folder(tmp_path, capsys):

@@ -21,6 +21,9 @@ MODES = {
     "qlora": ["train.mode=qlora"],
     "lora-vision-cache": ["train.mode=lora", "data.vision_cache={cache}"],
     "full-zero3": ["train.mode=full", "deepspeed.config=ds_configs/zero3.json"],
+    # SmolVLM2's LoRA recipe: the frozen tower's features from the cache
+    "smolvlm2-lora-vision-cache": ["model.family=smolvlm2", "model.path={smolvlm2}", "train.mode=lora",
+                                   "data.vision_cache={cache}"],
 }
 
 
@@ -33,8 +36,8 @@ def trained(parts) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_a_run_resumed_from_its_checkpoint_trains_on_as_if_never_stopped(build, tmp_path, capsys, mode):
-    setting = [s.format(cache=tmp_path / "vision_cache") for s in MODES[mode]]
+def test_a_run_resumed_from_its_checkpoint_trains_on_as_if_never_stopped(build, tiny_model_dirs, tmp_path, capsys, mode):
+    setting = [s.format(cache=tmp_path / "vision_cache", smolvlm2=tiny_model_dirs["smolvlm2"]) for s in MODES[mode]]
     steps = ["train.max_steps=4", "train.save_every=2", "data.max_seq_len=512", "lora.dropout=0.1"]
     whole = build(*steps, *setting)
     assert TrainLoop(whole).train() == 0
