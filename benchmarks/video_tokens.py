@@ -98,24 +98,29 @@ def plan(folder: Path, video: str, arm: list[str], *extra: str) -> dict:
 
 def plan_row(name: str, arm: str, found: dict) -> str:
     if "error" in found:
-        return f"| {name} | {arm} | not planned: {found['error']} | | |"
-    memory, time = found.get("memory", {}), found.get("time", {})
-    return (f"| {name} | {arm} | {found.get('tokens', '?')} | {memory.get('peak_gib', '?')} | "
-            f"{time.get('step_s', '?')} |")
+        return f"| {name} | {arm} | not planned: {found['error']} | | | | |"
+    step = found.get("time", {}).get("seconds_per_step", [])
+    steps = f"{min(step):.3g}–{max(step):.3g}" if step else "?"
+    return (f"| {name} | {arm} | {found['batch']['tokens']:,} | {found['peak_allocated_gib']:.2f} | "
+            f"{found['needs_gib']:.2f} ({'fits' if found['fits'] else 'does not fit'}) | {steps} | "
+            f"{found['plan_seconds']:.0f} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-plan", action="store_true")
+    parser.add_argument("--no-tokens", action="store_true")
     args = parser.parse_args()
-    print("\n".join(token_table()), flush=True)
+    if not args.no_tokens:
+        print("\n".join(token_table()), flush=True)
     if args.no_plan:
         return
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         write_video(folder / "clip8.mp4", 10, 24, (640, 360))
         write_video(folder / "long.mp4", 1500, 1, (640, 360))
-        print("\n| sample | arm | plan | peak GiB | step s |\n|---|---|---|---|---|", flush=True)
+        print("\n| sample | arm | tokens | peak allocated GiB | needs GiB (H100 80 GB) | step s (efficiency range) "
+              "| plan took s |\n|---|---|---|---|---|---|---|", flush=True)
         eight = ["data.video.sampling=uniform", "data.video.num_frames=8"]
         long = ["data.video.sampling=fps", "data.video.fps=1", "data.video.max_frames=1500",
                 "train.gradient_checkpointing=true"]
@@ -124,6 +129,15 @@ def main() -> None:
             for arm in arms:
                 found = plan(folder, video, BEFORE if arm == "before" else AFTER, *extra)
                 print(plan_row(name, arm, found), flush=True)
+        print(f"| 25 min at 1 fps | before | {long_tokens_before(1500):,} (1 and 2 frames measured, extrapolated) | "
+              "not planned: the processor alone would hold 1,500 frames at 2048x1152 px (42 GB of pixels) | | | |")
+
+
+def long_tokens_before(frames: int) -> int:
+    """A sample's tokens with ``frames`` 640x360 frames each split as an image: linear in the frames."""
+    before = encoders()["before"]
+    one, two = (sample_tokens(before, n, 360, 640)[0] for n in (1, 2))
+    return one + (two - one) * (frames - 1)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Nothing outside the family modules branches on a family's name.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,35 @@ class MediaLayout:
     def packed_row(self, samples: Sequence[Any]) -> dict[str, torch.Tensor]:
         """The media of one packed row holding ``samples``."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One published architecture of a family: where it comes from, its size, and how it spends tokens.
+    Each family module lists its own (``Family.presets``); :mod:`hpc_train.models.presets` builds them."""
+
+    name: str
+    family: str
+    """A key of ``hpc_train.models.families.FAMILIES``."""
+    hf_id: str
+    """Where the published weights live (documentation only; never fetched)."""
+    published_params: int
+    """Total parameter count the model card / model page publishes."""
+    image_size: int
+    """Side of the square the vision tower takes (one tile)."""
+    tokens_per_image: int
+    """LM tokens one image tile costs: SmolVLM ``image_seq_len``; LLaVA-OV base tile features."""
+    tokens_per_video_frame: int
+    """LM tokens one video frame costs (SmolVLM: a frame is one unsplit tile; LLaVA-OV: after
+    2x2 pooling, plus one newline token per whole video that is not counted here)."""
+    config_values: Mapping[str, Any] = field(repr=False, compare=False)
+    """Keyword arguments of the family's config class, as in the published ``config.json``."""
+
+    def build_config(self) -> PretrainedConfig:
+        """A fresh config of this architecture (callers may edit it freely)."""
+        from hpc_train.models.families import FAMILIES
+
+        return FAMILIES[self.family].config_class(**copy.deepcopy(dict(self.config_values)))
 
 
 FeatureEncoder = Callable[[Any, dict[str, Any], dict[str, Any]], torch.Tensor]
@@ -79,6 +109,8 @@ class Family:
     """A tiny random model and its processor, configured as the published folders are."""
     preset_processor: Callable[[PretrainedConfig, int], ProcessorMixin] = field(repr=False)
     """An offline processor for a preset's architecture (and its tokens per image tile)."""
+    presets: tuple[Preset, ...] = field(default=(), repr=False)
+    """Its published architectures (``model.preset``), built with random weights."""
     tile_tokens_fixed: bool = False
     """Every image tile costs the same tokens (Idefics3's check of them can be proven once)."""
     video_inputs: Callable[[Sequence[Any]], dict[str, Any]] | None = field(default=None, repr=False)
@@ -104,4 +136,4 @@ class Family:
         return getattr(self.inner_model(model), self.language_model)
 
 
-__all__ = ["FeatureEncoder", "Family", "MediaLayout"]
+__all__ = ["FeatureEncoder", "Family", "MediaLayout", "Preset"]

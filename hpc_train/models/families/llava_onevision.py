@@ -11,7 +11,9 @@ how many feature rows each image makes (host bookkeeping for sequence parallelis
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -30,7 +32,7 @@ from transformers.models.llava_onevision.video_processing_llava_onevision import
 )
 
 from hpc_train.errors import DataError
-from hpc_train.models.families.base import Family, MediaLayout
+from hpc_train.models.families.base import Family, MediaLayout, Preset
 from hpc_train.models.media_keys import IMAGE_ROWS
 from hpc_train.models.tiny import answer_words, corpus, seeded_model, text_config
 from hpc_train.models.tokenizer import train_tokenizer
@@ -181,6 +183,81 @@ def preset_processor(config: Any, tokens_per_image: int) -> ProcessorMixin:
     return processor(side=vision.image_size, patch=vision.patch_size, pinpoints=config.image_grid_pinpoints)
 
 
+
+# LLaVA-OneVision: the same SigLIP so400m with its last layer and pooling head dropped
+# (transformers src/transformers/models/llava_onevision/convert_llava_onevision_weights_to_hf.py:
+# ``num_hidden_layers=26  # drop the last layer``, ``vision_use_head=False``).
+SIGLIP_26_LAYERS = {"model_type": "siglip_vision_model", "hidden_size": 1152,
+                    "intermediate_size": 4304, "num_hidden_layers": 26, "num_attention_heads": 16,
+                    "image_size": 384, "patch_size": 14, "vision_use_head": False}
+
+# anyres_max_9 grid: every (h, w) with h, w in {384, 768, ..., 2304}, row-major, as listed in
+# the llava-hf configs (and transformers' LlavaOnevisionConfig default).
+ANYRES_PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
+
+
+def config_values(*, text: dict[str, Any], tie: bool) -> Mapping[str, Any]:
+    """LlavaOnevisionConfig keyword arguments; the text model is Qwen2-{0.5B,7B}-Instruct.
+
+    The llava-hf conversion adds ``<image>`` (151646) and ``<video>`` (151647) to the Qwen2
+    tokenizer and pads the embedding to vocab + 2 rounded up to a multiple of 64, which gives
+    the published vocab sizes (151936 -> 152000, 152064 -> 152128).
+    """
+    return MappingProxyType({
+        "vision_config": dict(SIGLIP_26_LAYERS),
+        "text_config": {"model_type": "qwen2", "hidden_act": "silu", "rms_norm_eps": 1e-6,
+                        "rope_theta": 1_000_000.0, "max_position_embeddings": 32768,
+                        "tie_word_embeddings": tie, **text},
+        "image_token_index": 151646,
+        "video_token_index": 151647,
+        "vision_feature_select_strategy": "full",
+        "vision_feature_layer": -1,
+        "vision_aspect_ratio": "anyres_max_9",
+        "image_grid_pinpoints": ANYRES_PINPOINTS,
+        "projector_hidden_act": "gelu",
+        "tie_word_embeddings": tie,
+    })
+
+
+TILE_TOKENS = (SIGLIP_26_LAYERS["image_size"] // SIGLIP_26_LAYERS["patch_size"]) ** 2  # 729
+# Video frames are bilinearly pooled 2x2: ceil(27 / 2)^2 = 196 tokens a frame.
+FRAME_TOKENS = math.ceil(math.isqrt(TILE_TOKENS) / 2) ** 2
+
+PRESETS = (
+    # llava-hf/llava-onevision-qwen2-0.5b-ov-hf, config.json, as written by transformers'
+    # convert_llava_onevision_weights_to_hf.py from lmms-lab/llava-onevision-qwen2-0.5b-ov:
+    # vision above; text Qwen/Qwen2-0.5B-Instruct config.json: 896/4864/24 layers, 14 heads,
+    # 2 kv heads, rope_theta 1e6, 32768 positions, tied embeddings; vocab 152000 after the
+    # conversion. Params: the model page shows 894M (tied embeddings counted once).
+    Preset(
+        name="llava-onevision-0.5b", family="llava_onevision",
+        hf_id="llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+        published_params=894_000_000, image_size=384,
+        tokens_per_image=TILE_TOKENS, tokens_per_video_frame=FRAME_TOKENS,
+        config_values=config_values(
+            text={"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                  "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 152000},
+            tie=True,
+        ),
+    ),
+    # llava-hf/llava-onevision-qwen2-7b-ov-hf, config.json (same conversion, from
+    # lmms-lab/llava-onevision-qwen2-7b-ov): text Qwen/Qwen2-7B-Instruct config.json:
+    # 3584/18944/28 layers, 28 heads, 4 kv heads, rope_theta 1e6, 32768 positions, untied
+    # head; vocab 152128 after the conversion. Params: the model page shows 8.03B.
+    Preset(
+        name="llava-onevision-7b", family="llava_onevision",
+        hf_id="llava-hf/llava-onevision-qwen2-7b-ov-hf",
+        published_params=8_030_000_000, image_size=384,
+        tokens_per_image=TILE_TOKENS, tokens_per_video_frame=FRAME_TOKENS,
+        config_values=config_values(
+            text={"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                  "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152128},
+            tie=False,
+        ),
+    ),
+)
+
+
 FAMILY = Family(
     name="llava_onevision", title="LLaVA-OneVision", model_types=("llava_onevision",),
     config_class=LlavaOnevisionConfig, model_class=LlavaOnevisionForConditionalGeneration,
@@ -193,7 +270,7 @@ FAMILY = Family(
                    "llm": ("model.language_model.",), "head": ("lm_head.",)},
     vision_model="vision_tower", language_model="language_model",
     layout=LlavaOneVisionLayout(), feature_encoders={"image": encode_images, "video": encode_videos},
-    share_vision=share_vision, build_tiny=build_tiny, preset_processor=preset_processor,
+    share_vision=share_vision, build_tiny=build_tiny, preset_processor=preset_processor, presets=PRESETS,
 )
 
-__all__ = ["FAMILY", "LlavaOneVisionLayout", "build_tiny", "llava_onevision_media", "processor"]
+__all__ = ["FAMILY", "PRESETS", "LlavaOneVisionLayout", "build_tiny", "llava_onevision_media", "processor"]

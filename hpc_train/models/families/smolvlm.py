@@ -12,7 +12,8 @@ shows (host bookkeeping for sequence parallelism: the rank that decoded a frame 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from transformers import (
 )
 from transformers.models.idefics3.image_processing_idefics3 import Idefics3ImageProcessor
 
-from hpc_train.models.families.base import Family, MediaLayout
+from hpc_train.models.families.base import Family, MediaLayout, Preset
 from hpc_train.models.media_keys import IMAGE_TILE, PADDING_TILE, TILE_FRAMES
 from hpc_train.models.tiny import answer_words, corpus, seeded_model, text_config
 from hpc_train.models.tokenizer import train_tokenizer
@@ -166,6 +167,95 @@ def preset_processor(config: Any, tokens_per_image: int) -> ProcessorMixin:
                      edge_tiles=4)
 
 
+
+def config_values(*, vision: dict[str, Any], text: dict[str, Any], scale_factor: int,
+             image_token_id: int) -> Mapping[str, Any]:
+    """Idefics3Config / SmolVLMConfig keyword arguments; the text model of every SmolVLM is a Llama."""
+    return MappingProxyType({
+        "vision_config": vision,
+        "text_config": {"model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5,
+                        "tie_word_embeddings": False, **text},
+        "scale_factor": scale_factor,
+        "image_token_id": image_token_id,
+        # Every SmolVLM checkpoint keeps a separate lm_head (the 256M/500M ones too, although
+        # their SmolLM2 text models tie it): the published totals only add up untied.
+        "tie_word_embeddings": False,
+    })
+
+
+# SmolVLM-256M/500M: SigLIP base-patch16-512, 93M parameters ("google/siglip-base-patch16-512"
+# in the model cards' base_model). 512 px tiles of 16 px patches.
+SIGLIP_B16_512 = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                  "num_attention_heads": 12, "image_size": 512, "patch_size": 16}
+
+# SmolVLM 2.2B: SigLIP so400m-patch14-384 with all 27 layers (Idefics3 has no pooling head).
+SIGLIP_SO400M_384 = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
+                     "num_attention_heads": 16, "image_size": 384, "patch_size": 14}
+
+
+def tile_tokens(vision: Mapping[str, int], scale_factor: int) -> int:
+    """Tokens per tile after the pixel shuffle: (side / patch)^2 / scale^2."""
+    return (vision["image_size"] // vision["patch_size"]) ** 2 // scale_factor**2
+
+
+PRESETS = (
+    # HuggingFaceTB/SmolVLM-256M-Instruct, config.json: vision 768/3072/12 layers/12 heads
+    # @ 512 px patch 16; text SmolLM2-135M: Llama 576/1536/30 layers, 9 heads, 3 kv heads,
+    # vocab 49280, rope_theta 100000, 8192 positions; scale_factor 4 (the card's "64 visual
+    # tokens per 512x512 patch"), image_token_id 49190 "<image>", tie_word_embeddings false.
+    # Params: the model card and page say 256M.
+    Preset(
+        name="smolvlm-256m", family="smolvlm", hf_id="HuggingFaceTB/SmolVLM-256M-Instruct",
+        published_params=256_000_000, image_size=512,
+        tokens_per_image=tile_tokens(SIGLIP_B16_512, 4),
+        tokens_per_video_frame=tile_tokens(SIGLIP_B16_512, 4),
+        config_values=config_values(
+            vision=dict(SIGLIP_B16_512),
+            text={"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                  "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49280,
+                  "max_position_embeddings": 8192, "rope_theta": 100_000.0},
+            scale_factor=4, image_token_id=49190,
+        ),
+    ),
+    # HuggingFaceTB/SmolVLM-500M-Instruct, config.json: same vision tower and connector layout
+    # as 256M; text SmolLM2-360M: Llama 960/2560/32 layers, 15 heads, 5 kv heads, vocab 49280,
+    # rope_theta 100000, 8192 positions; scale_factor 4, image_token_id 49190, untied head.
+    # Params: the card, its name and the release blog (hf.co/blog/smolervlm) say 500M; the
+    # exact safetensors total is ~1.5% above that (the name rounds down).
+    Preset(
+        name="smolvlm-500m", family="smolvlm", hf_id="HuggingFaceTB/SmolVLM-500M-Instruct",
+        published_params=500_000_000, image_size=512,
+        tokens_per_image=tile_tokens(SIGLIP_B16_512, 4),
+        tokens_per_video_frame=tile_tokens(SIGLIP_B16_512, 4),
+        config_values=config_values(
+            vision=dict(SIGLIP_B16_512),
+            text={"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
+                  "num_attention_heads": 15, "num_key_value_heads": 5, "vocab_size": 49280,
+                  "max_position_embeddings": 8192, "rope_theta": 100_000.0},
+            scale_factor=4, image_token_id=49190,
+        ),
+    ),
+    # HuggingFaceTB/SmolVLM-Instruct (the "SmolVLM 2B / 2.2B"), config.json: vision SigLIP
+    # so400m 1152/4304/27 layers/16 heads @ 384 px patch 14; text SmolLM2-1.7B: Llama
+    # 2048/8192/24 layers, 32 heads (no GQA), vocab 49155, rope_theta 273768 and 16384
+    # positions (its long-context extension); scale_factor 3 (81 tokens a tile),
+    # image_token_id 49153, untied head. Params: the card says "2B"/"2.2B"; the model page
+    # shows 2.25B, which is what we check (2.2B would be 2.1% off the real total).
+    Preset(
+        name="smolvlm-2.2b", family="smolvlm", hf_id="HuggingFaceTB/SmolVLM-Instruct",
+        published_params=2_250_000_000, image_size=384,
+        tokens_per_image=tile_tokens(SIGLIP_SO400M_384, 3),
+        tokens_per_video_frame=tile_tokens(SIGLIP_SO400M_384, 3),
+        config_values=config_values(
+            vision=dict(SIGLIP_SO400M_384),
+            text={"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
+                  "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 49155,
+                  "max_position_embeddings": 16384, "rope_theta": 273_768.0},
+            scale_factor=3, image_token_id=49153,
+        ),
+    ),
+)
+
 IDEFICS3_GROUPS = {"vision": ("model.vision_model.",), "connector": ("model.connector.",),
                    "llm": ("model.text_model.",), "head": ("lm_head.",)}
 
@@ -176,8 +266,9 @@ FAMILY = Family(
     media_kinds=("image",), pixel_inputs={"image": ("pixel_values", "pixel_attention_mask")},
     module_groups=IDEFICS3_GROUPS, vision_model="vision_model", language_model="text_model",
     layout=Idefics3Layout(), feature_encoders={"image": encode_tiles}, share_vision=share_tiles,
-    build_tiny=build_tiny, preset_processor=preset_processor, tile_tokens_fixed=True,
+    build_tiny=build_tiny, preset_processor=preset_processor, presets=PRESETS, tile_tokens_fixed=True,
 )
 
-__all__ = ["FAMILY", "IDEFICS3_GROUPS", "Idefics3Layout", "build_tiny", "encode_tiles", "image_processor_settings",
-           "processor", "share_tiles", "tiny_config", "tiny_tokens"]
+__all__ = ["FAMILY", "IDEFICS3_GROUPS", "PRESETS", "SIGLIP_B16_512", "SIGLIP_SO400M_384", "Idefics3Layout", "build_tiny",
+           "config_values", "encode_tiles", "image_processor_settings", "processor", "share_tiles", "tile_tokens",
+           "tiny_config", "tiny_tokens"]

@@ -24,7 +24,7 @@ from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoPro
 from transformers.video_utils import VideoMetadata
 
 from hpc_train.models.families import smolvlm
-from hpc_train.models.families.base import Family
+from hpc_train.models.families.base import Family, Preset
 from hpc_train.models.tiny import answer_words, corpus, seeded_model
 from hpc_train.models.tokenizer import train_tokenizer
 
@@ -83,6 +83,60 @@ def video_inputs(videos: Sequence[Any]) -> dict[str, Any]:
     return {"video_metadata": metadata, "do_sample_frames": False}
 
 
+PRESETS = (
+    # SmolVLM2 (transformers' SmolVLM classes, model_type "smolvlm"): the same modules and parameter
+    # names as Idefics3, so the layer sizes below are config.json's as for SmolVLM; what differs is
+    # the processor (videos with timestamps, frames unsplit). Sources: each repo's config.json as
+    # quoted on its hub commit pages (SmolVLM2-500M-Video-Instruct PR #4 adds num_hidden_layers 32;
+    # SmolVLM2-2.2B-Instruct refs/pr/21: scale_factor 3, image_token_id 49190, text 2048/8192/24
+    # layers, 8192 positions); the two small ones keep SmolVLM-256M/500M's SmolLM2 text sizes
+    # (576/1536/30/9/3 and 960/2560/32/15/5, vocab 49280, rope_theta 100000) and the SigLIP
+    # base-patch16-512 tower; scale_factor 4 (64 tokens a 512-px tile, processor_config image_seq_len
+    # 64). The 2.2B's rope_theta (130000) comes from a copy of its config in public test specs.
+    # Params: the names say 256M / 500M / 2.2B (no exact figure found); the totals match SmolVLM's
+    # same-sized presets (the 2.2B: 2.25B).
+    Preset(
+        name="smolvlm2-256m", family="smolvlm2", hf_id="HuggingFaceTB/SmolVLM2-256M-Video-Instruct",
+        published_params=256_000_000, image_size=512,
+        tokens_per_image=smolvlm.tile_tokens(smolvlm.SIGLIP_B16_512, 4),
+        tokens_per_video_frame=smolvlm.tile_tokens(smolvlm.SIGLIP_B16_512, 4),
+        config_values=smolvlm.config_values(
+            vision=dict(smolvlm.SIGLIP_B16_512),
+            text={"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                  "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49280,
+                  "max_position_embeddings": 8192, "rope_theta": 100_000.0},
+            scale_factor=4, image_token_id=49190,
+        ),
+    ),
+    Preset(
+        name="smolvlm2-500m", family="smolvlm2", hf_id="HuggingFaceTB/SmolVLM2-500M-Video-Instruct",
+        published_params=500_000_000, image_size=512,
+        tokens_per_image=smolvlm.tile_tokens(smolvlm.SIGLIP_B16_512, 4),
+        tokens_per_video_frame=smolvlm.tile_tokens(smolvlm.SIGLIP_B16_512, 4),
+        config_values=smolvlm.config_values(
+            vision=dict(smolvlm.SIGLIP_B16_512),
+            text={"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
+                  "num_attention_heads": 15, "num_key_value_heads": 5, "vocab_size": 49280,
+                  "max_position_embeddings": 8192, "rope_theta": 100_000.0},
+            scale_factor=4, image_token_id=49190,
+        ),
+    ),
+    Preset(
+        name="smolvlm2-2.2b", family="smolvlm2", hf_id="HuggingFaceTB/SmolVLM2-2.2B-Instruct",
+        published_params=2_250_000_000, image_size=384,
+        tokens_per_image=smolvlm.tile_tokens(smolvlm.SIGLIP_SO400M_384, 3),
+        tokens_per_video_frame=smolvlm.tile_tokens(smolvlm.SIGLIP_SO400M_384, 3),
+        config_values=smolvlm.config_values(
+            vision=dict(smolvlm.SIGLIP_SO400M_384),
+            text={"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
+                  "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 49280,
+                  "max_position_embeddings": 8192, "rope_theta": 130_000.0},
+            scale_factor=3, image_token_id=49190,
+        ),
+    ),
+)
+
+
 FAMILY = Family(
     name="smolvlm2", title="SmolVLM2 (transformers' SmolVLM)", model_types=("smolvlm",),
     config_class=SmolVLMConfig, model_class=SmolVLMForConditionalGeneration,
@@ -91,7 +145,7 @@ FAMILY = Family(
     module_groups=smolvlm.IDEFICS3_GROUPS, vision_model="vision_model", language_model="text_model",
     layout=smolvlm.Idefics3Layout(), feature_encoders={"image": smolvlm.encode_tiles},
     share_vision=smolvlm.share_tiles, build_tiny=build_tiny, preset_processor=preset_processor,
-    tile_tokens_fixed=True, video_inputs=video_inputs,
+    presets=PRESETS, tile_tokens_fixed=True, video_inputs=video_inputs,
 )
 
-__all__ = ["FAMILY", "build_tiny", "processor", "video_inputs"]
+__all__ = ["FAMILY", "PRESETS", "build_tiny", "processor", "video_inputs"]
