@@ -1,7 +1,7 @@
 """Each sample's token length (text + media tokens) without decoding any pixels.
 
 Media are replaced by blank stand-ins of their true sizes (image sizes from the file header,
-video frame counts and sizes from the container, audio as its fixed spectrogram picture)
+video frame counts, sizes and frame times from the container, audio as its fixed spectrogram picture)
 and the sample goes through the same chat encoder as in training, so the length is exact by
 construction. Lengths are cached per dataset file, keyed by the file's size and mtime and
 by everything that changes a length (processor, frames, system prompt).
@@ -16,18 +16,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from hpc_train.config import DataConfig
-from hpc_train.data.media import (
-    VideoFrames,
-    probe_video,
-    sample_frame_indices,
-    video_sampling,
-    video_settings,
-    video_size,
-)
+from hpc_train.data.media import black_video, video_sampling, video_settings
 from hpc_train.data.records import Record
 from hpc_train.data.tokenize import ChatEncoder, SampleMedia
 from hpc_train.errors import DataError
@@ -56,13 +48,9 @@ def stand_in_media(record: Record, data: DataConfig) -> SampleMedia:
             images.append(load_image(path, aspect_4to1=data.image.aspect_4to1, max_side=data.image.max_side))
         else:
             images.append(Image.new("RGB", _image_size(path), (128, 128, 128)))
-    videos = []
-    for path in record.videos:
-        count, fps = probe_video(path, sampling.backend)
-        frames = len(sample_frame_indices(count, fps, sampling, clip=record.video_clip))
-        width, height = video_size(path)
-        videos.append(VideoFrames(frames=np.zeros((frames, height, width, 3), dtype=np.uint8),
-                                  timestamps=np.zeros(frames), native_fps=fps, num_source_frames=count))
+    # The container's times of the chosen frames too: SmolVLM2 writes each frame's time and the
+    # video's duration into the prompt, and the tokens of those digits vary.
+    videos = [black_video(path, sampling, clip=record.video_clip) for path in record.videos]
     side = data.audio.image_size
     audios = [Image.new("RGB", (side, side)) for _ in record.audios]
     return SampleMedia(images=images, videos=videos, audios=audios)
@@ -150,6 +138,6 @@ def _cache_file(cache_dir: str | Path, source: str | Path, encoder: ChatEncoder,
         "audio": data.audio.model_dump(), "system": data.system_prompt, "media_root": data.media_root,
         "ids": data.ids_file, "template": encoder.processor.chat_template,
         "tokenizer": len(encoder.tokenizer), "family": encoder.family.name,
-        "image_processor": encoder.processor.image_processor.to_json_string(),
+        "processor": encoder.processor.to_json_string(),  # tokens per tile, image and video settings
     }, sort_keys=True, default=str)
     return Path(cache_dir) / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"

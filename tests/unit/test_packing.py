@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -242,3 +244,30 @@ def test_per_sample_mean_loss_option(packed_case):
     assert float(loss) == pytest.approx(sum(separate) / len(separate), rel=1e-5)
     token_mean = model(**packed_inputs(batch), use_cache=False).loss
     assert abs(float(token_mean) - float(loss)) > 1e-4  # the two options really differ here
+
+
+def test_smolvlm2_lengths_carry_the_frames_times(loaded_tiny, tmp_path):
+    """SmolVLM2 writes each frame's time and the video's duration into its prompt, whose digits
+    tokenize to different lengths: the stand-ins take the container's frame times."""
+    import av
+
+    from hpc_train.data.lengths import sample_lengths, stand_in_media
+
+    with av.open(str(tmp_path / "long.mp4"), "w") as container:  # 95 s at 1 fps
+        stream = container.add_stream("mpeg4", rate=1)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for i in range(95):
+            frame = np.full((32, 32, 3), (i * 9) % 255, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    lines = [{"id": f"v{k}", "video": "long.mp4", "conversations": [
+        {"from": "human", "value": "<video>\nWhat changes?"}, {"from": "gpt", "value": "the grey"}]} for k in range(2)]
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    records = read_records(tmp_path / "long.jsonl")
+    cfg = DataConfig(video={"sampling": "fps", "fps": 0.1, "max_frames": 32})
+    encoder = ChatEncoder(loaded_tiny["smolvlm2"][1], get_family("smolvlm2"))
+    decoded = MediaLoader(cfg).load(records[0])
+    assert np.array_equal(stand_in_media(records[0], cfg).videos[0].timestamps, decoded.videos[0].timestamps)
+    assert decoded.videos[0].timestamps[-1] >= 90  # "Frame from 01:30:"
+    actual = [len(encoder.encode(r, MediaLoader(cfg).load(r))) for r in records]
+    assert sample_lengths(records, encoder, cfg) == actual
