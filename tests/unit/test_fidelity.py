@@ -165,3 +165,37 @@ def test_smolvlm_frames_are_one_tile_unless_split_frames(processors):
     assert one.media["pixel_values"].shape[0] == 4
     assert split.media["pixel_values"].shape[0] > 4 * 2  # every 80x48 frame: tiles and a global image
     assert len(split) > len(one)
+
+
+def test_a_smolvlm2_folder_in_the_published_file_layout_is_fed_the_same(tiny_model_dirs, loaded_tiny, tmp_path):
+    """The hub folders predate transformers 5's processor_config.json: image and video settings in
+    preprocessor_config.json (``video_sampling``), ``image_seq_len`` alone in processor_config.json,
+    chat_template.json. Such a folder loads as SmolVLM2 and encodes a video sample as ours does."""
+    import json
+    import shutil
+
+    from hpc_train.config import ModelConfig
+    from hpc_train.models.load import load_processor, model_family
+
+    folder = tmp_path / "published"
+    shutil.copytree(tiny_model_dirs["smolvlm2"], folder)
+    saved = json.loads((folder / "processor_config.json").read_text())
+    image = saved["image_processor"]
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        **image, "processor_class": "SmolVLMProcessor",
+        "video_sampling": {"fps": 1, "max_frames": 64, "video_size": image["max_image_size"]}}))
+    (folder / "processor_config.json").write_text(json.dumps({"image_seq_len": saved["image_seq_len"],
+                                                               "processor_class": "SmolVLMProcessor"}))
+    template = (folder / "chat_template.jinja").read_text()
+    (folder / "chat_template.jinja").unlink()
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    model = ModelConfig(path=str(folder))
+    assert model_family(model).name == "smolvlm2"
+    published = load_processor(model)
+    assert published.image_processor.do_image_splitting and published.video_processor.fps == 1
+    for kind in ("video", "mixed", "image"):
+        rec, media_kwargs = CASES[kind]
+        media = SampleMedia(**media_kwargs)
+        ours = ChatEncoder(loaded_tiny["smolvlm2"][1], get_family("smolvlm2")).encode(rec, media)
+        theirs = ChatEncoder(published, get_family("smolvlm2")).encode(rec, media)
+        assert theirs.input_ids.tolist() == ours.input_ids.tolist(), kind
