@@ -57,21 +57,27 @@ def video_inputs(family: Family, videos: list[VideoFrames]) -> dict[str, Any]:
 
 
 def pixels_in_token_order(processor: Any, images: list[Image.Image], kwargs: dict[str, Any], out: Any
-                           ) -> dict[str, torch.Tensor]:
+                          ) -> dict[str, torch.Tensor]:
     """A sample's image tiles and video frames, in the order of their tokens: each kind processed
-    on its own, interleaved as the processor's expansion of the text places them."""
+    on its own, interleaved as the processor's expansion of the text places them. (SmolVLM2's
+    processor returns both under one ``pixel_values``, the videos' replacing the images', and a
+    sample's videos stacked as a batch of videos.)"""
     options = {k: v for k, v in kwargs.items() if k in ("video_metadata", "do_sample_frames")}
-    image_out = processor.image_processor(images=[images], return_tensors="pt")
+    image_tiles = []
+    if images:
+        image_out = processor.image_processor(images=[images], return_tensors="pt")
+        image_tiles = list(zip(image_out["pixel_values"][0], image_out["pixel_attention_mask"][0], strict=True))
     video_out = processor.video_processor(videos=kwargs["videos"], return_tensors="pt", **options)
-    image_tiles = list(zip(image_out["pixel_values"][0], image_out["pixel_attention_mask"][0], strict=True))
     frames = [list(zip(v, m, strict=True)) for v, m in
               zip(video_out["pixel_values"], video_out["pixel_attention_mask"], strict=True)]
     per_tile = processor.image_seq_len
     tiles = []
     for rep in sorted(out["text_replacement_offsets"][0], key=lambda r: r["span"][0]):
         count = rep["replacement"].count(processor.image_token) // per_tile
-        source = frames.pop(0) if rep["type"] == "video" else image_tiles
-        tiles += source[:count] if rep["type"] == "video" else [source.pop(0) for _ in range(count)]
+        if rep["type"] == "video":
+            tiles += frames.pop(0)[:count]  # a shorter video's padding frames come last
+        else:
+            tiles += [image_tiles.pop(0) for _ in range(count)]
     return {"pixel_values": torch.stack([t for t, _ in tiles])[None],
             "pixel_attention_mask": torch.stack([m for _, m in tiles])[None]}
 

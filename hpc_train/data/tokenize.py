@@ -151,7 +151,9 @@ class ChatEncoder:
 
     @property
     def family_blank_side(self) -> int:
-        size = getattr(self.processor.image_processor, "size", None) or {}
+        """One tile's side: the blank costs the fewest tokens the processor gives an image."""
+        image_processor = self.processor.image_processor
+        size = getattr(image_processor, "max_image_size", None) or getattr(image_processor, "size", None) or {}
         return int(size.get("longest_edge") or size.get("height") or size.get("shortest_edge") or 64)
 
     def _snippet(self, kind: str, *, images: list | None = None, videos: list | None = None
@@ -160,6 +162,8 @@ class ChatEncoder:
         kwargs: dict[str, Any] = {"text": [token], "return_tensors": "pt", "add_special_tokens": False}
         if images:
             kwargs["images"] = [images]
+            if getattr(self.processor.image_processor, "do_image_splitting", False):
+                kwargs["do_image_splitting"] = False  # one tile, not a split one
         if videos:
             kwargs["videos"] = videos
             kwargs.update(video_inputs(self.family, [still(v) for v in videos]))
@@ -226,13 +230,13 @@ class ChatEncoder:
         media = self.layout.sample(out)
         if "pixel_values" not in media:
             return media
-        if self.family.video_as_images:
+        if self.layout.shared_by == TILE_FRAMES:
             media[TILE_FRAMES] = tile_frames(image_frames, replacements, self.family.image_token,
-                                              self.processor.image_seq_len, len(media["pixel_values"]))
+                                             self.processor.image_seq_len, len(media["pixel_values"]))
         else:
             media[IMAGE_ROWS] = image_rows(replacements, self.family.image_token, out["input_ids"][0],
-                                            self.tokenizer.convert_tokens_to_ids(self.family.image_token),
-                                            len(media["pixel_values"]))
+                                           self.tokenizer.convert_tokens_to_ids(self.family.image_token),
+                                           len(media["pixel_values"]))
         return media
 
     def _refuse_control_tokens(self, record: Record) -> None:
@@ -294,7 +298,8 @@ class ChatEncoder:
         out.append(rendered[cursor:])
         return "".join(out), spans
 
-    def _tokenize(self, record: Record, text: str, spans: list[tuple[int, int]], chat: _Chat) -> EncodedSample:
+    def _process(self, record: Record, text: str, chat: _Chat) -> Any:
+        """The processor's output for the rendered ``text`` and the sample's media."""
         images, videos = chat.images, chat.videos
         kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "add_special_tokens": False,
                                   "return_text_replacement_offsets": True}
@@ -305,17 +310,23 @@ class ChatEncoder:
             if not self.split_frames and chat.image_frames and all(
                     isinstance(tag, tuple) and tag[0] != IMAGE_TILE for tag in chat.image_frames):
                 kwargs["do_image_splitting"] = False  # only video frames: one tile each
-        if videos:
-            kwargs["videos"] = [v.frames for v in videos]
-            kwargs.update(video_inputs(self.family, videos))
         try:
+            if videos:
+                kwargs["videos"] = [v.frames for v in videos]
+                kwargs.update(video_inputs(self.family, videos))
             out = self.processor(**kwargs)
-            if images and videos and self.family.video_as_images:
+            if videos and self.family.video_as_images and (images or len(videos) > 1):
                 out.update(pixels_in_token_order(self.processor, images, kwargs, out))
+        except DataError as exc:
+            raise exc.at(path=record.source, line=record.line, record_id=record.id) from None
         except Exception as exc:
             raise DataError(f"the processor rejected this sample: {exc}", path=record.source,
                             line=record.line, record_id=record.id,
                             fix="check that the media files are valid images/videos") from exc
+        return out
+
+    def _tokenize(self, record: Record, text: str, spans: list[tuple[int, int]], chat: _Chat) -> EncodedSample:
+        out = self._process(record, text, chat)
         input_ids = out["input_ids"][0]
         replacements = out.get("text_replacement_offsets", [[]])
         replacements = replacements[0] if replacements else []

@@ -53,14 +53,15 @@ def processor_checks(model: Any) -> list[Check]:
         return []
     what = model.path or f"preset {model.preset}"
     try:
-        from hpc_train.models.load import load_processor
+        from hpc_train.models.load import MissingPackage, load_processor
 
         processor = load_processor(model)
-    except ImportError as exc:
-        named = re.search(r"`([A-Za-z0-9_.-]+)`", str(exc))
-        missing = exc.name or (named.group(1) if named else "the package it names")
+    except (ImportError, MissingPackage) as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, ImportError) else exc
+        named = re.search(r"`([A-Za-z0-9_.-]+)`", str(cause))
+        missing = getattr(cause, "name", None) or (named.group(1) if named else "the package it names")
         return [Check("model processor", "fail", f"{what}: does not load",
-                      f"{exc} Fix: pip install -c hpc_train/constraints.txt {missing} (setup.cfg's install has it)")]
+                      f"{cause} Fix: pip install -c hpc_train/constraints.txt {missing} (setup.cfg's install has it)")]
     except Exception as exc:  # noqa: BLE001 - a folder not on this node is the run's error, not a blocker here
         return [Check("model processor", "warn", f"{what}: not checked", f"{type(exc).__name__}: {str(exc)[:200]}")]
     return [Check("model processor", "ok", f"{type(processor).__name__} loads", str(what))]

@@ -37,6 +37,14 @@ def image_tokens_always_match(model_config: Any, processor: Any, family_name: st
     per_tile, tile = smolvlm_tile_tokens(model_config), model_config.vision_config.image_size
     written = processor.image_seq_len
     edge = processor.image_processor.max_image_size["longest_edge"]
+    # SmolVLM2's video frames are resized by the video processor, to its own tile size
+    frame_edge = (getattr(getattr(processor, "video_processor", None), "max_image_size", None) or {}).get(
+        "longest_edge", edge)
+    if frame_edge != tile:
+        raise HpcTrainError(
+            f"the processor resizes video frames to {frame_edge}-pixel tiles, but the model makes its {per_tile} "
+            f"features per {tile}-pixel tile, so no video sample could train. Fix: load the processor saved with this "
+            "model (model.path), or set its video processor's max_image_size to the model's image_size")
     if written != per_tile or edge != tile:
         raise HpcTrainError(
             f"the processor writes {written} image tokens per {edge}-pixel tile, but the model makes {per_tile} "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,24 +46,38 @@ def with_family(model: ModelConfig) -> ModelConfig:
     return model.model_copy(update={"family": model_family(model).name})
 
 
+class MissingPackage(ConfigError):
+    """The model's processor needs a package this environment lacks (SmolVLM2's: num2words)."""
+
+
+@contextlib.contextmanager
+def _packages_for(what: str) -> Iterator[None]:
+    """A processor class that imports a package only when it is made fails with the fix."""
+    try:
+        yield
+    except ImportError as exc:
+        raise MissingPackage(f"{what}: its processor needs a package that is not installed here ({exc}). Fix: "
+                             "pip install -c hpc_train/constraints.txt -e . (setup.cfg lists it)") from exc
+
+
 def load_processor(model: ModelConfig) -> Any:
     """The processor (tokenizer + image/video processors + chat template) of the configured model."""
-    if model.preset == "tiny":
-        return build_tiny(model.family)[1]
-    if model.preset is not None:
-        return preset_processor(model.preset)
-    folder = model_folder(model.path)
-    return AutoProcessor.from_pretrained(folder, local_files_only=True)
+    with _packages_for(model.path or f"model.preset={model.preset}"):
+        if model.preset == "tiny":
+            return build_tiny(model.family)[1]
+        if model.preset is not None:
+            return preset_processor(model.preset)
+        return AutoProcessor.from_pretrained(model_folder(model.path), local_files_only=True)
 
 
 def load_model_and_processor(model: ModelConfig, **model_kwargs: object) -> tuple[PreTrainedModel, Any]:
     """The configured model with its processor (random weights for a preset)."""
-    if model.preset == "tiny":
-        return build_tiny(model.family)
     if model.preset is not None:
-        return build_preset(model.preset)
+        with _packages_for(f"model.preset={model.preset}"):
+            return build_tiny(model.family) if model.preset == "tiny" else build_preset(model.preset)
     folder = model_folder(model.path)
-    processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    with _packages_for(str(folder)):
+        processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
     with refusing_code(folder, "model.path"):
         net = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, **model_kwargs)
     return net, processor

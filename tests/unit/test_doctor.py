@@ -3,6 +3,8 @@ an environment a scheduler would set, a GPU as torch would describe it)."""
 
 from __future__ import annotations
 
+import pytest
+
 from hpc_train.device import cuda_unusable_reason, gpus_allocated
 from hpc_train.doctor import RunNeeds, blockers, format_table, run_checks
 from hpc_train.doctor.accelerator import Gpu, cuda_check, gpu_checks, varlen_check
@@ -135,3 +137,15 @@ def test_a_processor_dependency_missing_for_the_configured_model_blocks(monkeypa
     assert processor_checks(ModelConfig(family="smolvlm", preset="tiny"))[0].status == "ok"
     [absent] = processor_checks(ModelConfig(path="/nowhere/SmolVLM2"))
     assert absent.status == "warn" and "no config.json there" in absent.note
+
+
+def test_a_run_without_the_processor_s_package_stops_with_the_install_fix(monkeypatch, tiny_model_dirs):
+    from transformers.models.smolvlm import processing_smolvlm
+
+    from hpc_train.config import ModelConfig
+    from hpc_train.models.load import MissingPackage, load_processor
+
+    monkeypatch.setattr(processing_smolvlm, "num2words", None)  # as transformers sets it without the package
+    with pytest.raises(MissingPackage, match="needs a package that is not installed here.*num2words.*Fix: pip install "
+                                             "-c hpc_train/constraints.txt -e ."):
+        load_processor(ModelConfig(path=str(tiny_model_dirs["smolvlm2"])))

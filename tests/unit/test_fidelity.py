@@ -27,12 +27,11 @@ from .test_tokenize import assert_labels_are_answers, record, rgb
 PLACEHOLDER = re.compile(r"(<image>|<video>|<speech>)")
 
 
-def clip(frames: int = 4) -> VideoFrames:
-    """Frames a decoder read at 0, 20, 40, 70 s of an 80-second 30 fps file."""
-    rng = np.random.default_rng(11)
-    stamps = np.array([0.0, 20.0, 40.0, 70.0])[:frames]
-    return VideoFrames(frames=rng.integers(0, 255, (frames, 48, 80, 3), dtype=np.uint8), timestamps=stamps,
-                       native_fps=30.0, num_source_frames=2400)
+def clip(frames: int = 4, stamps: tuple[float, ...] = (0.0, 20.0, 40.0, 70.0), seed: int = 11) -> VideoFrames:
+    """Frames a decoder read at ``stamps`` seconds of an 80-second 30 fps file."""
+    rng = np.random.default_rng(seed)
+    return VideoFrames(frames=rng.integers(0, 255, (frames, 48, 80, 3), dtype=np.uint8),
+                       timestamps=np.array(stamps[:frames]), native_fps=30.0, num_source_frames=2400)
 
 
 def reference(processor, family_name: str, rec, media: SampleMedia) -> dict:
@@ -90,6 +89,9 @@ CASES = {
               {"videos": [clip()]}),
     "audio": (record(("user", "<speech>\nHow high is the tone?"), ("assistant", "high"), audios=1),
               {"audios": [rgb(3, 64, 64)]}),
+    # late, fractional frame times in the second clip
+    "two_videos": (record(("user", "<video> then <video>: what moved?"), ("assistant", "the ball"), videos=2),
+                   {"videos": [clip(3), clip(3, (12.5, 33.3, 61.9), seed=12)]}),
     "mixed": (record(("system", "Answer briefly."), ("user", "<image> and <video>?"), ("assistant", "red, then blue"),
                      ("user", "<speech> and <image>"), ("assistant", "low"), images=2, videos=1, audios=1),
               {"images": [rgb(4, 90, 60), rgb(5)], "videos": [clip(3)], "audios": [rgb(6, 64, 64)]}),
@@ -120,7 +122,9 @@ def test_input_ids_are_the_model_processors(processors, family, kind):
     theirs = reference(processor, family, rec, media)
     assert ours.input_ids.tolist() == theirs["input_ids"][0].tolist()
     assert_labels_are_answers(ChatEncoder(processor, get_family(family)), rec, ours)
-    if family != "smolvlm2" or kind != "mixed":  # SmolVLM2's processor loses a mixed sample's image pixels
+    pixels = {"pixel_values", "pixel_values_videos"}
+    assert pixels & set(ours.media) == pixels & set(theirs)
+    if family != "smolvlm2" or kind not in ("mixed", "two_videos"):  # see the test of items in token order
         for key, value in theirs.items():
             if key in ours.media:
                 expect = value if family == "llava_onevision" else value[0]
@@ -138,22 +142,44 @@ def test_smolvlm2_feeds_a_video_as_published_timestamps_and_one_tile_a_frame(loa
     assert int((sample.input_ids == image_id).sum()) == 4 * processor.image_seq_len  # no tiles: one image a frame
     assert sample.media["pixel_values"].shape[0] == 4
     assert sample.media["tile_frames"].tolist() == [[0, 4], [1, 4], [2, 4], [3, 4]]
+    rec, media_kwargs = CASES["two_videos"]  # the second clip's frames at 12.5, 33.3 and 61.9 s
+    text = processor.tokenizer.decode(ChatEncoder(processor, get_family("smolvlm2")).encode(
+        rec, SampleMedia(**media_kwargs)).input_ids)
+    assert text.count("series of three frames from a 0:01:20") == 2
+    assert re.findall(r"Frame from (\d\d:\d\d):", text)[3:] == ["00:12", "00:33", "01:01"]
 
 
 def test_smolvlm2_mixed_sample_has_each_items_pixels_in_token_order(loaded_tiny):
-    """Its processor returns images and video frames under one ``pixel_values`` (the video's win);
-    ours are each item processed alone, in the order of their tokens."""
+    """Its processor returns images and video frames under one ``pixel_values`` (the videos' win)
+    and a sample's videos as a batch of videos; ours are each item processed alone, in the order
+    of their tokens."""
     processor = loaded_tiny["smolvlm2"][1]
     encoder = ChatEncoder(processor, get_family("smolvlm2"))
-    image, frames = rgb(4, 90, 60), clip(3)
-    rec = record(("user", "<image> and <video>?"), ("assistant", "red"), images=1, videos=1)
-    mixed = encoder.encode(rec, SampleMedia(images=[image], videos=[frames]))
-    alone_image = encoder.encode(record(("user", "<image>"), ("assistant", "red"), images=1), SampleMedia(images=[image]))
-    alone_video = encoder.encode(record(("user", "<video>"), ("assistant", "red"), videos=1), SampleMedia(videos=[frames]))
-    expect = torch.cat([alone_image.media["pixel_values"], alone_video.media["pixel_values"]])
-    assert torch.equal(mixed.media["pixel_values"], expect)
-    tiles = len(alone_image.media["pixel_values"])
-    assert mixed.media["tile_frames"].tolist() == [[-1, 0]] * tiles + [[0, 3], [1, 3], [2, 3]]
+    image, first, second = rgb(4, 90, 60), clip(3), clip(3, (12.5, 33.3, 61.9), seed=12)
+    rec = record(("user", "<video>, <image> and <video>?"), ("assistant", "red"), images=1, videos=2)
+    mixed = encoder.encode(rec, SampleMedia(images=[image], videos=[first, second]))
+
+    def alone(kind: str, **media: list) -> torch.Tensor:
+        one = record(("user", f"<{kind}>"), ("assistant", "red"), **{f"{kind}s": 1})
+        return encoder.encode(one, SampleMedia(**media)).media["pixel_values"]
+
+    parts = [alone("video", videos=[first]), alone("image", images=[image]), alone("video", videos=[second])]
+    assert torch.equal(mixed.media["pixel_values"], torch.cat(parts))
+    tiles = len(parts[1])
+    video = [[0, 3], [1, 3], [2, 3]]
+    assert mixed.media["tile_frames"].tolist() == video + [[-1, 0]] * tiles + video
+
+
+def test_smolvlm2_refuses_videos_of_different_frame_counts_in_one_sample(loaded_tiny):
+    """Its processor would write the longest video's count into every video's intro line."""
+    from hpc_train.errors import DataError
+
+    encoder = ChatEncoder(loaded_tiny["smolvlm2"][1], get_family("smolvlm2"))
+    rec = record(("user", "<video> then <video>"), ("assistant", "the ball"), videos=2)
+    with pytest.raises(DataError, match=r"hand.jsonl:7 \[id r1\]: its 2 videos have 3 and 4 frames.*"
+                                        r"Fix: give every video the same count \(data.video.sampling=uniform "
+                                        r"data.video.num_frames=3\)"):
+        encoder.encode(rec, SampleMedia(videos=[clip(3), clip(4)]))
 
 
 def test_smolvlm_frames_are_one_tile_unless_split_frames(processors):

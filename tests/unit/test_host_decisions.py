@@ -111,6 +111,15 @@ def test_smolvlm_image_tokens_are_checked_once_against_the_model(smolvlm):
         image_tokens_always_match(model.config, wrong, "smolvlm")
 
 
+def test_smolvlm2_video_frames_are_checked_against_the_model_s_tile_too(loaded_tiny):
+    model, processor = loaded_tiny["smolvlm2"]
+    assert image_tokens_always_match(model.config, processor, "smolvlm2")
+    wrong = copy.deepcopy(processor)
+    wrong.video_processor.max_image_size = {"longest_edge": 32}
+    with pytest.raises(HpcTrainError, match="resizes video frames to 32-pixel tiles.*4 features per 64-pixel tile.*Fix: load the processor"):
+        image_tokens_always_match(model.config, wrong, "smolvlm2")
+
+
 def test_the_per_forward_image_check_is_off_only_inside_a_marked_models_forward(smolvlm):
     model, _, _ = smolvlm
     marked = copy.copy(model)

@@ -26,6 +26,10 @@ class MediaLayout:
 
     ``samples`` are :class:`~hpc_train.data.tokenize.EncodedSample` (read: ``.media``, ``.id``)."""
 
+    shared_by: str = ""
+    """The host bookkeeping by which sequence parallelism shares the vision work of a sample
+    (a key of :mod:`hpc_train.models.media_keys`: ``tile_frames`` or ``image_rows``)."""
+
     def sample(self, processor_out: Any) -> dict[str, torch.Tensor]:
         """One sample's media tensors, without a batch dimension, from the processor's output."""
         raise NotImplementedError

@@ -50,6 +50,8 @@ TINY_SIDE, TINY_PATCH = 32, 8
 
 
 class LlavaOneVisionLayout(MediaLayout):
+    shared_by = IMAGE_ROWS
+
     def sample(self, processor_out: Any) -> dict[str, torch.Tensor]:
         media: dict[str, torch.Tensor] = {}
         if "pixel_values" in processor_out:

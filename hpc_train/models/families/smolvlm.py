@@ -45,6 +45,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image
 
 
 class Idefics3Layout(MediaLayout):
+    shared_by = TILE_FRAMES
+
     def sample(self, processor_out: Any) -> dict[str, torch.Tensor]:
         if "pixel_values" not in processor_out:
             return {}

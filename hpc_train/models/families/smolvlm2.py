@@ -23,6 +23,7 @@ from transformers.models.smolvlm.image_processing_smolvlm import SmolVLMImagePro
 from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
 from transformers.video_utils import VideoMetadata
 
+from hpc_train.errors import DataError
 from hpc_train.models.families import smolvlm
 from hpc_train.models.families.base import Family, Preset
 from hpc_train.models.tiny import answer_words, corpus, seeded_model
@@ -73,7 +74,17 @@ def preset_processor(config: Any, tokens_per_image: int) -> ProcessorMixin:
 
 def video_inputs(videos: Sequence[Any]) -> dict[str, Any]:
     """The processor's video arguments for decoded videos (``VideoFrames``): frames as sampled
-    (no resampling), each with the time the decoder read it at, and the file's duration."""
+    (no resampling), each with the time the decoder read it at, and the file's duration.
+
+    SmolVLMProcessor stacks a sample's videos, padded to the longest, and writes that count
+    into every video's intro line ("series of five frames" for a 3-frame video): a sample whose
+    videos differ in frame count is refused rather than described wrongly."""
+    counts = sorted({len(video.frames) for video in videos})
+    if len(counts) > 1:
+        raise DataError(f"its {len(videos)} videos have {' and '.join(map(str, counts))} frames; SmolVLM2's "
+                        "processor would tell each the longest one's count",
+                        fix=f"give every video the same count (data.video.sampling=uniform data.video.num_frames="
+                            f"{counts[0]}), or one video per record")
     metadata = []
     for video in videos:
         fps = float(video.native_fps)
