@@ -14,7 +14,7 @@ import torch
 from deepspeed.utils import safe_get_full_grad
 
 from hpc_train.config_file import load_config
-from hpc_train.dist import read_dist_env
+from hpc_train.dist import cleanup, read_dist_env
 from hpc_train.train.build import build_run
 from hpc_train.train.profile_report import vision_tower
 from hpc_train.train.trainer import TrainLoop
@@ -59,4 +59,9 @@ def main(grads_file: str, recipe: str, *overrides: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    try:
+        main(*sys.argv[1:])
+    finally:
+        # As the CLI does: gloo's threads left to interpreter exit sometimes abort the process
+        # (status -6, "terminate called without an active exception") after a run that succeeded.
+        cleanup()
