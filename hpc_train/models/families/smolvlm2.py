@@ -10,6 +10,7 @@ image tile, so the batch layout, sequence parallelism and the vision cache are S
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -94,44 +95,28 @@ def video_inputs(videos: Sequence[Any]) -> dict[str, Any]:
     return {"video_metadata": metadata, "do_sample_frames": False}
 
 
+def same_architecture(preset: Preset, hf_id: str) -> Preset:
+    """A SmolVLM2 checkpoint whose config.json has ``preset``'s SmolVLM layer sizes and token ids."""
+    return dataclasses.replace(preset, name=preset.name.replace("smolvlm-", "smolvlm2-"), family="smolvlm2",
+                               hf_id=hf_id)
+
+
+SMOLVLM_256M, SMOLVLM_500M = smolvlm.PRESETS[:2]
+
 PRESETS = (
     # SmolVLM2 (transformers' SmolVLM classes, model_type "smolvlm"): the same modules and parameter
-    # names as Idefics3, so the layer sizes below are config.json's as for SmolVLM; what differs is
-    # the processor (videos with timestamps, frames unsplit). Sources: each repo's config.json as
-    # quoted on its hub commit pages (SmolVLM2-500M-Video-Instruct PR #4 adds num_hidden_layers 32;
+    # names as Idefics3, so the layer sizes are config.json's as for SmolVLM; what differs is the
+    # processor (videos with timestamps, frames unsplit). Sources: each repo's config.json as quoted
+    # on its hub commit pages (SmolVLM2-500M-Video-Instruct PR #4 adds num_hidden_layers 32;
     # SmolVLM2-2.2B-Instruct refs/pr/21: scale_factor 3, image_token_id 49190, text 2048/8192/24
-    # layers, 8192 positions); the two small ones keep SmolVLM-256M/500M's SmolLM2 text sizes
-    # (576/1536/30/9/3 and 960/2560/32/15/5, vocab 49280, rope_theta 100000) and the SigLIP
-    # base-patch16-512 tower; scale_factor 4 (64 tokens a 512-px tile, processor_config image_seq_len
-    # 64). The 2.2B's rope_theta (130000) comes from a copy of its config in public test specs.
+    # layers, 8192 positions). The two small ones are SmolVLM-256M/500M's architecture (SmolLM2
+    # text 576/1536/30/9/3 and 960/2560/32/15/5, vocab 49280, rope_theta 100000, SigLIP
+    # base-patch16-512, scale_factor 4: 64 tokens a 512-px tile, processor_config image_seq_len 64).
+    # The 2.2B's rope_theta (130000) comes from a copy of its config in public test specs.
     # Params: the names say 256M / 500M / 2.2B (no exact figure found); the totals match SmolVLM's
     # same-sized presets (the 2.2B: 2.25B).
-    Preset(
-        name="smolvlm2-256m", family="smolvlm2", hf_id="HuggingFaceTB/SmolVLM2-256M-Video-Instruct",
-        published_params=256_000_000, image_size=512,
-        tokens_per_image=smolvlm.tile_tokens(smolvlm.SIGLIP_B16_512, 4),
-        tokens_per_video_frame=smolvlm.tile_tokens(smolvlm.SIGLIP_B16_512, 4),
-        config_values=smolvlm.config_values(
-            vision=dict(smolvlm.SIGLIP_B16_512),
-            text={"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                  "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49280,
-                  "max_position_embeddings": 8192, "rope_theta": 100_000.0},
-            scale_factor=4, image_token_id=49190,
-        ),
-    ),
-    Preset(
-        name="smolvlm2-500m", family="smolvlm2", hf_id="HuggingFaceTB/SmolVLM2-500M-Video-Instruct",
-        published_params=500_000_000, image_size=512,
-        tokens_per_image=smolvlm.tile_tokens(smolvlm.SIGLIP_B16_512, 4),
-        tokens_per_video_frame=smolvlm.tile_tokens(smolvlm.SIGLIP_B16_512, 4),
-        config_values=smolvlm.config_values(
-            vision=dict(smolvlm.SIGLIP_B16_512),
-            text={"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
-                  "num_attention_heads": 15, "num_key_value_heads": 5, "vocab_size": 49280,
-                  "max_position_embeddings": 8192, "rope_theta": 100_000.0},
-            scale_factor=4, image_token_id=49190,
-        ),
-    ),
+    same_architecture(SMOLVLM_256M, "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"),
+    same_architecture(SMOLVLM_500M, "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"),
     Preset(
         name="smolvlm2-2.2b", family="smolvlm2", hf_id="HuggingFaceTB/SmolVLM2-2.2B-Instruct",
         published_params=2_250_000_000, image_size=384,
