@@ -27,9 +27,10 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """Which model to train and how to load it."""
 
-    family: Literal["smolvlm", "smolvlm2", "llava_onevision"] = "smolvlm"
+    family: Literal["smolvlm", "smolvlm2", "llava_onevision", "llava_onevision_1_5"] = "smolvlm"
     """Model family: ``smolvlm`` (SmolVLM, transformers' Idefics3), ``smolvlm2`` (SmolVLM2,
-    transformers' SmolVLM) or ``llava_onevision``. Leave it out with ``model.path`` or a published
+    transformers' SmolVLM), ``llava_onevision`` or ``llava_onevision_1_5`` (LLaVA-OneVision-1.5,
+    RICE-ViT + Qwen3). Leave it out with ``model.path`` or a published
     ``model.preset``: the folder's ``config.json`` (its ``model_type``) or the preset says it;
     ``smolvlm`` for ``preset: tiny``."""
     path: str | None = None
@@ -41,7 +42,8 @@ class ModelConfig(_Section):
     """Build the model from a known config instead of loading ``path`` (random weights, offline
     processor): ``tiny`` (a CPU-sized model of ``family``) or a published architecture:
     ``smolvlm-256m``, ``smolvlm-500m``, ``smolvlm-2.2b``, ``smolvlm2-256m``, ``smolvlm2-500m``,
-    ``smolvlm2-2.2b``, ``llava-onevision-0.5b``, ``llava-onevision-7b``."""
+    ``smolvlm2-2.2b``, ``llava-onevision-0.5b``, ``llava-onevision-7b``, ``llava-onevision-1.5-4b``,
+    ``llava-onevision-1.5-8b``."""
     adapter: str | None = None
     """A LoRA adapter applied on top of the model: a folder (written by a lora/qlora run) or a hub id,
     as for ``path``."""

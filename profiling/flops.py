@@ -31,7 +31,13 @@ COMPONENTS = ("vision", "connector", "llm", "head")
 
 GATED_MLP_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "smollm3"})
 """Text models whose MLP is gate/up/down (three matrices) rather than fc1/fc2."""
-VISION_TYPES = frozenset({"idefics3_vision", "siglip_vision_model", "smolvlm_vision"})
+VISION_TYPES = frozenset({"idefics3_vision", "siglip_vision_model", "smolvlm_vision", "rice_vit"})
+GRID_TOWERS = frozenset({"rice_vit"})
+"""Towers that take each image at its own size (patch rows with a t·h·w grid), one attention
+segment per image or frame; their FLOPs follow the rows and segments counted
+(:func:`grid_work`), and ``vision_tokens_per_image`` is only the planning unit."""
+PLAN_SIDE = 448
+"""The square a grid tower's per-image figures describe, where no rows were counted."""
 
 
 class UnknownArchitecture(ValueError):
@@ -102,6 +108,8 @@ def shape_of(config: Any) -> ModelShape:
         return ModelShape(text=text, vocab=text_cfg.vocab_size)
     if getattr(vision_cfg, "model_type", None) not in VISION_TYPES:
         raise UnknownArchitecture(f"vision tower type {vision_cfg.model_type!r} is not one we can count")
+    if vision_cfg.model_type in GRID_TOWERS:
+        return _grid_shape(text, text_cfg.vocab_size, vision_cfg)
     v_hidden, v_q, v_kv = _dims(vision_cfg)
     vision = TransformerShape(vision_cfg.num_hidden_layers, v_hidden, v_q, v_kv, vision_cfg.intermediate_size,
                               gated_mlp=False, causal=False)
@@ -121,6 +129,42 @@ def shape_of(config: Any) -> ModelShape:
                       patch_embed_params=vision_cfg.num_channels * vision_cfg.patch_size ** 2 * v_hidden,
                       vision_head_flops_per_image=head, connector_flops_per_image=connector,
                       connector_tokens_per_image=rows)
+
+
+def _grid_shape(text: TransformerShape, vocab: int, vision_cfg: Any) -> ModelShape:
+    """RICE-ViT: pre-norm blocks on every 14-px patch, then each 2×2 window merged by a
+    two-layer MLP (4·width → 4·width → the text width)."""
+    width = vision_cfg.hidden_size
+    vision = TransformerShape(vision_cfg.depth, width, width, width, vision_cfg.intermediate_size,
+                              gated_mlp=False, causal=False)
+    window = vision_cfg.spatial_merge_size ** 2
+    patches = (PLAN_SIDE // vision_cfg.patch_size) ** 2
+    merged = patches // window
+    connector = 2.0 * (window * width * window * width + window * width * text.hidden) * merged
+    return ModelShape(text=text, vocab=vocab, vision=vision, vision_tokens_per_image=patches,
+                      patch_embed_params=vision_cfg.in_channels * vision_cfg.patch_size ** 2 * width,
+                      connector_flops_per_image=connector, connector_tokens_per_image=merged)
+
+
+@dataclass(frozen=True)
+class VisionWork:
+    """What a vision tower encoded: images (frames, tiles), and for a grid tower the patch rows
+    and the sum over its attention segments of rows² (0: ``images`` × the shape's per-image figures)."""
+
+    images: int = 0
+    rows: int = 0
+    pairs: int = 0
+
+    def __add__(self, other: VisionWork) -> VisionWork:
+        return VisionWork(self.images + other.images, self.rows + other.rows, self.pairs + other.pairs)
+
+
+def grid_work(grid_thw: Any) -> VisionWork:
+    """A grid tower's work on items of ``grid_thw`` (rows of frames, patch rows, patch columns):
+    each frame one segment of h·w patches."""
+    grid = grid_thw.tolist() if hasattr(grid_thw, "tolist") else list(grid_thw)
+    return VisionWork(images=sum(int(t) for t, _, _ in grid), rows=sum(int(t * h * w) for t, h, w in grid),
+                      pairs=sum(int(t * (h * w) ** 2) for t, h, w in grid))
 
 
 @dataclass(frozen=True)
@@ -146,9 +190,10 @@ class StepFlops:
 
 
 def step_flops(shape: ModelShape, trainability: Trainability, *, tokens: int, samples: int,
-               images: int, context: float | None = None) -> StepFlops:
+               images: int, context: float | None = None, vision_rows: int = 0, vision_pairs: int = 0) -> StepFlops:
     """Model FLOPs of a step that ran ``tokens`` real language-model tokens in ``samples``
-    sequences and ``images`` images (frames, tiles) through the vision tower.
+    sequences and ``images`` images (frames, tiles) through the vision tower; a grid tower's
+    ``vision_rows`` and ``vision_pairs`` as :class:`VisionWork` (0: from ``images``).
 
     Attention uses the mean sequence length ``context``, by default ``tokens / samples``: exact
     for equal lengths, a slight undercount when lengths vary. A rank holding a slice of each
@@ -158,20 +203,23 @@ def step_flops(shape: ModelShape, trainability: Trainability, *, tokens: int, sa
     if context is None:
         context = tokens / samples if samples else 0.0
     # forward FLOPs of each component, and the part of it that is weight matmuls
+    per_image = shape.vision_tokens_per_image
+    rows = vision_rows or images * per_image
+    pairs = vision_pairs or images * per_image ** 2
+    per_row = 1.0 / per_image if per_image else 0.0  # the connector's work follows the patch rows
     weights: dict[str, float] = {
         "llm": 2.0 * shape.text.matmul_params() * tokens,
         "head": 2.0 * shape.text.hidden * shape.vocab * tokens,
-        "vision": 0.0, "connector": shape.connector_flops_per_image * images,
+        "vision": 0.0, "connector": shape.connector_flops_per_image * rows * per_row,
     }
     forward = dict(weights)
     forward["llm"] += shape.text.attention_flops_per_token(context) * tokens
     if shape.vision is not None:
-        per_image = shape.vision_tokens_per_image
-        weights["vision"] = (2.0 * (shape.vision.matmul_params() + shape.patch_embed_params) * per_image
-                             + shape.vision_head_flops_per_image) * images
-        forward["vision"] = weights["vision"] + shape.vision.attention_flops_per_token(per_image) * per_image * images
-    work_items = {"vision": images * shape.vision_tokens_per_image,
-                  "connector": images * shape.connector_tokens_per_image, "llm": tokens, "head": tokens}
+        weights["vision"] = (2.0 * (shape.vision.matmul_params() + shape.patch_embed_params) * rows
+                             + shape.vision_head_flops_per_image * images)
+        forward["vision"] = weights["vision"] + shape.vision.attention_flops_per_token(1.0) * pairs
+    work_items = {"vision": rows, "connector": shape.connector_tokens_per_image * rows * per_row,
+                  "llm": tokens, "head": tokens}
     lora_forward = {c: 2.0 * trainability.lora_params.get(c, 0) * work_items[c] for c in COMPONENTS}
     backward = 0.0
     for index, component in enumerate(COMPONENTS):

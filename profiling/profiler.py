@@ -19,7 +19,15 @@ from typing import Any
 
 import torch
 
-from profiling.flops import ModelShape, Trainability, UnknownArchitecture, peak_tflops, shape_of
+from profiling.flops import (
+    ModelShape,
+    Trainability,
+    UnknownArchitecture,
+    VisionWork,
+    grid_work,
+    peak_tflops,
+    shape_of,
+)
 from profiling.memory import gpu_section_peaks, peak_memory
 from profiling.report import build_rank_report, flops_section
 from profiling.timers import PhaseTimer
@@ -55,7 +63,7 @@ class Profiler:
         self._started = time.perf_counter()
         self._sections: dict[str, float] = {}
         self._phase: str | None = None
-        self._images = 0
+        self._vision = VisionWork()
         self._vision_cache: dict[str, int] | None = None
         self._last_step_end = self._started
         self._epochs: dict[int, dict[str, float]] = {}
@@ -88,8 +96,9 @@ class Profiler:
 
     def step_done(self, *, samples: int, tokens: int, slot_tokens: int, epoch: int = 0,
                   context: float | None = None) -> None:
-        images, self._images = self._images, 0
-        self.timer.step_done(samples=samples, tokens=tokens, slot_tokens=slot_tokens, images=images, epoch=epoch,
+        vision, self._vision = self._vision, VisionWork()
+        self.timer.step_done(samples=samples, tokens=tokens, slot_tokens=slot_tokens, images=vision.images,
+                             vision_rows=vision.rows, vision_pairs=vision.pairs, epoch=epoch,
                              context=context)
         now = time.perf_counter()
         entry = self._epochs.setdefault(epoch, {"epoch": epoch, "steps": 0, "wall_s": 0.0})
@@ -130,14 +139,18 @@ class Profiler:
         self._vision_cache = counts
 
     def count_images(self, vision_tower: torch.nn.Module) -> None:
-        """Count images (frames, tiles) the vision tower encodes in forward phases."""
+        """Count images (frames, tiles) the vision tower encodes in forward phases, and a grid
+        tower's patch rows (its second argument is the items' ``grid_thw``)."""
 
         def count(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if self._phase != "forward":
                 return
             pixels = args[0] if args else kwargs.get("pixel_values")
+            grid = args[1] if len(args) > 1 else kwargs.get("grid_thw")
             if isinstance(pixels, torch.Tensor) and pixels.dim() == 4:
-                self._images += pixels.shape[0]
+                self._vision += VisionWork(images=pixels.shape[0])
+            elif isinstance(pixels, torch.Tensor) and pixels.dim() == 2 and isinstance(grid, torch.Tensor):
+                self._vision += grid_work(grid)
 
         self._hooks.append(vision_tower.register_forward_pre_hook(count, with_kwargs=True))
 

@@ -45,7 +45,8 @@ def flops_section(records: Sequence[StepRecord], shape: ModelShape | None, train
         base["notes"].append(unknown_reason or "no measured steps")
         return base
     per_step = [step_flops(shape, trainability, tokens=r.tokens, samples=r.samples, images=r.images,
-                           context=r.context) for r in records]
+                           context=r.context, vision_rows=r.vision_rows, vision_pairs=r.vision_pairs)
+                for r in records]
     seconds = sum(r.step_ms for r in records) / 1000.0
     total = sum(f.total for f in per_step)
     base.update({

@@ -32,6 +32,9 @@ class StepRecord:
     images: int = 0
     epoch: int = 0
     context: float | None = None
+    vision_rows: int = 0
+    vision_pairs: int = 0
+    """A grid tower's patch rows and per-segment rows² (``profiling.flops.VisionWork``; 0: none counted)."""
     """Mean length of the sequences this step's tokens attend over (None: tokens / samples)."""
 
 
@@ -97,14 +100,14 @@ class PhaseTimer:
                 self._events.append((name, began, time.perf_counter()))
 
     def step_done(self, *, samples: int, tokens: int, slot_tokens: int, images: int = 0, epoch: int = 0,
-                  context: float | None = None) -> None:
+                  context: float | None = None, vision_rows: int = 0, vision_pairs: int = 0) -> None:
         """Close the current step (call once per optimizer step, after its optimizer phase)."""
         now = time.perf_counter()
         wall_ms = (now - self._step_started) * 1000.0
         self._step_started = now
         self._resolve_pending()
         counts = {"samples": samples, "tokens": tokens, "slot_tokens": slot_tokens, "images": images,
-                  "epoch": epoch, "context": context}
+                  "epoch": epoch, "context": context, "vision_rows": vision_rows, "vision_pairs": vision_pairs}
         self._pending = _PendingStep(wall_ms, self._events, counts)
         self._events = []
         if not self._cuda:

@@ -11,7 +11,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-FAMILIES = ("smolvlm", "smolvlm2", "llava_onevision")
+FAMILIES = ("smolvlm", "smolvlm2", "llava_onevision", "llava_onevision_1_5")
+TINY_RECIPES = {family: f"tiny_{family}" for family in FAMILIES}
+"""Each family's recipe of a tiny random model (``hpc_train/recipes``)."""
 
 
 @pytest.fixture(scope="session")
@@ -26,11 +28,15 @@ def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny random models of every family, saved once with save_pretrained."""
+    """Tiny random models of every family, saved once with save_pretrained; LLaVA-OneVision-1.5's
+    then rewritten in its published folder's file layout (remote code and all, never run)."""
     from hpc_train.models.tiny import save_tiny
+    from tests.hub_layout import published_layout
 
     root = tmp_path_factory.mktemp("tiny_models")
-    return {family: save_tiny(family, root / family) for family in FAMILIES}
+    folders = {family: save_tiny(family, root / family) for family in FAMILIES}
+    published_layout(folders["llava_onevision_1_5"])
+    return folders
 
 
 @pytest.fixture(scope="session")

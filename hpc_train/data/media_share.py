@@ -5,7 +5,7 @@ rank ``r`` decodes only its share (the other frames stay black stand-ins that ke
 processor's token counts), and its vision tower encodes exactly the frames it decoded, so no
 pixel crosses the group and each frame is decoded and encoded once. Images are cheap to decode:
 every rank reads them whole, and the group splits their encoding (SmolVLM: the tiles evenly;
-LLaVA-OneVision: whole samples' images).
+LLaVA-OneVision: whole samples' images; LLaVA-OneVision-1.5: whole images).
 
 :func:`split_media` keeps a rank's own pixels in its micro-batch and says, per kind of media
 features, which global feature rows each rank encodes and which its slice of the tokens needs
@@ -47,9 +47,53 @@ def split_media(batch: dict[str, Any], rank: int, size: int, wanted: dict[str, t
         rows["image"] = _split_tiles(batch, rank, size, wanted["image"])
     if IMAGE_ROWS in batch:
         rows["image"] = _split_images(batch, rank, size, wanted["image"])
-    if "pixel_values_videos" in batch:
+    if "image_grid_thw" in batch:
+        rows["image"] = _split_grid(batch, MEDIA_GRIDS["image"], rank, size, wanted["image"], by_frame=False)
+    if "video_grid_thw" in batch:
+        rows["video"] = _split_grid(batch, MEDIA_GRIDS["video"], rank, size, wanted["video"], by_frame=True)
+    elif "pixel_values_videos" in batch:
         rows["video"] = _split_video_frames(batch, rank, size, wanted["video"])
     return rows
+
+
+MEDIA_GRIDS = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
+"""LLaVA-OneVision-1.5's patch rows and the grid that cuts them into items (t·h·w rows each)."""
+
+
+def _split_grid(batch: dict[str, Any], keys: tuple[str, str], rank: int, size: int, wanted: tuple[torch.Tensor, ...],
+                *, by_frame: bool) -> FeatureRows:
+    """LLaVA-OneVision-1.5: each rank encodes a contiguous share of the images, or of every
+    video's frames (the frames its rank decoded); a frame of h·w patch rows makes h·w / 4 feature
+    rows. A rank without a share encodes the first frame or image, times zero."""
+    pixels_key, grid_key = keys
+    grid = batch[grid_key].tolist()
+    merge = sum(len(w) for w in wanted)  # feature rows in all: patch rows / merge window
+    window = sum(t * h * w for t, h, w in grid) // max(merge, 1)
+    pieces: list[list[tuple[int, int, int, int]]] = [[] for _ in range(size)]  # (item, first frame, frames, hw)
+    if by_frame:
+        for item, (t, h, w) in enumerate(grid):
+            for q in range(size):
+                start, end = share_bounds(t, q, size)
+                if end > start:
+                    pieces[q].append((item, start, end - start, h * w))
+    else:
+        for q in range(size):
+            start, end = share_bounds(len(grid), q, size)
+            pieces[q] = [(item, 0, grid[item][0], grid[item][1] * grid[item][2]) for item in range(start, end)]
+    patch_start = [0]
+    for t, h, w in grid:
+        patch_start.append(patch_start[-1] + t * h * w)
+
+    def rows(item: int, first: int, frames: int, hw: int, per: int) -> torch.Tensor:
+        begin = patch_start[item] // per + first * hw // per
+        return torch.arange(begin, begin + frames * hw // per)
+
+    encoded = tuple(torch.cat([rows(*p, window) for p in mine]) if mine else torch.zeros(0, dtype=torch.long)
+                    for mine in pieces)
+    mine = pieces[rank] or [(0, 0, 1, grid[0][1] * grid[0][2])]
+    batch[pixels_key] = batch[pixels_key][torch.cat([rows(*p, 1) for p in mine])]
+    batch[grid_key] = torch.tensor([[frames, grid[item][1], grid[item][2]] for item, _, frames, _ in mine])
+    return FeatureRows(rank, wanted, encoded, routing=routing(rank, encoded, wanted))
 
 
 def _split_tiles(batch: dict[str, Any], rank: int, size: int, wanted: tuple[torch.Tensor, ...]) -> FeatureRows:

@@ -152,6 +152,8 @@ class ChatEncoder:
     @property
     def family_blank_side(self) -> int:
         """One tile's side: the blank costs the fewest tokens the processor gives an image."""
+        if self.family.blank_side is not None:
+            return self.family.blank_side(self.processor)
         image_processor = self.processor.image_processor
         size = getattr(image_processor, "max_image_size", None) or getattr(image_processor, "size", None) or {}
         return int(size.get("longest_edge") or size.get("height") or size.get("shortest_edge") or 64)
@@ -226,14 +228,15 @@ class ChatEncoder:
                ) -> dict[str, torch.Tensor]:
         """The layout's media tensors, with what sequence parallelism shares their encoding by:
         SmolVLM's say which video frame each tile shows (the rank that decoded a frame encodes
-        it), LLaVA-OneVision's how many feature rows each image makes."""
+        it), LLaVA-OneVision's how many feature rows each image makes (LLaVA-OneVision-1.5's
+        grids say it already)."""
         media = self.layout.sample(out)
         if "pixel_values" not in media:
             return media
         if self.layout.shared_by == TILE_FRAMES:
             media[TILE_FRAMES] = tile_frames(image_frames, replacements, self.family.image_token,
                                              self.processor.image_seq_len, len(media["pixel_values"]))
-        else:
+        elif self.layout.shared_by == IMAGE_ROWS:
             media[IMAGE_ROWS] = image_rows(replacements, self.family.image_token, out["input_ids"][0],
                                            self.tokenizer.convert_tokens_to_ids(self.family.image_token),
                                            len(media["pixel_values"]))

@@ -16,7 +16,7 @@ from hpc_train.models.families import Family
 
 # PEFT prefixes every name with this; module groups are defined on the bare model.
 _PEFT_PREFIX = "base_model.model."
-_LINEAR_NAMES = r"(q_proj|k_proj|v_proj|o_proj|out_proj|gate_proj|up_proj|down_proj|fc1|fc2|proj|linear_1|linear_2)"
+_LINEAR_NAMES = r"(q_proj|k_proj|v_proj|o_proj|out_proj|gate_proj|up_proj|down_proj|fc1|fc2|proj|linear_1|linear_2|qkv|mlp\.0|mlp\.2)"
 
 
 def bare_name(name: str) -> str:
@@ -49,7 +49,9 @@ def lora_target_regex(family: Family, target: str) -> str:
     wanted = {"llm": ["llm"], "llm+connector": ["llm", "connector"],
               "all": ["llm", "connector", "vision"]}[target]
     prefixes = [re.escape(p.rstrip(".")) for g in wanted for p in family.module_groups[g]]
-    return rf"^({'|'.join(prefixes)})\..*\.{_LINEAR_NAMES}$|^({'|'.join(prefixes)})\.{_LINEAR_NAMES}$"
+    # a patch embedding's convolution (LLaVA-OneVision-1.5's patch_embed.proj) is no linear layer
+    linear = r"(?!.*patch_embed\.)"
+    return rf"^{linear}({'|'.join(prefixes)})\..*\.{_LINEAR_NAMES}$|^{linear}({'|'.join(prefixes)})\.{_LINEAR_NAMES}$"
 
 
 def apply_lora(model: nn.Module, family: Family, lora: LoraConfig) -> nn.Module:

@@ -79,8 +79,26 @@ def load_model_and_processor(model: ModelConfig, **model_kwargs: object) -> tupl
     with _packages_for(str(folder)):
         processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
     with refusing_code(folder, "model.path"):
-        net = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, **model_kwargs)
+        net, loading = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True,
+                                                                   output_loading_info=True, **model_kwargs)
+    check_loaded_keys(folder, loading)
     return net, processor
+
+
+def check_loaded_keys(folder: Path, loading: dict[str, Any]) -> None:
+    """A folder whose weights miss a parameter of the model (left random) or hold one it has no
+    place for (dropped) is not this model's checkpoint: refused, naming the keys."""
+    problems = []
+    for what, key in (("missing from its weights (they would stay random)", "missing_keys"),
+                      ("in its weights but not in the model (they would be dropped)", "unexpected_keys"),
+                      ("of another shape than the model's", "mismatched_keys")):
+        names = sorted(str(name if isinstance(name, str) else name[0]) for name in loading.get(key) or ())
+        if names:
+            problems.append(f"{len(names)} parameters {what}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
+    if problems:
+        raise ConfigError(f"{folder}: the weights do not fit the model its config.json describes; "
+                          + "; ".join(problems) + ". Fix: point model.path at the checkpoint folder as published "
+                          "(or as hpc-train export wrote it), with its config.json and all of its weight files")
 
 
 def model_folder(path: str | None) -> Path:

@@ -9,10 +9,13 @@ TILE_FRAMES = "tile_frames"
 """SmolVLM / SmolVLM2 batches: (B, N, 2) int64 per tile of ``pixel_values``, ``(frame, frames)``
 for a video frame's tile, ``(-1, 0)`` for an image's, ``(-2, 0)`` for a padding tile."""
 IMAGE_TILE, PADDING_TILE = -1, -2
+GRID_THW = "grid_thw"
+"""LLaVA-OneVision-1.5 batches carry no extra bookkeeping: ``image_grid_thw`` / ``video_grid_thw``
+(one row per image or video: frames, patch rows, patch columns) say each item's feature rows."""
 
-HOST_KEYS = ("image_sizes", "batch_num_images")
+HOST_KEYS = ("image_sizes", "batch_num_images", "image_grid_thw", "video_grid_thw")
 """Media metadata the models read on the host (LLaVA-OneVision's anyres grid per image, images
-per sample: ``tolist()``, ``range(n)``): kept on the CPU by ``to_device``, so reading them
+per sample: ``tolist()``, ``range(n)``; LLaVA-OneVision-1.5's patch grid per image and video): kept on the CPU by ``to_device``, so reading them
 costs no device sync (dozens per optimizer step at accumulation 8)."""
 
-__all__ = ["HOST_KEYS", "IMAGE_ROWS", "IMAGE_TILE", "PADDING_TILE", "TILE_FRAMES"]
+__all__ = ["GRID_THW", "HOST_KEYS", "IMAGE_ROWS", "IMAGE_TILE", "PADDING_TILE", "TILE_FRAMES"]

@@ -16,26 +16,37 @@ window of rows is merged into one row of the language model's width.
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
+from huggingface_hub.dataclasses import strict
 from torch import nn
 from torch.nn import functional as F
-from transformers import PretrainedConfig
+from transformers import PreTrainedConfig
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 
-class RiceVitConfig(PretrainedConfig):
-    """The ``vision_config`` (model_type ``rice_vit``) of a LLaVA-OneVision-1.5 ``config.json``."""
+@strict
+class RiceVitConfig(PreTrainedConfig):
+    """The ``vision_config`` (model_type ``rice_vit``) of a LLaVA-OneVision-1.5 ``config.json``
+    (the published values are the defaults; ``text_hidden_size`` is the merger's output width)."""
 
     model_type = "rice_vit"
+    base_config_key = "vision_config"
 
-    def __init__(self, depth: int = 24, hidden_size: int = 1024, intermediate_size: int = 4096,
-                 num_heads: int = 16, in_channels: int = 3, patch_size: int = 14, spatial_merge_size: int = 2,
-                 temporal_patch_size: int = 1, layer_norm_eps: float = 1e-5, text_hidden_size: int = 4096,
-                 **kwargs: object) -> None:
-        super().__init__(**kwargs)
-        self.depth, self.hidden_size, self.intermediate_size = depth, hidden_size, intermediate_size
-        self.num_heads, self.in_channels, self.patch_size = num_heads, in_channels, patch_size
-        self.spatial_merge_size, self.temporal_patch_size = spatial_merge_size, temporal_patch_size
-        self.layer_norm_eps, self.text_hidden_size = layer_norm_eps, text_hidden_size
+    depth: int = 24
+    embed_dim: int = 1024
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 14
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 1
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    text_hidden_size: int = 4096
 
 
 class PatchEmbed(nn.Module):
@@ -56,13 +67,35 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: Segments) -> torch.Tensor:
         rows = x.shape[0]
         q, k, v = self.qkv(x).view(rows, 3, self.heads, -1).unbind(1)  # out-features q | k | v, head-major
         q, k = (rotated(t, cos, sin) for t in (q, k))
-        same = segments[:, None] == segments[None, :]  # attention stays within an image or frame
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=same)
-        return self.proj(out.transpose(0, 1).reshape(rows, -1))
+        return self.proj(segments.attention(q, k, v).reshape(rows, -1))
+
+
+class Segments:
+    """The tower's rows cut into segments (an image, or one video frame, with its class token)
+    that attend only within themselves: segments of one length run as one batch of SDPA without
+    a mask (a whole video's frames at once), so no rows × rows mask is ever made."""
+
+    def __init__(self, sizes: list[int], device: torch.device) -> None:
+        starts = [0]
+        for size in sizes:
+            starts.append(starts[-1] + size)
+        by_length: dict[int, list[int]] = defaultdict(list)
+        for index, size in enumerate(sizes):
+            by_length[size].append(index)
+        self.groups = [(torch.tensor([starts[i] for i in members])[:, None] + torch.arange(size)).to(device)
+                       for size, members in by_length.items()]
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(rows, heads, dim) each in, (rows, heads, dim) out."""
+        out = q.new_empty(q.shape)
+        for rows in self.groups:  # (segments, length) row indices
+            picked = [t[rows].transpose(1, 2) for t in (q, k, v)]  # (segments, heads, length, dim)
+            out[rows.flatten()] = F.scaled_dot_product_attention(*picked).transpose(1, 2).flatten(0, 1)
+        return out
 
 
 def rotated(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -82,7 +115,7 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class Block(nn.Module):
+class Block(GradientCheckpointingLayer):
     def __init__(self, config: RiceVitConfig) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(config.hidden_size, eps=1e-5)
@@ -90,7 +123,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=1e-5)
         self.mlp = Mlp(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: Segments) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cos, sin, segments)
         return x + self.mlp(self.norm2(x))
 
@@ -115,37 +148,46 @@ class RiceVisionTower(nn.Module):
     def __init__(self, config: RiceVitConfig) -> None:
         super().__init__()
         self.config = config
-        width, head = config.hidden_size, config.hidden_size // config.num_heads
+        width = config.hidden_size
         self.patch_embed = PatchEmbed(config)
         self.class_embedding = nn.Parameter(width**-0.5 * torch.randn(width))
-        self.class_pos_emb = nn.Parameter(torch.randn(1, head // 2))
+        self.class_pos_emb = nn.Parameter(torch.randn(1, self.head_dim // 2))
         self.pre_layernorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.merger = Merger(config)
-        # 2-D rotary: a quarter of each head's dimensions per axis, rebuilt on load (not saved)
-        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, head // 2, 2, dtype=torch.float) / (head // 2)),
-                             persistent=False)
+        # 2-D rotary: a quarter of each head's dimensions per axis; not in the checkpoint
+        self.register_buffer("inv_freq", self.rotary_frequencies(), persistent=False)
+
+    @property
+    def head_dim(self) -> int:
+        return self.config.hidden_size // self.config.num_heads
+
+    def rotary_frequencies(self) -> torch.Tensor:
+        quarter = self.head_dim // 2
+        return 1.0 / 10000 ** (torch.arange(0, quarter, 2, dtype=torch.float) / quarter)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        grid = grid_thw.tolist()  # host bookkeeping: the batch keeps it on the CPU
         x = self.patch_embed(pixel_values)
-        angles = self.patch_angles(grid_thw)
-        sizes = [int(h * w) for t, h, w in grid_thw.tolist() for _ in range(int(t))]  # one segment a frame
-        x, angles, segments, keep = with_class_tokens(x, angles, sizes, self.class_embedding.to(x.dtype),
-                                                      self.class_pos_emb.float())
+        angles = self.patch_angles(grid).to(x.device)
+        sizes = [int(h * w) for t, h, w in grid for _ in range(int(t))]  # one segment a frame
+        x, angles, keep = with_class_tokens(x, angles, sizes, self.class_embedding.to(x.dtype),
+                                            self.class_pos_emb.float())
         x = self.pre_layernorm(x)
         doubled = torch.cat([angles, angles], dim=-1)
         cos, sin = doubled.cos(), doubled.sin()
+        segments = Segments([size + 1 for size in sizes], x.device)
         for block in self.blocks:
             x = block(x, cos, sin, segments)
-        return self.merger(x[keep])
+        return self.merger(x.index_select(0, keep))
 
-    def patch_angles(self, grid_thw: torch.Tensor) -> torch.Tensor:
+    def patch_angles(self, grid: list[list[int]]) -> torch.Tensor:
         """[N, head/2]: each patch row's angles from its row, then its column, in merge-window order."""
         merge = self.config.spatial_merge_size
-        table = torch.outer(torch.arange(int(grid_thw[:, 1:].max()), device=self.inv_freq.device).float(),
-                            self.inv_freq)
+        longest = max(max(h, w) for _, h, w in grid)
+        table = torch.outer(torch.arange(longest, device=self.inv_freq.device).float(), self.inv_freq.float())
         parts = []
-        for t, h, w in grid_thw.tolist():
+        for t, h, w in grid:
             rows = torch.arange(h)[:, None].expand(h, w)
             cols = torch.arange(w)[None, :].expand(h, w)
             order = [p.reshape(h // merge, merge, w // merge, merge).permute(0, 2, 1, 3).flatten() for p in (rows, cols)]
@@ -154,19 +196,18 @@ class RiceVisionTower(nn.Module):
 
 
 def with_class_tokens(x: torch.Tensor, angles: torch.Tensor, sizes: list[int], token: torch.Tensor,
-                      token_angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x`` and its angles with a class token before each segment of ``sizes`` rows; each row's
-    segment index; and which rows are the patches (to keep after the blocks)."""
-    rows, row_angles, segments, keep = [], [], [], []
+                      token_angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x`` and its angles with a class token before each segment of ``sizes`` rows, and the
+    indices of the patch rows (to keep after the blocks; an index, not a mask, so that the
+    planner's fake tensors know the shape)."""
+    rows, row_angles, keep = [], [], []
     start = 0
     for index, size in enumerate(sizes):
         rows += [token[None], x[start:start + size]]
         row_angles += [token_angles.to(angles.device), angles[start:start + size]]
-        segments.append(torch.full((size + 1,), index, device=x.device))
-        keep += [False] + [True] * size
+        keep.append(torch.arange(start + index + 1, start + index + 1 + size))
         start += size
-    return (torch.cat(rows), torch.cat(row_angles), torch.cat(segments),
-            torch.tensor(keep, device=x.device))
+    return torch.cat(rows), torch.cat(row_angles), torch.cat(keep).to(x.device)
 
 
-__all__ = ["RiceVisionTower", "RiceVitConfig"]
+__all__ = ["RiceVisionTower", "RiceVitConfig", "Segments"]

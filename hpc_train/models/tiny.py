@@ -86,9 +86,13 @@ def set_token_ids(model: PreTrainedModel, tokenizer: Any) -> None:
 
 def point_token_ids(config: Any, tokenizer: Any) -> None:
     """Point a model config's media and special-token ids at this tokenizer's (a preset's
-    architecture carries the published ones)."""
-    image = tokenizer.convert_tokens_to_ids("<image>")
-    video = tokenizer.convert_tokens_to_ids("<video>") if "<video>" in tokenizer.get_vocab() else None
+    architecture carries the published ones); the media tokens are its family's."""
+    from hpc_train.models.families import family_of_model_type
+
+    family = family_of_model_type(config.model_type)
+    vocab = tokenizer.get_vocab()
+    image = tokenizer.convert_tokens_to_ids(family.image_token)
+    video = tokenizer.convert_tokens_to_ids(family.video_token) if family.video_token in vocab else None
     for name in ("image_token_id", "image_token_index"):
         if hasattr(config, name):
             setattr(config, name, image)
@@ -96,6 +100,9 @@ def point_token_ids(config: Any, tokenizer: Any) -> None:
         for name in ("video_token_id", "video_token_index"):
             if hasattr(config, name):
                 setattr(config, name, video)
+    for name, token in (("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")):
+        if hasattr(config, name) and token in vocab:
+            setattr(config, name, tokenizer.convert_tokens_to_ids(token))
     # The language model's config holds the special tokens (transformers deprecates
     # Idefics3's top-level pad_token_id in its favour; generation reads generation_config).
     text = getattr(config, "text_config", None) or config

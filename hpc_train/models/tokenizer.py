@@ -31,7 +31,7 @@ def train_tokenizer(
     corpus: Iterable[str] = (),
     single_token_words: Iterable[str] = (),
     vocab_size: int = 640,
-    bos: str,
+    bos: str | None,
     eos: str,
     pad: str,
 ) -> PreTrainedTokenizerFast:

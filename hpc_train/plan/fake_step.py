@@ -63,11 +63,6 @@ def _fake_mode_of(model: torch.nn.Module) -> FakeTensorMode:
 
 
 def _watched_modules(model: Any, family: Family) -> dict[str, torch.nn.Module]:
-    """The vision tower and the language model, found by the family's parameter prefixes."""
-    found: dict[str, torch.nn.Module] = {}
-    for name, module in model.named_modules():
-        bare = name.removeprefix("base_model.model.") + "."
-        for group in ("vision", "llm"):
-            if group not in found and bare in family.module_groups[group]:
-                found[group] = module
-    return found
+    """The vision tower and the language model, as the family finds them (also under PEFT)."""
+    inner = family.inner_model(model)
+    return {"vision": getattr(inner, family.vision_model), "llm": getattr(inner, family.language_model)}

@@ -51,7 +51,8 @@ def step_time(config: RunConfig, shape: ModelShape, trainability: Trainability, 
     samples = len(batch.batch.get("sample_ids", ())) or config.train.micro_batch_size
     size = config.train.sequence_parallel  # a rank's share of the group's micro-batch
     micro = step_flops(shape, trainability, tokens=-(-batch.tokens // size), samples=samples,
-                       images=-(-batch.tiles // size), context=batch.tokens / samples).total
+                       images=-(-batch.tiles // size), context=batch.tokens / samples,
+                       vision_rows=-(-batch.vision.rows // size), vision_pairs=-(-batch.vision.pairs // size)).total
     accum = config.train.grad_accum
     flops = micro * accum
     seconds = (flops / (peak * 1e12 * EFFICIENCY[1]), flops / (peak * 1e12 * EFFICIENCY[0]))

@@ -17,6 +17,7 @@ from hpc_train.data.pipeline import DataPipeline
 from hpc_train.data.records import Record
 from hpc_train.data.tokenize import EncodedSample
 from hpc_train.errors import HpcTrainError
+from profiling.flops import VisionWork, grid_work
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class PlannedBatch:
     real_tokens: int
     tiles: int
     """Images, frames and tiles the vision tower encodes."""
+    vision: VisionWork = VisionWork()
+    """A grid tower's patch rows and segments (LLaVA-OneVision-1.5; none counted for the others)."""
 
 
 def run_shapes(config: RunConfig, pipeline: DataPipeline, records: Sequence[Record]) -> SampleShapes:
@@ -60,7 +63,7 @@ def worst_batch(config: RunConfig, pipeline: DataPipeline, records: Sequence[Rec
     batch = collate(usable)
     ids = batch["input_ids"]
     return PlannedBatch(batch=batch, indices=list(indices), tokens=ids.numel(),
-                        real_tokens=sum(len(s) for s in usable), tiles=_tiles(batch))
+                        real_tokens=sum(len(s) for s in usable), tiles=_tiles(batch), vision=_grid_work(batch))
 
 
 def _padded_worst(lengths: Sequence[int], max_seq_len: int, micro: int) -> list[int]:
@@ -83,8 +86,15 @@ def _packed_worst(config: RunConfig, lengths: Sequence[int]) -> list[int]:
     return max(micro_batches, key=lambda group: sum(lengths[i] for i in group))
 
 
+def _grid_work(batch: dict[str, Any]) -> VisionWork:
+    grids = [batch[key] for key in ("image_grid_thw", "video_grid_thw") if key in batch]
+    return sum((grid_work(grid) for grid in grids), VisionWork())
+
+
 def _tiles(batch: dict[str, Any]) -> int:
     """Images, tiles and frames in the batch (all-zero padding slots left out)."""
+    if "image_grid_thw" in batch or "video_grid_thw" in batch:  # patch rows: the grids count the items
+        return _grid_work(batch).images
     total = 0
     for key in ("pixel_values", "pixel_values_videos"):
         pixels = batch.get(key)

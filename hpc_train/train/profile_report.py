@@ -40,12 +40,11 @@ def trainability(model: torch.nn.Module, family: Family) -> Trainability:
 
 
 def vision_tower(model: torch.nn.Module, family: Family) -> torch.nn.Module | None:
-    """The module that encodes images, found by its name (also inside a PEFT wrapper)."""
-    suffix = family.module_groups["vision"][0].rstrip(".")
-    for name, module in model.named_modules():
-        if name == suffix or name.endswith("." + suffix):
-            return module
-    return None
+    """The module that encodes images: the family's tower (also inside DeepSpeed's and PEFT's wrappers)."""
+    try:
+        return getattr(family.inner_model(model), family.vision_model)
+    except ValueError:
+        return None
 
 
 def describe_run(config: RunConfig, info: DistInfo, *, zero_stage: int | None, planned_steps: int | None,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-FAMILIES = ("smolvlm", "smolvlm2", "llava_onevision")
+FAMILIES = ("smolvlm", "smolvlm2", "llava_onevision", "llava_onevision_1_5")
 RUN_TIMEOUT_S = 420  # a hang (e.g. ranks running different modules under ZeRO-3) fails here
 
 

@@ -83,6 +83,10 @@ CASES = {
         "train.mode=full", "data.packing=true", "data.packing_loss=sample", "data.max_seq_len=512",
         "train.micro_batch_size=1"]),
     "smolvlm-text-only-qlora": ("smolvlm", ("text",), ["train.mode=qlora", "train.micro_batch_size=3"]),
+    # images at their own sizes and each video's frames shared by grid; LoRA in the tower too
+    "llava15-packed-lora-all-zero3": ("llava_onevision_1_5", ("text", "image", "video", "audio"), [
+        "train.mode=lora", "lora.target=all", "data.packing=true", "data.max_seq_len=512",
+        "train.micro_batch_size=1", "deepspeed.config=ds_configs/zero3.json"]),
 }
 
 

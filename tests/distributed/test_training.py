@@ -103,7 +103,7 @@ def test_per_group_learning_rates_are_the_ones_applied(tmp_path, tiny_model_dirs
         assert rates[group] * 0.5 < delta <= rates[group] * 1.01, (group, delta)
 
 
-@pytest.mark.parametrize(("mode", "family"), [("lora", "smolvlm"), ("qlora", "smolvlm2")])
+@pytest.mark.parametrize(("mode", "family"), [("lora", "smolvlm"), ("qlora", "smolvlm2"), ("qlora", "llava_onevision_1_5")])
 def test_lora_and_qlora_train_adapters_only(tmp_path, train_args, mode, family):
     out = tmp_path / mode
     extra = ["train.gradient_checkpointing=true"] if mode == "qlora" else []
@@ -178,7 +178,7 @@ def test_signal_checkpoints_requeues_and_resume_reproduces_losses(tmp_path, trai
 
 
 @pytest.mark.parametrize(("family", "ds"), [("smolvlm", "zero3"), ("llava_onevision", "zero3"),
-                                            ("llava_onevision", "zero2")])
+                                            ("llava_onevision", "zero2"), ("llava_onevision_1_5", "zero3")])
 def test_rank_with_text_only_batches_does_not_hang(tmp_path, synthetic_data, train_args, family, ds):
     """Rank 0 sees images and videos, rank 1 only text: every rank must still run the same
     vision modules, or ZeRO-3 waits forever on a gather the other rank never joins."""

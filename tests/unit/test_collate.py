@@ -127,13 +127,13 @@ def test_blank_media_keep_text_only_batches_running_the_vision_tower(loaded_tiny
     guarded = Collator(get_family(family), processor.tokenizer.pad_token_id, blanks=encoder.blank_media())
     a, b = plain(text_only), guarded(text_only)
     assert "pixel_values" not in a and "pixel_values" in b
-    if family == "llava_onevision":
+    spec = get_family(family)
+    if not spec.video_as_images:
         assert "pixel_values_videos" in b
     n = len(text_only[0])
     assert not b["attention_mask"][0, n:].any() and (b["labels"][0, n:] == IGNORE_INDEX).all()
     seen = []
-    hook = model.model.get_submodule(get_family(family).module_groups["vision"][0].removeprefix("model.").rstrip(".")
-                                     ).register_forward_hook(lambda *args: seen.append(1))
+    hook = getattr(spec.inner_model(model), spec.vision_model).register_forward_hook(lambda *args: seen.append(1))
     try:
         with torch.no_grad():
             out_a = model(**model_inputs(a), use_cache=False)

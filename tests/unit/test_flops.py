@@ -12,6 +12,8 @@ from profiling.flops import (
     Trainability,
     TransformerShape,
     UnknownArchitecture,
+    VisionWork,
+    grid_work,
     mfu,
     peak_tflops,
     shape_of,
@@ -41,7 +43,25 @@ def test_matmul_counts_match_the_models_linear_layers(loaded_tiny, family):
     rows = shape.vision_tokens_per_image
     if family in ("smolvlm", "smolvlm2"):  # the connector's linear runs once per pixel-shuffled token
         rows //= model.config.scale_factor ** 2
+    if family == "llava_onevision_1_5":  # the merger's MLP runs once per 2x2 window
+        rows //= model.config.vision_config.spatial_merge_size ** 2
     assert shape.connector_flops_per_image == 2 * real["connector"] * rows
+
+
+def test_a_grid_tower_counts_the_patch_rows_and_segments_it_ran(loaded_tiny):
+    """LLaVA-OneVision-1.5 encodes each image at its own size, each frame its own attention
+    segment: its FLOPs follow the rows and the per-segment rows squared, not an image count."""
+    model = loaded_tiny["llava_onevision_1_5"][0]
+    shape, real = shape_of(model.config), linear_weights(model, "llava_onevision_1_5")
+    work = grid_work(torch.tensor([[1, 4, 6], [3, 2, 2]]))  # an image, and a 3-frame video
+    assert work == VisionWork(images=4, rows=24 + 3 * 4, pairs=24 ** 2 + 3 * 4 ** 2)
+    flops = step_flops(shape, Trainability(), tokens=0, samples=1, images=work.images,
+                       vision_rows=work.rows, vision_pairs=work.pairs)
+    vision = model.config.vision_config
+    patch_embed = 3 * 14 * 14 * vision.hidden_size
+    expected = (2 * (real["vision"] + patch_embed) * work.rows + 4 * vision.depth * vision.hidden_size * work.pairs
+                + 2 * real["connector"] * work.rows / 4)
+    assert flops.forward == pytest.approx(expected)
 
 
 def test_published_smolvlm_counts_match_its_parameter_count():

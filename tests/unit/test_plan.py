@@ -34,8 +34,7 @@ from hpc_train.train.trainable_model import prepare_for_training
 from hpc_train.train.trainer import TrainLoop
 from profiling.live_tensors import LiveTensorBytes
 from tests.conftest import FAMILIES
-
-RECIPES = {"smolvlm": "tiny_smolvlm", "smolvlm2": "tiny_smolvlm2", "llava_onevision": "tiny_llava_onevision"}
+from tests.conftest import TINY_RECIPES as RECIPES
 
 
 def test_live_tensor_bytes_counts_each_storage_once_until_it_is_freed():

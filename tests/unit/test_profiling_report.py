@@ -200,7 +200,7 @@ def test_profiler_counts_images_in_forward_only_and_times_sections():
     tower(torch.zeros(2, 3, 4, 4))  # the hook is gone after the report
     with profiler.phase("forward"):
         tower(torch.zeros(2, 3, 4, 4))
-    assert profiler._images == 0
+    assert profiler._vision.images == 0
 
 
 def test_a_step_that_never_closed_leaves_nothing_in_the_next():
@@ -230,7 +230,9 @@ def test_profiler_counts_the_real_towers_images(loaded_tiny, synthetic_data, fam
     # A sample's tensor is (tiles, C, H, W) for SmolVLM, (images | videos, patches | frames, C, H, W)
     # for LLaVA-OneVision: every leading dimension is a picture the tower encodes.
     expected = sum(t.shape[:-3].numel() for s in samples for key, t in s.media.items()
-                   if key in ("pixel_values", "pixel_values_videos"))
+                   if key in ("pixel_values", "pixel_values_videos") and t.dim() > 2)
+    # LLaVA-OneVision-1.5's are patch rows: its grids count its images and frames
+    expected += sum(int(t[:, 0].sum()) for s in samples for key, t in s.media.items() if key.endswith("grid_thw"))
     profiler = Profiler(torch.device("cpu"), warmup_steps=0)
     profiler.count_images(vision_tower(model, get_family(family)))
     profiler.step_begin()

@@ -18,8 +18,11 @@ from tests.conftest import FAMILIES
 @pytest.mark.parametrize("family", FAMILIES)
 def test_saved_folder_reloads_identically(tiny_model_dirs, loaded_tiny, family):
     folder = tiny_model_dirs[family]
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja",
-                 "processor_config.json"):
+    files = ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "processor_config.json")
+    if family == "llava_onevision_1_5":  # the published folder's layout (tests/hub_layout.py)
+        files = ("config.json", "model.safetensors.index.json", "tokenizer.json", "chat_template.json",
+                 "preprocessor_config.json", "modeling_llavaonevision1_5.py")
+    for name in files:
         assert (folder / name).is_file(), name
     model, processor = loaded_tiny[family]
     fresh, _ = build_tiny(family)  # same seed: same weights as the saved model

@@ -100,7 +100,7 @@ def test_multi_turn_mixed_media_labels(loaded_tiny, family):
     # The system turn and every user turn are unsupervised: the first supervised token
     # comes after the first image's tokens.
     first_supervised = int((sample.labels != IGNORE_INDEX).nonzero()[0])
-    image_id = encoder.tokenizer.convert_tokens_to_ids("<image>")
+    image_id = encoder.tokenizer.convert_tokens_to_ids(get_family(family).image_token)
     assert int((sample.input_ids == image_id).nonzero()[0]) < first_supervised
 
 

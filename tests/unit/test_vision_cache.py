@@ -23,9 +23,9 @@ from hpc_train.train.loss import loss_for
 from hpc_train.train.profile_report import vision_tower
 from hpc_train.train.trainable_model import LoadedModel, prepare_for_training
 from hpc_train.train.vision_cache_setup import open_vision_cache, vision_cache_refusal
+from tests.conftest import TINY_RECIPES as RECIPES
 from tests.unit.test_supervised_loss import assert_same, loss_and_grads
 
-RECIPES = {"smolvlm": "tiny_smolvlm", "smolvlm2": "tiny_smolvlm2", "llava_onevision": "tiny_llava_onevision"}
 KINDS = ["image", "multi_image", "video", "audio", "text"]
 
 

@@ -16,8 +16,8 @@ from hpc_train.data.vision_cache_keys import (
 from hpc_train.models.load import model_family
 from hpc_train.models.tiny import build_tiny
 from hpc_train.train.trainable_model import prepare_for_training
+from tests.conftest import TINY_RECIPES as RECIPES
 
-RECIPES = {"smolvlm": "tiny_smolvlm", "smolvlm2": "tiny_smolvlm2", "llava_onevision": "tiny_llava_onevision"}
 FAMILIES = list(RECIPES)
 
 

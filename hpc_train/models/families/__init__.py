@@ -4,6 +4,8 @@
 - ``smolvlm2``: SmolVLM2, transformers' SmolVLM; a video goes through its processor's video path
   (an intro line, then "Frame from MM:SS:" and one unsplit image per frame).
 - ``llava_onevision``: LLaVA-OneVision; videos have their own pooled-frame path.
+- ``llava_onevision_1_5``: LLaVA-OneVision-1.5, RICE-ViT + Qwen3 (our model class, the hub's
+  parameter names); images and frames at their own size, ``t·h·w / 4`` tokens each.
 
 Audio (``<speech>``) reaches every family as a spectrogram picture (an image), since none has an
 audio encoder. A saved folder says which family it is (``model_type`` in its ``config.json``).
@@ -15,10 +17,11 @@ from __future__ import annotations
 from typing import Any
 
 from hpc_train.errors import ConfigError
-from hpc_train.models.families import llava_onevision, smolvlm, smolvlm2
+from hpc_train.models.families import llava_onevision, llava_onevision_1_5, smolvlm, smolvlm2
 from hpc_train.models.families.base import Family, MediaLayout
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (smolvlm.FAMILY, smolvlm2.FAMILY, llava_onevision.FAMILY)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (smolvlm.FAMILY, smolvlm2.FAMILY, llava_onevision.FAMILY,
+                                                   llava_onevision_1_5.FAMILY)}
 _BY_MODEL_TYPE = {model_type: f for f in FAMILIES.values() for model_type in f.model_types}
 
 

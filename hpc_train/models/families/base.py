@@ -28,7 +28,7 @@ class MediaLayout:
 
     shared_by: str = ""
     """The host bookkeeping by which sequence parallelism shares the vision work of a sample
-    (a key of :mod:`hpc_train.models.media_keys`: ``tile_frames`` or ``image_rows``)."""
+    (a key of :mod:`hpc_train.models.media_keys`: ``tile_frames``, ``image_rows`` or ``grid_thw``)."""
 
     def sample(self, processor_out: Any) -> dict[str, torch.Tensor]:
         """One sample's media tensors, without a batch dimension, from the processor's output."""
@@ -119,6 +119,9 @@ class Family:
     """Every image tile costs the same tokens (Idefics3's check of them can be proven once)."""
     video_inputs: Callable[[Sequence[Any]], dict[str, Any]] | None = field(default=None, repr=False)
     """Extra processor keyword arguments for a sample's decoded videos (fps, timestamps)."""
+    blank_side: Callable[[Any], int] | None = field(default=None, repr=False)
+    """The side of the blank picture that costs the fewest tokens, from the processor (``None``:
+    one tile, read from its image processor's ``size``)."""
 
     @property
     def video_as_images(self) -> bool:
