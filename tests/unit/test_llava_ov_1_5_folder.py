@@ -63,3 +63,14 @@ def test_a_saved_model_keeps_the_hub_s_config_names(loaded_tiny, tmp_path):
     assert saved["vision_config"]["text_hidden_size"] == model.config.text_config.hidden_size
     assert set(load_file(tmp_path / "export" / "model.safetensors")) == set(model.state_dict()) - {"visual.inv_freq",
                                                                                                    "model.rotary_emb.inv_freq"}
+
+
+def test_check_data_passes_on_the_published_folder(tiny_model_dirs, synthetic_data, capsys):
+    from hpc_train.cli import main
+
+    folder = tiny_model_dirs["llava_onevision_1_5"]
+    assert main(["check-data", "tiny_llava_onevision_1_5", f"model.path={folder}", "model.preset=null",
+                 f"data.train={synthetic_data / 'train.jsonl'}", "data.eval=null"]) == 0
+    out = capsys.readouterr().out
+    assert "with errors: 0" in out and "You are a helpful assistant.<|im_end|>" in out  # the template's own
+    assert "<|vision_start|><|" in out
