@@ -85,6 +85,8 @@ class ModelShape:
     connector_flops_per_image: float = 0.0
     connector_tokens_per_image: int = 0
     """Rows the connector's linear layers see per image (Idefics3: after pixel shuffle)."""
+    grid_tower: bool = False
+    """Images at their own size (:data:`GRID_TOWERS`): the per-image figures are the planning square's."""
 
 
 def _dims(cfg: Any) -> tuple[int, int, int]:
@@ -143,7 +145,7 @@ def _grid_shape(text: TransformerShape, vocab: int, vision_cfg: Any) -> ModelSha
     connector = 2.0 * (window * width * window * width + window * width * text.hidden) * merged
     return ModelShape(text=text, vocab=vocab, vision=vision, vision_tokens_per_image=patches,
                       patch_embed_params=vision_cfg.in_channels * vision_cfg.patch_size ** 2 * width,
-                      connector_flops_per_image=connector, connector_tokens_per_image=merged)
+                      connector_flops_per_image=connector, connector_tokens_per_image=merged, grid_tower=True)
 
 
 @dataclass(frozen=True)
@@ -206,11 +208,11 @@ def step_flops(shape: ModelShape, trainability: Trainability, *, tokens: int, sa
     per_image = shape.vision_tokens_per_image
     rows = vision_rows or images * per_image
     pairs = vision_pairs or images * per_image ** 2
-    per_row = 1.0 / per_image if per_image else 0.0  # the connector's work follows the patch rows
+    images_worth = rows / per_image if per_image else 0.0  # the connector's work follows the patch rows
     weights: dict[str, float] = {
         "llm": 2.0 * shape.text.matmul_params() * tokens,
         "head": 2.0 * shape.text.hidden * shape.vocab * tokens,
-        "vision": 0.0, "connector": shape.connector_flops_per_image * rows * per_row,
+        "vision": 0.0, "connector": shape.connector_flops_per_image * images_worth,
     }
     forward = dict(weights)
     forward["llm"] += shape.text.attention_flops_per_token(context) * tokens
@@ -218,7 +220,7 @@ def step_flops(shape: ModelShape, trainability: Trainability, *, tokens: int, sa
         weights["vision"] = (2.0 * (shape.vision.matmul_params() + shape.patch_embed_params) * rows
                              + shape.vision_head_flops_per_image * images)
         forward["vision"] = weights["vision"] + shape.vision.attention_flops_per_token(1.0) * pairs
-    work_items = {"vision": rows, "connector": shape.connector_tokens_per_image * rows * per_row,
+    work_items = {"vision": rows, "connector": shape.connector_tokens_per_image * images_worth,
                   "llm": tokens, "head": tokens}
     lora_forward = {c: 2.0 * trainability.lora_params.get(c, 0) * work_items[c] for c in COMPONENTS}
     backward = 0.0

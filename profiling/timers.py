@@ -32,10 +32,10 @@ class StepRecord:
     images: int = 0
     epoch: int = 0
     context: float | None = None
+    """Mean length of the sequences this step's tokens attend over (None: tokens / samples)."""
     vision_rows: int = 0
     vision_pairs: int = 0
     """A grid tower's patch rows and per-segment rows² (``profiling.flops.VisionWork``; 0: none counted)."""
-    """Mean length of the sequences this step's tokens attend over (None: tokens / samples)."""
 
 
 @dataclass

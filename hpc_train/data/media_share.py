@@ -69,17 +69,7 @@ def _split_grid(batch: dict[str, Any], keys: tuple[str, str], rank: int, size: i
     grid = batch[grid_key].tolist()
     merge = sum(len(w) for w in wanted)  # feature rows in all: patch rows / merge window
     window = sum(t * h * w for t, h, w in grid) // max(merge, 1)
-    pieces: list[list[tuple[int, int, int, int]]] = [[] for _ in range(size)]  # (item, first frame, frames, hw)
-    if by_frame:
-        for item, (t, h, w) in enumerate(grid):
-            for q in range(size):
-                start, end = share_bounds(t, q, size)
-                if end > start:
-                    pieces[q].append((item, start, end - start, h * w))
-    else:
-        for q in range(size):
-            start, end = share_bounds(len(grid), q, size)
-            pieces[q] = [(item, 0, grid[item][0], grid[item][1] * grid[item][2]) for item in range(start, end)]
+    pieces = grid_shares(grid, size, by_frame=by_frame)
     patch_start = [0]
     for t, h, w in grid:
         patch_start.append(patch_start[-1] + t * h * w)
@@ -94,6 +84,23 @@ def _split_grid(batch: dict[str, Any], keys: tuple[str, str], rank: int, size: i
     batch[pixels_key] = batch[pixels_key][torch.cat([rows(*p, 1) for p in mine])]
     batch[grid_key] = torch.tensor([[frames, grid[item][1], grid[item][2]] for item, _, frames, _ in mine])
     return FeatureRows(rank, wanted, encoded, routing=routing(rank, encoded, wanted))
+
+
+def grid_shares(grid: list[list[int]], size: int, *, by_frame: bool) -> list[list[tuple[int, int, int, int]]]:
+    """Per rank of ``size``, what it encodes of the items of ``grid`` (rows of frames, patch rows,
+    patch columns): ``(item, first frame, frames, h·w)``, whole items or each item's frames in
+    contiguous shares (``by_frame``)."""
+    pieces: list[list[tuple[int, int, int, int]]] = [[] for _ in range(size)]
+    for q in range(size):
+        if by_frame:
+            for item, (t, h, w) in enumerate(grid):
+                start, end = share_bounds(t, q, size)
+                if end > start:
+                    pieces[q].append((item, start, end - start, h * w))
+        else:
+            start, end = share_bounds(len(grid), q, size)
+            pieces[q] = [(item, 0, grid[item][0], grid[item][1] * grid[item][2]) for item in range(start, end)]
+    return pieces
 
 
 def _split_tiles(batch: dict[str, Any], rank: int, size: int, wanted: tuple[torch.Tensor, ...]) -> FeatureRows:
@@ -169,5 +176,5 @@ def _rows_of(tiles: torch.Tensor, per_tile: int) -> torch.Tensor:
     return (tiles[:, None] * per_tile + torch.arange(per_tile)).flatten()
 
 
-__all__ = ["IMAGE_ROWS", "IMAGE_TILE", "PADDING_TILE", "TILE_FRAMES", "frame_owners", "share_bounds",
-           "split_media"]
+__all__ = ["IMAGE_ROWS", "IMAGE_TILE", "PADDING_TILE", "MEDIA_GRIDS", "TILE_FRAMES", "frame_owners", "grid_shares",
+           "share_bounds", "split_media"]

@@ -23,6 +23,7 @@ from huggingface_hub.dataclasses import strict
 from torch import nn
 from torch.nn import functional as F
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 
@@ -109,15 +110,17 @@ class Mlp(nn.Module):
     def __init__(self, config: RiceVitConfig) -> None:
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(GradientCheckpointingLayer):
     def __init__(self, config: RiceVitConfig) -> None:
         super().__init__()
+        # the reference fixes the blocks' epsilon, whatever layer_norm_eps says (it sets the others)
         self.norm1 = nn.LayerNorm(config.hidden_size, eps=1e-5)
         self.attn = Attention(config)
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=1e-5)
@@ -135,7 +138,7 @@ class Merger(nn.Module):
         super().__init__()
         self.window = config.spatial_merge_size**2
         width = config.hidden_size * self.window
-        self.ln_q = nn.LayerNorm(config.hidden_size, eps=1e-5)
+        self.ln_q = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, config.text_hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

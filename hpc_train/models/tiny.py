@@ -87,7 +87,7 @@ def set_token_ids(model: PreTrainedModel, tokenizer: Any) -> None:
 def point_token_ids(config: Any, tokenizer: Any) -> None:
     """Point a model config's media and special-token ids at this tokenizer's (a preset's
     architecture carries the published ones); the media tokens are its family's."""
-    from hpc_train.models.families import family_of_model_type
+    from hpc_train.models.families import family_of_model_type  # the family modules import this one
 
     family = family_of_model_type(config.model_type)
     vocab = tokenizer.get_vocab()

@@ -6,9 +6,10 @@ import math
 from dataclasses import dataclass
 
 from hpc_train.config import RunConfig
+from hpc_train.data.media_share import MEDIA_GRIDS, grid_shares
 from hpc_train.plan.gpus import Gpu
 from hpc_train.plan.worst_batch import PlannedBatch
-from profiling.flops import ModelShape, Trainability, step_flops
+from profiling.flops import ModelShape, Trainability, VisionWork, step_flops
 
 EFFICIENCY = (0.15, 0.40)
 """Model FLOPs utilisation assumed: small vision-language models with DeepSpeed reach 15-40% of
@@ -50,11 +51,28 @@ def step_time(config: RunConfig, shape: ModelShape, trainability: Trainability, 
         return None
     samples = len(batch.batch.get("sample_ids", ())) or config.train.micro_batch_size
     size = config.train.sequence_parallel  # a rank's share of the group's micro-batch
+    vision = hungriest_share(batch, size)
     micro = step_flops(shape, trainability, tokens=-(-batch.tokens // size), samples=samples,
-                       images=-(-batch.tiles // size), context=batch.tokens / samples,
-                       vision_rows=-(-batch.vision.rows // size), vision_pairs=-(-batch.vision.pairs // size)).total
+                       images=vision.images or -(-batch.tiles // size), context=batch.tokens / samples,
+                       vision_rows=vision.rows, vision_pairs=vision.pairs).total
     accum = config.train.grad_accum
     flops = micro * accum
     seconds = (flops / (peak * 1e12 * EFFICIENCY[1]), flops / (peak * 1e12 * EFFICIENCY[0]))
     return StepTime(flops_per_step=flops, tokens_per_step=-(-batch.tokens // size) * accum, seconds=seconds, steps=steps,
                     peak_tflops=peak)
+
+
+def hungriest_share(batch: PlannedBatch, size: int) -> VisionWork:
+    """A grid tower's work on the rank of a sequence-parallel group of ``size`` that encodes the
+    most patch rows (whole images go to one rank each, video frames in even shares), or none."""
+    if not batch.vision.rows or size == 1:
+        return batch.vision
+    ranks = [VisionWork() for _ in range(size)]
+    for kind, (_, grid_key) in MEDIA_GRIDS.items():
+        if grid_key in batch.batch:
+            shares = grid_shares(batch.batch[grid_key].tolist(), size, by_frame=kind == "video")
+            for rank, mine in enumerate(shares):
+                ranks[rank] += VisionWork(images=sum(f for _, _, f, _ in mine), rows=sum(f * hw for _, _, f, hw in mine),
+                                          pairs=sum(f * hw * hw for _, _, f, hw in mine))
+    return max(ranks, key=lambda work: work.rows)
+

@@ -238,18 +238,23 @@ def run_shape(model: Any, config: Any, world_size: int, ds: dict[str, Any] | Non
     census = param_census(model, family)
     arch = shape_of(model.config)
     video = config.data.video
+    frames = video.max_frames if video.sampling == "fps" else video.num_frames
+    per_frame = arch.vision_tokens_per_image
+    if arch.grid_tower:  # frames at their own size: as many patch rows as the positions they may fill take
+        rows_per_position = arch.vision_tokens_per_image // max(arch.connector_tokens_per_image, 1)
+        per_frame = max(per_frame, config.data.max_seq_len * rows_per_position // max(frames, 1))
     return RunShape(
         params_vision=census["vision"].total, params_connector=census["connector"].total,
         params_llm=census["llm"].total, params_head=census["head"].total,
         hidden_size=arch.text.hidden, num_layers=arch.text.layers, vocab_size=arch.vocab,
         vision_hidden_size=arch.vision.hidden if arch.vision else 0,
         vision_layers=arch.vision.layers if arch.vision else 0,
-        vision_tokens_per_frame=arch.vision_tokens_per_image,
+        vision_tokens_per_frame=per_frame,
         lm_tokens_per_frame=max(1, arch.connector_tokens_per_image),
         mode=config.train.mode, lora_params=sum(c.lora for c in census.values()),
         freeze_vision="vision" in config.model.freeze, freeze_connector="connector" in config.model.freeze,
         freeze_llm="llm" in config.model.freeze, zero_stage=zero_stage(ds), offload_optimizer=offloads_optimizer(ds),
         world_size=world_size, micro_batch=config.train.micro_batch_size, seq_len=config.data.max_seq_len,
-        frames_per_sample=video.max_frames if video.sampling == "fps" else video.num_frames,
+        frames_per_sample=frames,
         param_bytes=2 if compute_dtype(config) == torch.bfloat16 else 4,
         gradient_checkpointing=config.train.gradient_checkpointing)

@@ -119,6 +119,9 @@ class Family:
     """Every image tile costs the same tokens (Idefics3's check of them can be proven once)."""
     video_inputs: Callable[[Sequence[Any]], dict[str, Any]] | None = field(default=None, repr=False)
     """Extra processor keyword arguments for a sample's decoded videos (fps, timestamps)."""
+    strict_weights: bool = False
+    """A folder whose weights miss or add a parameter is refused (our own model classes, whose names
+    are the hub's; transformers' classes keep their own warnings about renamed or unused keys)."""
     blank_side: Callable[[Any], int] | None = field(default=None, repr=False)
     """The side of the blank picture that costs the fewest tokens, from the processor (``None``:
     one tile, read from its image processor's ``size``)."""

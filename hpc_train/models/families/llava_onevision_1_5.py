@@ -35,6 +35,7 @@ from hpc_train.models.media_keys import GRID_THW
 from hpc_train.models.tiny import answer_words, corpus, seeded_model
 from hpc_train.models.tokenizer import train_tokenizer
 from hpc_train.models.vision_share import routed, rows_of
+from profiling.flops import PLAN_SIDE
 
 # The published folder's chat_template.json (Qwen/Qwen2.5-VL-7B-Instruct's, which the checkpoint ships).
 CHAT_TEMPLATE = (
@@ -186,19 +187,20 @@ def config_values(*, hidden: int, intermediate: int, rope_theta: float, position
     })
 
 
-# A 448-px square: 32×32 patches, 256 tokens (the published processor keeps an image at its own
-# size within 56²…1600² pixels, so tokens grow with the picture; this is the planning unit).
-PLAN_SIDE = 448
+# FLOPs counting's planning square, 448 px: 32×32 patches, 256 tokens (the published processor
+# keeps an image at its own size within 56²…1600² pixels, so tokens grow with the picture).
 PLAN_TOKENS = (PLAN_SIDE // PATCH) ** 2 // MERGE**2
 
 PRESETS = (
-    # Totals from the checkpoint's shapes: tower 302,914,592 + merger 27,271,680 + Qwen3 with its
-    # untied head 4,411,424,256 = 4,741,610,528; the model card says "4B" (no exact figure).
+    # published_params: summed from the tensor shapes the reference code and its conversion
+    # configs give the checkpoint (not from our modules, which the preset test counts against
+    # them); the model cards say only "4B" / "8B". 4B: tower 302,914,592 + merger 27,271,680 +
+    # Qwen3 with its untied head 4,411,424,256 = 4,741,610,528.
     Preset(name="llava-onevision-1.5-4b", family="llava_onevision_1_5",
            hf_id="lmms-lab/LLaVA-OneVision-1.5-4B-Instruct", published_params=4_741_610_528, image_size=PLAN_SIDE,
            tokens_per_image=PLAN_TOKENS, tokens_per_video_frame=PLAN_TOKENS,
            config_values=config_values(hidden=2560, intermediate=9728, rope_theta=5_000_000.0, positions=262144)),
-    # tower 302,914,592 + merger 33,564,672 + Qwen3-8B with its head 8,190,735,360 = 8,527,214,624 ("8B").
+    # 8B: tower 302,914,592 + merger 33,564,672 + Qwen3-8B with its head 8,190,735,360 = 8,527,214,624.
     Preset(name="llava-onevision-1.5-8b", family="llava_onevision_1_5",
            hf_id="lmms-lab/LLaVA-OneVision-1.5-8B-Instruct", published_params=8_527_214_624, image_size=PLAN_SIDE,
            tokens_per_image=PLAN_TOKENS, tokens_per_video_frame=PLAN_TOKENS,
@@ -217,7 +219,7 @@ FAMILY = Family(
     vision_model="visual", language_model="model",
     layout=GridLayout(), feature_encoders={kind: encoder(kind) for kind in MEDIA_KEYS},
     share_vision=share_vision, build_tiny=build_tiny, preset_processor=preset_processor, presets=PRESETS,
-    blank_side=blank_side,
+    strict_weights=True, blank_side=blank_side,
 )
 
 __all__ = ["FAMILY", "PRESETS", "GridLayout", "build_tiny", "processor"]
