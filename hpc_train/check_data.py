@@ -168,7 +168,8 @@ def render_sample(encoder: ChatEncoder, sample: EncodedSample) -> str:
     tokenizer = encoder.tokenizer
     ids = sample.input_ids.tolist()
     supervised = (sample.labels != IGNORE_INDEX).tolist()
-    media_ids = {tokenizer.convert_tokens_to_ids(t) for t in ("<image>", "<video>")} - {None}
+    family = encoder.family
+    media_ids = {tokenizer.convert_tokens_to_ids(t) for t in (family.image_token, family.video_token) if t} - {None}
 
     def run_key(k: int) -> tuple[bool, int | None]:
         return supervised[k], ids[k] if ids[k] in media_ids else None
