@@ -60,7 +60,7 @@ def fill_vision_cache(config: RunConfig, info: DistInfo) -> CacheFill:
         raise ConfigError("a baseline run does not train, so it reads no vision cache. Fix: train.mode=lora or full")
     started = time.perf_counter()
     device = choose_device(info, config.train.device)
-    init_distributed(info, device)
+    init_distributed(info, device, timeout_s=config.train.collective_timeout_s)
     loaded = load_training_model(config, info, device, model_source(config, info), None)
     refusal = vision_cache_refusal(config, loaded)
     if refusal is not None:

@@ -161,6 +161,10 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu"] = "auto"
     """``auto``: this rank's GPU when CUDA works, the CPU when the job has no GPU (a job given GPUs
     on which CUDA does not work stops); ``cpu``: the CPU on purpose, whatever the job was given."""
+    collective_timeout_s: float = Field(1800.0, gt=0)
+    """Seconds a rank waits in a collective for the others before the run stops (NCCL's / gloo's
+    process-group timeout): raise it when one rank's work between collectives takes longer (a
+    slow filesystem's checkpoint save, a long evaluation on rank 0)."""
     micro_batch_size: int = Field(1, ge=1)
     """Samples per rank per forward pass."""
     grad_accum: int = Field(1, ge=1)

@@ -56,6 +56,19 @@ def init_distributed(info: DistInfo, device: torch.device, *, timeout_s: float =
     start_beating(dist.get_rank(), dist.get_world_size())  # so that a survivor can name a lost rank
 
 
+def collective_timeout_s() -> float | None:
+    """The timeout the joined process group really has (NCCL's or gloo's options), or None."""
+    if not dist.is_initialized():
+        return None
+    group = dist.group.WORLD
+    for device in ("cuda", "cpu"):
+        try:
+            return group._get_backend(torch.device(device)).options._timeout.total_seconds()
+        except (RuntimeError, AttributeError, ValueError):
+            continue
+    return None
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

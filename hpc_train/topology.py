@@ -191,8 +191,9 @@ def _from_slurm(e: _Env, hostnames: Callable[[str], list[str]]) -> DistInfo:
 
 
 def slurm_port(job_id: int) -> int:
-    """A port for the job's rendezvous: jobs sharing a node get different ones."""
-    return 20000 + job_id % 20000 if job_id else DEFAULT_PORT
+    """A port for the job's rendezvous: jobs sharing a node get different ones, all of them below
+    Linux's ephemeral range (32768-60999), from which connections take their local ports."""
+    return 10000 + job_id % 20000 if job_id else DEFAULT_PORT
 
 
 def _tasks_per_node(spec: str | None, nodes: int) -> list[int]:

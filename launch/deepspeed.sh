@@ -5,7 +5,7 @@
 #   launch/deepspeed.sh train CONFIG [key=value ...]
 #
 # Environment: NPROC_PER_NODE (default: GPUs SLURM gave each node, else 1), MASTER_PORT
-# (default 20000 + job id % 20000). The hostfile is written to $TMPDIR (or /tmp).
+# (default 10000 + job id % 20000). The hostfile is written to $TMPDIR (or /tmp).
 set -euo pipefail
 
 [[ -n ${SLURM_JOB_NODELIST:-} ]] || { echo "[deepspeed.sh] error: not inside a SLURM allocation (sbatch / salloc)" >&2; exit 2; }
@@ -14,7 +14,7 @@ nproc=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
 ((nproc > 0)) || nproc=1
 cpus=$(( ${SLURM_CPUS_PER_TASK:-$nproc} / nproc > 0 ? ${SLURM_CPUS_PER_TASK:-$nproc} / nproc : 1 ))
 export MASTER_ADDR=${MASTER_ADDR:-${hosts[0]}}
-export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+export MASTER_PORT=${MASTER_PORT:-$((10000 + SLURM_JOB_ID % 20000))}
 hostfile=${TMPDIR:-/tmp}/hpc-train-hostfile-$SLURM_JOB_ID
 : >"$hostfile"
 for h in "${hosts[@]}"; do echo "$h slots=$nproc" >>"$hostfile"; done

@@ -6,13 +6,19 @@
 # Any hpc-train command works (`train`, `eval`, `topology --check`). Outside SLURM it runs
 # a single node. Environment (each with a default):
 #   NPROC_PER_NODE  processes on this node (default: GPUs SLURM gave the node, else 1)
-#   MASTER_PORT     rendezvous port (default 20000 + job id % 20000: jobs sharing a node differ)
-#   RDZV_HOST       rendezvous host (default: the first host of the job)
+#   MASTER_PORT     rendezvous port (default 10000 + job id % 20000: jobs sharing a node differ)
+#   RDZV_HOST       rendezvous host (default: MASTER_ADDR when set, else the first host of the job);
+#                   the job's first node (SLURM_NODEID 0) hosts it, whatever name the host has
+#                   (an IPoIB name no node calls itself is fine)
 #   MAX_RESTARTS    torchrun restarts of failed workers (default 0: a failed rank fails the job)
+#   STOP_TIMEOUT    seconds torchrun's agent gives its workers to stop after a SIGTERM before it
+#                   kills them (default 900; torchrun's own is 30, too short for a checkpoint):
+#                   SLURM's own deadline (GraceTime, KillWait) ends the job anyway
 #
 # SIGUSR1 / SIGTERM reach this script (srun forwards them); it passes them to the training
-# processes themselves, which checkpoint at the next step boundary. (torchrun would end its
-# workers on SIGTERM without that chance, and dies on SIGUSR1.) When every worker of the node
+# processes themselves, which checkpoint at the next step boundary. (torchrun dies on SIGUSR1,
+# and on a SIGTERM of its own, as a preemption sends every process, would kill its workers 30 s
+# later: it waits STOP_TIMEOUT instead.) When every worker of the node
 # stopped that way, the script exits 75 (EX_TEMPFAIL: requeue), as a rank started without
 # torchrun would; any other failure keeps torchrun's own status.
 set -euo pipefail
@@ -30,8 +36,10 @@ if [[ -n ${SLURM_JOB_NODELIST:-} ]]; then
 else
   first_host=127.0.0.1
 fi
-rdzv_host=${RDZV_HOST:-$first_host}
-port=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-9500} % 20000))}
+rdzv_host=${RDZV_HOST:-${MASTER_ADDR:-$first_host}}
+# torchrun would guess which node hosts the store by comparing names with rdzv_host: told instead.
+if ((node_rank == 0)); then is_host=true; else is_host=false; fi
+port=${MASTER_PORT:-$((10000 + ${SLURM_JOB_ID:-9500} % 20000))}
 nproc=${NPROC_PER_NODE:-$(gpus_on_node)}
 ((nproc > 0)) || nproc=1
 node_name=${SLURMD_NODENAME:-$(hostname -s)}
@@ -48,6 +56,7 @@ trap 'rm -rf "$HPC_TRAIN_REQUEUE_DIR"' EXIT
 # torchrun dies of SIGUSR1: it must ignore it (its workers install their own handler).
 (trap '' USR1; exec python -m torch.distributed.run --nnodes="$nodes" --nproc_per_node="$nproc" \
   --rdzv_backend=c10d --rdzv_endpoint="$rdzv_host:$port" --rdzv_id="${SLURM_JOB_ID:-local}" \
+  --rdzv_conf="is_host=$is_host" --shutdown-timeout="${STOP_TIMEOUT:-900}" \
   --max_restarts="${MAX_RESTARTS:-0}" -m hpc_train "$@") &
 agent=$!
 

@@ -1,8 +1,11 @@
 # Shared by slurm/baseline.slurm, lora.slurm and qlora.slurm (sourced, not run).
 #
 # Every tunable is an environment variable with a default; set it on the sbatch line
-# (`CONFIG=my.yaml sbatch slurm/lora.slurm`) or export it before. Config overrides are
-# the arguments after the template: `sbatch -N 2 slurm/lora.slurm train.lr=1e-4 data.train=x.jsonl`.
+# (`CONFIG=my.yaml sbatch slurm/lora.slurm`), export it before, or give it as an argument after
+# the template (`sbatch slurm/lora.slurm CONFIG=my.yaml LAUNCHER=srun`: upper-case NAME=value),
+# which is the way under `sbatch --export=NONE`, where the submitting shell's variables do not
+# reach the job. The other arguments are config overrides:
+# `sbatch -N 2 slurm/lora.slurm train.lr=1e-4 data.train=x.jsonl`.
 #
 #   CONFIG           recipe name or YAML file (each template sets its own default)
 #   OUTPUT_DIR       where the run writes (default: the config's output_dir,
@@ -10,7 +13,7 @@
 #   LAUNCHER         torchrun (one per node, c10d rendezvous) | deepspeed (deepspeed
 #                    --launcher slurm) | srun (one task per process)     (default torchrun)
 #   NPROC_PER_NODE   processes per node (default: the GPUs SLURM gave the node, else 1)
-#   MASTER_PORT      rendezvous port (default 20000 + job id % 20000)
+#   MASTER_PORT      rendezvous port (default 10000 + job id % 20000)
 #   HPC_TRAIN_ROOT   the hpc-train checkout (default: the directory sbatch was run from)
 #   VENV             virtualenv to activate (default $HPC_TRAIN_ROOT/.venv when it exists)
 #   OMP_NUM_THREADS  CPU threads per process (default: CPUs per task / processes per node)
@@ -26,20 +29,40 @@
 #                    train.device=cpu runs and baseline evaluations.
 #   PLAN_GPU         the GPU to plan for (default auto: this node's, as torch sees it); a name
 #                    from `hpc-train plan --help` when the batch shell sees no GPU
+#   MAX_REQUEUES     times the job may requeue itself (default 20); each requeue also needs a
+#                    checkpoint newer than the one the job began from
+#   STOP_TIMEOUT     seconds torchrun's agent lets the ranks checkpoint after a SIGTERM (default 900)
 #   SEQUENCE_PARALLEL  ranks that share each sample's sequence (train.sequence_parallel, DeepSpeed
 #                    Ulysses; default: the config's, 1 = off). The job's ranks (nodes x processes
 #                    per node) must be a multiple of it; the plan plays each rank of a group.
 #
 # Preemption: the templates ask for SIGUSR1 some minutes before the time limit
-# (--signal=B:USR1@...). This script passes it on to the training processes, which save a
-# checkpoint at the next step boundary and exit; the job then requeues itself
-# (`scontrol requeue`) and, when it runs again, resumes from that checkpoint.
+# (--signal=B:USR1@...); SIGTERM (a time limit, or a preemption) is taken the same way. This
+# script passes it on to the training processes, which save a checkpoint at the next step
+# boundary and exit; the job then requeues itself (`scontrol requeue`) and, when it runs again,
+# resumes from that checkpoint: only when that checkpoint is newer than the one the job began
+# from, at most MAX_REQUEUES times, and not when SLURM cancelled the job or preempted it to
+# requeue it itself. A failure after the signal ends the job FAILED
+# (hpc_train/slurm_outcome.py decides).
 # OUTPUT_DIR must be on a filesystem every node sees (checkpoints are written by all ranks
 # and renamed by rank 0), as cluster home / project / scratch filesystems are.
 
 set -euo pipefail
 
 hpc_log() { echo "[$(date +%H:%M:%S)] [hpc-train] $*"; }
+
+# Settings given as arguments (NAME=value, upper case); the rest are config overrides.
+OVERRIDES=()
+for arg in "$@"; do
+  if [[ $arg =~ ^[A-Z][A-Z0-9_]*= ]]; then export "${arg%%=*}=${arg#*=}"; else OVERRIDES+=("$arg"); fi
+done
+CONFIG=${CONFIG:-${DEFAULT_CONFIG:?the template sets DEFAULT_CONFIG}}
+if [[ ${SLURM_EXPORT_ENV:-} == NONE ]]; then  # sbatch --export=NONE (a site default, or asked for)
+  hpc_log "sbatch --export=NONE: the submitting shell's variables did not reach this job (give settings as" \
+          "arguments: sbatch slurm/<template>.slurm CONFIG=... LAUNCHER=...); config $CONFIG. This job's own steps" \
+          "get its environment (SLURM_EXPORT_ENV=ALL): the virtualenv, OMP / NCCL settings, MASTER_PORT"
+  export SLURM_EXPORT_ENV=ALL
+fi
 
 HPC_TRAIN_ROOT=${HPC_TRAIN_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
 cd "$HPC_TRAIN_ROOT"
@@ -61,7 +84,7 @@ if [[ -z ${NPROC_PER_NODE:-} ]]; then
   ((NPROC_PER_NODE > 0)) || NPROC_PER_NODE=1
 fi
 export NPROC_PER_NODE
-export MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-9500} % 20000))}
+export MASTER_PORT=${MASTER_PORT:-$((10000 + ${SLURM_JOB_ID:-9500} % 20000))}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-$NPROC_PER_NODE} / NPROC_PER_NODE > 0 ? ${SLURM_CPUS_PER_TASK:-$NPROC_PER_NODE} / NPROC_PER_NODE : 1 ))}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
@@ -69,7 +92,6 @@ export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
 export PYTHONUNBUFFERED=1
 
-OVERRIDES=("$@")
 [[ -n ${OUTPUT_DIR:-} ]] && OVERRIDES+=("output_dir=$OUTPUT_DIR")
 [[ -n ${SEQUENCE_PARALLEL:-} ]] && OVERRIDES+=("train.sequence_parallel=$SEQUENCE_PARALLEL")
 # ${a[@]+"${a[@]}"}: an empty "${a[@]}" is an error under set -u in bash < 4.4 (RHEL 7).
@@ -132,6 +154,7 @@ hpc_log "nodes $NODES ($hosts) x $NPROC_PER_NODE process(es), launcher $LAUNCHER
         "master port $MASTER_PORT, OMP_NUM_THREADS $OMP_NUM_THREADS"
 hpc_log "output $OUTPUT_DIR; overrides: ${OVERRIDES[*]:-(none)}"
 
+START_STEP=$(python -m hpc_train.slurm_outcome start "$OUTPUT_DIR")  # what a requeue must go beyond
 signalled=""
 launched=""
 forward_signal() {  # the batch shell got $1: pass it to the ranks, keep waiting for them
@@ -167,19 +190,20 @@ done
 status=0
 wait "$launched" || status=$?
 
-if [[ $signalled == USR1 ]] && { [[ -f $OUTPUT_DIR/requeue.json ]] || ((status != 0)); }; then
-  if [[ -f $OUTPUT_DIR/requeue.json ]]; then
-    hpc_log "checkpoint saved ($(cat "$OUTPUT_DIR/requeue.json")); requeueing job $SLURM_JOB_ID"
-  else  # stopped before a checkpoint could be written (e.g. still loading): start again
-    hpc_log "stopped before a checkpoint (status $status); requeueing job $SLURM_JOB_ID to start again"
-  fi
-  scontrol requeue "$SLURM_JOB_ID"
-  exit 0
-fi
-if ((status != 0)); then
-  hpc_log "failed with exit status $status (see the ranks' messages above)"
-  exit "$status"
-fi
+# Requeue only for progress (a checkpoint newer than the one this job began from), at most
+# MAX_REQUEUES times, never a job SLURM cancelled or requeues itself; a failure ends FAILED.
+job_state=$(scontrol show job "${SLURM_JOB_ID:-0}" -o 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2 || true)
+read -r action code message < <(python -m hpc_train.slurm_outcome end "$OUTPUT_DIR" --signal "$signalled" \
+  --status "$status" --start-step "$START_STEP" --restarts "${SLURM_RESTART_COUNT:-0}" \
+  --max-requeues "${MAX_REQUEUES:-20}" --job-state "${job_state:-}")
+case $action in
+  requeue) hpc_log "$message"; scontrol requeue "$SLURM_JOB_ID"; exit 0 ;;
+  fail) hpc_log "$message"; exit "$code" ;;
+  done) ;;
+  *) hpc_log "warning: no requeue decision (message above); ending with the launch step's status $status"
+     ((status == 0)) || exit "$status" ;;
+esac
+[[ -n $signalled ]] && { hpc_log "$message"; exit 0; }
 report=$OUTPUT_DIR/profile/report.json
 hpc_log "done: $OUTPUT_DIR"
 [[ -f $report ]] && python -m profiling.cli show "$report"

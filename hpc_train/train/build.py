@@ -29,7 +29,13 @@ from hpc_train.data.pipeline import DataPipeline, build_pipeline
 from hpc_train.data.records import Record
 from hpc_train.data.sequence_shard import SequenceShards
 from hpc_train.device import choose_device
-from hpc_train.dist import DistInfo, all_gather, all_reduce_max, init_distributed
+from hpc_train.dist import (
+    DistInfo,
+    all_gather,
+    all_reduce_max,
+    collective_timeout_s,
+    init_distributed,
+)
 from hpc_train.errors import ConfigError, HpcTrainError
 from hpc_train.models.adapters import (
     build_param_groups,
@@ -92,8 +98,9 @@ def build_run(config: RunConfig, info: DistInfo) -> RunParts:
     _check_sequence_parallel_mode(config)
     check_trackers(config.train.report_to)
     device = choose_device(info, config.train.device)
-    init_distributed(info, device)
-    _say(info, f"topology: {info.describe()}")
+    init_distributed(info, device, timeout_s=config.train.collective_timeout_s)
+    timeout = collective_timeout_s()
+    _say(info, f"topology: {info.describe()}" + (f"; collectives time out after {timeout:g} s" if timeout else ""))
     torch.manual_seed(config.train.seed + info.rank)
     training = config.train.mode != "baseline"
     profiler = _profiler(config, info, device, training)

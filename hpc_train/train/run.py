@@ -41,11 +41,17 @@ def run(config: RunConfig, *, evaluate_only: bool = False, info: DistInfo | None
 
 
 def _run(config: RunConfig, info: DistInfo, built: list[RunParts]) -> int:
+    # A signal while the model loads (a resume's checks included) is kept for the loop, not lost:
+    # under torchrun the ranks start with SIGUSR1 ignored, as its agent must.
+    early: list[int] = []
+    install_stop_signals(lambda signum, frame: early.append(signum))
     parts = build_run(config, info)
     built.append(parts)
     loop = TrainLoop(parts) if parts.training is not None else None
     # An evaluation-only run has nothing to checkpoint: a stop signal lets it finish.
     install_stop_signals(loop.request_stop if loop is not None else _ignore)
+    if early and loop is not None:
+        loop.request_stop(early[-1])  # stops after its first step, with a checkpoint beyond the one it began from
     if run_outputs.finished_before(parts):
         run_outputs.leave_finished_run(parts)
         return 0

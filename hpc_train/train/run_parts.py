@@ -23,6 +23,7 @@ from hpc_train.data.pipeline import DataPipeline
 from hpc_train.data.records import Record
 from hpc_train.dist import DistInfo
 from hpc_train.models.families import Family
+from hpc_train.slurm_outcome import REQUEUE_EXIT_CODE, REQUEUE_MARKER
 from hpc_train.train.checkpoint import Checkpointer, TrainState
 from hpc_train.train.data_order import PlannedBatches
 from hpc_train.train.engine import zero_stage
@@ -32,10 +33,9 @@ from hpc_train.train.step_timer import StepTimer
 from hpc_train.train.trainable_model import LoadedModel
 from profiling.profiler import Profiler
 
-REQUEUE_EXIT_CODE = 75
-"""Exit status after a signal-triggered checkpoint (EX_TEMPFAIL): the job should be requeued."""
-REQUEUE_MARKER = "requeue.json"
-"""Written to ``output_dir`` by rank 0 next to that exit; removed when the run starts again."""
+# REQUEUE_EXIT_CODE: exit status after a signal-triggered checkpoint (EX_TEMPFAIL); REQUEUE_MARKER:
+# written to ``output_dir`` by rank 0 next to that exit, removed when the run starts again. Both
+# live where the batch shell's requeue decision reads them without importing the training code.
 REQUEUE_DIR_ENV = "HPC_TRAIN_REQUEUE_DIR"
 """A folder (set by ``launch/torchrun.sh``) where each rank that stopped for a requeue leaves a
 file: torchrun reports such workers as failed, and the script exits 75 when all of them did."""

@@ -269,3 +269,33 @@ def test_topology_check_across_nodes_and_a_hand_exported_rank(cluster):
                               capture_output=True, text=True, timeout=300)
     assert exported.returncode != 0
     assert "the environment says RANK=0 of WORLD_SIZE=1, slurm says SLURM_PROCID=1" in exported.stderr
+
+
+def test_a_failure_after_the_warning_ends_the_job_failed_not_requeued(cluster, job_args, tmp_path):
+    """The save the warning asks for is refused (a read-only checkpoint folder): the ranks fail,
+    and the job ends FAILED with the reason instead of requeueing into the same failure."""
+    out = tmp_path / "out"
+    job = start_training(cluster, tmp_path, out, job_args(out, "train.max_steps=100000"))
+    with read_only_dir(out / "checkpoints"):
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=cluster, check=True, timeout=30)
+        state = wait_for_job(cluster, job, timeout=180)
+    log = log_of(tmp_path / f"hpc-lora-{job}.out")
+    assert state["JobState"] == "FAILED" and state["Restarts"] == "0", log[-4000:]
+    assert "after SIGUSR1, before a checkpoint was saved (see the ranks' messages above): not requeued" in log
+
+
+def test_a_site_s_export_none_gets_its_settings_as_arguments_and_its_steps_the_job_s_environment(cluster, job_args,
+                                                                                               tmp_path):
+    """``sbatch --export=NONE``: the submitting shell's CONFIG / LAUNCHER never reach the job (a
+    variable would be ignored and the template's default recipe train); given as arguments they
+    do, and the launch steps get the batch shell's environment (the venv, OMP / NCCL settings,
+    MASTER_PORT), where they would inherit SLURM_EXPORT_ENV=NONE."""
+    out = tmp_path / "out"
+    job, state = ok_job(cluster, "--export=NONE", "-N", "2", f"--output={tmp_path}/%x-%j.out", "slurm/lora.slurm",
+                        "CONFIG=tiny_smolvlm", "LAUNCHER=srun", "NPROC_PER_NODE=1", *job_args(out, "train.max_steps=2"),
+                        extra_env={"CONFIG": "no_such_recipe"})  # would fail the job if it reached it
+    log = log_of(tmp_path / f"hpc-lora-{job}.out")
+    assert state["JobState"] == "COMPLETED", log[-4000:]
+    assert "sbatch --export=NONE: the submitting shell's variables did not reach this job" in log
+    assert "full, config tiny_smolvlm" in log and "launcher srun" in log  # not the template's smolvlm_lora
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [1, 2]

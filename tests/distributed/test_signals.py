@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MAX_STEPS = 400  # far more than any test waits for: a run that reaches it was never stopped
 
 
-def start(cmd: list[str], out: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+def start(cmd: list[str], env: dict[str, str] | None = None, *, out: Path) -> subprocess.Popen:
     """A run in a session of its own (its pid is its process group), once it has logged 3 steps."""
     proc = subprocess.Popen(cmd, env={**child_env(), **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT)
@@ -71,7 +71,7 @@ def test_a_dead_rank_ends_the_other_at_once_despite_its_workers(tmp_path, train_
     30 s kill: it exits with its own error (1), not torchrun's SIGKILL (-9), and says in one
     line which rank is gone and where the same command resumes, instead of gloo's traceback."""
     out = tmp_path / "run"
-    proc = start(hpc_train_cmd("train", *args_for(train_args, out, "train.save_every=2")), out)
+    proc = start(hpc_train_cmd("train", *args_for(train_args, out, "train.save_every=2")), out=out)
     everything = psutil.Process(proc.pid).children(recursive=True)
     assert len(everything) >= 2 + 2 * 2, [p.cmdline()[:3] for p in everything]  # 2 ranks, 2 workers each
     victim = next(p for p in ranks_of(proc) if p.environ().get("RANK") == "0")
@@ -98,7 +98,7 @@ def test_sigterm_to_every_process_checkpoints_and_keeps_the_workers_until_then(t
     """As SLURM signals a job step: every process, DataLoader workers included. The workers ignore
     it (only their own rank may stop them), the ranks checkpoint at the next step and exit 75."""
     out = tmp_path / "run"
-    proc = start(hpc_train_cmd("train", *args_for(train_args, out)), out)
+    proc = start(hpc_train_cmd("train", *args_for(train_args, out)), out=out)
     everything = psutil.Process(proc.pid).children(recursive=True)
     for p in [psutil.Process(proc.pid), *everything]:
         if p.cmdline() and "torch.distributed.run" not in " ".join(p.cmdline()):
@@ -115,7 +115,7 @@ def test_usr1_to_a_plain_torchrun_group_stops_its_ranks_with_a_checkpoint(tmp_pa
     alone, which dies of it; its ranks then get SIGTERM from the kernel (parent death) and stop
     with a checkpoint instead of training on unsupervised."""
     out = tmp_path / "run"
-    proc = start(hpc_train_cmd("train", *args_for(train_args, out)), out)
+    proc = start(hpc_train_cmd("train", *args_for(train_args, out)), out=out)
     everything = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGUSR1)
     proc.communicate(timeout=60)
@@ -136,12 +136,7 @@ def test_usr1_to_the_launch_script_group_is_forwarded_by_a_surviving_agent(tmp_p
     passes it to the ranks, they checkpoint and exit 75, and so does the script (torchrun itself
     reports them as failed)."""
     out = tmp_path / "run"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [str(ROOT / "launch" / "torchrun.sh"), "train", *args_for(train_args, out)]
-    proc = start(cmd, out, env={"NPROC_PER_NODE": "2", "MASTER_PORT": str(port), "PATH": f"{Path(sys.executable).parent}:"
-                                f"{os.environ['PATH']}"})
+    proc = start(*launch_script(train_args, out), out=out)
     everything = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGUSR1)
     output, _ = proc.communicate(timeout=300)
@@ -151,3 +146,48 @@ def test_usr1_to_the_launch_script_group_is_forwarded_by_a_surviving_agent(tmp_p
     stopped_with_a_checkpoint(out, "SIGUSR1")
     assert json.loads((out / "requeue.json").read_text())["cause"] == "SIGUSR1 sent to the ranks"
     assert not alive(everything)
+
+
+def launch_script(train_args, out: Path) -> tuple[list[str], dict[str, str]]:
+    """``launch/torchrun.sh`` training 2 ranks on this machine, on a free port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"NPROC_PER_NODE": "2", "MASTER_PORT": str(port), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return [str(ROOT / "launch" / "torchrun.sh"), "train", *args_for(train_args, out)], env
+
+
+def test_sigterm_to_every_process_of_the_launch_script_checkpoints_as_a_preemption_needs(tmp_path, train_args):
+    """A preemption sends SIGTERM to every process of the job, torchrun's agent included; the
+    agent passes it on and waits STOP_TIMEOUT (not its own 30 s) for the ranks, which checkpoint
+    and exit 75, and so does the script."""
+    out = tmp_path / "run"
+    proc = start(*launch_script(train_args, out), out=out)
+    everything = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in everything:
+        p.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, output[-3000:]
+    stopped_with_a_checkpoint(out, "SIGTERM")
+    assert not alive(everything[1:])
+
+
+def test_usr1_while_the_ranks_load_is_kept_and_stops_them_after_one_step(tmp_path, train_args):
+    """Under ``launch/torchrun.sh`` the ranks start with SIGUSR1 ignored (torchrun's agent must
+    ignore it). A warning that comes while they load the model used to be lost, and the run
+    trained on past the time limit; now it stops them after their first step, with a checkpoint
+    beyond the one they began from, and the script exits 75."""
+    out = tmp_path / "run"
+    cmd, env = launch_script(train_args, out)
+    proc = subprocess.Popen(cmd, env={**child_env(), **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, cwd=ROOT)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not (out / "config.resolved.yaml").exists():  # every rank joined the group: now loading
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-4000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGUSR1)  # the script passes it to the ranks, as under srun
+    output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 75, output[-4000:]
+    marker = json.loads((out / "requeue.json").read_text())
+    assert marker["signal"] == "SIGUSR1" and marker["step"] == 1, marker
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [1]

@@ -24,7 +24,7 @@ def test_srun_tasks_read_slurm():
     info = discover(slurm_step(3, 4, "2(x2)", 1, 1), hostnames=expand_nodelist)
     assert (info.rank, info.world_size, info.local_rank, info.local_world_size) == (3, 4, 1, 2)
     assert (info.node_rank, info.num_nodes, info.source) == (1, 2, "slurm")
-    assert (info.master_addr, info.master_port) == ("gpu07", 20000 + 4242)
+    assert (info.master_addr, info.master_port) == ("gpu07", 10000 + 4242)
     assert discover({**slurm_step(0, 4, "2(x2)", 0, 0), "MASTER_PORT": "1234"},
                     hostnames=expand_nodelist).master_port == 1234
 

@@ -1,0 +1,75 @@
+"""The batch job's last decision (``hpc_train/slurm_outcome.py``, run by ``slurm/common.sh``):
+requeue only for progress, never forever, and never hide a failure that followed a warning."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hpc_train.slurm_outcome import decide
+
+SAVED = {"signal": "SIGUSR1", "step": 12, "checkpoint": "out/checkpoints/step-00000012", "exit_code": 75}
+
+
+def outcome(**changes):
+    given = {"signal": "USR1", "status": 75, "marker": SAVED, "start_step": 4, "restarts": 0, "max_requeues": 3,
+             "job_state": "RUNNING", **changes}
+    return decide(**given)
+
+
+def test_a_warning_that_saved_a_newer_checkpoint_requeues():
+    got = outcome()
+    assert got.action == "requeue" and got.status == 0
+    assert "checkpoint saved at step 12" in got.message and "restart 1 of at most 3" in got.message
+    assert outcome(signal="TERM", job_state="TIMEOUT").action == "requeue"  # a time limit's SIGTERM
+
+
+@pytest.mark.parametrize(("status", "marker"), [(1, None), (134, None), (1, {**SAVED, "step": 4})])
+def test_a_failure_after_the_warning_ends_the_job_failed(status, marker):
+    got = outcome(status=status, marker=marker)
+    assert got.action == "fail" and got.status == status
+    assert f"failed with exit status {status} after SIGUSR1" in got.message and "not requeued" in got.message
+
+
+def test_a_stop_without_progress_is_not_requeued_again():
+    """The marker of the checkpoint the job started from (or none at all): another allocation
+    would stop at the same place."""
+    for marker, start in ((SAVED, 12), (None, -1)):
+        got = outcome(marker=marker, start_step=start)
+        assert got.action == "fail" and got.status == 1 and "a requeue would make no progress" in got.message
+
+
+def test_the_requeue_cap_ends_a_job_that_keeps_coming_back():
+    got = outcome(restarts=3)
+    assert got.action == "fail" and "already requeued 3 times (MAX_REQUEUES=3)" in got.message
+
+
+@pytest.mark.parametrize(("state", "said"), [("CANCELLED by 1000", "was cancelled"), ("PREEMPTED", "requeues it itself")])
+def test_slurm_s_own_cancel_or_preemption_is_not_requeued_here(state, said):
+    got = outcome(signal="TERM", job_state=state)
+    assert got.action == "done" and said in got.message
+
+
+def test_without_a_signal_the_step_s_status_is_the_job_s():
+    assert outcome(signal="", status=0).action == "done"
+    got = outcome(signal="", status=3)
+    assert got.action == "fail" and got.status == 3 and "failed with exit status 3" in got.message
+
+
+def test_the_batch_shell_reads_the_output_folder_as_the_run_left_it(tmp_path):
+    def ask(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "hpc_train.slurm_outcome", *args], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert ask("start", str(tmp_path)) == "-1"
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step-00000004\n")
+    assert ask("start", str(tmp_path)) == "4"
+    (tmp_path / "requeue.json").write_text(json.dumps(SAVED))
+    line = ask("end", str(tmp_path), "--signal", "USR1", "--status", "75", "--start-step", "4", "--restarts", "2",
+               "--max-requeues", "5", "--job-state", "RUNNING")
+    assert line.startswith("requeue 0 checkpoint saved at step 12")
