@@ -4,13 +4,15 @@ merger), ``model`` (transformers' own ``Qwen3Model``) and an untied ``lm_head``.
 transformers 5.24 has no class for it and the checkpoint's remote code does not import there
 (we never run a model folder's code anyway), so the model is assembled here from the
 ecosystem's parts, with the checkpoint's own parameter names: a published folder loads with no
-key renamed, and :func:`check_loaded_keys` fails on any key missing or left over. Its
-``config.json`` is read as data (``model_type`` ``llavaonevision1_5``, its ``auto_map`` ignored)
-and written back in the same layout, so a merged export loads in the upstream code too.
+key renamed, and :func:`hpc_train.models.load.check_loaded_keys` fails on any key missing or
+left over. Its ``config.json`` is read as data (``model_type`` ``llavaonevision1_5``; its
+``auto_map`` is never consulted) and written back in the same layout, so a merged export loads
+in the upstream code too.
 
 The forward is the reference's: each image (``<|image_pad|>``) and video (``<|video_pad|>``)
 placeholder takes the next row of its kind's features, in order; the language positions are
-plain 1-D (a packed row's restart per sample, as for Qwen3), never Qwen2-VL's 3-D ones.
+plain 1-D (a packed row's restart per sample, as for Qwen3), never Qwen2-VL's 3-D ones. (The
+tower differs from the reference in one place, on purpose: :mod:`hpc_train.models.rice_vit`.)
 """
 
 from __future__ import annotations
@@ -66,9 +68,9 @@ class LlavaOnevision15Config(PreTrainedConfig):
 
     def to_dict(self) -> dict[str, Any]:
         """As the hub's ``config.json``: its names for the text config and the architecture, and
-        ``rope_theta`` and the top-level ``vocab_size`` where transformers 4 (the upstream code) reads
-        them (its loss reads the latter). An ``auto_map`` read
-        from a published folder is kept as data (only the upstream code would use it)."""
+        ``rope_theta`` and the top-level ``vocab_size`` where transformers 4 (the upstream code)
+        reads them (its loss reads the latter). An ``auto_map`` read from a published folder is
+        kept as data (only the upstream code would use it)."""
         out = super().to_dict()
         text = out["text_config"]
         text["model_type"] = TEXT_MODEL_TYPE

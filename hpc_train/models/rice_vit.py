@@ -12,6 +12,13 @@ a learned class token goes before each segment with its own learned rotary angle
 gets 2-D rotary angles from its (row, column) in the grid, then a pre-LayerNorm and pre-norm
 blocks with attention confined to the segment; the class tokens are dropped and each 2×2
 window of rows is merged into one row of the language model's width.
+
+Where this differs from the checkpoint's reference code, on purpose: the reference drops the
+class tokens at each segment's offset counted without the class tokens before it, so with two
+or more images or frames in a call every segment after the first keeps a class token and a
+neighbour's patch and loses its own last patch. Here each segment drops its own class token, as
+the project's training code and transformers' port of the model do
+(``tests/unit/test_llava_ov_1_5_reference.py`` holds both sets of numbers).
 """
 
 from __future__ import annotations

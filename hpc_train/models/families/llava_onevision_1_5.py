@@ -154,7 +154,6 @@ def tiny_config(tokenizer: Any, width: int) -> LlavaOnevision15Config:
 def build_tiny(*, seed: int = 0, width: int = 64) -> tuple[Any, ProcessorMixin]:
     """A tiny random LLaVA-OneVision-1.5 and its processor (images 56-112 px, frames alike)."""
     made = processor(pixels=TINY_PIXELS)
-    torch.manual_seed(seed)
     model = seeded_model(LlavaOnevision15ForConditionalGeneration, tiny_config(made.tokenizer, width),
                          made.tokenizer, seed)
     return model, made
