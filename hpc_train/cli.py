@@ -357,6 +357,9 @@ def entry() -> None:
     down at exit, the process group's threads (still referenced from DeepSpeed's engine) now and
     then abort the process (status -6) after a run that had finished and written everything,
     and the launcher would report the job as failed."""
+    from hpc_train.env_file import restore_environment
+
+    restore_environment()  # values a launcher could not pass whole (launch/deepspeed.sh), before any use
     status = main()
     dist = sys.modules.get("hpc_train.dist")
     if dist is None or not dist.joined:

@@ -20,9 +20,36 @@ hostfile=${TMPDIR:-/tmp}/hpc-train-hostfile-$SLURM_JOB_ID
 for h in "${hosts[@]}"; do echo "$h slots=$nproc" >>"$hostfile"; done
 main=$(python -c 'import hpc_train, pathlib; print(pathlib.Path(hpc_train.__file__).parent / "__main__.py")')
 
+# DeepSpeed passes the variables it exports as srun --export=ALL,NAME=value,..., which srun
+# cuts at commas (NCCL_IB_HCA=mlx5_0,mlx5_1 would arrive as mlx5_0). Such values go to a file
+# in the checkout, which every node sees, and each rank sets them again at its start.
+if ((${#hosts[@]} > 1)); then
+  mapfile -t exported < <(python -c 'from deepspeed.launcher.runner import EXPORT_ENVS
+from deepspeed.accelerator import get_accelerator
+print("\n".join(EXPORT_ENVS + get_accelerator().export_envs()))' 2>/dev/null)
+  envfile=$PWD/logs/hpc-train-env-$SLURM_JOB_ID
+  mkdir -p "$PWD/logs"
+  : >"$envfile"
+  for var in $(compgen -e); do
+    [[ ${!var} == *,* ]] || continue
+    for prefix in "${exported[@]}"; do
+      if [[ $var == "$prefix"* ]]; then
+        printf '%s=%s\n' "$var" "${!var}" >>"$envfile"
+        echo "[deepspeed.sh] $var has commas, which srun --export would cut: passed whole through $envfile"
+        unset "$var"
+        break
+      fi
+    done
+  done
+  export HPC_TRAIN_ENV_FILE=$envfile
+fi
+
 echo "[deepspeed.sh] ${#hosts[@]} node(s) (${hosts[*]}) x $nproc process(es), master $MASTER_ADDR:$MASTER_PORT," \
      "hostfile $hostfile, command: $*"
 # srun's own options: one task per slot on every node, and a failed rank ends the step.
+# On one host DeepSpeed's launcher runs here and dies of SIGUSR1; its ranks (which take it)
+# then start with it ignored until their handler is in place, as under torchrun.
+trap '' USR1
 exec deepspeed --hostfile "$hostfile" --launcher slurm --no_ssh_check \
   --launcher_args "--nodes=${#hosts[@]} --ntasks-per-node=$nproc --cpus-per-task=$cpus --kill-on-bad-exit=1" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$main" "$@"

@@ -5,12 +5,20 @@
 #   NP=2 launch/mpirun.sh train CONFIG [key=value ...]
 #   NP=8 MPIRUN_ARGS="--hostfile hosts --map-by ppr:4:node" launch/mpirun.sh train CONFIG
 #
-# Environment: NP (ranks, default 2), MPIRUN (default mpirun), MPIRUN_ARGS (extra options).
+# Environment: NP (ranks; default in a SLURM allocation: its nodes x the GPUs of each, else its
+# tasks per node; elsewhere 2), MPIRUN (default mpirun), MPIRUN_ARGS (extra options).
 # The variables the ranks need (PATH, the virtualenv, HF_*, DS_*, OMP_*, NCCL_*, PYTHONPATH)
-# are exported to every rank with -x.
+# are exported to every rank with -x. Ranks are not bound to cores (--bind-to none, unless
+# MPIRUN_ARGS binds them): Open MPI binds each rank to one core when np <= 2, where its
+# DataLoader workers would then share that core.
 set -euo pipefail
 
-np=${NP:-2}
+per_node=""
+if [[ -n ${SLURM_JOB_ID:-} ]]; then
+  per_node=${SLURM_GPUS_ON_NODE:-0}
+  ((per_node > 0)) || per_node=${SLURM_NTASKS_PER_NODE:-1}
+fi
+np=${NP:-$([[ -n $per_node ]] && echo $(( ${SLURM_NNODES:-1} * per_node )) || echo 2)}
 mpirun=${MPIRUN:-mpirun}
 command -v "$mpirun" >/dev/null || { echo "[mpirun.sh] error: $mpirun not found. Fix: install Open MPI or MPICH (module load openmpi), or set MPIRUN" >&2; exit 2; }
 args=(-np "$np")
@@ -22,6 +30,8 @@ if "$mpirun" --version 2>&1 | grep -qi "open mpi"; then
   args+=("${exports[@]}")
   # Open MPI refuses root unless told; containers and CI machines often run as root.
   [[ $(id -u) == 0 ]] && args+=(--allow-run-as-root)
+  [[ ${MPIRUN_ARGS:-} == *--bind-to* ]] || args+=(--bind-to none)
+  [[ -n $per_node ]] && args+=(--map-by "ppr:$per_node:node")  # the allocation's nodes, evenly
 fi
 # shellcheck disable=SC2206
 extra=(${MPIRUN_ARGS:-})

@@ -43,6 +43,10 @@ def git_commit(code_dir: str | Path) -> tuple[str | None, bool | None]:
         return None, None
 
 
+NETWORK_PREFIXES = ("NCCL_", "UCX_", "FI_")
+"""Settings of the collectives' transport (NCCL, UCX, libfabric) a report keeps."""
+
+
 def collect_environment(device: torch.device, code_dir: str | Path | None = None) -> dict[str, Any]:
     """The environment block of a report, as seen by this process."""
     cuda = device.type == "cuda"
@@ -54,6 +58,8 @@ def collect_environment(device: torch.device, code_dir: str | Path | None = None
         "python": platform.python_version(),
         **library_versions(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        # what the collectives ran with: runs that differ here are not comparable
+        "network_env": sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith(NETWORK_PREFIXES)),
         "git_commit": commit,
         "git_dirty": dirty,
     }

@@ -11,7 +11,8 @@
 #   OUTPUT_DIR       where the run writes (default: the config's output_dir,
 #                    results/training/<mode> in the shipped recipes)
 #   LAUNCHER         torchrun (one per node, c10d rendezvous) | deepspeed (deepspeed
-#                    --launcher slurm) | srun (one task per process)     (default torchrun)
+#                    --launcher slurm) | srun (one task per process)     (default torchrun;
+#                    srun when the job asked --gpus-per-task: one rank per task)
 #   NPROC_PER_NODE   processes per node (default: the GPUs SLURM gave the node, else 1)
 #   MASTER_PORT      rendezvous port (default 10000 + job id % 20000)
 #   HPC_TRAIN_ROOT   the hpc-train checkout (default: the directory sbatch was run from)
@@ -79,13 +80,26 @@ fi
 command -v python >/dev/null || { echo "[hpc-train] error: no python on PATH. Fix: set VENV" >&2; exit 2; }
 
 LAUNCHER=${LAUNCHER:-torchrun}
+PER_TASK=""  # the job asked for GPUs per task: one rank a task, each task's CPUs its own
+if [[ -n ${SLURM_GPUS_PER_TASK:-} ]]; then
+  PER_TASK=1
+  tasks=${SLURM_NTASKS_PER_NODE:-${SLURM_TASKS_PER_NODE:-1}}
+  NPROC_PER_NODE=${NPROC_PER_NODE:-${tasks%%[(,]*}}
+  if [[ $LAUNCHER == torchrun ]]; then
+    hpc_log "--gpus-per-task=$SLURM_GPUS_PER_TASK: one rank per task, started by srun (LAUNCHER=srun): torchrun's" \
+            "one task per node would get one task's GPUs and CPUs for all its ranks"
+    LAUNCHER=srun
+  fi
+fi
 if [[ -z ${NPROC_PER_NODE:-} ]]; then
   NPROC_PER_NODE=${SLURM_GPUS_ON_NODE:-0}
   ((NPROC_PER_NODE > 0)) || NPROC_PER_NODE=1
 fi
 export NPROC_PER_NODE
 export MASTER_PORT=${MASTER_PORT:-$((10000 + ${SLURM_JOB_ID:-9500} % 20000))}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-$NPROC_PER_NODE} / NPROC_PER_NODE > 0 ? ${SLURM_CPUS_PER_TASK:-$NPROC_PER_NODE} / NPROC_PER_NODE : 1 ))}
+SHARE=$NPROC_PER_NODE  # --cpus-per-task is the node's, shared by its ranks, unless the job gave each task its own
+[[ -n $PER_TASK ]] && SHARE=1
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-$SHARE} / SHARE > 0 ? ${SLURM_CPUS_PER_TASK:-$SHARE} / SHARE : 1 ))}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
@@ -118,7 +132,7 @@ if ((WORKERS > per_rank - 1)); then
   fit=$((per_rank - 1))
   hpc_log "data.num_workers=$WORKERS lowered to $fit: $CPUS_ON_NODE CPUs on this node for $NPROC_PER_NODE rank(s)" \
           "leave $per_rank per rank (the rank and its workers). Fix: ask for $((NPROC_PER_NODE * (WORKERS + 1)))" \
-          "CPUs per node (sbatch --cpus-per-task=$((NPROC_PER_NODE * (WORKERS + 1)))) to keep $WORKERS"
+          "CPUs per node (sbatch --cpus-per-task=$((NPROC_PER_NODE / SHARE * (WORKERS + 1)))) to keep $WORKERS"
   OVERRIDES+=("data.num_workers=$fit")
 fi
 if [[ ${DOCTOR:-1} != 0 ]]; then
@@ -146,8 +160,8 @@ if [[ ${PLAN:-1} != 0 && $MODE != baseline && ($DEVICE != cpu || -n ${PLAN_GPU:-
 fi
 CPUS=()  # srun's --cpus-per-task, when the job asked for one
 [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && CPUS=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
-SPLIT=()  # the same CPUs shared by NPROC_PER_NODE tasks
-[[ -n ${SLURM_CPUS_PER_TASK:-} ]] && SPLIT=(--cpus-per-task=$((SLURM_CPUS_PER_TASK / NPROC_PER_NODE > 0 ? SLURM_CPUS_PER_TASK / NPROC_PER_NODE : 1)))
+SPLIT=()  # the same CPUs shared by NPROC_PER_NODE tasks (or each task's own)
+[[ -n ${SLURM_CPUS_PER_TASK:-} ]] && SPLIT=(--cpus-per-task=$((SLURM_CPUS_PER_TASK / SHARE > 0 ? SLURM_CPUS_PER_TASK / SHARE : 1)))
 hosts=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | paste -sd, -)
 hpc_log "job ${SLURM_JOB_ID:-?} (${SLURM_JOB_NAME:-?}), restart ${SLURM_RESTART_COUNT:-0}: $MODE, config $CONFIG"
 hpc_log "nodes $NODES ($hosts) x $NPROC_PER_NODE process(es), launcher $LAUNCHER," \
@@ -156,13 +170,33 @@ hpc_log "output $OUTPUT_DIR; overrides: ${OVERRIDES[*]:-(none)}"
 
 START_STEP=$(python -m hpc_train.slurm_outcome start "$OUTPUT_DIR")  # what a requeue must go beyond
 signalled=""
+delivered=""
 launched=""
+descendants() { local child; for child in $(pgrep -P "$1"); do echo "$child"; descendants "$child"; done; }
+local_deepspeed_ranks() {  # the training processes DeepSpeed's launch.py started under PID $1
+  local pid parent
+  for pid in $(descendants "$1"); do
+    parent=$(ps -o ppid= -p "$pid" 2>/dev/null | tr -d ' ')
+    [[ -n $parent && $(tr '\0' ' ' <"/proc/$parent/cmdline" 2>/dev/null) == *deepspeed.launcher.launch* ]] && echo "$pid"
+  done
+}
 forward_signal() {  # the batch shell got $1: pass it to the ranks, keep waiting for them
+  [[ $signalled == "$1" ]] || hpc_log "got SIG$1: asking the ranks to checkpoint and stop"
   signalled=$1
-  hpc_log "got SIG$1: asking the ranks to checkpoint and stop"
+  [[ -n $launched ]] || return 0
+  if [[ $LAUNCHER == deepspeed && $NODES == 1 ]]; then
+    # One host: DeepSpeed runs its launcher and the ranks here, in the batch step, which
+    # scancel --signal does not reach; its launcher ends the ranks on a signal of its own.
+    local ranks
+    ranks=$(local_deepspeed_ranks "$launched")
+    # shellcheck disable=SC2086
+    [[ -n $ranks ]] && kill "-$1" $ranks 2>/dev/null && delivered=1
+    return 0
+  fi
   # Every job step's processes, whatever started them (torchrun, srun, DeepSpeed's
   # launcher); not this batch shell.
-  [[ -n $launched ]] && { scancel --signal="$1" "$SLURM_JOB_ID" 2>/dev/null || kill "-$1" "$launched" 2>/dev/null || true; }
+  scancel --signal="$1" "$SLURM_JOB_ID" 2>/dev/null || kill "-$1" "$launched" 2>/dev/null || true
+  delivered=1
 }
 trap 'forward_signal USR1' USR1
 trap 'forward_signal TERM' TERM
@@ -185,6 +219,11 @@ launched=$!
 [[ -n $signalled ]] && forward_signal "$signalled"  # it came while the config was being read
 
 while kill -0 "$launched" 2>/dev/null; do
+  if [[ -n $signalled && -z $delivered ]]; then  # no rank to take it yet (DeepSpeed on one host): again
+    sleep 1
+    forward_signal "$signalled"
+    continue
+  fi
   wait "$launched" || true  # returns early when a trapped signal arrives
 done
 status=0

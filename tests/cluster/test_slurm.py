@@ -67,7 +67,8 @@ def template_runs(cluster, job_args, tmp_path_factory):
     runs = {}
     how = {"baseline": (["--gpus-per-node=0"], {"LAUNCHER": "srun", "NPROC_PER_NODE": "2"}),
            "lora": ([], {"PLAN_GPU": "L4"}),
-           "qlora": (["--gpus-per-node=2"], {"LAUNCHER": "deepspeed"})}
+           # a value with commas, which DeepSpeed's srun --export=ALL,K=V,... would cut
+           "qlora": (["--gpus-per-node=2"], {"LAUNCHER": "deepspeed", "NCCL_IB_HCA": "mlx5_0,mlx5_1"})}
     for mode in TEMPLATES:
         root = tmp_path_factory.mktemp(f"slurm_{mode}")
         options, env = how[mode]
@@ -117,6 +118,7 @@ def test_template_completes_on_two_nodes(template_runs, mode):
             planned["peak_allocated_gib"]
     if mode == "qlora":
         assert "[deepspeed.sh] 2 node(s) (slnode1 slnode2) x 2 process(es)" in run["log"]
+        assert "NCCL_IB_HCA=mlx5_0,mlx5_1" in report["environment"]["network_env"]  # whole, on the ranks
 
 
 def test_test_only_accepts_every_template(cluster):
@@ -195,9 +197,9 @@ def test_sequence_parallel_across_two_nodes_and_a_size_the_job_cannot_take(clust
 
 
 def start_training(cluster, tmp_path: Path, out: Path, args: list[str], env: dict[str, str] | None = None, *,
-                   template: str = "lora", options: tuple[str, ...] = ()) -> str:
-    """Submit a template on 2 nodes; its job id once the first step is logged."""
-    submitted = sbatch(cluster, "--parsable", "-N", "2", *options, f"--output={tmp_path}/%x-%j.out",
+                   template: str = "lora", options: tuple[str, ...] = (), nodes: int = 2) -> str:
+    """Submit a template on ``nodes`` nodes; its job id once the first step is logged."""
+    submitted = sbatch(cluster, "--parsable", "-N", str(nodes), *options, f"--output={tmp_path}/%x-%j.out",
                        f"slurm/{template}.slurm", *args, extra_env=env)
     assert submitted.returncode == 0, submitted.stderr
     wait_until(lambda: (out / "metrics.jsonl").is_file() and read_metrics(out / "metrics.jsonl"), 300,
@@ -299,3 +301,34 @@ def test_a_site_s_export_none_gets_its_settings_as_arguments_and_its_steps_the_j
     assert "sbatch --export=NONE: the submitting shell's variables did not reach this job" in log
     assert "full, config tiny_smolvlm" in log and "launcher srun" in log  # not the template's smolvlm_lora
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [1, 2]
+
+
+def test_gpus_per_task_gets_one_rank_per_task_started_by_srun(cluster, job_args, tmp_path):
+    """``--gpus-per-task`` with the default torchrun launcher: srun would give the node's single
+    torchrun task one GPU for all its ranks (NCCL then fails on a duplicate device); the job
+    starts one rank per task with srun instead, and says so."""
+    out = tmp_path / "out"
+    job, state = ok_job(cluster, "-N", "2", "--ntasks-per-node=2", "--gpus-per-node=2", "--gpus-per-task=1",
+                        f"--output={tmp_path}/%x-%j.out",
+                        "slurm/lora.slurm", *job_args(out, "train.max_steps=2"))
+    log = log_of(tmp_path / f"hpc-lora-{job}.out")
+    assert state["JobState"] == "COMPLETED", log[-4000:]
+    assert "--gpus-per-task=1: one rank per task, started by srun (LAUNCHER=srun)" in log
+    assert "x 2 process(es), launcher srun" in log and "topology: rank 0/4" in log
+
+
+def test_a_one_node_deepspeed_job_gets_the_warning_and_requeues(cluster, job_args, tmp_path):
+    """On one host DeepSpeed runs its launcher and the ranks in the batch step, which
+    ``scancel --signal`` does not reach: the batch shell signals the ranks under DeepSpeed's
+    launch.py itself (not the launcher, which would end them)."""
+    out = tmp_path / "out"
+    job = start_training(cluster, tmp_path, out, job_args(out), {"LAUNCHER": "deepspeed"}, template="qlora",
+                         options=("--gpus-per-node=2",), nodes=1)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=cluster, check=True, timeout=30)
+    state = wait_for_job(cluster, job)
+    log = log_of(tmp_path / f"hpc-qlora-{job}.out")
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", log[-6000:]
+    assert "got SIGUSR1" in log and "checkpoint saved at step" in log and "resumed from" in log
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, STEPS + 1))  # the resumed job went on where the stopped one ended
+
