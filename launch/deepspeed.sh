@@ -50,6 +50,8 @@ echo "[deepspeed.sh] ${#hosts[@]} node(s) (${hosts[*]}) x $nproc process(es), ma
 # On one host DeepSpeed's launcher runs here and dies of SIGUSR1; its ranks (which take it)
 # then start with it ignored until their handler is in place, as under torchrun.
 trap '' USR1
-exec deepspeed --hostfile "$hostfile" --launcher slurm --no_ssh_check \
+# --no_local_rank: on one host DeepSpeed's launch.py would pass --local_rank=N to our command
+# line (the ranks read LOCAL_RANK from the environment it sets).
+exec deepspeed --hostfile "$hostfile" --launcher slurm --no_ssh_check --no_local_rank \
   --launcher_args "--nodes=${#hosts[@]} --ntasks-per-node=$nproc --cpus-per-task=$cpus --kill-on-bad-exit=1" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$main" "$@"

@@ -309,7 +309,7 @@ def test_gpus_per_task_gets_one_rank_per_task_started_by_srun(cluster, job_args,
     starts one rank per task with srun instead, and says so."""
     out = tmp_path / "out"
     job, state = ok_job(cluster, "-N", "2", "--ntasks-per-node=2", "--gpus-per-node=2", "--gpus-per-task=1",
-                        f"--output={tmp_path}/%x-%j.out",
+                        "--cpus-per-task=1", f"--output={tmp_path}/%x-%j.out",
                         "slurm/lora.slurm", *job_args(out, "train.max_steps=2"))
     log = log_of(tmp_path / f"hpc-lora-{job}.out")
     assert state["JobState"] == "COMPLETED", log[-4000:]
@@ -320,7 +320,8 @@ def test_gpus_per_task_gets_one_rank_per_task_started_by_srun(cluster, job_args,
 def test_a_one_node_deepspeed_job_gets_the_warning_and_requeues(cluster, job_args, tmp_path):
     """On one host DeepSpeed runs its launcher and the ranks in the batch step, which
     ``scancel --signal`` does not reach: the batch shell signals the ranks under DeepSpeed's
-    launch.py itself (not the launcher, which would end them)."""
+    launch.py itself (not the launcher, which would end them). (Such a job did not start at all
+    before: DeepSpeed's launch.py passed --local_rank=N to our command line.)"""
     out = tmp_path / "out"
     job = start_training(cluster, tmp_path, out, job_args(out), {"LAUNCHER": "deepspeed"}, template="qlora",
                          options=("--gpus-per-node=2",), nodes=1)
