@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYERS = {
     # leaves: no hpc_train import of their own but errors
     "__init__": 0, "errors": 0, "synthetic_words": 0, "parent_death": 0, "extensions": 0, "pins": 0,
-    "safe_load": 0,
+    "safe_load": 0, "slurm_outcome": 0, "env_file": 0,
     "config": 1, "config_file": 1,
     "topology": 2, "dist": 2, "device": 2, "lost_ranks": 2,
     "models": 3,
