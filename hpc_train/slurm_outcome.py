@@ -8,7 +8,9 @@ forever and a crash after a warning is never hidden:
 
 - requeue only when the ranks saved a checkpoint newer than the one the job started from
   (``requeue.json`` says which), and fewer than ``max_requeues`` restarts happened;
-- a job SLURM cancelled, or preempted to requeue it itself, is not requeued again here;
+- only a job SLURM still has RUNNING: once it ends the job (a ``scancel``, the time limit, a
+  preemption's end) the state is COMPLETING, and SLURM would accept a requeue then, undoing a
+  user's cancel;
 - a stop without a newer checkpoint, or a failure after the signal, ends the job failed.
 """
 
@@ -27,8 +29,6 @@ module in the grace time before SLURM kills the job, so it imports nothing heavy
 REQUEUE_EXIT_CODE = 75
 """EX_TEMPFAIL: what a rank (and ``launch/torchrun.sh``) exits with after such a stop."""
 
-PREEMPTED_BY_SLURM = ("PREEMPTED",)
-"""Job states in which SLURM itself puts the job back in the queue (PreemptMode=REQUEUE)."""
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,9 @@ def decide(*, signal: str, status: int, marker: dict | None, start_step: int, re
     saved = marker.get("step") if isinstance(marker, dict) else None
     if isinstance(saved, int) and saved > start_step:
         where = f"checkpoint saved at step {saved} ({marker.get('checkpoint')}) after SIG{signal}"
-        if job_state.startswith("CANCELLED"):
-            return Outcome("done", 0, f"{where}; the job was cancelled: not requeued (resubmit to go on)")
-        if job_state.startswith(PREEMPTED_BY_SLURM):
-            return Outcome("done", 0, f"{where}; SLURM preempted the job and requeues it itself")
+        if job_state != "RUNNING":
+            return Outcome("done", 0, f"{where}; SLURM is ending the job (JobState {job_state or 'unknown'}: a "
+                                      "scancel, the time limit or a preemption): not requeued here (resubmit to go on)")
         if restarts >= max_requeues:
             return Outcome("fail", 1, f"{where}; the job was already requeued {restarts} times (MAX_REQUEUES="
                                       f"{max_requeues}): not again. Fix: resubmit, or raise MAX_REQUEUES")

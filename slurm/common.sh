@@ -42,8 +42,8 @@
 # script passes it on to the training processes, which save a checkpoint at the next step
 # boundary and exit; the job then requeues itself (`scontrol requeue`) and, when it runs again,
 # resumes from that checkpoint: only when that checkpoint is newer than the one the job began
-# from, at most MAX_REQUEUES times, and not when SLURM cancelled the job or preempted it to
-# requeue it itself. A failure after the signal ends the job FAILED
+# from, at most MAX_REQUEUES times, and only while SLURM has the job RUNNING (not once a
+# scancel or the time limit is ending it). A failure after the signal ends the job FAILED
 # (hpc_train/slurm_outcome.py decides).
 # OUTPUT_DIR must be on a filesystem every node sees (checkpoints are written by all ranks
 # and renamed by rank 0), as cluster home / project / scratch filesystems are.
@@ -179,6 +179,7 @@ local_deepspeed_ranks() {  # the training processes DeepSpeed's launch.py starte
     parent=$(ps -o ppid= -p "$pid" 2>/dev/null | tr -d ' ')
     [[ -n $parent && $(tr '\0' ' ' <"/proc/$parent/cmdline" 2>/dev/null) == *deepspeed.launcher.launch* ]] && echo "$pid"
   done
+  return 0  # the last process listed need not be a rank (set -e would end the batch shell)
 }
 forward_signal() {  # the batch shell got $1: pass it to the ranks, keep waiting for them
   [[ $signalled == "$1" ]] || hpc_log "got SIG$1: asking the ranks to checkpoint and stop"
@@ -188,7 +189,7 @@ forward_signal() {  # the batch shell got $1: pass it to the ranks, keep waiting
     # One host: DeepSpeed runs its launcher and the ranks here, in the batch step, which
     # scancel --signal does not reach; its launcher ends the ranks on a signal of its own.
     local ranks
-    ranks=$(local_deepspeed_ranks "$launched")
+    ranks=$(local_deepspeed_ranks "$launched") || true
     # shellcheck disable=SC2086
     [[ -n $ranks ]] && kill "-$1" $ranks 2>/dev/null && delivered=1
     return 0
@@ -234,7 +235,7 @@ wait "$launched" || status=$?
 job_state=$(scontrol show job "${SLURM_JOB_ID:-0}" -o 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2 || true)
 read -r action code message < <(python -m hpc_train.slurm_outcome end "$OUTPUT_DIR" --signal "$signalled" \
   --status "$status" --start-step "$START_STEP" --restarts "${SLURM_RESTART_COUNT:-0}" \
-  --max-requeues "${MAX_REQUEUES:-20}" --job-state "${job_state:-}")
+  --max-requeues "${MAX_REQUEUES:-20}" --job-state "${job_state:-}") || true  # no line: the default case below
 case $action in
   requeue) hpc_log "$message"; scontrol requeue "$SLURM_JOB_ID"; exit 0 ;;
   fail) hpc_log "$message"; exit "$code" ;;
