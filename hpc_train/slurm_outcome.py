@@ -44,6 +44,9 @@ def decide(*, signal: str, status: int, marker: dict | None, start_step: int, re
            job_state: str) -> Outcome:
     """The batch job's outcome (see the module's rules). ``start_step``: the newest checkpoint's
     step when the job started (-1: none); ``marker``: ``requeue.json`` as the ranks left it."""
+    if not signal and status == REQUEUE_EXIT_CODE and isinstance(marker, dict):
+        # the ranks were signalled past the batch shell (scancel --signal=USR1 without --batch)
+        signal = str(marker.get("signal", "")).removeprefix("SIG")
     if not signal:
         return Outcome("done", 0, "done") if status == 0 else Outcome(
             "fail", status, f"failed with exit status {status} (see the ranks' messages above)")

@@ -55,6 +55,13 @@ def test_a_job_slurm_is_ending_is_not_requeued_here(state):
     assert got.action == "done" and "SLURM is ending the job" in got.message and "not requeued" in got.message
 
 
+def test_ranks_signalled_past_the_batch_shell_still_requeue_for_their_checkpoint():
+    """``scancel --signal=USR1 <job>`` without ``--batch`` reaches the steps only: the ranks stop
+    with 75 and their marker, and the batch shell saw nothing."""
+    got = outcome(signal="")
+    assert got.action == "requeue" and "after SIGUSR1" in got.message
+
+
 def test_without_a_signal_the_step_s_status_is_the_job_s():
     assert outcome(signal="", status=0).action == "done"
     got = outcome(signal="", status=3)
