@@ -18,7 +18,13 @@ from typing import Any
 
 import torch
 
-from hpc_train.models.media_keys import IMAGE_ROWS, IMAGE_TILE, PADDING_TILE, TILE_FRAMES
+from hpc_train.models.media_keys import (
+    IMAGE_ROWS,
+    IMAGE_TILE,
+    MEDIA_GRIDS,
+    PADDING_TILE,
+    TILE_FRAMES,
+)
 from hpc_train.models.vision_share import FeatureRows, routing
 
 
@@ -54,10 +60,6 @@ def split_media(batch: dict[str, Any], rank: int, size: int, wanted: dict[str, t
     elif "pixel_values_videos" in batch:
         rows["video"] = _split_video_frames(batch, rank, size, wanted["video"])
     return rows
-
-
-MEDIA_GRIDS = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
-"""LLaVA-OneVision-1.5's patch rows and the grid that cuts them into items (t·h·w rows each)."""
 
 
 def _split_grid(batch: dict[str, Any], keys: tuple[str, str], rank: int, size: int, wanted: tuple[torch.Tensor, ...],
@@ -176,5 +178,5 @@ def _rows_of(tiles: torch.Tensor, per_tile: int) -> torch.Tensor:
     return (tiles[:, None] * per_tile + torch.arange(per_tile)).flatten()
 
 
-__all__ = ["IMAGE_ROWS", "IMAGE_TILE", "PADDING_TILE", "MEDIA_GRIDS", "TILE_FRAMES", "frame_owners", "grid_shares",
+__all__ = ["IMAGE_ROWS", "IMAGE_TILE", "PADDING_TILE", "TILE_FRAMES", "frame_owners", "grid_shares",
            "share_bounds", "split_media"]

@@ -13,9 +13,13 @@ GRID_THW = "grid_thw"
 """LLaVA-OneVision-1.5 batches carry no extra bookkeeping: ``image_grid_thw`` / ``video_grid_thw``
 (one row per image or video: frames, patch rows, patch columns) say each item's feature rows."""
 
+MEDIA_GRIDS = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
+"""LLaVA-OneVision-1.5, per kind of media: the patch rows and the grid that cuts them into items
+(frames, patch rows, patch columns: t·h·w rows each)."""
+
 HOST_KEYS = ("image_sizes", "batch_num_images", "image_grid_thw", "video_grid_thw")
 """Media metadata the models read on the host (LLaVA-OneVision's anyres grid per image, images
 per sample: ``tolist()``, ``range(n)``; LLaVA-OneVision-1.5's patch grid per image and video): kept on the CPU by ``to_device``, so reading them
 costs no device sync (dozens per optimizer step at accumulation 8)."""
 
-__all__ = ["GRID_THW", "HOST_KEYS", "IMAGE_ROWS", "IMAGE_TILE", "PADDING_TILE", "TILE_FRAMES"]
+__all__ = ["GRID_THW", "HOST_KEYS", "MEDIA_GRIDS", "IMAGE_ROWS", "IMAGE_TILE", "PADDING_TILE", "TILE_FRAMES"]

@@ -17,6 +17,7 @@ from hpc_train.data.pipeline import DataPipeline
 from hpc_train.data.records import Record
 from hpc_train.data.tokenize import EncodedSample
 from hpc_train.errors import HpcTrainError
+from hpc_train.models.media_keys import MEDIA_GRIDS
 from profiling.flops import VisionWork, grid_work
 
 
@@ -87,13 +88,13 @@ def _packed_worst(config: RunConfig, lengths: Sequence[int]) -> list[int]:
 
 
 def _grid_work(batch: dict[str, Any]) -> VisionWork:
-    grids = [batch[key] for key in ("image_grid_thw", "video_grid_thw") if key in batch]
+    grids = [batch[key] for _, key in MEDIA_GRIDS.values() if key in batch]
     return sum((grid_work(grid) for grid in grids), VisionWork())
 
 
 def _tiles(batch: dict[str, Any]) -> int:
     """Images, tiles and frames in the batch (all-zero padding slots left out)."""
-    if "image_grid_thw" in batch or "video_grid_thw" in batch:  # patch rows: the grids count the items
+    if any(key in batch for _, key in MEDIA_GRIDS.values()):  # patch rows: the grids count the items
         return _grid_work(batch).images
     total = 0
     for key in ("pixel_values", "pixel_values_videos"):

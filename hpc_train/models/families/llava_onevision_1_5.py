@@ -31,7 +31,7 @@ from hpc_train.models.llava_ov_1_5 import (
     LlavaOnevision15Config,
     LlavaOnevision15ForConditionalGeneration,
 )
-from hpc_train.models.media_keys import GRID_THW
+from hpc_train.models.media_keys import GRID_THW, MEDIA_GRIDS
 from hpc_train.models.tiny import answer_words, corpus, seeded_model
 from hpc_train.models.tokenizer import train_tokenizer
 from hpc_train.models.vision_share import routed, rows_of
@@ -62,7 +62,7 @@ PUBLISHED_PIXELS = (56 * 56, 1600 * 1600)
 TINY_PIXELS = (56 * 56, 112 * 112)
 """The tiny models' budget: a 64-px test picture is 56 px (4 tokens), a larger one at most 16."""
 
-MEDIA_KEYS = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
+MEDIA_KEYS = MEDIA_GRIDS
 
 
 class GridLayout(MediaLayout):
