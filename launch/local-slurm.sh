@@ -114,7 +114,12 @@ KillWait=10
 InactiveLimit=0
 $gres_types
 NodeName=${PREFIX}[1-$nodes] NodeHostname=$host NodeAddr=127.0.0.1 Port=[$((CTLD_PORT + 1))-$((CTLD_PORT + nodes))] CPUs=$cpus RealMemory=$mem $gres_line State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+# Preemption as clusters set it up: a job in partition urgent takes what it needs from debug's
+# jobs, which get SIGTERM and GraceTime seconds to checkpoint before SLURM requeues them.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=60
+PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=2
 EOF
 }
 
@@ -191,7 +196,7 @@ start() {
     slurmd -f "$SLURM_CONF" -N "$PREFIX$i" </dev/null >>"$BASE/log/slurmd.out" 2>&1
   done
   wait_idle "$nodes"
-  say "up: $nodes nodes ($PREFIX[1-$nodes]) x $cpus CPUs$( ((gpus)) && echo " x $gpus fake GPUs"), partition debug"
+  say "up: $nodes nodes ($PREFIX[1-$nodes]) x $cpus CPUs$( ((gpus)) && echo " x $gpus fake GPUs"), partitions debug and urgent (which preempts debug)"
   cat "$BASE/env.sh"
 }
 

@@ -31,7 +31,8 @@ if "$mpirun" --version 2>&1 | grep -qi "open mpi"; then
   # Open MPI refuses root unless told; containers and CI machines often run as root.
   [[ $(id -u) == 0 ]] && args+=(--allow-run-as-root)
   [[ ${MPIRUN_ARGS:-} == *--bind-to* ]] || args+=(--bind-to none)
-  [[ -n $per_node ]] && args+=(--map-by "ppr:$per_node:node")  # the allocation's nodes, evenly
+  # the allocation's nodes, evenly, unless MPIRUN_ARGS places the ranks itself
+  [[ -n $per_node && ${MPIRUN_ARGS:-} != *--map-by* && ${MPIRUN_ARGS:-} != *-npernode* ]] && args+=(--map-by "ppr:$per_node:node")
 fi
 # shellcheck disable=SC2206
 extra=(${MPIRUN_ARGS:-})

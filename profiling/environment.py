@@ -58,6 +58,7 @@ def collect_environment(device: torch.device, code_dir: str | Path | None = None
         "python": platform.python_version(),
         **library_versions(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "cpu_threads": torch.get_num_threads(),  # torch's own, from OMP_NUM_THREADS: CPU-side speed depends on it
         # what the collectives ran with: runs that differ here are not comparable
         "network_env": sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith(NETWORK_PREFIXES)),
         "git_commit": commit,

@@ -9,21 +9,27 @@
 #
 #   CONFIG           recipe name or YAML file (each template sets its own default)
 #   OUTPUT_DIR       where the run writes (default: the config's output_dir,
-#                    results/training/<mode> in the shipped recipes)
+#                    results/training/<mode> in the shipped recipes; each task of a job array
+#                    writes in <that>/<array job>_<task>). One run at a time: a run refuses a
+#                    folder another job (or process) still writes, requeued ones included
 #   LAUNCHER         torchrun (one per node, c10d rendezvous) | deepspeed (deepspeed
 #                    --launcher slurm) | srun (one task per process)     (default torchrun;
 #                    srun when the job asked --gpus-per-task: one rank per task)
 #   NPROC_PER_NODE   processes per node (default: the GPUs SLURM gave the node, else 1)
 #   MASTER_PORT      rendezvous port (default 10000 + job id % 20000)
 #   HPC_TRAIN_ROOT   the hpc-train checkout (default: the directory sbatch was run from)
-#   VENV             virtualenv to activate (default $HPC_TRAIN_ROOT/.venv when it exists)
+#   SETUP            the site's preparation, before anything runs: a command (SETUP="module load
+#                    cuda/12.4") or a bash file to source (module loads, conda activate)
+#   VENV             virtualenv to activate (default $HPC_TRAIN_ROOT/.venv when it exists and
+#                    SETUP activated no conda / virtual environment)
 #   OMP_NUM_THREADS  CPU threads per process (default: CPUs per task / processes per node)
 #   NCCL_DEBUG       NCCL's log level (default WARN; INFO to debug a hang)
 #   NCCL_SOCKET_IFNAME, NCCL_IB_DISABLE, NCCL_IB_HCA
 #                    unset by default; set them to your cluster's network (e.g. ib0 / eth0)
 #   TORCH_NCCL_ASYNC_ERROR_HANDLING  (default 1) a dead rank ends the others instead of hanging them
-#   DOCTOR           1 (default): `hpc-train doctor` checks this node in the batch shell before
-#                    any rank starts, and a blocker (a FAIL row) stops the job; 0 skips it
+#   DOCTOR           1 (default): `hpc-train doctor` checks every node of the job (one srun
+#                    task each) before any rank starts, and a blocker (a FAIL row) stops the
+#                    job; 0 skips it
 #   PLAN             1 (default): `hpc-train plan` predicts the peak GPU memory per rank for the
 #                    GPUs the job got (written to OUTPUT_DIR/plan.json) and stops the job, with
 #                    the changes that would fit, when it cannot fit; 0 skips it. Skipped for
@@ -33,17 +39,22 @@
 #   MAX_REQUEUES     times the job may requeue itself (default 20); each requeue also needs a
 #                    checkpoint newer than the one the job began from
 #   STOP_TIMEOUT     seconds torchrun's agent lets the ranks checkpoint after a SIGTERM (default 900)
+#   WARNING_LEAD     seconds the time limit's warning comes before it (default 300, the templates'
+#                    --signal=B:USR1@300; change both together): a checkpoint that takes more
+#                    than half of it is said in the log, with a lead that would fit
 #   SEQUENCE_PARALLEL  ranks that share each sample's sequence (train.sequence_parallel, DeepSpeed
 #                    Ulysses; default: the config's, 1 = off). The job's ranks (nodes x processes
 #                    per node) must be a multiple of it; the plan plays each rank of a group.
 #
 # Preemption: the templates ask for SIGUSR1 some minutes before the time limit
-# (--signal=B:USR1@...); SIGTERM (a time limit, or a preemption) is taken the same way. This
-# script passes it on to the training processes, which save a checkpoint at the next step
-# boundary and exit; the job then requeues itself (`scontrol requeue`) and, when it runs again,
-# resumes from that checkpoint: only when that checkpoint is newer than the one the job began
-# from, at most MAX_REQUEUES times, and only while SLURM has the job RUNNING (not once a
-# scancel or the time limit is ending it). A failure after the signal ends the job FAILED
+# (--signal=B:USR1@...), which this script passes on to the training processes (again every
+# 30 s, for a rank still starting); a preemption's grace time begins with SIGTERM to the job's
+# steps, which the ranks take themselves (a batch shell that gets SIGTERM passes it on too).
+# They save a checkpoint at the next step boundary and exit; the job then requeues itself
+# (`scontrol requeue`) and, when it runs again, resumes from that checkpoint: only when that
+# checkpoint is newer than the one the job began from, at most MAX_REQUEUES times, and only
+# while SLURM has the job RUNNING (as in a preemption's grace time; not once a scancel or the
+# time limit is ending it). A failure after the signal ends the job FAILED
 # (hpc_train/slurm_outcome.py decides).
 # OUTPUT_DIR must be on a filesystem every node sees (checkpoints are written by all ranks
 # and renamed by rank 0), as cluster home / project / scratch filesystems are.
@@ -52,14 +63,41 @@ set -euo pipefail
 
 hpc_log() { echo "[$(date +%H:%M:%S)] [hpc-train] $*"; }
 
+# The stop signals are taken from the first line on (bash would end on a USR1 it does not
+# trap): one that comes while the config is read, the node checked or the memory planned
+# launches nothing, and the ranks take one that comes later.
+signalled=""
+launched=""
+resent=$SECONDS
+forward_signal() {  # the batch shell got $1: pass it to the ranks, keep waiting for them
+  if [[ $signalled != "$1" ]]; then
+    local left
+    left=$(squeue -h -j "${SLURM_JOB_ID:-0}" -o %L 2>/dev/null) || true
+    hpc_log "got SIG$1 (${left:-?} left of the job's time): asking the ranks to checkpoint and stop"
+  fi
+  signalled=$1
+  resent=$SECONDS
+  [[ -n $launched ]] || return 0
+  # Every job step's processes, whatever started them (torchrun, srun, DeepSpeed's srun);
+  # not this batch shell.
+  scancel --signal="$1" "$SLURM_JOB_ID" 2>/dev/null || kill "-$1" "$launched" 2>/dev/null || true
+}
+trap 'forward_signal USR1' USR1
+trap 'forward_signal TERM' TERM
+stopped_before_launch() {  # the signal came (or a preemption's SIGTERM ended a check) before any rank started
+  hpc_log "SIG$signalled came before any rank started: nothing launched, nothing saved (a preemption is" \
+          "SLURM's to requeue; after the time limit's warning, give the job more time: sbatch --time)"
+  exit 1
+}
+
 # Settings given as arguments (NAME=value, upper case); the rest are config overrides.
 OVERRIDES=()
 for arg in "$@"; do
   if [[ $arg =~ ^[A-Z][A-Z0-9_]*= ]]; then export "${arg%%=*}=${arg#*=}"; else OVERRIDES+=("$arg"); fi
 done
 CONFIG=${CONFIG:-${DEFAULT_CONFIG:?the template sets DEFAULT_CONFIG}}
-if [[ ${SLURM_EXPORT_ENV:-} == NONE ]]; then  # sbatch --export=NONE (a site default, or asked for)
-  hpc_log "sbatch --export=NONE: the submitting shell's variables did not reach this job (give settings as" \
+if [[ -n ${SLURM_EXPORT_ENV:-} && $SLURM_EXPORT_ENV != ALL* ]]; then  # --export=NONE / NIL / NAME=value (a site default, or asked for)
+  hpc_log "sbatch --export=$SLURM_EXPORT_ENV: the submitting shell's variables did not reach this job (give settings as" \
           "arguments: sbatch slurm/<template>.slurm CONFIG=... LAUNCHER=...); config $CONFIG. This job's own steps" \
           "get its environment (SLURM_EXPORT_ENV=ALL): the virtualenv, OMP / NCCL settings, MASTER_PORT"
   export SLURM_EXPORT_ENV=ALL
@@ -72,18 +110,54 @@ if [[ ! -f launch/torchrun.sh ]]; then
        "checkout, or set HPC_TRAIN_ROOT=/path/to/hpc-train" >&2
   exit 2
 fi
-VENV=${VENV:-$HPC_TRAIN_ROOT/.venv}
-if [[ -f $VENV/bin/activate ]]; then
+python_env="${CONDA_PREFIX:-}|${VIRTUAL_ENV:-}"  # a SETUP that activates an environment changes it
+if [[ -n ${SETUP:-} ]]; then  # the site's own preparation (module load, conda activate), before the virtualenv
+  hpc_log "setup: $SETUP"
+  set +eu  # module and conda scripts are not written for set -eu
+  if [[ -f $SETUP ]]; then
+    # shellcheck disable=SC1090
+    source "$SETUP"
+  else
+    eval "$SETUP"
+  fi
+  done_setup=$?
+  set -eu
+  if ((done_setup != 0)); then
+    echo "[hpc-train] error: SETUP ($SETUP) failed with exit status $done_setup (its messages above); nothing was" \
+         "launched" >&2
+    exit 2
+  fi
+fi
+if [[ -n ${VENV:-} && ! -f $VENV/bin/activate ]]; then
+  echo "[hpc-train] error: VENV=$VENV has no bin/activate. Fix: the folder of a virtualenv (python -m venv), or" \
+       "unset VENV (a conda environment goes in SETUP: SETUP='eval \"\$(conda shell.bash hook)\"; conda activate" \
+       "NAME')" >&2
+  exit 2
+fi
+if [[ -z ${VENV:-} && $python_env == "${CONDA_PREFIX:-}|${VIRTUAL_ENV:-}" ]]; then
+  VENV=$HPC_TRAIN_ROOT/.venv  # the checkout's own, when there is one (and SETUP activated no environment)
+fi
+if [[ -n ${VENV:-} && -f $VENV/bin/activate ]]; then
   # shellcheck disable=SC1091
   . "$VENV/bin/activate"
 fi
 command -v python >/dev/null || { echo "[hpc-train] error: no python on PATH. Fix: set VENV" >&2; exit 2; }
 
 LAUNCHER=${LAUNCHER:-torchrun}
+case $LAUNCHER in
+  torchrun|deepspeed|srun) ;;
+  *) echo "[hpc-train] error: LAUNCHER=$LAUNCHER; use torchrun, deepspeed or srun" >&2; exit 2 ;;
+esac
 PER_TASK=""  # the job asked for GPUs per task: one rank a task, each task's CPUs its own
 if [[ -n ${SLURM_GPUS_PER_TASK:-} ]]; then
   PER_TASK=1
   tasks=${SLURM_NTASKS_PER_NODE:-${SLURM_TASKS_PER_NODE:-1}}
+  if [[ ${SLURM_GPUS_PER_TASK##*:} != 1 || $tasks == *,* ]]; then  # e.g. a100:2, or 3,2 tasks on two nodes
+    echo "[hpc-train] error: --gpus-per-task=$SLURM_GPUS_PER_TASK with tasks per node $tasks: each rank is one task" \
+         "with one GPU, the same number on every node. Fix: --ntasks-per-node=N --gpus-per-task=1, or" \
+         "--gpus-per-node=N with one task per node (the templates' own layout)" >&2
+    exit 2
+  fi
   NPROC_PER_NODE=${NPROC_PER_NODE:-${tasks%%[(,]*}}
   if [[ $LAUNCHER == torchrun ]]; then
     hpc_log "--gpus-per-task=$SLURM_GPUS_PER_TASK: one rank per task, started by srun (LAUNCHER=srun): torchrun's" \
@@ -105,6 +179,8 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
 export PYTHONUNBUFFERED=1
+# The templates' --signal=B:USR1@300 lead: a checkpoint that takes more than half of it is said.
+export HPC_TRAIN_WARNING_LEAD_S=${WARNING_LEAD:-300}
 
 [[ -n ${OUTPUT_DIR:-} ]] && OVERRIDES+=("output_dir=$OUTPUT_DIR")
 [[ -n ${SEQUENCE_PARALLEL:-} ]] && OVERRIDES+=("train.sequence_parallel=$SEQUENCE_PARALLEL")
@@ -112,11 +188,17 @@ export PYTHONUNBUFFERED=1
 # Resolving the config here fails fast, with the config's own message, before any rank starts.
 resolved=$(python -m hpc_train show-config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} \
   --get output_dir --get train.mode --get data.num_workers --get train.device --get train.sequence_parallel) || {
+  [[ -z $signalled ]] || stopped_before_launch
   echo "[hpc-train] error: the config does not resolve (message above); nothing was launched" >&2
   exit 2
 }
 mapfile -t got <<<"$resolved"
 OUTPUT_DIR=${got[0]} MODE=${got[1]} WORKERS=${got[2]} DEVICE=${got[3]} SP=${got[4]}
+if [[ -n ${SLURM_ARRAY_TASK_ID:-} ]]; then  # the tasks of a job array, given one command line, would share one folder
+  OUTPUT_DIR=$OUTPUT_DIR/${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID
+  OVERRIDES+=("output_dir=$OUTPUT_DIR")
+  hpc_log "array task $SLURM_ARRAY_TASK_ID of job $SLURM_ARRAY_JOB_ID: its own output folder, $OUTPUT_DIR"
+fi
 RANKS=$((${SLURM_NNODES:-1} * NPROC_PER_NODE))
 if ((RANKS % SP != 0)); then
   echo "[hpc-train] error: train.sequence_parallel=$SP does not divide the job's $RANKS ranks" \
@@ -132,23 +214,34 @@ if ((WORKERS > per_rank - 1)); then
   fit=$((per_rank - 1))
   hpc_log "data.num_workers=$WORKERS lowered to $fit: $CPUS_ON_NODE CPUs on this node for $NPROC_PER_NODE rank(s)" \
           "leave $per_rank per rank (the rank and its workers). Fix: ask for $((NPROC_PER_NODE * (WORKERS + 1)))" \
-          "CPUs per node (sbatch --cpus-per-task=$((NPROC_PER_NODE / SHARE * (WORKERS + 1)))) to keep $WORKERS"
+          "CPUs per node (sbatch --cpus-per-task=$((SHARE == 1 ? WORKERS + 1 : NPROC_PER_NODE * (WORKERS + 1))))" \
+          "to keep $WORKERS"
   OVERRIDES+=("data.num_workers=$fit")
 fi
+CPUS=()  # srun's --cpus-per-task, when the job asked for one
+[[ -n ${SLURM_CPUS_PER_TASK:-} ]] && CPUS=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+NODES=${SLURM_NNODES:-1}
 if [[ ${DOCTOR:-1} != 0 ]]; then
-  python -m hpc_train doctor "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} --output-dir "$OUTPUT_DIR" || {
-    echo "[hpc-train] error: hpc-train doctor found a blocker on $(hostname -s) (the FAIL rows above);" \
+  # Every node, at once (one task each, its lines labelled with its node's number): one
+  # node's missing GPU or unmounted output folder would otherwise fail the job later.
+  on_nodes=()
+  ((NODES > 1)) && on_nodes=(srun --nodes="$NODES" --ntasks="$NODES" --ntasks-per-node=1 ${CPUS[@]+"${CPUS[@]}"} --label)
+  ${on_nodes[@]+"${on_nodes[@]}"} python -m hpc_train doctor "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} \
+    --output-dir "$OUTPUT_DIR" || {
+    [[ -z $signalled ]] || stopped_before_launch
+    echo "[hpc-train] error: hpc-train doctor found a blocker on ${SLURM_JOB_NODELIST:-$(hostname -s)} (the FAIL" \
+         "rows above$( ((NODES > 1)) && echo ", each line led by its node's number in the job"));" \
          "nothing was launched. Fix those, or set DOCTOR=0 to launch anyway" >&2
     exit 2
   }
 fi
 mkdir -p "$OUTPUT_DIR"
 
-NODES=${SLURM_NNODES:-1}
 if [[ ${PLAN:-1} != 0 && $MODE != baseline && ($DEVICE != cpu || -n ${PLAN_GPU:-}) ]]; then
   planned=0
   python -m hpc_train plan "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} --gpu "${PLAN_GPU:-auto}" \
     --nodes "$NODES" --gpus-per-node "$NPROC_PER_NODE" --search off --json "$OUTPUT_DIR/plan.json" || planned=$?
+  [[ -z $signalled ]] || stopped_before_launch
   if ((planned == 3)); then
     echo "[hpc-train] error: the plan above does not fit the job's GPUs; nothing was launched. Fix: one of" \
          "the changes it lists (hpc-train plan ... --gpu ${PLAN_GPU:-<gpu>} also finds the largest settings that fit), or PLAN=0 to" \
@@ -158,8 +251,6 @@ if [[ ${PLAN:-1} != 0 && $MODE != baseline && ($DEVICE != cpu || -n ${PLAN_GPU:-
     hpc_log "warning: hpc-train plan failed (exit $planned, message above); launching without a plan"
   fi
 fi
-CPUS=()  # srun's --cpus-per-task, when the job asked for one
-[[ -n ${SLURM_CPUS_PER_TASK:-} ]] && CPUS=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
 SPLIT=()  # the same CPUs shared by NPROC_PER_NODE tasks (or each task's own)
 [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && SPLIT=(--cpus-per-task=$((SLURM_CPUS_PER_TASK / SHARE > 0 ? SLURM_CPUS_PER_TASK / SHARE : 1)))
 hosts=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | paste -sd, -)
@@ -169,66 +260,33 @@ hpc_log "nodes $NODES ($hosts) x $NPROC_PER_NODE process(es), launcher $LAUNCHER
 hpc_log "output $OUTPUT_DIR; overrides: ${OVERRIDES[*]:-(none)}"
 
 START_STEP=$(python -m hpc_train.slurm_outcome start "$OUTPUT_DIR")  # what a requeue must go beyond
-signalled=""
-delivered=""
-launched=""
-descendants() { local child; for child in $(pgrep -P "$1"); do echo "$child"; descendants "$child"; done; }
-local_deepspeed_ranks() {  # the training processes DeepSpeed's launch.py started under PID $1
-  local pid parent
-  for pid in $(descendants "$1"); do
-    parent=$(ps -o ppid= -p "$pid" 2>/dev/null | tr -d ' ')
-    [[ -n $parent && $(tr '\0' ' ' <"/proc/$parent/cmdline" 2>/dev/null) == *deepspeed.launcher.launch* ]] && echo "$pid"
-  done
-  return 0  # the last process listed need not be a rank (set -e would end the batch shell)
-}
-forward_signal() {  # the batch shell got $1: pass it to the ranks, keep waiting for them
-  [[ $signalled == "$1" ]] || hpc_log "got SIG$1: asking the ranks to checkpoint and stop"
-  signalled=$1
-  [[ -n $launched ]] || return 0
-  if [[ $LAUNCHER == deepspeed && $NODES == 1 ]]; then
-    # One host: DeepSpeed runs its launcher and the ranks here, in the batch step, which
-    # scancel --signal does not reach; its launcher ends the ranks on a signal of its own.
-    local ranks
-    ranks=$(local_deepspeed_ranks "$launched") || true
-    # shellcheck disable=SC2086
-    [[ -n $ranks ]] && kill "-$1" $ranks 2>/dev/null && delivered=1
-    return 0
-  fi
-  # Every job step's processes, whatever started them (torchrun, srun, DeepSpeed's
-  # launcher); not this batch shell.
-  scancel --signal="$1" "$SLURM_JOB_ID" 2>/dev/null || kill "-$1" "$launched" 2>/dev/null || true
-  delivered=1
-}
-trap 'forward_signal USR1' USR1
-trap 'forward_signal TERM' TERM
 
 # srun is given every count explicitly: a step inherits SLURM_NTASKS from the batch job,
 # and (Slurm >= 22.05) not its --cpus-per-task.
-case $LAUNCHER in
-  torchrun)
-    srun --nodes="$NODES" --ntasks="$NODES" --ntasks-per-node=1 ${CPUS[@]+"${CPUS[@]}"} \
-      --kill-on-bad-exit=1 launch/torchrun.sh train "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} & ;;
-  deepspeed)
-    launch/deepspeed.sh train "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} & ;;
-  srun)
-    srun --nodes="$NODES" --ntasks=$((NODES * NPROC_PER_NODE)) --ntasks-per-node="$NPROC_PER_NODE" \
-      ${SPLIT[@]+"${SPLIT[@]}"} --kill-on-bad-exit=1 python -m hpc_train train "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} & ;;
-  *)
-    echo "[hpc-train] error: LAUNCHER=$LAUNCHER; use torchrun, deepspeed or srun" >&2; exit 2 ;;
-esac
-launched=$!
-[[ -n $signalled ]] && forward_signal "$signalled"  # it came while the config was being read
-
-while kill -0 "$launched" 2>/dev/null; do
-  if [[ -n $signalled && -z $delivered ]]; then  # no rank to take it yet (DeepSpeed on one host): again
-    sleep 1
-    forward_signal "$signalled"
-    continue
-  fi
-  wait "$launched" || true  # returns early when a trapped signal arrives
-done
-status=0
-wait "$launched" || status=$?
+launch() {
+  case $LAUNCHER in
+    torchrun)
+      srun --nodes="$NODES" --ntasks="$NODES" --ntasks-per-node=1 ${CPUS[@]+"${CPUS[@]}"} \
+        --kill-on-bad-exit=1 launch/torchrun.sh train "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} & ;;
+    deepspeed)
+      launch/deepspeed.sh train "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} & ;;
+    srun)
+      srun --nodes="$NODES" --ntasks=$((NODES * NPROC_PER_NODE)) --ntasks-per-node="$NPROC_PER_NODE" \
+        ${SPLIT[@]+"${SPLIT[@]}"} --kill-on-bad-exit=1 python -m hpc_train train "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} & ;;
+  esac
+  launched=$!
+  while kill -0 "$launched" 2>/dev/null; do
+    sleep 1 || true  # a preemption's SIGTERM reaches this sleep too
+    # The warning again every 30 s while the ranks run: a rank still starting (its job step
+    # not yet begun, or its handler not yet in place) misses the first; one that has it
+    # ignores more.
+    if [[ $signalled == USR1 ]] && ((SECONDS - resent >= 30)); then forward_signal USR1; fi
+  done
+  status=0
+  wait "$launched" || status=$?
+}
+[[ -z $signalled ]] || stopped_before_launch
+launch
 
 # Requeue only for progress (a checkpoint newer than the one this job began from), at most
 # MAX_REQUEUES times, never a job SLURM cancelled or requeues itself; a failure ends FAILED.

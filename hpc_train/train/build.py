@@ -8,6 +8,7 @@ checkpoint) → profiler description. Nothing here trains; every check that can 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,7 @@ from hpc_train.train.output_dir import (
     room_problem,
     writing,
 )
+from hpc_train.train.output_owner import claim_for_run
 from hpc_train.train.profile_report import trainability, vision_tower
 from hpc_train.train.run_parts import REQUEUE_MARKER, EvalData, RunParts, TrainData, TrainingEngine
 from hpc_train.train.schedule import build_scheduler, lr_multiplier
@@ -100,7 +102,9 @@ def build_run(config: RunConfig, info: DistInfo) -> RunParts:
     device = choose_device(info, config.train.device)
     init_distributed(info, device, timeout_s=config.train.collective_timeout_s)
     timeout = collective_timeout_s()
-    _say(info, f"topology: {info.describe()}" + (f"; collectives time out after {timeout:g} s" if timeout else ""))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # as SLURM gave them: a shared node need not give 0..n-1
+    _say(info, f"topology: {info.describe()}" + (f"; collectives time out after {timeout:g} s" if timeout else "")
+         + (f"; CUDA_VISIBLE_DEVICES={visible}" if visible else ""))
     torch.manual_seed(config.train.seed + info.rank)
     training = config.train.mode != "baseline"
     profiler = _profiler(config, info, device, training)
@@ -194,6 +198,7 @@ def _prepare_output(config: RunConfig, info: DistInfo) -> None:
     problem = agreed(output_problem(output))  # before minutes of loading, on every rank
     if problem:
         raise OutputError(problem)
+    claim_for_run(output, info.is_main)  # no other run writing there (a second job with the same output_dir)
     if info.is_main:
         with writing(output / "config.resolved.yaml"):
             save_config(config, output / "config.resolved.yaml")

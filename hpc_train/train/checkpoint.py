@@ -18,12 +18,13 @@ corrupted file. A checkpoint folder can hold data, never code.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,7 @@ class Checkpointer:
         """The step whose checkpoint is on disk and current (saved or loaded by this run)."""
         self.expected_bytes = expected_bytes
         """Room the next checkpoint needs: an estimate until one is saved, then that one's size."""
+        self.lead_warned = False
 
     def prepare(self, *, resume: bool) -> list[str]:
         """Before anything is saved or loaded: drop half-written saves; when not resuming, move an
@@ -172,8 +174,12 @@ class Checkpointer:
         size = 0
         if self.info.is_main:
             size = _folder_bytes(final)
-            print(f"saved checkpoint {final} (step {state.step}, {size / 2**20:.1f} MiB, "
-                  f"{time.perf_counter() - started:.1f} s)", flush=True)
+            took = time.perf_counter() - started
+            print(f"saved checkpoint {final} (step {state.step}, {size / 2**20:.1f} MiB, {took:.1f} s)", flush=True)
+            warning = None if self.lead_warned else lead_warning(took)
+            if warning:
+                print(warning, flush=True)
+                self.lead_warned = True
         self.expected_bytes = _from_main(size)
         self.saved_step = state.step
         return final
@@ -262,6 +268,22 @@ def _train_state(path: Path) -> TrainState:
         raise CheckpointError(f"{path}: not a trainer state this hpc-train writes (keys {sorted(saved)}). Fix: "
                               "start over with train.resume=false")
     return TrainState(**saved)
+
+
+def lead_warning(took_s: float, env: Mapping[str, str] = os.environ) -> str | None:
+    """A warning when saving a checkpoint took more than half of the lead the SLURM templates'
+    time-limit warning gives (``HPC_TRAIN_WARNING_LEAD_S``, from ``WARNING_LEAD``), or None."""
+    try:
+        lead = float(env.get("HPC_TRAIN_WARNING_LEAD_S", ""))
+    except ValueError:
+        return None
+    if not lead > 0 or took_s <= lead / 2:
+        return None
+    enough = 60 * math.ceil((2 * took_s + 60) / 60)
+    return (f"warning: saving this checkpoint took {took_s:.0f} s, more than half of the {lead:g} s the job's "
+            f"time-limit warning leaves (--signal=B:USR1@{lead:g}): a stop at that warning may not finish its "
+            f"checkpoint before SLURM ends the job. Fix: sbatch --signal=B:USR1@{enough} slurm/<template>.slurm "
+            f"WARNING_LEAD={enough}")
 
 
 def _folder_bytes(folder: Path) -> int:

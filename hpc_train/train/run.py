@@ -14,6 +14,7 @@ from hpc_train.lost_ranks import lost_ranks, peer_gone, store_host_is_rank_0
 from hpc_train.train import run_outputs
 from hpc_train.train.build import build_run
 from hpc_train.train.checkpoint import Checkpointer
+from hpc_train.train.output_owner import release, this_run
 from hpc_train.train.run_parts import REQUEUE_EXIT_CODE, RunParts, note_requeue_stop
 from hpc_train.train.trainer import TrainLoop, install_stop_signals
 
@@ -32,12 +33,15 @@ def run(config: RunConfig, *, evaluate_only: bool = False, info: DistInfo | None
     info = info or read_dist_env()
     built: list[RunParts] = []
     try:
-        return _run(config, info, built)
+        status = _run(config, info, built)
     except Exception as exc:
         words = peer_gone(exc) if info.world_size > 1 else None
         if words is None:
             raise
         raise PeerLost(lost_peer_message(config, info, words, step=built[0].step if built else None)) from None
+    if status == 0 and info.is_main:
+        release(Path(config.output_dir), this_run())  # finished: the folder is anyone's to continue
+    return status
 
 
 def _run(config: RunConfig, info: DistInfo, built: list[RunParts]) -> int:

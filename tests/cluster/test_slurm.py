@@ -97,8 +97,8 @@ def test_template_completes_on_two_nodes(template_runs, mode):
     assert report["environment"]["slurm_job_id"] == run["job"]
     assert read_report(run["root"] / "results" / "profiling" / f"{mode}_profiling.json") == report
     assert "nodes 2 (slnode1,slnode2)" in run["log"]
-    # The batch shell checked the node first: the allocation as SLURM gave it, and nothing blocking.
-    assert "hpc-train doctor: no blockers" in run["log"]
+    # Every node was checked first (one srun task each, labelled): the allocation as SLURM gave it, nothing blocking.
+    assert "0: hpc-train doctor: no blockers" in run["log"] and "1: hpc-train doctor: no blockers" in run["log"]
     assert re.search(rf"SLURM job +INFO +job {run['job']} \(hpc-{mode}\)", run["log"]), run["log"][-6000:]
     evaluated = json.loads((run["out"] / "eval_results.json").read_text())
     assert evaluated["samples"] == 8
@@ -291,16 +291,24 @@ def test_a_site_s_export_none_gets_its_settings_as_arguments_and_its_steps_the_j
     """``sbatch --export=NONE``: the submitting shell's CONFIG / LAUNCHER never reach the job (a
     variable would be ignored and the template's default recipe train); given as arguments they
     do, and the launch steps get the batch shell's environment (the venv, OMP / NCCL settings,
-    MASTER_PORT), where they would inherit SLURM_EXPORT_ENV=NONE."""
+    MASTER_PORT), where they would inherit SLURM_EXPORT_ENV=NONE. The site's SETUP script runs
+    first (its variables reach the ranks), and a job array's task gets a folder of its own."""
     out = tmp_path / "out"
-    job, state = ok_job(cluster, "--export=NONE", "-N", "2", f"--output={tmp_path}/%x-%j.out", "slurm/lora.slurm",
-                        "CONFIG=tiny_smolvlm", "LAUNCHER=srun", "NPROC_PER_NODE=1", *job_args(out, "train.max_steps=2"),
+    setup = tmp_path / "site-setup.sh"
+    setup.write_text('export OMP_NUM_THREADS=3\necho "site setup ran on $(hostname)"\n')
+    job, state = ok_job(cluster, "--export=NONE", "--array=3", "-N", "2", f"--output={tmp_path}/%x-%A.out",
+                        "slurm/lora.slurm", "CONFIG=tiny_smolvlm", "LAUNCHER=srun", "NPROC_PER_NODE=1",
+                        f"SETUP={setup}", f"VENV={sys.prefix}", *job_args(out, "train.max_steps=2"),
                         extra_env={"CONFIG": "no_such_recipe"})  # would fail the job if it reached it
     log = log_of(tmp_path / f"hpc-lora-{job}.out")
-    assert state["JobState"] == "COMPLETED", log[-4000:]
+    assert state["JobState"] == "COMPLETED", job_failure(state, log)
     assert "sbatch --export=NONE: the submitting shell's variables did not reach this job" in log
     assert "full, config tiny_smolvlm" in log and "launcher srun" in log  # not the template's smolvlm_lora
-    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [1, 2]
+    assert f"setup: {setup}" in log and "site setup ran on" in log and "OMP_NUM_THREADS 3" in log
+    task_out = out / f"{job}_3"
+    assert f"array task 3 of job {job}: its own output folder, {task_out}" in log
+    assert [r["step"] for r in read_metrics(task_out / "metrics.jsonl") if "loss" in r] == [1, 2]
+    assert json.loads((task_out / "profile" / "report.json").read_text())["environment"]["cpu_threads"] == 3
 
 
 def test_gpus_per_task_gets_one_rank_per_task_started_by_srun(cluster, job_args, tmp_path):
@@ -315,21 +323,71 @@ def test_gpus_per_task_gets_one_rank_per_task_started_by_srun(cluster, job_args,
     assert state["JobState"] == "COMPLETED", log[-4000:]
     assert "--gpus-per-task=1: one rank per task, started by srun (LAUNCHER=srun)" in log
     assert "x 2 process(es), launcher srun" in log and "topology: rank 0/4" in log
+    # a layout where a rank would get two GPUs (and use one) is refused, with the one that works
+    job, state = ok_job(cluster, "-N", "1", "--ntasks-per-node=1", "--gpus-per-node=2", "--gpus-per-task=2",
+                        "--cpus-per-task=1", f"--output={tmp_path}/%x-%j.out", "slurm/lora.slurm", *job_args(out))
+    log = log_of(tmp_path / f"hpc-lora-{job}.out")
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "2:0", log[-4000:]
+    assert "--gpus-per-task=2 with tasks per node 1: each rank is one task with one GPU" in log
 
 
-def test_a_one_node_deepspeed_job_gets_the_warning_and_requeues(cluster, job_args, tmp_path):
-    """On one host DeepSpeed runs its launcher and the ranks in the batch step, which
-    ``scancel --signal`` does not reach: the batch shell signals the ranks under DeepSpeed's
-    launch.py itself (not the launcher, which would end them). (Such a job did not start at all
-    before: DeepSpeed's launch.py passed --local_rank=N to our command line.)"""
-    out = tmp_path / "out"
-    job = start_training(cluster, tmp_path, out, job_args(out), {"LAUNCHER": "deepspeed"}, template="qlora",
-                         options=("--gpus-per-node=2",), nodes=1)
+def test_a_warning_that_comes_before_any_rank_started_launches_nothing(cluster, job_args, tmp_path):
+    """SIGUSR1 while the batch shell still prepares (here a slow site SETUP): bash would end on a
+    signal it does not trap; the job launches nothing and ends FAILED, saying why."""
+    submitted = sbatch(cluster, "--parsable", "-N", "1", f"--output={tmp_path}/%x-%j.out", "slurm/lora.slurm",
+                       "SETUP=sleep 4", *job_args(tmp_path / "out"))
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip()
+    path = tmp_path / f"hpc-lora-{job}.out"
+    wait_until(lambda: "setup: sleep 4" in log_of(path), 60, "the site setup")
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=cluster, check=True, timeout=30)
     state = wait_for_job(cluster, job)
-    log = log_of(tmp_path / f"hpc-qlora-{job}.out")
-    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", log[-6000:]
-    assert "got SIGUSR1" in log and "checkpoint saved at step" in log and "resumed from" in log
-    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
-    assert steps == list(range(1, STEPS + 1))  # the resumed job went on where the stopped one ended
+    log = log_of(path)
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "1:0", job_failure(state, log)
+    assert "got SIGUSR1" in log and "SIGUSR1 came before any rank started: nothing launched" in log
+    assert "[torchrun.sh]" not in log and not (tmp_path / "out" / "metrics.jsonl").exists()
 
+
+def test_a_one_node_deepspeed_job_is_preempted_and_requeued_once_on_the_gpu_slurm_gave_it(cluster, job_args,
+                                                                                          tmp_path):
+    """A real preemption (``launch/local-slurm.sh``: partition urgent preempts debug, REQUEUE,
+    GraceTime 60): the grace time begins with SIGTERM to the job's steps, not its batch shell.
+    On one host DeepSpeed's own launcher would run the ranks inside the batch step, where that
+    never arrives, and number their GPUs from 0: here an urgent job holds the node's GPU 0, so
+    the job gets GPU 1, and its ranks must see that GPU, take the signal, checkpoint, and the
+    job requeue once (itself, while SLURM still has it RUNNING; SLURM's own requeue at the end
+    of the grace time then finds it gone) and resume when the preemptor is done."""
+    def urgent(seconds: int) -> str:
+        held = sbatch(cluster, "--parsable", "-p", "urgent", "-w", "slnode1", "--gpus=1", "--cpus-per-task=1",
+                      f"--output={tmp_path}/urgent-%j", "--wrap", f"sleep {seconds}")
+        assert held.returncode == 0, held.stderr
+        return held.stdout.strip()
+
+    steps = 120  # more than the ranks run while the preemption is submitted and scheduled
+    holder = urgent(600)
+    try:
+        wait_until(lambda: job_state(cluster, holder).get("JobState") == "RUNNING", 60, "the GPU 0 holder")
+        out = tmp_path / "out"
+        job = start_training(cluster, tmp_path, out, job_args(out, f"train.max_steps={steps}"),
+                             {"LAUNCHER": "deepspeed"}, template="qlora",
+                             options=("-w", "slnode1", "--cpus-per-task=4"), nodes=1)
+        preemptor = urgent(3)  # needs the GPU the training job holds
+        wait_until(lambda: "requeueing job" in log_of(tmp_path / f"hpc-qlora-{job}.out"), 120, "the requeue")
+        # A second run into the same folder meanwhile (from outside SLURM) is refused: SLURM has the job
+        # waiting to run again, or running again.
+        second = subprocess.run([sys.executable, "-m", "hpc_train", "train", "smolvlm_qlora", *job_args(out)],
+                                env=cluster, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert second.returncode != 0, second.stderr[-3000:]
+        assert re.search(rf"is in use by SLURM job {job} \((PENDING|RUNNING|CONFIGURING)\)", second.stderr), \
+            second.stderr[-3000:]
+        state = wait_for_job(cluster, job)
+        assert job_state(cluster, preemptor)["JobState"] == "COMPLETED"
+    finally:
+        subprocess.run(["scancel", holder], env=cluster, timeout=30)
+    log = log_of(tmp_path / f"hpc-qlora-{job}.out")
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", job_failure(state, log)
+    assert "; CUDA_VISIBLE_DEVICES=1" in log and "; CUDA_VISIBLE_DEVICES=0" not in log, log[-6000:]
+    assert re.search(r"checkpoint saved at step \d+ \(\S+\) after SIGTERM; requeueing job", log), log[-6000:]
+    assert "resumed from" in log
+    logged = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert logged == list(range(1, steps + 1))  # the resumed job went on where the stopped one ended

@@ -82,3 +82,19 @@ def test_the_batch_shell_reads_the_output_folder_as_the_run_left_it(tmp_path):
     line = ask("end", str(tmp_path), "--signal", "USR1", "--status", "75", "--start-step", "4", "--restarts", "2",
                "--max-requeues", "5", "--job-state", "RUNNING")
     assert line.startswith("requeue 0 checkpoint saved at step 12")
+
+
+@pytest.mark.parametrize(("took", "lead", "said"), [
+    (100.0, "300", None),          # a third of the lead: room to spare
+    (200.0, "300", "sbatch --signal=B:USR1@480 slurm/<template>.slurm WARNING_LEAD=480"),
+    (200.0, None, None),           # not a SLURM template's run: no lead to compare with
+    (200.0, "soon", None),
+])
+def test_a_checkpoint_slower_than_half_the_warning_lead_is_said_with_a_lead_that_fits(took, lead, said):
+    from hpc_train.train.checkpoint import lead_warning
+
+    env = {} if lead is None else {"HPC_TRAIN_WARNING_LEAD_S": lead}
+    warning = lead_warning(took, env)
+    assert (warning is None) == (said is None)
+    if said:
+        assert "took 200 s, more than half of the 300 s" in warning and said in warning
