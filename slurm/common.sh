@@ -84,7 +84,7 @@ forward_signal() {  # the batch shell got $1: pass it to the ranks, keep waiting
 }
 trap 'forward_signal USR1' USR1
 trap 'forward_signal TERM' TERM
-stopped_before_launch() {  # the signal came (or a preemption's SIGTERM ended a check) before any rank started
+stopped_before_launch() {  # the signal came (or a SIGTERM to the whole job ended a check) before any rank started
   hpc_log "SIG$signalled came before any rank started: nothing launched, nothing saved (a preemption is" \
           "SLURM's to requeue; after the time limit's warning, give the job more time: sbatch --time)"
   exit 1
@@ -276,7 +276,7 @@ launch() {
   esac
   launched=$!
   while kill -0 "$launched" 2>/dev/null; do
-    sleep 1 || true  # a preemption's SIGTERM reaches this sleep too
+    sleep 1 || true  # a SIGTERM to the whole job (its time limit, a scancel) ends this sleep too
     # The warning again every 30 s while the ranks run: a rank still starting (its job step
     # not yet begun, or its handler not yet in place) misses the first; one that has it
     # ignores more.
