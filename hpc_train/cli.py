@@ -1,5 +1,5 @@
-"""The ``hpc-train`` command: train, eval, plan, demo, doctor, make-data, make-tiny, check-data,
-show-config, download, convert-proassist, topology."""
+"""The ``hpc-train`` command: train, eval, cache-vision, prepare-media, plan, demo, doctor,
+make-data, make-tiny, check-data, show-config, download, convert-proassist, topology."""
 
 from __future__ import annotations
 
@@ -75,6 +75,16 @@ def _cache_vision(args: argparse.Namespace) -> int:
     if info.is_main:
         print(fill.describe(config.vision_cache_dir))
     return 0
+
+
+def _prepare_media(args: argparse.Namespace) -> int:
+    from hpc_train.config_file import load_config
+    from hpc_train.prepare_media import default_workers, prepare_media, shard_of
+
+    config = load_config(args.config, args.overrides)
+    done = prepare_media(config, shard=shard_of(os.environ, args.shard), workers=args.workers or default_workers())
+    print(done.describe(str(config.data.prepared_media)))
+    return 1 if done.failed else 0
 
 
 def _download(args: argparse.Namespace) -> int:
@@ -233,6 +243,15 @@ def _add_run_commands(sub: Any) -> None:
     p.add_argument("config", help="YAML config or shipped recipe name (the run's own)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.set_defaults(func=_cache_vision)
+
+    p = sub.add_parser("prepare-media", help="decode the run's videos once into data.prepared_media, as it samples "
+                                             "and resizes them (CPU only; a share per SLURM array task)")
+    p.add_argument("config", help="YAML config or shipped recipe name (the run's own)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--shard", help="i/n: decode every n-th video from the i-th (default: this SLURM array task's "
+                                   "or srun task's share, else all)")
+    p.add_argument("--workers", type=int, help="decoding processes (default: the CPUs this process may use)")
+    p.set_defaults(func=_prepare_media)
 
     p = sub.add_parser("plan", help="predict a run's peak GPU memory per rank (by component), its step time and "
                                     "what fits, before it is queued; exit 3 when it does not fit")

@@ -139,6 +139,12 @@ class DataConfig(_Section):
     media settings or media files changed is never used. Off when anything in the tower or
     connector trains (the run says why)."""
 
+    prepared_media: str | None = None
+    """A folder of videos' frames decoded once (``hpc-train prepare-media``), as this run samples
+    them and its processor first resizes them: a video found there is not decoded again. An
+    entry whose file, sampling or processor settings changed is never used; a video missing
+    there is decoded (and said). Fill it ahead on CPU nodes (``slurm/prepare_media.slurm``)."""
+
     @field_validator("vision_cache")
     @classmethod
     def _cache_placeholder(cls, value: str | None) -> str | None:

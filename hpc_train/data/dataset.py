@@ -29,6 +29,7 @@ from hpc_train.data.media import (
     video_sampling,
 )
 from hpc_train.data.media_share import share_bounds
+from hpc_train.data.prepared_media import PreparedMedia, share_of
 from hpc_train.data.records import Record
 from hpc_train.data.tokenize import ChatEncoder, EncodedSample, SampleMedia
 from hpc_train.data.vision_cache import VisionCache
@@ -56,10 +57,16 @@ class MediaLoader:
     (one rank skipping what the others train on would hang the group).
     """
 
-    def __init__(self, data: DataConfig, *, frame_share: tuple[int, int] | None = None) -> None:
+    def __init__(self, data: DataConfig, *, frame_share: tuple[int, int] | None = None,
+                 prepared: PreparedMedia | None = None) -> None:
+        """``prepared``: the run's store of videos decoded ahead (``data.prepared_media``): a
+        video found there is not decoded."""
         self.data = data
         self.frame_share = frame_share
         self.sampling = video_sampling(data.video)
+        self.prepared = prepared
+        self.decoded_unprepared = 0
+        """Videos this process decoded because the store did not have them."""
 
     def load(self, record: Record) -> SampleMedia:
         try:
@@ -88,6 +95,13 @@ class MediaLoader:
             raise exc.at(path=record.source, line=record.line, record_id=record.id) from exc
 
     def _video(self, path: Path, record: Record) -> VideoFrames:
+        if self.prepared is not None:
+            stored = self.prepared.load(path, record.video_clip)
+            if stored is not None:
+                if self.frame_share is None:
+                    return stored
+                return share_of(stored, share_bounds(len(stored.frames), *self.frame_share))
+            self._say_unprepared(path)
         if self.frame_share is None:
             return load_video(path, self.sampling, clip=record.video_clip)
         rank, size = self.frame_share
@@ -101,6 +115,14 @@ class MediaLoader:
                           "black frames instead: the other ranks of the sequence-parallel group decoded theirs",
                           stacklevel=2)
             return black_video(path, self.sampling, clip=record.video_clip)
+
+
+    def _say_unprepared(self, path: Path) -> None:
+        self.decoded_unprepared += 1
+        if self.decoded_unprepared == 1:  # once per process: a store that lacks many says it once
+            warnings.warn(f"data.prepared_media: {path} is not in {self.prepared.store.root} (not prepared, or the "
+                          "file or the video settings changed since): decoded instead. Fix: run hpc-train "
+                          "prepare-media with this config", stacklevel=3)
 
 
 class SampleDataset(Dataset):

@@ -22,6 +22,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load, save
@@ -59,29 +60,41 @@ class FeatureStore:
 
     def load(self, key: str) -> torch.Tensor | None:
         """The entry's tensor, or ``None`` when it is absent, torn or not this key's."""
+        entry = self.load_entry(key)
+        return None if entry is None else entry[0]
+
+    def load_entry(self, key: str) -> tuple[torch.Tensor, dict[str, Any]] | None:
+        """The entry's tensor and the ``info`` it was saved with, or ``None`` when it is absent,
+        torn or not this key's."""
         path = self.path_for(key)
         try:
             meta, tensor = _read(path)
+            info = json.loads(meta.get("info", "{}"))
         except FileNotFoundError:
             self.counts.misses += 1
             return None
         except Exception:  # noqa: BLE001 - any unreadable header or body is a torn entry
             self.counts.rejected += 1
             return None
-        if meta.get("format") != FORMAT or meta.get("key") != key or meta.get("digest") != _digest(tensor):
+        if (meta.get("format") != FORMAT or meta.get("key") != key or not isinstance(info, dict)
+                or meta.get("digest") != _digest(tensor, meta.get("info", ""))):
             self.counts.rejected += 1
             return None
         self.counts.hits += 1
         self.counts.bytes_read += tensor.numel() * tensor.element_size()
-        return tensor
+        return tensor, info
 
-    def save(self, key: str, tensor: torch.Tensor) -> Path:
-        """Write ``key``'s entry whole, replacing any older one; concurrent writers of the same
-        key each rename a whole entry into place, the last one wins."""
+    def save(self, key: str, tensor: torch.Tensor, info: dict[str, Any] | None = None) -> Path:
+        """Write ``key``'s entry whole (with ``info``, small JSON-able values read back by
+        :meth:`load_entry`), replacing any older one; concurrent writers of the same key each
+        rename a whole entry into place, the last one wins."""
         path = self.path_for(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensor = tensor.detach().to("cpu").contiguous()
-        data = save({_TENSOR: tensor}, metadata={"format": FORMAT, "key": key, "digest": _digest(tensor)})
+        meta = {"format": FORMAT, "key": key}
+        if info:
+            meta["info"] = json.dumps(info, sort_keys=True)
+        data = save({_TENSOR: tensor}, metadata={**meta, "digest": _digest(tensor, meta.get("info", ""))})
         partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
         try:
             with open(partial, "wb") as out:
@@ -105,8 +118,11 @@ def _read(path: Path) -> tuple[dict[str, str], torch.Tensor]:
     return meta, load(data)[_TENSOR]
 
 
-def _digest(tensor: torch.Tensor) -> str:
-    return hashlib.blake2b(_bytes_of(tensor), digest_size=16).hexdigest()
+def _digest(tensor: torch.Tensor, info: str = "") -> str:
+    digest = hashlib.blake2b(_bytes_of(tensor), digest_size=16)
+    if info:
+        digest.update(info.encode())
+    return digest.hexdigest()
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:

@@ -9,6 +9,7 @@ media snippets that keep every rank's modules the same.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from hpc_train.config import DataConfig
 from hpc_train.data.collate import Collator
 from hpc_train.data.dataset import MediaLoader, SampleDataset
 from hpc_train.data.packing import PackedCollator
+from hpc_train.data.prepared_media import prepared_media_for
 from hpc_train.data.records import Record
 from hpc_train.data.tokenize import ChatEncoder, EncodedSample
 from hpc_train.data.vision_cache import FeatureCollation, VisionCache
@@ -52,7 +54,8 @@ class DataPipeline:
         """``frame_share=(rank, size)``: rank ``rank`` of a sequence-parallel group's training
         samples, with only its share of each video's frames decoded (see :class:`MediaLoader`).
         ``cached``: samples from the vision cache where it has them."""
-        media = self.media if frame_share is None else MediaLoader(self.data, frame_share=frame_share)
+        media = self.media if frame_share is None else MediaLoader(self.data, frame_share=frame_share,
+                                                                    prepared=self.media.prepared)
         return SampleDataset(records, self.encoder, media, self.data, vision_cache=self.vision_cache if cached else None)
 
     def collator(self, *, padding_side: str = "right", cached: bool = False) -> Collator:
@@ -70,7 +73,10 @@ class DataPipeline:
 def build_pipeline(data: DataConfig, processor: Any, family: Family) -> DataPipeline:
     """The pipeline for a model's processor (its tokenizer and image processor)."""
     encoder = ChatEncoder(processor, family, system_prompt=data.system_prompt, split_frames=data.video.split_frames)
-    return DataPipeline(data=data, family=family, encoder=encoder, media=MediaLoader(data),
+    prepared = prepared_media_for(data, processor, family)
+    if prepared is not None and prepared.note:
+        warnings.warn(prepared.note, stacklevel=2)
+    return DataPipeline(data=data, family=family, encoder=encoder, media=MediaLoader(data, prepared=prepared),
                         blanks=encoder.blank_media())
 
 

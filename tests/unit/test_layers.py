@@ -21,7 +21,8 @@ LAYERS = {
     "data": 4,
     "train": 5,
     # commands
-    "cache_vision": 6, "check_data": 6, "cli": 6, "demo": 6, "doctor": 6, "plan": 6, "__main__": 6,
+    "cache_vision": 6, "check_data": 6, "cli": 6, "demo": 6, "doctor": 6, "plan": 6, "prepare_media": 6,
+    "__main__": 6,
 }
 
 

@@ -122,6 +122,9 @@ class Family:
     strict_weights: bool = False
     """A folder whose weights miss or add a parameter is refused (our own model classes, whose names
     are the hub's; transformers' classes keep their own warnings about renamed or unused keys)."""
+    prepare_frames: Callable[[Any, Any], Any] | None = field(default=None, repr=False)
+    """``(processor, frames)``: decoded frames (T, H, W, 3 uint8) as the video processor first
+    resizes them, for a prepared-media store (``None``: stored as decoded; see ``families/frames.py``)."""
     blank_side: Callable[[Any], int] | None = field(default=None, repr=False)
     """The side of the blank picture that costs the fewest tokens, from the processor (``None``:
     one tile, read from its image processor's ``size``)."""

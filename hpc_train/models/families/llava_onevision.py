@@ -33,6 +33,7 @@ from transformers.models.llava_onevision.video_processing_llava_onevision import
 
 from hpc_train.errors import DataError
 from hpc_train.models.families.base import Family, MediaLayout, Preset
+from hpc_train.models.families.frames import video_processor_frames
 from hpc_train.models.media_keys import IMAGE_ROWS
 from hpc_train.models.tiny import answer_words, corpus, seeded_model, text_config
 from hpc_train.models.tokenizer import train_tokenizer
@@ -273,6 +274,7 @@ FAMILY = Family(
     vision_model="vision_tower", language_model="language_model",
     layout=LlavaOneVisionLayout(), feature_encoders={"image": encode_images, "video": encode_videos},
     share_vision=share_vision, build_tiny=build_tiny, preset_processor=preset_processor, presets=PRESETS,
+    prepare_frames=video_processor_frames,
 )
 
 __all__ = ["FAMILY", "PRESETS", "LlavaOneVisionLayout", "build_tiny", "llava_onevision_media", "processor"]

@@ -27,6 +27,7 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageP
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
 from hpc_train.models.families.base import Family, MediaLayout, Preset
+from hpc_train.models.families.frames import qwen2_vl_frames
 from hpc_train.models.llava_ov_1_5 import (
     LlavaOnevision15Config,
     LlavaOnevision15ForConditionalGeneration,
@@ -219,6 +220,7 @@ FAMILY = Family(
     layout=GridLayout(), feature_encoders={kind: encoder(kind) for kind in MEDIA_KEYS},
     share_vision=share_vision, build_tiny=build_tiny, preset_processor=preset_processor, presets=PRESETS,
     strict_weights=True, blank_side=blank_side,
+    prepare_frames=qwen2_vl_frames,
 )
 
 __all__ = ["FAMILY", "PRESETS", "GridLayout", "build_tiny", "processor"]

@@ -27,6 +27,7 @@ from transformers.video_utils import VideoMetadata
 from hpc_train.errors import DataError
 from hpc_train.models.families import smolvlm
 from hpc_train.models.families.base import Family, Preset
+from hpc_train.models.families.frames import video_processor_frames
 from hpc_train.models.tiny import answer_words, corpus, seeded_model
 from hpc_train.models.tokenizer import train_tokenizer
 
@@ -142,6 +143,7 @@ FAMILY = Family(
     layout=smolvlm.Idefics3Layout(), feature_encoders={"image": smolvlm.encode_tiles},
     share_vision=smolvlm.share_tiles, build_tiny=build_tiny, preset_processor=preset_processor,
     presets=PRESETS, tile_tokens_fixed=True, video_inputs=video_inputs,
+    prepare_frames=video_processor_frames,
 )
 
 __all__ = ["FAMILY", "PRESETS", "build_tiny", "processor", "video_inputs"]
