@@ -65,6 +65,7 @@ class Profiler:
         self._phase: str | None = None
         self._vision = VisionWork()
         self._vision_cache: dict[str, int] | None = None
+        self._unprepared: int | None = None
         self._last_step_end = self._started
         self._epochs: dict[int, dict[str, float]] = {}
         self._shape: ModelShape | None = None
@@ -129,6 +130,11 @@ class Profiler:
         except (UnknownArchitecture, AttributeError) as exc:
             self._shape, self._unknown = None, f"FLOPs unknown: {exc}"
 
+    def prepared_media(self, *, unprepared: int) -> None:
+        """A micro-batch's videos decoded because the run's prepared media lacked them (the
+        report's ``prepared_media``; a run without prepared media never calls it)."""
+        self._unprepared = (self._unprepared or 0) + unprepared
+
     def vision_cache(self, *, cached: int, computed: int, bytes_read: int) -> None:
         """A micro-batch's samples whose media features came from a feature cache, those computed,
         and the cached bytes read (the report's ``vision_cache``)."""
@@ -174,4 +180,5 @@ class Profiler:
             records, warmup_excluded=self.timer.warmup_excluded, rank=self.rank, local_rank=self.local_rank,
             world_size=self.world_size, host=host_name(), device=str(self.device),
             device_name=device_name, workload=self.workload, memory=peak_memory(self.device, self._memory), flops=flops,
-            wall_s=wall, first_step=first_step, vision_cache=self._vision_cache)
+            wall_s=wall, first_step=first_step, vision_cache=self._vision_cache,
+            prepared_media=None if self._unprepared is None else {"videos_unprepared": self._unprepared})

@@ -62,7 +62,8 @@ def build_rank_report(records: Sequence[StepRecord], *, warmup_excluded: int, ra
                       world_size: int, host: str, device: str, device_name: str, workload: str,
                       memory: Mapping[str, float | None], flops: Mapping[str, Any],
                       wall_s: Mapping[str, Any], first_step: int = 1,
-                      vision_cache: Mapping[str, int] | None = None) -> dict[str, Any]:
+                      vision_cache: Mapping[str, int] | None = None,
+                      prepared_media: Mapping[str, int] | None = None) -> dict[str, Any]:
     """One rank's report from its measured steps (warm-up already left out); ``vision_cache``:
     the whole run's feature-cache counts (samples cached / computed, bytes read), when it had one."""
     if workload not in WORKLOADS:
@@ -91,6 +92,7 @@ def build_rank_report(records: Sequence[StepRecord], *, warmup_excluded: int, ra
         "flops": dict(flops),
         "wall_s": dict(wall_s),
         **({"vision_cache": _with_hit_rate(vision_cache)} if vision_cache is not None else {}),
+        **({"prepared_media": dict(prepared_media)} if prepared_media is not None else {}),
         "series": {"step_ms": [round(r.step_ms, 3) for r in records]},
     }
 
@@ -148,6 +150,7 @@ def merge_reports(ranks: Sequence[Mapping[str, Any]], *, run: Mapping[str, Any],
         "flops": flops,
         "wall_s": dict(ranks[0]["wall_s"]),
         **_merged_vision_cache(ranks),
+        **_merged_prepared_media(ranks),
         "notes": notes,
         "slowest_rank": {
             "rank": slowest["rank"], "host": slowest["host"],
@@ -165,6 +168,11 @@ def _merged_vision_cache(ranks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         return {}
     keys = ("samples_cached", "samples_computed", "bytes_read")
     return {"vision_cache": _with_hit_rate({k: sum(c[k] for c in counted) for k in keys})}
+
+
+def _merged_prepared_media(ranks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    counted = [r["prepared_media"]["videos_unprepared"] for r in ranks if "prepared_media" in r]
+    return {"prepared_media": {"videos_unprepared": sum(counted)}} if counted else {}
 
 
 def _complete_world(ranks: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

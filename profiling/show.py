@@ -71,6 +71,9 @@ def show(report: Mapping[str, Any]) -> str:
     parts = ", ".join(f"{k} {v:.1f}" for k, v in wall.items() if isinstance(v, int | float))
     lines.append(f"  wall (s): {parts}; epochs: " + (", ".join(
         f"{e['epoch']}: {e['steps']} steps {e['wall_s']:.1f} s" for e in wall.get("epochs", [])) or DASH))
+    prepared = report.get("prepared_media")
+    if prepared is not None:
+        lines.append(f"  prepared media: {prepared['videos_unprepared']} videos decoded because the store lacked them")
     cache = report.get("vision_cache")
     if cache is not None:
         rate = DASH if cache["hit_rate"] is None else f"{cache['hit_rate']:.0%}"

@@ -66,6 +66,7 @@ class Collator:
         batch["num_real_tokens"] = int(batch["attention_mask"].sum())
         batch["num_slots"] = int(batch["attention_mask"].numel())
         batch["num_supervised"] = num_supervised(batch["labels"])
+        batch["videos_unprepared"] = sum(s.videos_unprepared for s in samples)
         batch.update(loss_positions(batch["labels"]))
         if not left and batch["num_real_tokens"] == batch["num_slots"]:
             # Nothing to mask: causal attention alone is exact, and transformers would read the
@@ -79,7 +80,7 @@ class Collator:
 
 
 BOOKKEEPING = ("sample_ids", "skipped", "num_skipped", "num_real_tokens", "num_slots", "num_supervised", TILE_FRAMES,
-               IMAGE_ROWS)
+               IMAGE_ROWS, "videos_unprepared")
 
 
 class FloatCast:

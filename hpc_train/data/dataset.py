@@ -70,10 +70,12 @@ class MediaLoader:
 
     def load(self, record: Record) -> SampleMedia:
         try:
+            before = self.decoded_unprepared
+            videos = [self._video(p, record) for p in record.videos]
             return SampleMedia(
                 images=[load_image(p, aspect_4to1=self.data.image.aspect_4to1,
                                    max_side=self.data.image.max_side) for p in record.images],
-                videos=[self._video(p, record) for p in record.videos],
+                videos=videos, unprepared=self.decoded_unprepared - before,
                 audios=[audio_to_image(load_audio(p, sample_rate=self.data.audio.sample_rate,
                                                   max_seconds=self.data.audio.max_seconds),
                                        self.data.audio.sample_rate, size=self.data.audio.image_size)
@@ -177,15 +179,18 @@ class SampleDataset(Dataset):
     def _encode(self, record: Record) -> EncodedSample:
         cache = self.vision_cache
         if cache is None or not record.has_media():
-            return self.encoder.encode(record, self.media.load(record))
+            return self._decoded(record)
         try:
             key = cache.sample_key(record)
         except OSError:  # a missing file: the media loader says so, in the data's terms
-            return self.encoder.encode(record, self.media.load(record))
+            return self._decoded(record)
         features = cache.load(record, key)
         if features is not None:
             sample = self.encoder.encode(record, self.media.stand_ins(record))
             if cache.fits(sample, features):
                 return dataclasses.replace(sample, media={}, features=features)
-        sample = self.encoder.encode(record, self.media.load(record))
-        return dataclasses.replace(sample, feature_key=key)
+        return dataclasses.replace(self._decoded(record), feature_key=key)
+
+    def _decoded(self, record: Record) -> EncodedSample:
+        media = self.media.load(record)
+        return dataclasses.replace(self.encoder.encode(record, media), videos_unprepared=media.unprepared)

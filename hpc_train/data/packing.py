@@ -198,5 +198,6 @@ class PackedCollator:
         batch["num_real_tokens"] = real
         batch["num_slots"] = max(self.pad_to, int(batch["input_ids"].shape[1]))
         batch["num_supervised"] = num_supervised(batch["labels"])
+        batch["videos_unprepared"] = sum(s.videos_unprepared for s in samples)
         batch.update(loss_positions(batch["labels"]))
         return batch

@@ -56,6 +56,8 @@ class SampleMedia:
     videos: list[VideoFrames] = field(default_factory=list)
     audios: list[Image.Image] = field(default_factory=list)
     """Spectrogram pictures of the ``<speech>`` clips."""
+    unprepared: int = 0
+    """Videos decoded from their files because the run's prepared media lacked them."""
 
 
 @dataclass
@@ -80,6 +82,8 @@ class EncodedSample:
     feature_key: str | None = None
     """The vision cache's key of a sample whose features are not cached yet: its features are
     written there once the model computes them."""
+    videos_unprepared: int = 0
+    """Its videos decoded from their files because the run's prepared media lacked them."""
 
     def __len__(self) -> int:
         return int(self.input_ids.numel())

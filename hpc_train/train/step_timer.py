@@ -15,6 +15,7 @@ class StepTimer(Protocol):
     def step_done(self, *, samples: int, tokens: int, slot_tokens: int, epoch: int = 0,
                   context: float | None = None) -> None: ...
     def vision_cache(self, *, cached: int, computed: int, bytes_read: int) -> None: ...
+    def prepared_media(self, *, unprepared: int) -> None: ...
 
 
 class NoTimer:
@@ -34,4 +35,7 @@ class NoTimer:
         return None
 
     def vision_cache(self, *, cached: int, computed: int, bytes_read: int) -> None:
+        return None
+
+    def prepared_media(self, *, unprepared: int) -> None:
         return None

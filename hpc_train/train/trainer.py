@@ -135,7 +135,8 @@ class TrainLoop:
         losses: list[torch.Tensor] = []
         sample_ids: list[str] = []
         counts = {"tokens": 0, "slot_tokens": 0, "supervised_tokens": 0, "samples": 0, "skipped_samples": 0,
-                  "empty_micro_batches": 0, **dict.fromkeys(CACHE_COUNTS if self.parts.pipeline.vision_cache else (), 0)}
+                  "empty_micro_batches": 0, **dict.fromkeys(CACHE_COUNTS if self.parts.pipeline.vision_cache else (), 0),
+                  **({"videos_unprepared": 0} if self.parts.pipeline.media.prepared is not None else {})}
         sequences = [0, 0]  # real tokens and samples of the sequences this rank's tokens belong to
         while True:
             with timer.phase("data_wait"):
@@ -150,6 +151,8 @@ class TrainLoop:
             if not empty:  # a stand-in's loss is 0/0 and is not averaged
                 losses.append(loss.value.detach())
             _tally(counts, batch, empty=empty)
+            if "videos_unprepared" in counts:
+                timer.prepared_media(unprepared=batch.get("videos_unprepared", 0))
             if VISION_FEATURES in batch:
                 features = batch[VISION_FEATURES]
                 timer.vision_cache(cached=features.samples_cached, computed=features.samples_computed,
@@ -308,6 +311,8 @@ def _tally(counts: dict[str, int], batch: dict[str, Any], *, empty: bool) -> Non
         counts["slot_tokens"] += batch["num_slots"]
         counts["supervised_tokens"] += batch["num_supervised"]
         counts["samples"] += len(batch["sample_ids"])
+    if "videos_unprepared" in counts:  # decoded because the prepared media lacked them
+        counts["videos_unprepared"] += batch.get("videos_unprepared", 0)
     features = batch.get(VISION_FEATURES)
     if features is not None:
         counts["vision_cached_samples"] += features.samples_cached

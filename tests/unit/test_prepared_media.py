@@ -22,7 +22,9 @@ from hpc_train.data.prepared_media import PreparedMedia, resize_is_exact
 from hpc_train.errors import ConfigError
 from hpc_train.models.families import get_family
 from hpc_train.prepare_media import prepare_media, run_videos, shard_of
+from hpc_train.train.trainer import TrainLoop
 from tests.conftest import TINY_RECIPES as RECIPES
+from tests.unit.test_train_loop import batches, metrics
 
 VIDEO_FAMILIES = ("smolvlm2", "llava_onevision", "llava_onevision_1_5")
 
@@ -144,3 +146,18 @@ def test_prepare_media_needs_its_folder(synthetic_data):
     config = load_config(RECIPES["smolvlm2"], [f"data.train={synthetic_data / 'train.jsonl'}"])
     with pytest.raises(ConfigError, match="data.prepared_media is not set"):
         prepare_media(config, shard=(0, 1), workers=0)
+
+
+def test_a_run_counts_the_videos_it_had_to_decode(build, tmp_path):
+    """Half the videos prepared: each step's metrics row says how many of its samples' videos
+    were decoded because the store lacked them."""
+
+    parts = build(f"data.prepared_media={tmp_path / 'store'}", "train.max_steps=3")
+    prepare_media(parts.config, shard=(0, 2), workers=0, say=lambda _: None)
+    prepared = set(run_videos(parts.config)[0::2])
+    fed = batches(parts, 3, size=4)
+    records = parts.train.dataset.records
+    expected = sum((Path(v), r.video_clip) not in prepared for r in (records[i] for i in range(12)) for v in r.videos)
+    assert TrainLoop(parts).train(fed) == 0
+    assert 0 < sum(row["videos_unprepared"] for row in metrics(parts)) == expected
+    assert parts.timer.rank_report()["prepared_media"] == {"videos_unprepared": expected}  # the report's count
