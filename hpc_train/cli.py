@@ -202,7 +202,7 @@ def _plan(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     gpu = planned_gpu(args.gpu)
     plan = make_plan(config, gpu, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                     bf16=plans_bf16(config, gpu), search=args.search)
+                     bf16=plans_bf16(config, gpu), search=args.search, loader=args.loader == "on")
     sbatch = sbatch_line(plan, args.config, args.overrides) if gpu is not None else None
     print(format_plan(plan, sbatch), flush=True)
     if args.json:
@@ -264,6 +264,9 @@ def _add_run_commands(sub: Any) -> None:
     p.add_argument("--search", choices=["auto", "up", "off"], default="auto",
                    help="the largest micro-batch / packed row / frames that fit: auto (default) below the configured "
                         "ones when the run does not fit; up: also above them (to 4x) when it fits; off")
+    p.add_argument("--loader", choices=["on", "off"], default="on",
+                   help="with a GPU's step time, time the planned micro-batch's samples through the loader on one "
+                        "core and say whether the workers keep the GPU fed (default on)")
     p.add_argument("--json", default=None, help="also write the plan as JSON to this file")
     p.set_defaults(func=_plan)
 

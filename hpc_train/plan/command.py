@@ -10,6 +10,7 @@ from hpc_train.config import RunConfig
 from hpc_train.data.packing import PlannedPacks, drop_too_long
 from hpc_train.models.sequence_parallel import allowed_sizes
 from hpc_train.plan.gpus import Gpu
+from hpc_train.plan.loader import LoaderTime, describe_loader, loader_time
 from hpc_train.plan.planner import (
     CONTEXT_GIB,
     FRAGMENTATION,
@@ -52,6 +53,8 @@ class Plan:
     advice: list[tuple[str, float]] = field(default_factory=list)
     """(override, needed GiB after it) for each single change that saves memory, best first."""
     seconds: float = 0.0
+    loader: LoaderTime | None = None
+    """The planned micro-batch through the loader on one core (with a step time, unless asked off)."""
 
     @property
     def world(self) -> int:
@@ -63,10 +66,11 @@ class Plan:
 
 
 def make_plan(config: RunConfig, gpu: Gpu | None, *, nodes: int = 1, gpus_per_node: int = 1, bf16: bool,
-              search: str = "auto") -> Plan:
+              search: str = "auto", loader: bool = True) -> Plan:
     """Plan ``config`` on ``nodes x gpus_per_node`` ranks of ``gpu`` (None: memory only). ``search``
     for the largest settings that fit: ``auto`` (below the configured ones, when the run does not
-    fit), ``up`` (also above them, to 4x, when it fits), ``off``."""
+    fit), ``up`` (also above them, to 4x, when it fits), ``off``. ``loader``: time the planned
+    micro-batch through the loader (:mod:`hpc_train.plan.loader`) when the step time is known."""
     if search not in SEARCHES:
         raise ValueError(f"search={search!r}: expected one of {', '.join(SEARCHES)}")
     started = time.perf_counter()
@@ -78,6 +82,9 @@ def make_plan(config: RunConfig, gpu: Gpu | None, *, nodes: int = 1, gpus_per_no
                            memory.batch, gpu, dtype="bf16" if bf16 else "fp32", steps=_steps(planner))
     plan = Plan(config=config, gpu=gpu, nodes=nodes, gpus_per_node=gpus_per_node, dtype="bf16" if bf16 else "fp32",
                 memory=memory, time=timing)
+    if timing is not None and loader:
+        plan.loader = loader_time(config.data, planner.processor, planner.family,
+                                  [planner.records[i] for i in memory.batch.indices])
     if gpu is not None and (search == "up" or (search == "auto" and not plan.fits)):
         plan.largest = _largest(planner, memory, gpu, up=bool(plan.fits))
     if plan.fits is False:
@@ -207,7 +214,20 @@ def to_dict(plan: Plan) -> dict[str, Any]:
                        "flops_per_step": t.flops_per_step, "seconds_per_step": [float(f"{s:.4g}") for s in t.seconds],
                        "tokens_per_second": [round(x, 1) for x in t.tokens_per_second], "steps": t.steps,
                        "run_seconds": [round(s) for s in t.run_seconds], "slurm_time": t.slurm_time()}
+    if plan.loader is not None and plan.time is not None:
+        gpu_s = _micro_seconds(plan)
+        out["loader"] = {"seconds_one_core": round(plan.loader.seconds, 4), "workers": plan.loader.workers,
+                         "gpu_seconds": [float(f"{s:.4g}") for s in gpu_s],
+                         "headroom": [round(plan.loader.headroom(s), 3) for s in gpu_s],
+                         "prepared_seconds_one_core": None if plan.loader.prepared_seconds is None
+                         else round(plan.loader.prepared_seconds, 4)}
     return out
+
+
+def _micro_seconds(plan: Plan) -> tuple[float, float]:
+    """The GPU's (fast, slow) seconds for one micro-batch: the step time over its accumulation."""
+    accum = plan.config.train.grad_accum
+    return plan.time.seconds[0] / accum, plan.time.seconds[1] / accum
 
 
 def format_plan(plan: Plan, sbatch: str | None = None) -> str:
@@ -237,6 +257,8 @@ def format_plan(plan: Plan, sbatch: str | None = None) -> str:
                      "micro-batch as hungry as the one above, so an upper bound for mixed data")
         lines.append(f"run: {t.steps:,} optimizer steps, {lo / 3600:.2f}-{hi / 3600:.2f} h with "
                      f"{STARTUP_MIN} min start-up")
+        if plan.loader is not None:
+            lines.extend(describe_loader(plan.loader, _micro_seconds(plan)))
     elif plan.gpu is not None:
         lines.append(f"step time: unknown (no datasheet peak for {plan.gpu.name})")
     if plan.largest:
