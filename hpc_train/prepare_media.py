@@ -48,7 +48,7 @@ class Preparation:
     def describe(self, root: str) -> str:
         index, count = self.shard
         rate = self.stored / self.seconds if self.seconds > 0 else 0.0
-        failed = (f"; {len(self.failed)} failed (they will be decoded during training): "
+        failed = (f"; {len(self.failed)} failed (the run tries them itself): "
                   + "; ".join(self.failed[:3]) + (" ..." if len(self.failed) > 3 else "")) if self.failed else ""
         return (f"prepare-media: shard {index + 1} of {count}: {self.videos} videos: {self.stored} decoded and stored "
                 f"({self.bytes_stored / 2**20:.1f} MiB, {rate:.2f} videos/s), {self.already} already in {root}"
@@ -57,7 +57,7 @@ class Preparation:
 
 def shard_of(env: Mapping[str, str], asked: str | None = None) -> tuple[int, int]:
     """``(index, count)`` of this process's share: ``--shard i/n`` (1-based ``i``), else its SLURM
-    array task, else its srun task, else the whole."""
+    array task, else its task of an ``srun`` step, else the whole."""
     if asked:
         try:
             index, count = (int(part) for part in asked.split("/"))
@@ -69,8 +69,8 @@ def shard_of(env: Mapping[str, str], asked: str | None = None) -> tuple[int, int
     if env.get("SLURM_ARRAY_TASK_COUNT"):
         first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
         return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"])
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+    if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:  # a task of srun's (not a batch or salloc shell)
+        return int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])
     return 0, 1
 
 
@@ -117,8 +117,18 @@ def prepare_media(config: RunConfig, *, shard: tuple[int, int], workers: int,
         say(store.note)
     index, count = shard
     mine = run_videos(config)[index::count]
-    todo = [video for video in mine if not store.has(*video)]
-    done = Preparation(shard=shard, videos=len(mine), already=len(mine) - len(todo))
+    done = Preparation(shard=shard, videos=len(mine))
+    todo = []
+    for video in mine:
+        try:
+            stored = store.has(*video)
+        except OSError as exc:  # the file is gone: the run will say so too
+            done.failed.append(f"{video[0]}: {exc.strerror}")
+            continue
+        if stored:
+            done.already += 1
+        else:
+            todo.append(video)
     say(f"prepare-media: shard {index + 1} of {count}: {len(mine)} videos, {len(todo)} to decode "
         f"({workers} worker process(es)) into {config.data.prepared_media}")
     loader = DataLoader(_Decodes(todo, store, video_sampling(config.data.video)), batch_size=None,

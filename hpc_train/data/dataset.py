@@ -118,7 +118,6 @@ class MediaLoader:
                           stacklevel=2)
             return black_video(path, self.sampling, clip=record.video_clip)
 
-
     def _say_unprepared(self, path: Path) -> None:
         self.decoded_unprepared += 1
         if self.decoded_unprepared == 1:  # once per process: a store that lacks many says it once

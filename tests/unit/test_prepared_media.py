@@ -129,8 +129,8 @@ def test_an_interrupted_preparation_continues_where_it_stopped(synthetic_data, t
 @pytest.mark.parametrize(("env", "asked", "shard"), [
     ({}, "2/8", (1, 8)),
     ({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "8"}, None, (4, 8)),
-    ({"SLURM_PROCID": "3", "SLURM_NTASKS": "4"}, None, (3, 4)),
-    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, None, (0, 1)),
+    ({"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4"}, None, (3, 4)),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}, None, (0, 1)),  # a batch or salloc shell: the whole
 ])
 def test_each_process_takes_its_shard(env, asked, shard):
     assert shard_of(env, asked) == shard
@@ -161,3 +161,18 @@ def test_a_run_counts_the_videos_it_had_to_decode(build, tmp_path):
     assert TrainLoop(parts).train(fed) == 0
     assert 0 < sum(row["videos_unprepared"] for row in metrics(parts)) == expected
     assert parts.timer.rank_report()["prepared_media"] == {"videos_unprepared": expected}  # the report's count
+
+
+def test_a_video_that_cannot_be_decoded_is_listed_and_the_rest_prepared(synthetic_data, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "media").symlink_to(synthetic_data / "media")
+    (data / "broken.mp4").write_bytes(b"not a video at all" * 100)
+    lines = (synthetic_data / "train.jsonl").read_text().splitlines()
+    videos = [line for line in lines if '"video"' in line][:2]
+    broken = videos[1].replace(videos[1].split('"video": "')[1].split('"')[0], "broken.mp4")
+    (data / "train.jsonl").write_text("\n".join([videos[0], broken]) + "\n")
+    config = run_config("smolvlm2", data, tmp_path / "store", "data.eval=null")
+    done = prepare_media(config, shard=(0, 1), workers=0, say=lambda _: None)
+    assert done.videos == 2 and done.stored == 1 and len(done.failed) == 1 and "broken.mp4" in done.failed[0]
+    assert "1 failed (the run tries them itself)" in done.describe("store")
