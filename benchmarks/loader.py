@@ -28,6 +28,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from video_decode import write_clip  # noqa: E402  (the same synthetic H.264 clips)
+
 from hpc_train.config_file import load_config  # noqa: E402
 from hpc_train.data.media import load_video, video_sampling  # noqa: E402
 from hpc_train.data.mixture import read_split  # noqa: E402
@@ -63,39 +65,19 @@ MFU = (0.15, 0.40)
 ROUNDS = 2
 
 
-def write_clip(path: Path, size: tuple[int, int], fps: int, seconds: float, seed: int) -> Path:
-    """A drifting gradient with noise (the encoder has real work), H.264 with 250-frame GOPs."""
-    import av
-
-    rng = np.random.default_rng(seed)
-    width, height = size
-    ramp = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
-    colour = rng.uniform(0.3, 1.0, size=(1, 1, 3)).astype(np.float32)
-    noise = rng.normal(0, 6, (5, height, width, 1)).astype(np.float32)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"preset": "ultrafast", "g": "250"}
-        for i in range(int(seconds * fps)):
-            frame = np.roll(ramp, 4 * i, axis=1) * colour + noise[i % len(noise)]
-            image = np.broadcast_to(np.clip(frame, 0, 255), (height, width, 3)).astype(np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-        container.mux(stream.encode())
-    return path
-
-
 def make_media(root: Path, episode_s: float) -> dict[str, list[str]]:
     from PIL import Image
 
     rng = np.random.default_rng(0)
     media = {"ego": [], "episode": [], "photo": []}
     for i in range(3):
-        media["ego"].append(str(write_clip(root / f"ego_{i}.mp4", (960, 540), 30, 8, i).name))
+        media["ego"].append(str(write_clip(root / f"ego_{i}.mp4", "h264", 8, i, size=(960, 540), fps=30, preset="ultrafast").name))
         photo = root / f"photo_{i}.jpg"
         Image.fromarray(rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8)).save(photo, quality=90)
         media["photo"].append(photo.name)
     for i in range(2):
-        media["episode"].append(str(write_clip(root / f"episode_{i}.mp4", (1920, 1080), 24, episode_s, 10 + i).name))
+        media["episode"].append(str(write_clip(root / f"episode_{i}.mp4", "h264", episode_s, 10 + i, size=(1920, 1080), fps=24,
+                                                    preset="ultrafast").name))
     return media
 
 

@@ -33,21 +33,22 @@ FPS = 30
 SIZE = (640, 360)
 
 
-def write_clip(path: Path, codec: str, seconds: float, seed: int) -> Path:
-    """``seconds`` of 640x360 video at 30 fps: a gradient that drifts, plus noise."""
+def write_clip(path: Path, codec: str, seconds: float, seed: int, *, size: tuple[int, int] = SIZE, fps: int = FPS,
+               preset: str = "veryfast") -> Path:
+    """``seconds`` of video (640x360 at 30 fps unless asked): a gradient that drifts, plus noise."""
     import av
 
     rng = np.random.default_rng(seed)
-    width, height = SIZE
+    width, height = size
     ramp = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
     colour = rng.uniform(0.3, 1.0, size=(1, 1, 3)).astype(np.float32)
     noise = rng.normal(0, 6, (7, height, width, 1)).astype(np.float32)  # cycled: drawing it is slow
     with av.open(str(path), "w") as container:
-        stream = container.add_stream(CODECS[codec], rate=FPS)
+        stream = container.add_stream(CODECS[codec], rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if codec == "h264":
-            stream.options = {"preset": "veryfast", "g": "250"}
-        for i in range(int(seconds * FPS)):
+            stream.options = {"preset": preset, "g": "250"}
+        for i in range(int(seconds * fps)):
             frame = np.roll(ramp, 4 * i, axis=1) * colour + noise[i % len(noise)]
             image = np.broadcast_to(np.clip(frame, 0, 255), (height, width, 3)).astype(np.uint8)
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
