@@ -28,10 +28,10 @@ from .conftest import (
 )
 
 TEMPLATES = ("baseline", "lora", "qlora")
-STEPS = 30
+STEPS = 100
 """Steps of the template runs: enough that a warning sent after the first logged step lands
-before the last one even on an idle machine (a tiny LoRA step takes about 0.15 s, the warning
-about 1.5 s to reach the ranks)."""
+before the last one even on an idle machine (a tiny LoRA step on 2 ranks takes about 0.05 s, the
+warning up to 1.5 s to reach the ranks: 30 steps once ended first)."""
 
 
 @pytest.fixture(scope="module")
