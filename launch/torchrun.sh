@@ -65,12 +65,16 @@ forward() { stopping=$1; pkill "-$1" -P "$agent" 2>/dev/null || true; }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 
-status=0
-while :; do
-  wait "$agent" && status=0 || status=$?
-  kill -0 "$agent" 2>/dev/null || break  # wait returned for a signal, not because torchrun ended
+while kill -0 "$agent" 2>/dev/null; do
+  wait "$agent" || true  # returns early for each signal the traps take
 done
-requeued=$(find "$HPC_TRAIN_REQUEUE_DIR" -name 'rank*' | wc -l)
+# torchrun's own status (bash keeps it), not that of a wait a signal cut short as torchrun ended.
+wait "$agent" && status=0 || status=$?
+# Counted without a child process: srun may SIGTERM the whole step (another node's launcher
+# exited first), and a killed `find` would end this script before it says why it stopped.
+shopt -s nullglob
+markers=("$HPC_TRAIN_REQUEUE_DIR"/rank*)
+requeued=${#markers[@]}
 if ((status != 0 && requeued == nproc)); then
   # torchrun reports workers that stopped on request as failed (status 1).
   echo "[torchrun.sh] node $node_rank: all $nproc worker(s) stopped for a requeue after a checkpoint" \
