@@ -74,6 +74,16 @@ class VideoConfig(_Section):
     """The video decoder: ``torchcodec`` (PyTorch's; FFmpeg from the PyAV wheel or the system),
     ``decord``, or ``auto``: torchcodec where it loads, else decord. Both pick the same frames;
     pixels may differ by a few grey levels (benchmarks/RESULTS.md)."""
+    max_side: int | None = Field(None, ge=32)
+    """Scale frames whose longer side exceeds this many pixels down to it, in the decoder (aspect
+    kept): fewer tokens where the processor keeps frames near their size (LLaVA-OneVision-1.5
+    gives a 1080p frame about 2,700) and a smaller ``data.prepared_media``. The decoder's filter
+    differs from the processor's own resize by a few grey levels; decoding is not faster (the
+    codec's work is the same). ``null``: frames as the file has them."""
+    decoder_threads: int = Field(1, ge=0)
+    """Decoder threads per video: 1 when ``data.num_workers`` fill the CPUs (the default); more
+    where the rank has idle cores (a 1080p decode ran 1.7x faster on 2 threads), 0: the decoder's
+    own choice (every core)."""
 
 
 class ImageConfig(_Section):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +67,8 @@ class MediaLoader:
         self.prepared = prepared
         self.decoded_unprepared = 0
         """Videos this process decoded because the store did not have them."""
+        self.on_decoded: Callable[[Path, tuple[float, float] | None, VideoFrames], None] | None = None
+        """Given each video decoded whole, with its clip (``hpc-train plan`` keeps them prepared)."""
 
     def load(self, record: Record) -> SampleMedia:
         try:
@@ -105,7 +107,10 @@ class MediaLoader:
                 return share_of(stored, share_bounds(len(stored.frames), *self.frame_share))
             self._say_unprepared(path)
         if self.frame_share is None:
-            return load_video(path, self.sampling, clip=record.video_clip)
+            frames = load_video(path, self.sampling, clip=record.video_clip)
+            if self.on_decoded is not None:
+                self.on_decoded(path, record.video_clip, frames)
+            return frames
         rank, size = self.frame_share
         try:
             return load_video(path, self.sampling, clip=record.video_clip,

@@ -23,7 +23,13 @@ import numpy as np
 from PIL import Image, ImageOps, ImageStat
 
 from hpc_train.config import VideoConfig
-from hpc_train.data.video_backends import BACKENDS, VideoReader, open_reader, resolve_backend
+from hpc_train.data.video_backends import (
+    BACKENDS,
+    VideoReader,
+    open_reader,
+    resolve_backend,
+    scaled_size,
+)
 from hpc_train.errors import MediaError
 
 VIDEO_MODES = ("uniform", "fps")
@@ -72,6 +78,10 @@ class VideoSampling:
     max_frames: int = 32
     backend: str = "decord"
     """The decoder (``decord`` or ``torchcodec``; ``auto`` is resolved before this is made)."""
+    max_side: int | None = None
+    """Frames scaled down in the decoder to this longer side (``data.video.max_side``)."""
+    threads: int = 1
+    """Decoder threads (``data.video.decoder_threads``)."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -89,13 +99,16 @@ class VideoSampling:
 def video_sampling(video: VideoConfig) -> VideoSampling:
     """The run's ``data.video`` settings, its decoder resolved (``auto``: torchcodec where it works)."""
     return VideoSampling(mode=video.sampling, num_frames=video.num_frames, fps=video.fps,
-                         max_frames=video.max_frames, backend=resolve_backend(video.backend))
+                         max_frames=video.max_frames, backend=resolve_backend(video.backend),
+                         max_side=video.max_side, threads=video.decoder_threads)
 
 
 def video_settings(video: VideoConfig) -> dict[str, Any]:
     """``data.video`` as cache keys need it: the decoder resolved (``auto`` may mean different
-    decoders on different machines)."""
-    return {**video.model_dump(), "backend": resolve_backend(video.backend)}
+    decoders on different machines), its thread count left out (the frames are the same), and
+    ``max_side`` only when set (stores made before it existed keep their keys)."""
+    settings = video.model_dump(exclude={"decoder_threads"}, exclude_none=True)
+    return {**settings, "backend": resolve_backend(video.backend)}
 
 
 def _uniform_pick(first: int, last: int, k: int) -> np.ndarray:
@@ -176,11 +189,12 @@ def _check_file(path: str | Path, fix: str) -> Path:
     return p
 
 
-def _open_video(path: Path, backend: str) -> VideoReader:
+def _open_video(path: Path, sampling: VideoSampling) -> VideoReader:
     # Opened per call on purpose: a reader owns native decoder threads and must not be
     # created at import time or stored on objects pickled into DataLoader workers.
+    size = scaled_size(*video_size(path), sampling.max_side) if sampling.max_side else None
     try:
-        return open_reader(path, backend)
+        return open_reader(path, sampling.backend, size, sampling.threads)
     except Exception as exc:  # decoders raise bare RuntimeError / DECORDError / ValueError
         raise MediaError(f"cannot decode video ({_short(exc)})", path=path,
                          fix=f"{FIX_VIDEO}, {FIX_SKIP}") from exc
@@ -223,13 +237,14 @@ def video_size(path: Path) -> tuple[int, int]:
 def black_video(path: str | Path, sampling: VideoSampling, clip: tuple[float, float] | None = None) -> VideoFrames:
     """The frames ``sampling`` would choose, all black (sizes and times from the container)."""
     p = _check_file(path, FIX_VIDEO)
-    vr = _open_video(p, sampling.backend)
+    vr = _open_video(p, sampling)
     try:
         n, fps, idx = _chosen_frames(vr, p, sampling, clip)
         stamps = vr.timestamps(idx)
     finally:
         del vr
     width, height = video_size(p)
+    width, height = scaled_size(width, height, sampling.max_side) or (width, height)
     return VideoFrames(frames=np.zeros((len(idx), height, width, 3), dtype=np.uint8), timestamps=stamps,
                        native_fps=fps, num_source_frames=n, decoded=(0, 0))
 
@@ -247,7 +262,7 @@ def _chosen_frames(vr: VideoReader, path: Path, sampling: VideoSampling, clip: t
 def probe_video(path: str | Path, backend: str = "decord") -> tuple[int, float]:
     """Return ``(num_frames, fps)`` from the container index without decoding pixels."""
     p = _check_file(path, FIX_VIDEO)
-    return _video_meta(_open_video(p, backend), p)
+    return _video_meta(_open_video(p, VideoSampling(backend=backend)), p)
 
 
 class FramesUndecodable(MediaError):
@@ -262,7 +277,7 @@ def load_video(path: str | Path, sampling: VideoSampling, clip: tuple[float, flo
     rest are black frames of the same size (:attr:`VideoFrames.decoded`).
     """
     p = _check_file(path, FIX_VIDEO)
-    vr = _open_video(p, sampling.backend)
+    vr = _open_video(p, sampling)
     try:
         n, fps, idx = _chosen_frames(vr, p, sampling, clip)
         start, end = share(len(idx)) if share is not None else (0, len(idx))

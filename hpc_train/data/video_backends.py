@@ -38,13 +38,15 @@ class VideoReader(Protocol):
 
 
 class DecordReader:
-    """decord's VideoReader, one decoder thread (workers are the parallelism)."""
+    """decord's VideoReader, ``threads`` decoder threads (workers are the parallelism), frames
+    scaled to ``size`` = ``(width, height)`` by FFmpeg when given."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, size: tuple[int, int] | None = None, threads: int = 1) -> None:
         from decord import VideoReader as Decord
         from decord import cpu
 
-        self._video = Decord(os.fspath(path), ctx=cpu(0), num_threads=1)
+        width, height = size or (-1, -1)
+        self._video = Decord(os.fspath(path), ctx=cpu(0), num_threads=threads, width=width, height=height)
 
     def meta(self) -> tuple[int, float]:
         return len(self._video), float(self._video.get_avg_fps())
@@ -58,17 +60,20 @@ class DecordReader:
 
 
 class TorchcodecReader:
-    """torchcodec's VideoDecoder in exact seek mode (frame indices as decord counts them), one
-    FFmpeg thread, frames decoded straight to ``(T, H, W, 3)``."""
+    """torchcodec's VideoDecoder in exact seek mode (frame indices as decord counts them),
+    ``threads`` FFmpeg threads, frames decoded straight to ``(T, H, W, 3)``, scaled to ``size`` =
+    ``(width, height)`` by its decoder-side resize when given."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, size: tuple[int, int] | None = None, threads: int = 1) -> None:
         from hpc_train.data.bundled_ffmpeg import load_bundled_ffmpeg
 
         load_bundled_ffmpeg()  # before torchcodec's first import, which looks for FFmpeg once
         from torchcodec.decoders import VideoDecoder
+        from torchcodec.transforms import Resize
 
-        self._video = VideoDecoder(os.fspath(path), dimension_order="NHWC", num_ffmpeg_threads=1,
-                                   seek_mode="exact")
+        transforms = [Resize((size[1], size[0]))] if size else None
+        self._video = VideoDecoder(os.fspath(path), dimension_order="NHWC", num_ffmpeg_threads=threads,
+                                   seek_mode="exact", transforms=transforms)
 
     def meta(self) -> tuple[int, float]:
         stream = self._video.metadata
@@ -84,9 +89,20 @@ class TorchcodecReader:
         return self._video.get_frames_at(indices.tolist()).data.numpy()
 
 
-def open_reader(path: Path, backend: str) -> VideoReader:
-    """``path`` opened with ``backend`` (raises the decoder's own error: the caller words it)."""
-    return TorchcodecReader(path) if backend == "torchcodec" else DecordReader(path)
+def open_reader(path: Path, backend: str, size: tuple[int, int] | None = None, threads: int = 1) -> VideoReader:
+    """``path`` opened with ``backend``, its frames scaled to ``size`` = ``(width, height)`` when
+    given (raises the decoder's own error: the caller words it)."""
+    reader = TorchcodecReader if backend == "torchcodec" else DecordReader
+    return reader(path, size, threads)
+
+
+def scaled_size(width: int, height: int, max_side: int | None) -> tuple[int, int] | None:
+    """``(width, height)`` with the longer side ``max_side`` and the aspect kept (even sizes, as
+    the chroma planes of 4:2:0 video need), or None when the frame is no larger than that."""
+    if max_side is None or max(width, height) <= max_side:
+        return None
+    ratio = max_side / max(width, height)
+    return max(2, round(width * ratio / 2) * 2), max(2, round(height * ratio / 2) * 2)
 
 
 @cache

@@ -84,7 +84,7 @@ def make_plan(config: RunConfig, gpu: Gpu | None, *, nodes: int = 1, gpus_per_no
                 memory=memory, time=timing)
     if timing is not None and loader:
         plan.loader = loader_time(config.data, planner.processor, planner.family,
-                                  [planner.records[i] for i in memory.batch.indices])
+                                  [planner.records[i] for i in memory.batch.indices], gpus_per_node)
     if gpu is not None and (search == "up" or (search == "auto" and not plan.fits)):
         plan.largest = _largest(planner, memory, gpu, up=bool(plan.fits))
     if plan.fits is False:
@@ -217,6 +217,8 @@ def to_dict(plan: Plan) -> dict[str, Any]:
     if plan.loader is not None and plan.time is not None:
         gpu_s = _micro_seconds(plan)
         out["loader"] = {"seconds_one_core": round(plan.loader.seconds, 4), "workers": plan.loader.workers,
+                         "cpus_per_gpu": plan.loader.cpus_per_gpu, "loading_at_once": plan.loader.loaders,
+                         "samples_timed": [plan.loader.timed, plan.loader.samples],
                          "gpu_seconds": [float(f"{s:.4g}") for s in gpu_s],
                          "headroom": [round(plan.loader.headroom(s), 3) for s in gpu_s],
                          "prepared_seconds_one_core": None if plan.loader.prepared_seconds is None

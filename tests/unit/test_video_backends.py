@@ -96,3 +96,57 @@ def test_without_ffmpeg_auto_falls_back_to_decord_and_torchcodec_is_refused():
 def test_an_unknown_backend_is_refused():
     with pytest.raises(ConfigError, match="data.video.backend=vlc: not one of auto, decord, torchcodec"):
         resolve_backend("vlc")
+
+
+@pytest.mark.parametrize("backend", ["decord", "torchcodec"])
+def test_max_side_scales_frames_in_the_decoder_to_the_size_the_lengths_assume(synthetic_data, backend):
+    from PIL import Image
+
+    from hpc_train.data.media import black_video, video_size
+
+    for path in _videos(synthetic_data)[:3]:
+        width, height = video_size(path)
+        side = max(width, height) // 2
+        full = load_video(path, VideoSampling(num_frames=4, backend=backend))
+        small = load_video(path, VideoSampling(num_frames=4, backend=backend, max_side=side))
+        assert max(small.frames.shape[1:3]) == side and small.frames.shape[0] == full.frames.shape[0]
+        assert abs(small.frames.shape[2] / small.frames.shape[1] - width / height) < 0.1  # aspect kept
+        assert black_video(path, VideoSampling(num_frames=4, max_side=side)).frames.shape == small.frames.shape
+        # FFmpeg's filter, not PIL's: close to PIL's bicubic resize of the full frames, not equal
+        resized = np.stack([np.asarray(Image.fromarray(f).resize(small.frames.shape[2:0:-1], Image.BICUBIC))
+                            for f in full.frames])
+        assert np.abs(resized.astype(np.int16) - small.frames.astype(np.int16)).mean() < 4
+        untouched = load_video(path, VideoSampling(num_frames=4, backend=backend, max_side=max(width, height)))
+        assert np.array_equal(untouched.frames, full.frames)
+        threaded = load_video(path, VideoSampling(num_frames=4, backend=backend, threads=2))
+        assert np.array_equal(threaded.frames, full.frames)
+
+
+def test_packing_lengths_are_exact_with_frames_scaled_in_the_decoder(loaded_tiny, tmp_path):
+    """LLaVA-OneVision-1.5 gives a frame tokens by its size: the lengths packing plans with must
+    be those of the scaled frames, fewer than the full frames'."""
+    import cv2
+
+    family = "llava_onevision_1_5"
+    writer = cv2.VideoWriter(str(tmp_path / "wide.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 8.0, (256, 144))
+    for level in range(0, 240, 15):
+        writer.write(np.full((144, 256, 3), level, dtype=np.uint8))
+    writer.release()
+    source = tmp_path / "train.jsonl"
+    source.write_text(json.dumps({"id": "wide", "video": str(tmp_path / "wide.mp4"), "conversations": [
+        {"from": "human", "value": "<video>\nWhat changes?"}, {"from": "gpt", "value": "It brightens."}]}) + "\n")
+    encoder = ChatEncoder(loaded_tiny[family][1], get_family(family))
+    lengths = {}
+    for side in (64, None):
+        data = DataConfig(video={"num_frames": 4, "max_side": side})
+        records = read_records(source, media_root=data.media_root)
+        lengths[side] = sample_lengths(records, encoder, data, cache_dir=tmp_path / str(side), source=source)
+        assert lengths[side] == [len(encoder.encode(r, MediaLoader(data).load(r))) for r in records]
+    assert lengths[64][0] < lengths[None][0]
+
+
+def test_cache_keys_change_with_max_side_and_not_with_decoder_threads():
+    plain = video_settings(DataConfig().video)
+    assert "max_side" not in plain  # stores made before the setting existed keep their keys
+    assert video_settings(DataConfig(video={"decoder_threads": 4}).video) == plain
+    assert video_settings(DataConfig(video={"max_side": 512}).video) == {**plain, "max_side": 512}
