@@ -17,13 +17,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from hpc_train.config import DataConfig
+from hpc_train.data.audio import audio_to_image, load_audio
 from hpc_train.data.media import (
     FramesUndecodable,
     VideoFrames,
-    audio_to_image,
     black_image,
     black_video,
-    load_audio,
     load_image,
     load_video,
     video_sampling,

@@ -1,19 +1,16 @@
-"""Reading videos, images and audio into arrays the processors can use.
+"""Reading videos and images into arrays the processors can use (audio: :mod:`hpc_train.data.audio`).
 
 Every failure a user can cause (missing file, empty file, undecodable bytes, a clip
 outside the video) is raised as :class:`~hpc_train.errors.MediaError` naming the path
 and a fix; raw decord / torchcodec / PIL / soundfile / librosa exceptions never escape.
 
-Video decoders and librosa are imported lazily: decoders hold native state that must
-not be created at import time or carried into forked / pickled DataLoader workers, and
-librosa pulls in scipy + numba (seconds of import time) that text-only runs never need.
+Video decoders are imported lazily: they hold native state that must not be created at
+import time or carried into forked / pickled DataLoader workers.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -394,68 +391,3 @@ def _shaped(img: Image.Image, *, aspect_4to1: bool, max_side: int | None) -> Ima
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
                          Image.Resampling.BICUBIC)
     return img
-
-
-def load_audio(path: str | Path, *, sample_rate: int = 16000,
-               max_seconds: float | None = None) -> np.ndarray:
-    """Load audio as mono float32 at ``sample_rate`` (first ``max_seconds`` only)."""
-    if sample_rate <= 0:
-        raise ValueError(f"sample_rate must be > 0, got {sample_rate}")
-    if max_seconds is not None and max_seconds <= 0:
-        raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
-    p = _check_file(path, FIX_AUDIO)
-    import librosa
-    import soundfile as sf
-
-    try:
-        # Hand librosa an open SoundFile: given a path it falls back to audioread on
-        # undecodable bytes, which probes external decoders for seconds and then fails.
-        with sf.SoundFile(os.fspath(p)) as handle, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            wave, _ = librosa.load(handle, sr=sample_rate, mono=True, duration=max_seconds)
-    except Exception as exc:  # soundfile / librosa raise many unrelated types
-        raise MediaError(f"cannot decode audio ({_short(exc)})", path=p,
-                         fix=f"{FIX_AUDIO}, {FIX_SKIP}") from exc
-    if wave.size == 0:
-        raise MediaError("audio has no samples", path=p, fix=f"{FIX_AUDIO}, {FIX_SKIP}")
-    return np.ascontiguousarray(wave, dtype=np.float32)
-
-
-# Range of the log-mel image in dB below the clip's peak; quieter is black.
-_TOP_DB = 80.0
-
-
-def audio_to_image(wave: np.ndarray, sample_rate: int, *, size: int = 64) -> Image.Image:
-    """Render audio as a ``size x size`` RGB log-mel spectrogram (low pitch at the bottom).
-
-    The models we train have no audio encoder, so ``<speech>`` clips reach the vision
-    tower as this picture.  Brightness is dB relative to the clip's peak over a fixed
-    80 dB range (not min-max), so silence stays black; output is deterministic.
-    """
-    import librosa
-
-    if sample_rate <= 0:
-        raise ValueError(f"sample_rate must be > 0, got {sample_rate}")
-    if size < 1:
-        raise ValueError(f"size must be >= 1, got {size}")
-    y = np.asarray(wave, dtype=np.float32).reshape(-1)
-    if y.size == 0:
-        raise ValueError("audio_to_image got an empty waveform")
-    y = np.nan_to_num(y)
-    # ~32 ms windows and 10 ms hops: enough frequency resolution to tell tones apart.
-    n_fft = 1 << max(6, round(math.log2(0.032 * sample_rate)))
-    if y.size < n_fft:
-        y = np.pad(y, (0, n_fft - y.size))
-    mel = librosa.feature.melspectrogram(
-        y=y, sr=sample_rate, n_fft=n_fft, hop_length=max(1, sample_rate // 100),
-        n_mels=64, fmax=sample_rate / 2, power=2.0)
-    if not np.any(mel > 1e-10):
-        grey = np.zeros((size, size), dtype=np.uint8)
-    else:
-        db = librosa.power_to_db(mel, ref=np.max, top_db=_TOP_DB)
-        grey01 = np.clip((db + _TOP_DB) / _TOP_DB, 0.0, 1.0)
-        # Mel bin 0 is the lowest frequency; flip so it is drawn at the bottom row.
-        grey = np.flipud((grey01 * 255.0 + 0.5).astype(np.uint8))
-        grey = np.asarray(Image.fromarray(np.ascontiguousarray(grey)).resize(
-            (size, size), Image.Resampling.BILINEAR))
-    return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))

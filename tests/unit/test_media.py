@@ -13,11 +13,10 @@ import soundfile as sf
 from PIL import Image
 
 from hpc_train.data import media
+from hpc_train.data.audio import audio_to_image, load_audio
 from hpc_train.data.media import (
     VideoFrames,
     VideoSampling,
-    audio_to_image,
-    load_audio,
     load_image,
     load_video,
     probe_video,

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpc_train.data.media import VideoSampling, load_audio, load_image, load_video
+from hpc_train.data.audio import load_audio
+from hpc_train.data.media import VideoSampling, load_image, load_video
 from hpc_train.data.records import read_records
 from hpc_train.data.synthetic import (
     COLOURS,
