@@ -274,11 +274,24 @@ def plan_accuracy(c: Check) -> str:
     return text.strip().splitlines()[-1] + " | " + " | ".join(text.strip().splitlines()[1:-1])
 
 
+def video_decode_on_gpu(c: Check) -> str:
+    """torchcodec's GPU decoder (``data.video.device=cuda``) against CPU decoding: a 60 s 1080p
+    clip's 32 frames, time and frames (on the CPU: the device path itself, identical frames)."""
+    args = ["--device", "cpu", "--seconds", "2", "--size", "320x180", "--frames", "8"] if c.cpu else []
+    text = c.python("benchmarks/decode_device.py", *args)
+    result = json.loads(text.strip().splitlines()[-1])
+    assert result["same_shape"], result
+    assert result["mean_grey_levels"] <= (0.0 if c.cpu else 2.0), result  # NVDEC's colour conversion may round
+    return (f"{result['clip']}: CPU {result['cpu_s']:.2f} s, {result['device']} {result['device_s']:.2f} s "
+            f"({result['speedup']:.1f}x); frames differ by {result['mean_grey_levels']:.2f} grey levels on average "
+            f"(max {result['max_grey_levels']})")
+
+
 PARTS: dict[str, Callable[[Check], str]] = {
     "doctor-gpu-rows": doctor_gpu_rows, "device-binding": device_binding, "varlen-exactness": varlen_exactness,
     "host-syncs": host_syncs, "packed-vs-padded": packed_vs_padded, "profiler-overhead": profiler_overhead,
     "mfu-and-memory": mfu_and_memory, "bf16-zero2-run": bf16_zero2_run, "vision-cache-run": vision_cache_run,
-    "plan-accuracy": plan_accuracy}
+    "plan-accuracy": plan_accuracy, "video-decode-on-gpu": video_decode_on_gpu}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,6 +84,10 @@ class VideoConfig(_Section):
     """Decoder threads per video: 1 when ``data.num_workers`` fill the CPUs (the default); more
     where the rank has idle cores (a 1080p decode ran 1.7x faster on 2 threads), 0: the decoder's
     own choice (every core)."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Where training videos are decoded: ``cpu`` in the DataLoader workers; ``cuda`` by the GPU's
+    decoder (torchcodec, NVDEC) in the training process, the workers encoding each sample from
+    stand-in frames of the same size. Evaluation decodes on the CPU. Needs torchcodec's CUDA build."""
 
 
 class ImageConfig(_Section):
@@ -369,6 +373,10 @@ class RunConfig(_Section):
                 f"data.video.num_frames ({video.num_frames}) exceeds data.video.max_frames "
                 f"({video.max_frames}); raise max_frames or lower num_frames"
             )
+        if video.device == "cuda" and (video.backend == "decord" or self.train.sequence_parallel > 1):
+            raise ValueError("data.video.device=cuda decodes with torchcodec, whole videos: it takes neither "
+                             "data.video.backend=decord nor train.sequence_parallel > 1 (a rank's frame share); "
+                             "set data.video.device=cpu for those")
         return self
 
     def to_dict(self) -> dict[str, Any]:

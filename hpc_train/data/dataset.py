@@ -31,6 +31,7 @@ from hpc_train.data.media_share import share_bounds
 from hpc_train.data.prepared_media import PreparedMedia, share_of
 from hpc_train.data.records import Record
 from hpc_train.data.tokenize import ChatEncoder, EncodedSample, SampleMedia
+from hpc_train.data.video_on_device import DeferredSample, decode_on_device
 from hpc_train.data.vision_cache import VisionCache
 from hpc_train.errors import DataError
 
@@ -57,15 +58,21 @@ class MediaLoader:
     """
 
     def __init__(self, data: DataConfig, *, frame_share: tuple[int, int] | None = None,
-                 prepared: PreparedMedia | None = None) -> None:
+                 prepared: PreparedMedia | None = None, defer_videos: bool = False,
+                 device: str | None = None) -> None:
         """``prepared``: the run's store of videos decoded ahead (``data.prepared_media``): a
-        video found there is not decoded."""
+        video found there is not decoded. ``defer_videos``: stand-in frames for the others (the
+        training process decodes them, :mod:`~hpc_train.data.deferred_videos`); ``device``:
+        decode them with torchcodec there."""
         self.data = data
         self.frame_share = frame_share
+        self.defer_videos, self.device = defer_videos, device
         self.sampling = video_sampling(data.video)
         self.prepared = prepared
         self.decoded_unprepared = 0
         """Videos this process decoded because the store did not have them."""
+        self.deferred = 0
+        """Videos left to the training process (``defer_videos``)."""
         self.on_decoded: Callable[[Path, tuple[float, float] | None, VideoFrames], None] | None = None
         """Given each video decoded whole, with its clip (``hpc-train plan`` keeps them prepared)."""
 
@@ -105,6 +112,11 @@ class MediaLoader:
                     return stored
                 return share_of(stored, share_bounds(len(stored.frames), *self.frame_share))
             self._say_unprepared(path)
+        if self.defer_videos:
+            self.deferred += 1
+            return black_video(path, self.sampling, clip=record.video_clip)
+        if self.device is not None:
+            return decode_on_device(path, self.sampling, record.video_clip, self.device)
         if self.frame_share is None:
             frames = load_video(path, self.sampling, clip=record.video_clip)
             if self.on_decoded is not None:
@@ -150,20 +162,22 @@ class SampleDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> EncodedSample | Skipped:
+    def __getitem__(self, index: int) -> EncodedSample | Skipped | DeferredSample:
         if self._cache is not None:
             if index in self._cache:
                 return self._cache[index]
             sample = self._build(index)
             # a sample whose features are still to be stored is built again: next time from them
-            if not isinstance(sample, EncodedSample) or sample.feature_key is None:
+            inner = sample.sample if isinstance(sample, DeferredSample) else sample
+            if not isinstance(inner, EncodedSample) or inner.feature_key is None:
                 self._cache[index] = sample
             return sample
         return self._build(index)
 
-    def _build(self, index: int) -> EncodedSample | Skipped:
+    def _build(self, index: int) -> EncodedSample | Skipped | DeferredSample:
         try:
             record = self.records[index]
+            deferred = self.media.deferred
             sample = self._encode(record)
         except DataError as exc:
             if self.data.on_bad_sample == "skip":
@@ -177,7 +191,7 @@ class SampleDataset(Dataset):
             raise DataError(problem, path=record.source, line=record.line, record_id=record.id,
                             fix="raise data.max_seq_len, use fewer frames (data.video.num_frames / "
                                 "max_frames), or set data.truncation=drop")
-        return sample
+        return DeferredSample(index, sample) if self.media.deferred > deferred else sample
 
     def _encode(self, record: Record) -> EncodedSample:
         cache = self.vision_cache

@@ -13,11 +13,14 @@ import sys
 import tempfile
 from functools import cache
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from hpc_train.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 BACKENDS = ("decord", "torchcodec")
 FIX_BACKEND = "set data.video.backend: decord, or install the tested torchcodec and av (pip install -c " \
@@ -64,7 +67,8 @@ class TorchcodecReader:
     ``threads`` FFmpeg threads, frames decoded straight to ``(T, H, W, 3)``, scaled to ``size`` =
     ``(width, height)`` by its decoder-side resize when given."""
 
-    def __init__(self, path: Path, size: tuple[int, int] | None = None, threads: int = 1) -> None:
+    def __init__(self, path: Path, size: tuple[int, int] | None = None, threads: int = 1,
+                 device: str = "cpu") -> None:
         from hpc_train.data.bundled_ffmpeg import load_bundled_ffmpeg
 
         load_bundled_ffmpeg()  # before torchcodec's first import, which looks for FFmpeg once
@@ -73,7 +77,7 @@ class TorchcodecReader:
 
         transforms = [Resize((size[1], size[0]))] if size else None
         self._video = VideoDecoder(os.fspath(path), dimension_order="NHWC", num_ffmpeg_threads=threads,
-                                   seek_mode="exact", transforms=transforms)
+                                   seek_mode="exact", transforms=transforms, device=device)
 
     def meta(self) -> tuple[int, float]:
         stream = self._video.metadata
@@ -87,6 +91,10 @@ class TorchcodecReader:
 
     def frames(self, indices: np.ndarray) -> np.ndarray:
         return self._video.get_frames_at(indices.tolist()).data.numpy()
+
+    def tensor_frames(self, indices: np.ndarray) -> torch.Tensor:
+        """Those frames where the decoder put them (on its device), ``(T, H, W, 3)`` uint8."""
+        return self._video.get_frames_at(indices.tolist()).data
 
 
 def open_reader(path: Path, backend: str, size: tuple[int, int] | None = None, threads: int = 1) -> VideoReader:

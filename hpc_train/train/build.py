@@ -16,6 +16,7 @@ import torch
 
 from hpc_train.config import RunConfig
 from hpc_train.config_file import save_config
+from hpc_train.data.deferred_videos import defer_training_videos
 from hpc_train.data.frame_counts import FrameCounts
 from hpc_train.data.lengths import (
     SampleShapes,
@@ -127,7 +128,7 @@ def build_run(config: RunConfig, info: DistInfo) -> RunParts:
         _say(info, f"device: {_describe(device)}, compute dtype {DTYPE_NAMES.get(loaded.dtype, loaded.dtype)}{packed}")
         pipeline = _with_vision_cache(config, info, build_pipeline(config.data, loaded.processor, loaded.family),
                                       loaded, zero_stage(ds), training)
-        train = _train_data(config, info, pipeline, loaded) if training else None
+        train = _train_data(config, info, pipeline, loaded, device) if training else None
         evals = _eval_data(config, pipeline)
         engine = _training_engine(config, info, loaded, ds, train.total_steps, mpu) if train is not None else None
         eval_model = engine.engine if engine is not None else _eval_model(loaded, ds)
@@ -239,24 +240,26 @@ def _eval_model(loaded: LoadedModel, ds: dict[str, Any] | None) -> Any:
 
 # -- data ----------------------------------------------------------------------------------
 
-def _train_data(config: RunConfig, info: DistInfo, pipeline: DataPipeline, loaded: LoadedModel) -> TrainData:
+def _train_data(config: RunConfig, info: DistInfo, pipeline: DataPipeline, loaded: LoadedModel,
+                device: torch.device) -> TrainData:
     if config.data.train is None:
         raise HpcTrainError("data.train is not set. Fix: pass data.train=PATH")
     records = read_split(config, "train")
     train = config.train
     size = train.sequence_parallel
     dataset = pipeline.dataset(records, frame_share=(info.rank % size, size) if size > 1 else None, cached=True)
+    finish = defer_training_videos(config, dataset, pipeline.family, device)
     rank, world = data_ranks(config, info)
     if config.data.packing:
         packs, steps, efficiency = _plan_packing(config, info, pipeline, records)
-        return TrainData(dataset=dataset, batches=packs, total_steps=steps, packing_efficiency=efficiency,
+        return TrainData(dataset=dataset, batches=packs, total_steps=steps, packing_efficiency=efficiency, finish=finish,
                          collate=_sharded(config, info, pipeline, loaded.model.config,
                                           pipeline.packed_collator(rows_per_micro=train.micro_batch_size, cached=True)))
     batches = PlannedBatches(len(dataset), seed=train.seed, rank=rank, world_size=world,
                              micro_batch=train.micro_batch_size, grad_accum=train.grad_accum)
     steps = total_steps(len(records), micro_batch=train.micro_batch_size, world_size=world,
                         grad_accum=train.grad_accum, epochs=train.epochs, max_steps=train.max_steps)
-    return TrainData(dataset=dataset, batches=batches, total_steps=steps,
+    return TrainData(dataset=dataset, batches=batches, total_steps=steps, finish=finish,
                      collate=_sharded(config, info, pipeline, loaded.model.config, pipeline.collator(cached=True)))
 
 

@@ -18,6 +18,7 @@ import torch
 from hpc_train.config import RunConfig
 from hpc_train.data.collate import Collator
 from hpc_train.data.dataset import SampleDataset
+from hpc_train.data.deferred_videos import DeviceVideos
 from hpc_train.data.packing import PackedCollator, PlannedPacks
 from hpc_train.data.pipeline import DataPipeline
 from hpc_train.data.records import Record
@@ -64,6 +65,8 @@ class TrainData:
     total_steps: int
     packing_efficiency: float | None = None
     """The first epoch's plan (packing only): real tokens / slots."""
+    finish: DeviceVideos | None = None
+    """Decodes the videos the workers left to the training process (``data.video.device=cuda``)."""
 
 
 @dataclass

@@ -109,7 +109,10 @@ class TrainLoop:
         # from the global RNG would shift every later dropout mask of a resumed run.
         dtype, on_gpu = self.parts.loaded.dtype, self.parts.device.type == "cuda"
         collate = data.collate if dtype == torch.float32 else FloatCast(data.collate, dtype)
-        loader = DataLoader(data.dataset, batch_sampler=data.batches, collate_fn=collate, pin_memory=on_gpu,
+        # videos the GPU decodes: the workers hand over their samples, this process collates them
+        finish = data.finish
+        loader = DataLoader(data.dataset, batch_sampler=data.batches, collate_fn=collate if finish is None else list,
+                            pin_memory=on_gpu and finish is None,
                             num_workers=workers, persistent_workers=workers > 0,
                             worker_init_fn=survive_group_signals if workers else None,
                             generator=torch.Generator().manual_seed(cfg.train.seed + rank))
@@ -117,7 +120,7 @@ class TrainLoop:
             data.batches.position = (state.epoch, state.micro_index)
             for batch in loader:
                 state.micro_index += 1
-                yield batch
+                yield batch if finish is None else collate(finish(batch))
             state.epoch += 1
             state.micro_index = 0
 

@@ -1,0 +1,99 @@
+"""Videos decoded by the training process (``data.video.device``), proven on the CPU against the
+workers' own decoding: the workers encode from stand-in frames, the training process decodes
+with torchcodec on a device (here the CPU, the same code NVDEC runs through) and encodes again;
+every batch, and the losses of a run, must be those of the plain path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hpc_train.config import DataConfig
+from hpc_train.config_file import load_config
+from hpc_train.data.dataset import MediaLoader
+from hpc_train.data.deferred_videos import DeviceVideos, defer_training_videos
+from hpc_train.data.media import VideoSampling, load_video
+from hpc_train.data.pipeline import build_pipeline
+from hpc_train.data.records import read_records
+from hpc_train.data.video_on_device import DeferredSample, decode_on_device
+from hpc_train.errors import ConfigError, MediaError
+from hpc_train.models.families import get_family
+from hpc_train.train.trainer import TrainLoop
+
+VIDEO_FAMILIES = ("smolvlm2", "llava_onevision", "llava_onevision_1_5")
+
+
+def deferring(dataset, device: str = "cpu") -> DeviceVideos:
+    """What ``defer_training_videos`` does for a GPU, on ``device``."""
+    dataset.media = MediaLoader(dataset.data, prepared=dataset.media.prepared, defer_videos=True)
+    return DeviceVideos(dataset, device)
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_a_batch_whose_videos_the_training_process_decodes_is_the_workers_batch(loaded_tiny, synthetic_data,
+                                                                               family):
+    data = DataConfig(video={"num_frames": 4, "backend": "torchcodec"})
+    records = list(read_records(synthetic_data / "train.jsonl", media_root=data.media_root))[:12]
+    pipeline = build_pipeline(data, loaded_tiny[family][1], get_family(family))
+    plain, deferred = pipeline.dataset(records), pipeline.dataset(records)
+    stage = deferring(deferred)
+    collate = pipeline.collator()
+    handed = [deferred[i] for i in range(len(records))]
+    stand_ins = [item for item in handed if isinstance(item, DeferredSample)]
+    assert len(stand_ins) == sum(bool(r.videos) for r in records) > 0  # every video left to this process
+    for first in range(0, len(records), 4):
+        ours = collate(stage(handed[first:first + 4]))
+        theirs = collate([plain[i] for i in range(first, first + 4)])
+        assert ours.keys() == theirs.keys()
+        for key, value in theirs.items():
+            assert torch.equal(ours[key], value) if isinstance(value, torch.Tensor) else ours[key] == value, key
+    real = stage([stand_ins[0]])[0].media
+    assert any(not torch.equal(real[k], v) for k, v in stand_ins[0].sample.media.items())  # black frames replaced
+
+
+def test_the_training_loop_trains_on_the_videos_the_training_process_decodes(build, tiny_model_dirs, tmp_path):
+    def losses(defer: bool) -> list[float]:
+        parts = build(f"model.path={tiny_model_dirs['smolvlm2']}", "model.family=smolvlm2", "train.mode=lora",
+                      "train.max_steps=3", "train.log_every=1", "data.video.num_frames=4",
+                      f"output_dir={tmp_path / ('deferred' if defer else 'plain')}")
+        if defer:
+            parts.train.finish = deferring(parts.train.dataset)
+        assert TrainLoop(parts).train() == 0
+        rows = (parts.output / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(r)["loss"] for r in rows if "loss" in json.loads(r)]
+
+    plain = losses(False)
+    assert len(plain) == 3 and losses(True) == plain
+
+
+def test_decoded_on_a_device_the_frames_are_the_workers_and_a_bad_file_says_what_to_do(synthetic_data, tmp_path):
+    video = next(p for p in sorted((synthetic_data / "media" / "videos").glob("*.mp4")))
+    sampling = VideoSampling(num_frames=4, backend="torchcodec")
+    on_device = decode_on_device(video, sampling, None, "cpu")
+    on_host = load_video(video, sampling)
+    assert isinstance(on_device.frames, torch.Tensor) and on_device.frames.device.type == "cpu"
+    assert torch.equal(on_device.frames, torch.from_numpy(on_host.frames))
+    assert list(on_device.timestamps) == list(on_host.timestamps)
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video at all" * 64)
+    with pytest.raises(MediaError, match="cannot open the video for decoding on cpu.*torchcodec's CUDA build"):
+        decode_on_device(broken, sampling, None, "cpu")
+
+
+def test_the_gpu_decoder_is_refused_where_it_cannot_run(loaded_tiny, synthetic_data):
+    base = [f"data.train={synthetic_data / 'train.jsonl'}", "data.video.device=cuda"]
+    config = load_config("tiny_smolvlm2", base)
+    pipeline = build_pipeline(config.data, loaded_tiny["smolvlm2"][1], get_family("smolvlm2"))
+    dataset = pipeline.dataset(list(read_records(synthetic_data / "train.jsonl", media_root=None))[:4])
+    with pytest.raises(ConfigError, match="this run trains on cpu .* Fix: set data.video.device=cpu"):
+        defer_training_videos(config, dataset, get_family("smolvlm2"), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="smolvlm takes a video as a run of images"):
+        defer_training_videos(config, dataset, get_family("smolvlm"), torch.device("cuda"))
+    assert not isinstance(dataset.media, MediaLoader) or not dataset.media.defer_videos  # refused: left as it was
+    plain = load_config("tiny_smolvlm2", [f"data.train={synthetic_data / 'train.jsonl'}"])
+    assert defer_training_videos(plain, dataset, get_family("smolvlm2"), torch.device("cuda")) is None
+    for other in ("data.video.backend=decord", "train.sequence_parallel=2"):
+        with pytest.raises(ConfigError, match="data.video.device=cuda decodes with torchcodec, whole videos"):
+            load_config("tiny_smolvlm2", [*base, other])
