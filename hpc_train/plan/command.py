@@ -219,6 +219,7 @@ def to_dict(plan: Plan) -> dict[str, Any]:
         out["loader"] = {"seconds_one_core": round(plan.loader.seconds, 4), "workers": plan.loader.workers,
                          "cpus_per_gpu": plan.loader.cpus_per_gpu, "loading_at_once": plan.loader.loaders,
                          "samples_timed": [plan.loader.timed, plan.loader.samples],
+                         "videos_decoded_by_gpu": plan.loader.on_gpu,
                          "gpu_seconds": [float(f"{s:.4g}") for s in gpu_s],
                          "headroom": [round(plan.loader.headroom(s), 3) for s in gpu_s],
                          "prepared_seconds_one_core": None if plan.loader.prepared_seconds is None

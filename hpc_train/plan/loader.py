@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from hpc_train.config import DataConfig
+from hpc_train.data.dataset import MediaLoader
 from hpc_train.data.media import VideoFrames
 from hpc_train.data.pipeline import DataPipeline, build_pipeline
 from hpc_train.data.prepared_media import PreparedMedia
 from hpc_train.data.records import Record
+from hpc_train.data.video_on_device import DeferredSample
 from hpc_train.models.families import Family
 
 BUDGET_S = 20.0
@@ -47,6 +49,8 @@ class LoaderTime:
     """Of those, the ones timed (the others estimated from them)."""
     cpus_per_gpu: int | None = None
     """The job's CPUs per GPU (``None``: not in a SLURM job)."""
+    on_gpu: bool = False
+    """Its videos are decoded by the GPU (``data.video.device=cuda``): timed without them."""
 
     @property
     def loaders(self) -> int:
@@ -89,11 +93,14 @@ def _per_sample(pipeline: DataPipeline, records: list[Record], keep: _Keep | Non
     processor untimed, the others are timed until :data:`BUDGET_S` is spent."""
     dataset, collate = pipeline.dataset(records), pipeline.collator()
     pipeline.media.on_decoded = keep
+    if pipeline.data.video.device == "cuda":  # the workers' part: stand-in frames, the GPU decodes
+        dataset.media = MediaLoader(pipeline.data, prepared=pipeline.media.prepared, defer_videos=True)
     dataset[0]  # the processor's first call pays for imports and caches
     kept_before = keep.seconds if keep is not None else 0.0
     encoded, started = [], time.perf_counter()
     for i in range(1, len(records)) if len(records) > 1 else [0]:
-        encoded.append(dataset[i])
+        item = dataset[i]
+        encoded.append(item.sample if isinstance(item, DeferredSample) else item)
         if time.perf_counter() - started > BUDGET_S:
             break
     collate(encoded)
@@ -106,8 +113,9 @@ def loader_time(data: DataConfig, processor: Any, family: Family, records: list[
     """Time ``records`` (the planned micro-batch) through the run's sample path on one core."""
     videos = sum(len(r.videos) for r in records)
     cpus = job_cpus_per_gpu(gpus_per_node)
-    common = {"workers": data.num_workers, "videos": videos, "samples": len(records), "cpus_per_gpu": cpus}
-    if not videos or data.prepared_media is not None:
+    common = {"workers": data.num_workers, "videos": videos, "samples": len(records), "cpus_per_gpu": cpus,
+              "on_gpu": data.video.device == "cuda"}
+    if not videos or data.prepared_media is not None or data.video.device == "cuda":
         each, timed = _per_sample(build_pipeline(data, processor, family), records)
         return LoaderTime(seconds=each * len(records), prepared_seconds=None, timed=timed, **common)
     with tempfile.TemporaryDirectory(prefix="hpc-train-plan-media-") as folder:
@@ -125,7 +133,9 @@ def describe_loader(loader: LoaderTime, gpu_seconds: tuple[float, float]) -> lis
     fast, slow = gpu_seconds
     low, high = loader.headroom(fast), loader.headroom(slow)
     timed = "" if loader.timed >= loader.samples else f" (timed on {loader.timed} of its {loader.samples} samples)"
-    lines = [f"loader: this micro-batch takes {loader.seconds:.2f} s on one core to load (decode, process, encode)"
+    what = "process and encode; its videos decoded by the GPU, not timed" if loader.on_gpu else \
+        "decode, process, encode"
+    lines = [f"loader: this micro-batch takes {loader.seconds:.2f} s on one core to load ({what})"
              f"{timed}, the GPU {fast:.3g}-{slow:.3g} s: {_loaders(loader)}, headroom {low:.2f}-{high:.2f} "
              "(1.0 and up: the GPU never waits for data)"]
     if loader.prepared_seconds is not None:

@@ -49,7 +49,7 @@ def test_the_plan_says_the_loader_s_headroom_with_a_step_time(synthetic_data):
     assert plan.loader is not None and "loader: this micro-batch takes" in format_plan(plan)
     assert set(to_dict(plan)["loader"]) == {"seconds_one_core", "workers", "gpu_seconds", "headroom",
                                             "prepared_seconds_one_core", "cpus_per_gpu", "loading_at_once",
-                                            "samples_timed"}
+                                            "samples_timed", "videos_decoded_by_gpu"}
     assert make_plan(config, gpu_named("H100-80GB"), bf16=True, search="off", loader=False).loader is None
     assert make_plan(config, None, bf16=False, search="off").loader is None  # no GPU, no step time to compare with
 
@@ -91,3 +91,14 @@ def test_workers_count_as_far_as_the_job_s_cpus_per_gpu_go(monkeypatch):
     assert "2 loading workers per GPU (data.num_workers=2, with 3 CPUs per GPU: sbatch --cpus-per-task)" in lines[1]
     roomy = LoaderTime(seconds=2.0, prepared_seconds=None, workers=6, videos=0, cpus_per_gpu=16)
     assert roomy.loaders == 6 and "data.num_workers=6 on the job's 16 CPUs per GPU" in describe_loader(roomy, (1.0, 2.0))[0]
+
+
+def test_videos_the_gpu_decodes_are_left_out_of_the_workers_time(loaded_tiny, synthetic_data, monkeypatch):
+    decodes = []
+    real = dataset_module.load_video
+    monkeypatch.setattr(dataset_module, "load_video", lambda *a, **k: decodes.append(a[0]) or real(*a, **k))
+    config = config_for(synthetic_data, "data.video.device=cuda")
+    records = [r for r in read_split(config, "train") if r.videos and not r.images][:3]
+    found = loader_time(config.data, loaded_tiny["llava_onevision"][1], get_family("llava_onevision"), records)
+    assert found.on_gpu and found.prepared_seconds is None and decodes == []
+    assert "(process and encode; its videos decoded by the GPU, not timed)" in describe_loader(found, (0.4, 1.0))[0]
