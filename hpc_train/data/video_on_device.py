@@ -4,6 +4,7 @@ to decode that way (:mod:`hpc_train.data.deferred_videos`)."""
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,38 @@ def decode_on_device(path: str | Path, sampling: VideoSampling, clip: tuple[floa
                        num_source_frames=n)
 
 
+def device_decoder_problem(device: str = "cuda") -> str | None:
+    """Why torchcodec cannot decode H.264 on ``device`` here, or None when it can: a probe video
+    decoded there for real (a CPU-only torchcodec build fails here, not at the first sample)."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return "torch sees no CUDA GPU"
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            frames = TorchcodecReader(_h264_probe(Path(folder) / "probe.mp4"), device=device).tensor_frames(
+                np.arange(2)).cpu().numpy()
+    except Exception as exc:  # torchcodec raises RuntimeError for a decoder it was built without
+        return f"torchcodec does not decode H.264 on {device} ({_short(exc)})"
+    if frames.shape != (2, 64, 64, 3) or not frames[1].mean() > frames[0].mean():
+        return f"torchcodec decoded a probe video on {device} wrongly (frames of shape {frames.shape})"
+    return None
+
+
+def _h264_probe(path: Path) -> Path:
+    """Two 64x64 H.264 frames, dark then bright (the codec users' videos mostly are)."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for level in (40, 200):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), level, dtype=np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
 @dataclass(frozen=True)
 class DeferredSample:
     """A training sample a worker encoded from stand-in frames (black, of the decoded size: the
@@ -59,4 +92,4 @@ class DeferredSample:
     sample: EncodedSample
 
 
-__all__ = ["FIX_DEVICE", "DeferredSample", "decode_on_device"]
+__all__ = ["FIX_DEVICE", "DeferredSample", "decode_on_device", "device_decoder_problem"]

@@ -22,9 +22,21 @@ def import_check(module: str, label: str) -> Check:
     return Check(label, "ok", f"{module} imports")
 
 
-def media_checks(video_backend: str = "auto") -> list[Check]:
-    return [import_check("decord", "video decoding"), video_backend_check(video_backend),
+def media_checks(video_backend: str = "auto", video_device: str = "cpu") -> list[Check]:
+    gpu = [video_device_check(video_device)] if video_device != "cpu" else []
+    return [import_check("decord", "video decoding"), video_backend_check(video_backend), *gpu,
             import_check("librosa", "audio loading"), import_check("soundfile", "audio files (libsndfile)")]
+
+
+def video_device_check(device: str) -> Check:
+    """``data.video.device=cuda``: torchcodec decodes a probe H.264 video on the GPU for real."""
+    from hpc_train.data.video_on_device import FIX_DEVICE, device_decoder_problem
+
+    problem = device_decoder_problem(device)
+    if problem is None:
+        return Check("GPU video decoding", "ok", f"torchcodec decodes H.264 on {device}")
+    fix = "run it on a GPU node, or set data.video.device=cpu" if "no CUDA GPU" in problem else FIX_DEVICE
+    return Check("GPU video decoding", "fail", f"data.video.device={device} cannot run here", f"{problem}. Fix: {fix}")
 
 
 def video_backend_check(requested: str) -> Check:

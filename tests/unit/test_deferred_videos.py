@@ -97,3 +97,20 @@ def test_the_gpu_decoder_is_refused_where_it_cannot_run(loaded_tiny, synthetic_d
     for other in ("data.video.backend=decord", "train.sequence_parallel=2"):
         with pytest.raises(ConfigError, match="data.video.device=cuda decodes with torchcodec, whole videos"):
             load_config("tiny_smolvlm2", [*base, other])
+
+
+def test_the_doctor_decodes_a_probe_on_the_device_before_the_run(synthetic_data, tmp_path):
+    from hpc_train.data.video_on_device import device_decoder_problem
+    from hpc_train.doctor import needs_of_config, run_checks
+
+    assert device_decoder_problem("cpu") is None  # the probe itself decodes, where torchcodec can
+    needs = needs_of_config("tiny_smolvlm2", [f"data.train={synthetic_data / 'train.jsonl'}",
+                                              "data.video.device=cuda", f"output_dir={tmp_path}"], None)
+    rows = {row.name: row for row in run_checks(needs)}
+    row = rows["GPU video decoding"]
+    if torch.cuda.is_available():
+        assert row.status == "ok", row
+    else:
+        assert row.status == "fail" and "torch sees no CUDA GPU" in row.note and "data.video.device=cpu" in row.note
+    plain = needs_of_config("tiny_smolvlm2", [f"data.train={synthetic_data / 'train.jsonl'}"], str(tmp_path))
+    assert "GPU video decoding" not in {row.name for row in run_checks(plain)}
