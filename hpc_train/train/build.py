@@ -7,7 +7,6 @@ checkpoint) → profiler description. Nothing here trains; every check that can 
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -17,24 +16,12 @@ import torch
 from hpc_train.config import RunConfig
 from hpc_train.config_file import save_config
 from hpc_train.data.deferred_videos import defer_training_videos
-from hpc_train.data.frame_counts import FrameCounts
-from hpc_train.data.lengths import (
-    SampleShapes,
-    cached_shapes,
-    interleaved,
-    measure_shapes,
-    write_cached_shapes,
-)
 from hpc_train.data.mixture import read_split
-from hpc_train.data.packing import PlannedPacks, drop_too_long
 from hpc_train.data.pipeline import DataPipeline, build_pipeline
-from hpc_train.data.records import Record
 from hpc_train.data.sequence_shard import SequenceShards
 from hpc_train.device import choose_device
 from hpc_train.dist import (
     DistInfo,
-    all_gather,
-    all_reduce_max,
     collective_timeout_s,
     init_distributed,
 )
@@ -78,6 +65,7 @@ from hpc_train.train.output_dir import (
     writing,
 )
 from hpc_train.train.output_owner import claim_for_run
+from hpc_train.train.packing_plan import data_ranks, plan_packing
 from hpc_train.train.profile_report import trainability, vision_tower
 from hpc_train.train.run_parts import REQUEUE_MARKER, EvalData, RunParts, TrainData, TrainingEngine
 from hpc_train.train.schedule import build_scheduler, lr_multiplier
@@ -174,13 +162,6 @@ def _sequence_parallel(config: RunConfig, info: DistInfo, loaded: LoadedModel) -
     return mpu
 
 
-def data_ranks(config: RunConfig, info: DistInfo) -> tuple[int, int]:
-    """This rank's place among the ranks that read different data, and their number: the
-    ranks of one sequence-parallel group read the same micro-batches."""
-    size = config.train.sequence_parallel
-    return info.rank // size, info.world_size // size
-
-
 def _data_parallel(config: RunConfig, info: DistInfo) -> str:
     size = config.train.sequence_parallel
     groups = f", each {size} ranks sharing a micro-batch's sequence" if size > 1 else ""
@@ -251,7 +232,7 @@ def _train_data(config: RunConfig, info: DistInfo, pipeline: DataPipeline, loade
     finish = defer_training_videos(config, dataset, pipeline.family, device)
     rank, world = data_ranks(config, info)
     if config.data.packing:
-        packs, steps, efficiency = _plan_packing(config, info, pipeline, records)
+        packs, steps, efficiency = plan_packing(config, info, pipeline, records)
         return TrainData(dataset=dataset, batches=packs, total_steps=steps, packing_efficiency=efficiency, finish=finish,
                          collate=_sharded(config, info, pipeline, loaded.model.config,
                                           pipeline.packed_collator(rows_per_micro=train.micro_batch_size, cached=True)))
@@ -270,64 +251,6 @@ def _sharded(config: RunConfig, info: DistInfo, pipeline: DataPipeline, model_co
         return collate
     return SequenceShards(collate, rank=info.rank % size, size=size, pad_token_id=pipeline.pad_token_id,
                           media_tokens=media_token_ids(model_config, pipeline.family.name))
-
-
-def _plan_packing(config: RunConfig, info: DistInfo, pipeline: DataPipeline, records: list[Record]
-                  ) -> tuple[PlannedPacks, int, float]:
-    """Lengths (measured in shares by the ranks, cached), the plan, and the exact step count."""
-    data, train = config.data, config.train
-    shapes = _shapes(config, info, pipeline, records)
-    lengths = shapes.lengths
-    if not pipeline.family.video_as_images:  # LLaVA-OneVision stacks a row's videos
-        _refuse_mixed_frame_counts(config, records, shapes)
-    if data.truncation == "drop":
-        lengths, dropped = drop_too_long(lengths, data.max_seq_len)
-        if dropped:
-            _say(info, f"packing: {dropped} samples over data.max_seq_len={data.max_seq_len} dropped")
-    rank, world = data_ranks(config, info)
-    packs = PlannedPacks(lengths, data.max_seq_len, seed=train.seed, rank=rank, world_size=world,
-                         rows_per_micro=train.micro_batch_size, grad_accum=train.grad_accum)
-    per_epoch = packs.steps_per_epoch()
-    if per_epoch == 0:
-        raise HpcTrainError("packing made fewer rows than one optimizer step needs. Fix: lower "
-                            "train.micro_batch_size / train.grad_accum, or add data")
-    plan = packs.plan(0)
-    unusable = len(lengths) - len(packs.usable)
-    _say(info, f"packing: {len(plan.rows)} rows of {data.max_seq_len} tokens from {len(packs.usable)} samples "
-               f"({unusable} unusable), efficiency {100 * plan.efficiency:.1f}%, {per_epoch} optimizer steps per epoch")
-    return packs, train.max_steps or max(1, math.ceil(train.epochs * per_epoch)), plan.efficiency
-
-
-def _shapes(config: RunConfig, info: DistInfo, pipeline: DataPipeline, records: list[Record]) -> SampleShapes:
-    """Every sample's shape: from the cache when every rank finds it there; otherwise each rank
-    measures every world_size-th record and all gather, so no rank waits in a collective while
-    another measures the whole set (long enough, for a large one, to outlast the process
-    group's timeout)."""
-    encoder, data = pipeline.encoder, config.data
-    where = {"cache_dir": Path(config.output_dir) / "lengths", "source": data.train}
-    cached = cached_shapes(records, encoder, data, **where)
-    if all_reduce_max([float(cached is None)])[0] == 0.0:
-        return cached
-    mine = range(info.rank, len(records), info.world_size)
-    _say(info, f"lengths: measuring {len(records):,} samples, {len(mine):,} per rank (cached for later runs)")
-    share = measure_shapes(records, encoder, data, mine,
-                           progress=lambda n: _say(info, f"lengths: {n:,}/{len(mine):,} of rank 0's share"))
-    shapes = interleaved(all_gather(share))
-    if info.is_main:
-        write_cached_shapes(shapes, encoder, data, **where)
-    return shapes
-
-
-def _refuse_mixed_frame_counts(config: RunConfig, records: list[Record], shapes: SampleShapes) -> None:
-    """Before step 1, not at it: videos that cannot share a packed row."""
-    frames = FrameCounts()
-    for i, (n, counts) in enumerate(zip(shapes.lengths, shapes.video_frames, strict=True)):
-        if 0 <= n <= config.data.max_seq_len:
-            frames.add(i, counts)
-    error = frames.mixing_error(lambda i: records[i].where, path=config.data.train, packing=True,
-                                batch_size=config.train.micro_batch_size)
-    if error is not None:
-        raise error
 
 
 def _eval_data(config: RunConfig, pipeline: DataPipeline) -> EvalData | None:
