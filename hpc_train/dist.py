@@ -69,6 +69,12 @@ def collective_timeout_s() -> float | None:
     return None
 
 
+def say_on_main(info: DistInfo, text: str) -> None:
+    """Print ``text`` on rank 0 only (a run's progress lines, said once)."""
+    if info.is_main:
+        print(text, flush=True)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -51,13 +51,12 @@ class DeviceVideos:
         return dataclasses.replace(item.sample, media={k: v.cpu() for k, v in sample.media.items()})
 
 
-def defer_training_videos(config: RunConfig, dataset: SampleDataset, family: Family,
-                          device: torch.device) -> DeviceVideos | None:
-    """With ``data.video.device=cuda``: make ``dataset`` leave its videos to the training process
-    and return the stage that decodes them there (``None``: the workers decode them)."""
+def videos_on_device(config: RunConfig, family: Family, device: torch.device) -> bool:
+    """Whether the training process decodes the training videos (``data.video.device=cuda``),
+    refused with the fix where it cannot."""
     video = config.data.video
     if video.device != "cuda":
-        return None
+        return False
     if device.type != "cuda":
         raise ConfigError(f"data.video.device=cuda: this run trains on {device.type} (train.device="
                           f"{config.train.device}, CUDA available: {torch.cuda.is_available()}), where no GPU "
@@ -68,8 +67,7 @@ def defer_training_videos(config: RunConfig, dataset: SampleDataset, family: Fam
     if resolve_backend(video.backend) != "torchcodec":
         raise ConfigError(f"data.video.device=cuda needs torchcodec, and data.video.backend={video.backend} "
                           f"resolves to decord here. Fix: {FIX_DEVICE}")
-    dataset.media = MediaLoader(dataset.data, prepared=dataset.media.prepared, defer_videos=True)
-    return DeviceVideos(dataset, str(device))
+    return True
 
 
-__all__ = ["DeviceVideos", "defer_training_videos"]
+__all__ = ["DeviceVideos", "videos_on_device"]

@@ -50,12 +50,14 @@ class DataPipeline:
         return dataclasses.replace(self, vision_cache=cache, feature_collation=collation)
 
     def dataset(self, records: Sequence[Record], *, frame_share: tuple[int, int] | None = None,
-                cached: bool = False) -> SampleDataset:
+                cached: bool = False, defer_videos: bool = False) -> SampleDataset:
         """``frame_share=(rank, size)``: rank ``rank`` of a sequence-parallel group's training
         samples, with only its share of each video's frames decoded (see :class:`MediaLoader`).
-        ``cached``: samples from the vision cache where it has them."""
-        media = self.media if frame_share is None else MediaLoader(self.data, frame_share=frame_share,
-                                                                    prepared=self.media.prepared)
+        ``cached``: samples from the vision cache where it has them. ``defer_videos``: stand-in
+        frames for the videos not prepared, left to the training process
+        (:mod:`~hpc_train.data.deferred_videos`)."""
+        media = self.media if frame_share is None and not defer_videos else MediaLoader(
+            self.data, frame_share=frame_share, prepared=self.media.prepared, defer_videos=defer_videos)
         return SampleDataset(records, self.encoder, media, self.data, vision_cache=self.vision_cache if cached else None)
 
     def collator(self, *, padding_side: str = "right", cached: bool = False) -> Collator:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from hpc_train.config import DataConfig
-from hpc_train.data.dataset import MediaLoader
 from hpc_train.data.media import VideoFrames
 from hpc_train.data.pipeline import DataPipeline, build_pipeline
 from hpc_train.data.prepared_media import PreparedMedia
@@ -91,10 +90,10 @@ class _Keep:
 def _per_sample(pipeline: DataPipeline, records: list[Record], keep: _Keep | None = None) -> tuple[float, int]:
     """One core's seconds per sample and how many were timed: the first sample warms the
     processor untimed, the others are timed until :data:`BUDGET_S` is spent."""
-    dataset, collate = pipeline.dataset(records), pipeline.collator()
+    # with data.video.device=cuda, the workers' part: stand-in frames (the GPU decodes)
+    dataset = pipeline.dataset(records, defer_videos=pipeline.data.video.device == "cuda")
+    collate = pipeline.collator()
     pipeline.media.on_decoded = keep
-    if pipeline.data.video.device == "cuda":  # the workers' part: stand-in frames, the GPU decodes
-        dataset.media = MediaLoader(pipeline.data, prepared=pipeline.media.prepared, defer_videos=True)
     dataset[0]  # the processor's first call pays for imports and caches
     kept_before = keep.seconds if keep is not None else 0.0
     encoded, started = [], time.perf_counter()

@@ -15,7 +15,7 @@ import torch
 
 from hpc_train.config import RunConfig
 from hpc_train.config_file import save_config
-from hpc_train.data.deferred_videos import defer_training_videos
+from hpc_train.data.deferred_videos import DeviceVideos, videos_on_device
 from hpc_train.data.mixture import read_split
 from hpc_train.data.pipeline import DataPipeline, build_pipeline
 from hpc_train.data.sequence_shard import SequenceShards
@@ -24,6 +24,7 @@ from hpc_train.dist import (
     DistInfo,
     collective_timeout_s,
     init_distributed,
+    say_on_main,
 )
 from hpc_train.errors import ConfigError, HpcTrainError
 from hpc_train.models.adapters import (
@@ -92,7 +93,7 @@ def build_run(config: RunConfig, info: DistInfo) -> RunParts:
     init_distributed(info, device, timeout_s=config.train.collective_timeout_s)
     timeout = collective_timeout_s()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # as SLURM gave them: a shared node need not give 0..n-1
-    _say(info, f"topology: {info.describe()}" + (f"; collectives time out after {timeout:g} s" if timeout else "")
+    say_on_main(info, f"topology: {info.describe()}" + (f"; collectives time out after {timeout:g} s" if timeout else "")
          + (f"; CUDA_VISIBLE_DEVICES={visible}" if visible else ""))
     torch.manual_seed(config.train.seed + info.rank)
     training = config.train.mode != "baseline"
@@ -107,13 +108,13 @@ def build_run(config: RunConfig, info: DistInfo) -> RunParts:
         mpu = _sequence_parallel(config, info, loaded)
         if training and config.train.tiled_mlp > 1:
             use_tiled_mlp(loaded.model, loaded.family.name, config.train.tiled_mlp)
-            _say(info, f"tiled MLP: each language-model MLP in {config.train.tiled_mlp} tiles of the sequence")
+            say_on_main(info, f"tiled MLP: each language-model MLP in {config.train.tiled_mlp} tiles of the sequence")
         if training:
-            _say(info, f"head and loss: {describe_tiles(loaded.model, config.train, zero_stage(ds))}")
+            say_on_main(info, f"head and loss: {describe_tiles(loaded.model, config.train, zero_stage(ds))}")
         if image_tokens_always_match(loaded.model.config, loaded.processor, loaded.family.name):
             mark_image_tokens_checked(loaded.model)
         packed = f", packed rows by {attention}" if config.data.packing else ""
-        _say(info, f"device: {_describe(device)}, compute dtype {DTYPE_NAMES.get(loaded.dtype, loaded.dtype)}{packed}")
+        say_on_main(info, f"device: {_describe(device)}, compute dtype {DTYPE_NAMES.get(loaded.dtype, loaded.dtype)}{packed}")
         pipeline = _with_vision_cache(config, info, build_pipeline(config.data, loaded.processor, loaded.family),
                                       loaded, zero_stage(ds), training)
         train = _train_data(config, info, pipeline, loaded, device) if training else None
@@ -157,7 +158,7 @@ def _sequence_parallel(config: RunConfig, info: DistInfo, loaded: LoadedModel) -
     check_sequence_parallel(loaded.model.config.text_config, size, info.world_size)
     mpu = join_sequence_groups(size)
     use_sequence_parallel(loaded.model, loaded.family.name, mpu)
-    _say(info, f"sequence parallelism: {info.world_size // size} groups of {size} ranks (DeepSpeed Ulysses); "
+    say_on_main(info, f"sequence parallelism: {info.world_size // size} groups of {size} ranks (DeepSpeed Ulysses); "
                "each sample's sequence and media are split over its group")
     return mpu
 
@@ -202,10 +203,10 @@ def _with_vision_cache(config: RunConfig, info: DistInfo, pipeline: DataPipeline
         return pipeline
     refusal = vision_cache_refusal(config, loaded)
     if refusal is not None:
-        _say(info, refusal)
+        say_on_main(info, refusal)
         return pipeline
     cache = open_vision_cache(config, loaded)
-    _say(info, f"vision cache: {config.vision_cache_dir} (training samples found there skip decoding and the "
+    say_on_main(info, f"vision cache: {config.vision_cache_dir} (training samples found there skip decoding and the "
                "vision tower; the others are stored as they are computed)")
     return pipeline.with_vision_cache(cache, zero_stage=zero)
 
@@ -228,8 +229,10 @@ def _train_data(config: RunConfig, info: DistInfo, pipeline: DataPipeline, loade
     records = read_split(config, "train")
     train = config.train
     size = train.sequence_parallel
-    dataset = pipeline.dataset(records, frame_share=(info.rank % size, size) if size > 1 else None, cached=True)
-    finish = defer_training_videos(config, dataset, pipeline.family, device)
+    on_device = videos_on_device(config, pipeline.family, device)
+    dataset = pipeline.dataset(records, frame_share=(info.rank % size, size) if size > 1 else None, cached=True,
+                               defer_videos=on_device)
+    finish = DeviceVideos(dataset, str(device)) if on_device else None
     rank, world = data_ranks(config, info)
     if config.data.packing:
         packs, steps, efficiency = plan_packing(config, info, pipeline, records)
@@ -284,13 +287,13 @@ def _training_engine(config: RunConfig, info: DistInfo, loaded: LoadedModel, ds:
                             trackers=trackers)
     multiplier = lr_multiplier(state.step, total_steps=steps, warmup_steps=train.warmup_steps,
                                min_ratio=train.min_lr_ratio)
-    _say(info, f"{train.mode} training, ZeRO-{zero_stage(ds)}, world size {info.world_size}, {steps} optimizer steps "
+    say_on_main(info, f"{train.mode} training, ZeRO-{zero_stage(ds)}, world size {info.world_size}, {steps} optimizer steps "
                f"(micro-batch {train.micro_batch_size} x accumulation {train.grad_accum} x {_data_parallel(config, info)})\n"
                f"{describe_param_groups(param_census(model, loaded.family), groups)}\n"
                f"learning rate at step {state.step}: " + ", ".join(f"{g.name} {g.lr * multiplier:.3g}" for g in groups))
     quantized = describe_quantization(model, loaded.family)
     if quantized:
-        _say(info, quantized)
+        say_on_main(info, quantized)
     return TrainingEngine(engine=engine, optimizer=optimizer, checkpointer=checkpointer, state=state,
                           metrics=metrics, first_step=state.step + 1)
 
@@ -298,16 +301,16 @@ def _training_engine(config: RunConfig, info: DistInfo, loaded: LoadedModel, ds:
 def _resume(config: RunConfig, info: DistInfo, engine: Any, checkpointer: Checkpointer) -> tuple[TrainState, bool]:
     """The state to start from: a fresh one, or the newest complete checkpoint's."""
     for said in checkpointer.prepare(resume=config.train.resume):
-        _say(info, said)
+        say_on_main(info, said)
     latest = None
     if config.train.resume:
         latest, notes = checkpointer.resume_point()
         for note in notes:
-            _say(info, f"checkpoints: {note}")
+            say_on_main(info, f"checkpoints: {note}")
     if latest is None:
         return TrainState(world_size=info.world_size), False
     state = checkpointer.load(engine, latest)
-    _say(info, f"resumed from {latest} at step {state.step}")
+    say_on_main(info, f"resumed from {latest} at step {state.step}")
     return state, True
 
 
@@ -321,7 +324,7 @@ def _check_room(config: RunConfig, info: DistInfo, per_checkpoint: int) -> int:
     keep = config.train.keep_checkpoints
     room = free_bytes(root) // max(per_checkpoint, 1)
     if room < keep + 1:
-        _say(info, f"disk: room for {room} checkpoint(s) of about {per_checkpoint / 2**20:.1f} MiB in {root}; "
+        say_on_main(info, f"disk: room for {room} checkpoint(s) of about {per_checkpoint / 2**20:.1f} MiB in {root}; "
                    f"the run keeps {keep} (train.keep_checkpoints) and writes the next before removing the "
                    "oldest, so it will stop for space before that. Fix: free space, lower "
                    "train.keep_checkpoints, or use a larger output_dir")
@@ -332,11 +335,6 @@ def _describe(device: torch.device) -> str:
     if device.type != "cuda":
         return "cpu"
     return f"{device} ({torch.cuda.get_device_name(device)})"
-
-
-def _say(info: DistInfo, text: str) -> None:
-    if info.is_main:
-        print(text, flush=True)
 
 
 __all__ = ["build_run"]

@@ -18,7 +18,7 @@ from hpc_train.data.lengths import (
 from hpc_train.data.packing import PlannedPacks, drop_too_long
 from hpc_train.data.pipeline import DataPipeline
 from hpc_train.data.records import Record
-from hpc_train.dist import DistInfo, all_gather, all_reduce_max
+from hpc_train.dist import DistInfo, all_gather, all_reduce_max, say_on_main
 from hpc_train.errors import HpcTrainError
 
 
@@ -40,7 +40,7 @@ def plan_packing(config: RunConfig, info: DistInfo, pipeline: DataPipeline, reco
     if data.truncation == "drop":
         lengths, dropped = drop_too_long(lengths, data.max_seq_len)
         if dropped:
-            _say(info, f"packing: {dropped} samples over data.max_seq_len={data.max_seq_len} dropped")
+            say_on_main(info, f"packing: {dropped} samples over data.max_seq_len={data.max_seq_len} dropped")
     rank, world = data_ranks(config, info)
     packs = PlannedPacks(lengths, data.max_seq_len, seed=train.seed, rank=rank, world_size=world,
                          rows_per_micro=train.micro_batch_size, grad_accum=train.grad_accum)
@@ -50,7 +50,7 @@ def plan_packing(config: RunConfig, info: DistInfo, pipeline: DataPipeline, reco
                             "train.micro_batch_size / train.grad_accum, or add data")
     plan = packs.plan(0)
     unusable = len(lengths) - len(packs.usable)
-    _say(info, f"packing: {len(plan.rows)} rows of {data.max_seq_len} tokens from {len(packs.usable)} samples "
+    say_on_main(info, f"packing: {len(plan.rows)} rows of {data.max_seq_len} tokens from {len(packs.usable)} samples "
                f"({unusable} unusable), efficiency {100 * plan.efficiency:.1f}%, {per_epoch} optimizer steps per epoch")
     return packs, train.max_steps or max(1, math.ceil(train.epochs * per_epoch)), plan.efficiency
 
@@ -66,9 +66,9 @@ def _shapes(config: RunConfig, info: DistInfo, pipeline: DataPipeline, records: 
     if all_reduce_max([float(cached is None)])[0] == 0.0:
         return cached
     mine = range(info.rank, len(records), info.world_size)
-    _say(info, f"lengths: measuring {len(records):,} samples, {len(mine):,} per rank (cached for later runs)")
+    say_on_main(info, f"lengths: measuring {len(records):,} samples, {len(mine):,} per rank (cached for later runs)")
     share = measure_shapes(records, encoder, data, mine,
-                           progress=lambda n: _say(info, f"lengths: {n:,}/{len(mine):,} of rank 0's share"))
+                           progress=lambda n: say_on_main(info, f"lengths: {n:,}/{len(mine):,} of rank 0's share"))
     shapes = interleaved(all_gather(share))
     if info.is_main:
         write_cached_shapes(shapes, encoder, data, **where)
@@ -85,11 +85,6 @@ def _refuse_mixed_frame_counts(config: RunConfig, records: list[Record], shapes:
                                 batch_size=config.train.micro_batch_size)
     if error is not None:
         raise error
-
-
-def _say(info: DistInfo, text: str) -> None:
-    if info.is_main:
-        print(text, flush=True)
 
 
 __all__ = ["data_ranks", "plan_packing"]

@@ -13,7 +13,7 @@ import torch
 from hpc_train.config import DataConfig
 from hpc_train.config_file import load_config
 from hpc_train.data.dataset import MediaLoader
-from hpc_train.data.deferred_videos import DeviceVideos, defer_training_videos
+from hpc_train.data.deferred_videos import DeviceVideos, videos_on_device
 from hpc_train.data.media import VideoSampling, load_video
 from hpc_train.data.pipeline import build_pipeline
 from hpc_train.data.records import read_records
@@ -25,20 +25,14 @@ from hpc_train.train.trainer import TrainLoop
 VIDEO_FAMILIES = ("smolvlm2", "llava_onevision", "llava_onevision_1_5")
 
 
-def deferring(dataset, device: str = "cpu") -> DeviceVideos:
-    """What ``defer_training_videos`` does for a GPU, on ``device``."""
-    dataset.media = MediaLoader(dataset.data, prepared=dataset.media.prepared, defer_videos=True)
-    return DeviceVideos(dataset, device)
-
-
 @pytest.mark.parametrize("family", VIDEO_FAMILIES)
 def test_a_batch_whose_videos_the_training_process_decodes_is_the_workers_batch(loaded_tiny, synthetic_data,
                                                                                family):
     data = DataConfig(video={"num_frames": 4, "backend": "torchcodec"})
     records = list(read_records(synthetic_data / "train.jsonl", media_root=data.media_root))[:12]
     pipeline = build_pipeline(data, loaded_tiny[family][1], get_family(family))
-    plain, deferred = pipeline.dataset(records), pipeline.dataset(records)
-    stage = deferring(deferred)
+    plain, deferred = pipeline.dataset(records), pipeline.dataset(records, defer_videos=True)
+    stage = DeviceVideos(deferred, "cpu")  # what a GPU run builds, on the CPU
     collate = pipeline.collator()
     handed = [deferred[i] for i in range(len(records))]
     stand_ins = [item for item in handed if isinstance(item, DeferredSample)]
@@ -59,7 +53,9 @@ def test_the_training_loop_trains_on_the_videos_the_training_process_decodes(bui
                       "train.max_steps=3", "train.log_every=1", "data.video.num_frames=4",
                       f"output_dir={tmp_path / ('deferred' if defer else 'plain')}")
         if defer:
-            parts.train.finish = deferring(parts.train.dataset)
+            data = parts.train
+            data.dataset = parts.pipeline.dataset(data.dataset.records, cached=True, defer_videos=True)
+            data.finish = DeviceVideos(data.dataset, "cpu")
         assert TrainLoop(parts).train() == 0
         rows = (parts.output / "metrics.jsonl").read_text().splitlines()
         return [json.loads(r)["loss"] for r in rows if "loss" in json.loads(r)]
@@ -86,14 +82,16 @@ def test_the_gpu_decoder_is_refused_where_it_cannot_run(loaded_tiny, synthetic_d
     base = [f"data.train={synthetic_data / 'train.jsonl'}", "data.video.device=cuda"]
     config = load_config("tiny_smolvlm2", base)
     pipeline = build_pipeline(config.data, loaded_tiny["smolvlm2"][1], get_family("smolvlm2"))
-    dataset = pipeline.dataset(list(read_records(synthetic_data / "train.jsonl", media_root=None))[:4])
     with pytest.raises(ConfigError, match="this run trains on cpu .* Fix: set data.video.device=cpu"):
-        defer_training_videos(config, dataset, get_family("smolvlm2"), torch.device("cpu"))
+        videos_on_device(config, get_family("smolvlm2"), torch.device("cpu"))
     with pytest.raises(ConfigError, match="smolvlm takes a video as a run of images"):
-        defer_training_videos(config, dataset, get_family("smolvlm"), torch.device("cuda"))
-    assert not isinstance(dataset.media, MediaLoader) or not dataset.media.defer_videos  # refused: left as it was
+        videos_on_device(config, get_family("smolvlm"), torch.device("cuda"))
+    assert videos_on_device(config, get_family("smolvlm2"), torch.device("cuda")) is True
+    # a training set that defers leaves the pipeline's own loader (evaluation's) decoding
+    pipeline.dataset(list(read_records(synthetic_data / "train.jsonl", media_root=None))[:4], defer_videos=True)
+    assert isinstance(pipeline.media, MediaLoader) and not pipeline.media.defer_videos
     plain = load_config("tiny_smolvlm2", [f"data.train={synthetic_data / 'train.jsonl'}"])
-    assert defer_training_videos(plain, dataset, get_family("smolvlm2"), torch.device("cuda")) is None
+    assert videos_on_device(plain, get_family("smolvlm2"), torch.device("cuda")) is False
     for other in ("data.video.backend=decord", "train.sequence_parallel=2"):
         with pytest.raises(ConfigError, match="data.video.device=cuda decodes with torchcodec, whole videos"):
             load_config("tiny_smolvlm2", [*base, other])
