@@ -224,7 +224,7 @@ def accuracy(model: Any, processor: Any, records: list[Any]) -> float | None:
     """Greedy answers to each eval record's last question, exact match as hpc-train scores it."""
     import torch
 
-    from hpc_train.train.evaluate import normalize_answer
+    from hpc_train.evaluation.metrics import normalize_answer
 
     tok, correct = processor.tokenizer, 0
     eos = [tok.convert_tokens_to_ids("<end_of_utterance>"), tok.eos_token_id]

@@ -10,14 +10,9 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from hpc_train.evaluation.metrics import METRICS
 
 
 class _Section(BaseModel):
@@ -286,11 +281,22 @@ class EvalConfig(_Section):
     batch_size: int = Field(8, ge=1)
     """Samples per rank per evaluation forward / generate call."""
     max_new_tokens: int | None = Field(None, ge=1)
-    """Generation length; ``null``: the longest reference answer in tokens + 2."""
+    """Generation length; ``null``: the longest reference (answer or ``references``) in tokens + 2."""
     max_samples: int | None = Field(None, ge=1)
     """Evaluate at most this many samples (``null``: the whole split)."""
     generate: bool = True
-    """Also measure answer accuracy by greedy generation (exact match after normalisation)."""
+    """Also generate answers greedily and score them with ``eval.metrics``."""
+    metrics: str | list[str] = "auto"
+    """Scores of the generated answers: ``auto`` (exact match and SQuAD token F1, plus BLEU-4,
+    ROUGE-L and CIDEr-D when the median reference has 5 words or more), or a list of them."""
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, value: str | list[str]) -> str | list[str]:
+        names = [] if value == "auto" else [value] if isinstance(value, str) else value
+        if not set(names) <= set(METRICS) or value == []:
+            raise ValueError(f"{value!r} is not auto or a list of metrics from {', '.join(METRICS)}")
+        return names or "auto"
 
 
 class ProfileConfig(_Section):

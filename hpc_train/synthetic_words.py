@@ -1,7 +1,7 @@
-"""The words of the synthetic dataset: ball colours, tone pitches, the questions, and the text
-a tiny model's tokenizer is trained on. A leaf module (nothing of ours imported), so the tiny
-models (``models/``) and the dataset generator (``data/``) share it without one importing the
-other.
+"""The words of the synthetic dataset: ball colours, tone pitches, the questions, the captions,
+and the text a tiny model's tokenizer is trained on. A leaf module (nothing of ours imported), so
+the tiny models (``models/``) and the dataset generator (``data/``) share it without one importing
+the other.
 """
 
 from __future__ import annotations
@@ -20,6 +20,17 @@ QUESTION_COLOUR = "What colour is the ball?"
 QUESTION_PITCH = "How high is the tone?"
 QUESTION_SECOND = "What colour is the ball in the second picture?"
 QUESTION_FIRST = "What colour is the ball in the first picture?"
+QUESTION_DESCRIBE_IMAGE = "Describe the picture."
+QUESTION_DESCRIBE_VIDEO = "Describe the video."
+# Caption sentences per media kind; "{}" is the ball's colour, the only word that varies.
+# Lower case, no full stop, 7-10 tokens with the tiny tokenizers.  Not in vocabulary_text():
+# that would retrain every tiny tokenizer, whose token ids reference tests pin.
+CAPTIONS: dict[str, tuple[str, ...]] = {
+    "image": ("a {} ball on a grey background", "there is one {} ball in the picture",
+              "the picture shows a {} ball"),
+    "video": ("a {} ball moves around", "a {} ball bounces around the video",
+              "the video shows a {} ball"),
+}
 
 _COLOUR_LIST = ", ".join(COLOURS)
 _PITCH_LIST = ", ".join(PITCHES)

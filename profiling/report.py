@@ -108,8 +108,9 @@ def _phases_seen(records: Sequence[StepRecord]) -> list[str]:
 
 
 def merge_reports(ranks: Sequence[Mapping[str, Any]], *, run: Mapping[str, Any],
-                  environment: Mapping[str, Any]) -> dict[str, Any]:
-    """The merged report of all ranks' reports (rank 0 writes it)."""
+                  environment: Mapping[str, Any], evaluation: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The merged report of all ranks' reports (rank 0 writes it), with the run's evaluation
+    figures (loss, metrics, generation throughput) when it evaluated."""
     ranks = _complete_world(ranks)
     world = ranks[0]["world_size"]
     timed = [r for r in ranks if r["step_ms"] is not None]
@@ -151,6 +152,7 @@ def merge_reports(ranks: Sequence[Mapping[str, Any]], *, run: Mapping[str, Any],
         "wall_s": dict(ranks[0]["wall_s"]),
         **_merged_vision_cache(ranks),
         **_merged_prepared_media(ranks),
+        **({"evaluation": dict(evaluation)} if evaluation is not None else {}),
         "notes": notes,
         "slowest_rank": {
             "rank": slowest["rank"], "host": slowest["host"],

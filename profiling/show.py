@@ -52,13 +52,7 @@ def show(report: Mapping[str, Any]) -> str:
     m = report["memory"]
     lines.append(f"  memory: GPU peak allocated {_num(m.get('gpu_peak_allocated_gib'), ' GiB')}, reserved "
                  f"{_num(m.get('gpu_peak_reserved_gib'), ' GiB')}, host peak RSS {_num(m.get('host_peak_rss_gib'), ' GiB')}")
-    plan = run.get("plan")
-    if plan:
-        error = plan.get("error_pct")
-        lines.append(f"  planned: peak allocated {_num(plan.get('peak_allocated_gib'), ' GiB')} per rank "
-                     f"(at {plan.get('peak_moment')}; hpc-train plan), measured in training "
-                     f"{_num(plan.get('measured_peak_allocated_gib'), ' GiB')}, error "
-                     f"{DASH if error is None else f'{error:+.1f}%'}")
+    lines += _plan_lines(run.get("plan"))
     f = report["flops"]
     mfu = f.get("mfu")
     lines.append(f"  FLOPs: {_num(f.get('achieved_tflops_per_device'))} TFLOP/s per device; MFU "
@@ -74,9 +68,34 @@ def show(report: Mapping[str, Any]) -> str:
     prepared = report.get("prepared_media")
     if prepared is not None:
         lines.append(f"  prepared media: {prepared['videos_unprepared']} videos decoded because the store lacked them")
+    lines += _evaluation_lines(report.get("evaluation"))
     cache = report.get("vision_cache")
     if cache is not None:
         rate = DASH if cache["hit_rate"] is None else f"{cache['hit_rate']:.0%}"
         lines.append(f"  vision cache: {cache['samples_cached']} samples cached, {cache['samples_computed']} computed "
                      f"(hit rate {rate}), {cache['bytes_read'] / 2**20:.1f} MiB read")
     return "\n".join(lines)
+
+
+def _plan_lines(plan: Mapping[str, Any] | None) -> list[str]:
+    if not plan:
+        return []
+    error = plan.get("error_pct")
+    return [f"  planned: peak allocated {_num(plan.get('peak_allocated_gib'), ' GiB')} per rank "
+            f"(at {plan.get('peak_moment')}; hpc-train plan), measured in training "
+            f"{_num(plan.get('measured_peak_allocated_gib'), ' GiB')}, error "
+            f"{DASH if error is None else f'{error:+.1f}%'}"]
+
+
+def _evaluation_lines(evaluation: Mapping[str, Any] | None) -> list[str]:
+    if not evaluation:
+        return []
+    scores = ", ".join(f"{name} {value:.3f}" for name, value in (evaluation.get("metrics") or {}).items())
+    lines = [f"  evaluation: loss {_num(evaluation.get('loss'))}, perplexity {_num(evaluation.get('perplexity'))}"
+             + (f"; {scores}" if scores else "")]
+    made = evaluation.get("generation")
+    if made:
+        lines.append(f"  generation: {made['records']} answers, {made['new_tokens']} new tokens in "
+                     f"{made['seconds']:.1f} s ({_num(made['tokens_per_s'])} tokens/s, "
+                     f"{_num(made['records_per_s'])} answers/s)")
+    return lines

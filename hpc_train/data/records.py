@@ -10,8 +10,9 @@ A record looks like::
 against ``media_root`` (default: the dataset file's folder), and a path that leaves it
 (``../``, absolute) is refused unless ``allow_outside_root`` is set, so a dataset cannot
 make a job read any file it can reach. ``video_clip: [start_s,
-end_s]`` optionally restricts the video(s) to a time window. Without an ``id`` the record
-gets ``"<file stem>:<line>"``.
+end_s]`` optionally restricts the video(s) to a time window; ``references: ["...", ...]``
+lists other correct answers to the last question, which evaluation scores against too.
+Without an ``id`` the record gets ``"<file stem>:<line>"``.
 
 The format (JSON array or JSONL) is detected from the first non-blank byte, not the file
 extension. Files are never loaded whole: one streaming pass (:mod:`hpc_train.data.record_index`)
@@ -29,13 +30,14 @@ placeholder and exactly as many ``<image>`` placeholders as videos has those
 from __future__ import annotations
 
 import collections.abc
-import math
 import operator
 import os
-import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from hpc_train.data.record_fields import Fail, read_references, video_clip
+from hpc_train.data.record_fields import json_type as _json_type
+from hpc_train.data.record_fields import shown as _shown
 from hpc_train.data.record_index import RecordIndex
 from hpc_train.errors import DataError, MediaError
 
@@ -73,6 +75,8 @@ class Record:
     source: Path
     line: int
     video_clip: tuple[float, float] | None = None
+    references: tuple[str, ...] = ()
+    """Other correct answers to the last question (evaluation scores against all of them)."""
 
     @property
     def where(self) -> str:
@@ -170,11 +174,6 @@ class RecordFile(collections.abc.Sequence[Record]):
         return self.path, self._index.line(i)
 
 
-def _json_type(obj: object) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-            int: "a number", float: "a number", type(None): "null"}.get(type(obj), "a value")
-
-
 def _record_id(obj: dict, index: RecordIndex, i: int) -> str:
     rid = obj.get("id")
     if rid is None:
@@ -200,8 +199,6 @@ FIX_OUTSIDE_ROOT = ("write the path relative to media_root (or move the file und
                     "anywhere, set data.allow_media_outside_root=true")
 
 
-Fail = collections.abc.Callable[..., DataError]
-"""Builds the error for one record: ``fail(problem, fix[, error type])``."""
 _TURN_FIX = 'each turn is {"from": "human" | "gpt" | "system", "value": "<text>"}'
 
 
@@ -218,14 +215,15 @@ def _parse(obj: dict, *, rid: str, path: Path, line: int, media_root: Path,
             and sum(t.count("<image>") for t in texts) == len(media["video"])):
         texts = [t.replace("<image>", "<video>") for t in texts]
     _check_placeholders(roles, texts, media, fail)
-    clip = _video_clip(obj, bool(media["video"]), fail)
+    clip = video_clip(obj, bool(media["video"]), fail)
     resolved = {kind: tuple(_media_path(p, kind, media_root, fail, check_exists=check_exists,
                                         allow_outside_root=allow_outside_root, root_note=media_root_note)
                             for p in paths)
                 for kind, paths in media.items()}
     turns = tuple(Turn(role, text) for role, text in zip(roles, texts, strict=True))
     return Record(id=rid, turns=turns, images=resolved["image"], videos=resolved["video"],
-                  audios=resolved["audio"], source=path, line=line, video_clip=clip)
+                  audios=resolved["audio"], source=path, line=line, video_clip=clip,
+                  references=read_references(obj, fail))
 
 
 def _read_turns(conv: object, fail: Fail) -> tuple[list[str], list[str]]:
@@ -316,20 +314,6 @@ def _media_path(given: str, kind: str, media_root: Path, fail: Fail, *,
     return full
 
 
-def _short_repr() -> reprlib.Repr:
-    short = reprlib.Repr()  # keyword arguments only from Python 3.12
-    short.maxlevel, short.maxstring, short.maxother, short.maxlist, short.maxdict = 3, 120, 60, 4, 4
-    return short
-
-
-_REPR = _short_repr()
-
-
-def _shown(value: object) -> str:
-    """A value as a message can show it: short, whatever its size or depth."""
-    return _REPR.repr(value)
-
-
 def _shown_path(path: str | Path) -> str:
     text = str(path)
     return text if len(text) <= 300 else f"{text[:150]}...{text[-100:]} ({len(text)} characters)"
@@ -345,26 +329,6 @@ def _media_list(obj: dict, kind: str, fail: Fail) -> list[str]:
                    f"(got {_shown(value)})",
                    f'write e.g. "{kind}": "relative/path" or "{kind}": ["a", "b"]')
     return items
-
-
-def _video_clip(obj: dict, has_video: bool, fail: Fail) -> tuple[float, float] | None:
-    clip = obj.get("video_clip")
-    if clip is None:
-        return None
-    fix = 'write "video_clip": [start_seconds, end_seconds] with 0 <= start < end'
-    if not has_video:
-        raise fail("'video_clip' is set but the record has no 'video'",
-                   "add the 'video' the clip refers to, or remove 'video_clip'")
-    if (not isinstance(clip, list) or len(clip) != 2
-            or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in clip)):
-        raise fail(f"'video_clip' must be two numbers [start, end] (got {_shown(clip)})", fix)
-    try:
-        start, end = float(clip[0]), float(clip[1])
-    except OverflowError:
-        raise fail(f"'video_clip' {_shown(clip)} holds a number too large for seconds", fix) from None
-    if not (math.isfinite(start) and math.isfinite(end) and 0 <= start < end):
-        raise fail(f"'video_clip' [{start}, {end}] is not a valid time window", fix)
-    return start, end
 
 
 def read_id_filter(path: str | Path) -> set[str]:

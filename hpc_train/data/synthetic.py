@@ -3,9 +3,10 @@
 Images and videos show one coloured ball on a noisy tinted background ("What colour is
 the ball?"), audio clips are pure tones ("How high is the tone?"), multi-image records
 ask about one of two pictures (some with a second turn), and text records ask for the
-next / previous word in a fixed list.  Everything is drawn from numpy generators seeded
-by ``(seed, split, index)``, so a seed always gives byte-identical JSONL files and the
-eval split is an independent draw from train.
+next / previous word in a fixed list.  ``caption_share`` of the image and video records ask
+for a caption sentence instead ("references": the other right sentences).  Everything is
+drawn from numpy generators seeded by ``(seed, split, index)``, so a seed always gives
+byte-identical JSONL files and the eval split is an independent draw from train.
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ from PIL import Image
 
 from hpc_train.data.records import RECORD_KINDS
 from hpc_train.synthetic_words import (
+    CAPTIONS,
     COLOURS,
     PITCHES,
     QUESTION_COLOUR,
     QUESTION_COLOUR_AFTER,
     QUESTION_COLOUR_BEFORE,
+    QUESTION_DESCRIBE_IMAGE,
+    QUESTION_DESCRIBE_VIDEO,
     QUESTION_FIRST,
     QUESTION_PITCH,
     QUESTION_PITCH_AFTER,
@@ -43,10 +47,6 @@ AUDIO_SECONDS = 1.0
 _MIN_CONTRAST = 80.0
 
 
-def _default_weights() -> dict[str, float]:
-    return {"image": 0.35, "video": 0.35, "audio": 0.1, "multi_image": 0.1, "text": 0.1}
-
-
 @dataclass
 class SyntheticSpec:
     """Size and mix of the synthetic dataset (weights are relative, per kind)."""
@@ -57,8 +57,10 @@ class SyntheticSpec:
     video_frames: int = 8
     video_fps: int = 4
     kinds: tuple[str, ...] = KINDS
-    weights: dict[str, float] = field(default_factory=_default_weights)
+    weights: dict[str, float] = field(default_factory=lambda: {
+        "image": 0.35, "video": 0.35, "audio": 0.1, "multi_image": 0.1, "text": 0.1})
     seed: int = 0
+    caption_share: float = 0.0  # of the image and of the video records: caption records
 
     def __post_init__(self) -> None:
         if self.n_train < 0 or self.n_eval < 0:
@@ -74,6 +76,8 @@ class SyntheticSpec:
         bad = [k for k in self.kinds if not self.weights.get(k, 0) > 0]
         if bad:
             raise ValueError(f"weights must be > 0 for every kind; missing or <= 0: {bad}")
+        if not 0.0 <= self.caption_share <= 1.0:
+            raise ValueError(f"caption_share must be between 0 and 1, got {self.caption_share}")
 
     def counts(self, n: int) -> dict[str, int]:
         """Exact records per kind for ``n`` records: largest-remainder rounding, and
@@ -92,6 +96,11 @@ class SyntheticSpec:
                     out[max(range(len(out)), key=out.__getitem__)] -= 1
                     out[i] = 1
         return dict(zip(self.kinds, out, strict=True))
+
+    def captions(self, n: int) -> dict[str, int]:
+        """Caption records per media kind for ``n`` records (``caption_share``, halves up)."""
+        return {k: math.floor(self.caption_share * c + 0.5)
+                for k, c in self.counts(n).items() if k in CAPTIONS}
 
 
 # ---------------------------------------------------------------- drawing
@@ -244,6 +253,50 @@ def _text_question(rng: np.random.Generator) -> tuple[str, str]:
     return QUESTION_PITCH_AFTER.format(pitches[i]), pitches[i + 1]
 
 
+def _caption_plan(spec: SyntheticSpec, split_code: int, kinds: list[str]) -> dict[int, str]:
+    """{record index: template}; own generator, so caption_share 0 changes no other draw."""
+    rng = np.random.default_rng([spec.seed, split_code, 2])
+    plan: dict[int, str] = {}
+    for kind, m in spec.captions(len(kinds)).items():
+        where = rng.choice([i for i, k in enumerate(kinds) if k == kind], size=m, replace=False)
+        plan.update(zip(where.tolist(), _balanced(rng, list(CAPTIONS[kind]), m), strict=True))
+    return plan
+
+
+def _media_record(kind: str, rid: str, label: str, rng: np.random.Generator, spec: SyntheticSpec,
+                  out: Path, nth: int, template: str | None) -> tuple[dict, list[dict[str, str]]]:
+    """Writes one record's media; its fields and turns (a ``template``: a caption record)."""
+    if kind in ("image", "video"):
+        rel = f"media/{kind}s/{rid}.{'png' if kind == 'image' else 'mp4'}"
+        if kind == "image":
+            _save_png(render_image(rng, label, spec.size), out / rel)
+        else:
+            frames = render_video(rng, label, spec.size, spec.video_frames)
+            _save_mp4(frames, out / rel, spec.video_fps)
+        fields, question, answer = {kind: rel}, QUESTION_COLOUR, label
+        if template is not None:  # a caption record
+            question = QUESTION_DESCRIBE_IMAGE if kind == "image" else QUESTION_DESCRIBE_VIDEO
+            answer, said = template.format(label), [c.format(label) for c in CAPTIONS[kind]]
+            fields.update(caption=True, references=[c for c in said if c != answer])
+        return fields, [_turn("human", f"<{kind}>\n{question}"), _turn("gpt", answer)]
+    if kind == "audio":
+        rel = f"media/audio/{rid}.wav"
+        sf.write(out / rel, render_tone(rng, label), AUDIO_SAMPLE_RATE, subtype="PCM_16")
+        return {"audio": rel}, [_turn("human", "<speech>\n" + QUESTION_PITCH), _turn("gpt", label)]
+    if kind == "multi_image":
+        # A different first colour, so answering needs the right picture.
+        first = str(rng.choice([c for c in COLOURS if c != label]))
+        rels = [f"media/images/{rid}_1.png", f"media/images/{rid}_2.png"]
+        for colour, rel in zip((first, label), rels, strict=True):
+            _save_png(render_image(rng, colour, spec.size), out / rel)
+        convo = [_turn("human", "<image>\n<image>\n" + QUESTION_SECOND), _turn("gpt", label)]
+        if nth % 2 == 0:  # every second one, so any split with 2+ has multi-turn data
+            convo += [_turn("human", QUESTION_FIRST), _turn("gpt", first)]
+        return {"image": rels, "colours": [first, label]}, convo
+    question, answer = _text_question(rng)
+    return {}, [_turn("human", question), _turn("gpt", answer)]
+
+
 def _make_split(split: str, n: int, spec: SyntheticSpec, out: Path) -> list[dict]:
     """Records whose media paths are relative to ``out`` (the dataset files' folder, the default
     ``data.media_root``)."""
@@ -255,6 +308,7 @@ def _make_split(split: str, n: int, spec: SyntheticSpec, out: Path) -> list[dict
     # Balanced labels per kind so a constant guess cannot score well on eval.
     label_pool = {k: _balanced(plan_rng, list(PITCHES if k == "audio" else COLOURS), counts[k])
                   for k in spec.kinds}
+    captions = _caption_plan(spec, split_code, kinds)
     records = []
     seen: Counter[str] = Counter()
     for i, kind in enumerate(kinds):
@@ -262,41 +316,10 @@ def _make_split(split: str, n: int, spec: SyntheticSpec, out: Path) -> list[dict
         # Own generator per record: content depends only on (seed, split, index).
         rng = np.random.default_rng([spec.seed, split_code, 1, i])
         rid = f"{split}_{i:05d}"
-        label = label_pool[kind].pop()
-        rec: dict = {"id": rid, "kind": kind}
-        if kind == "image":
-            rel = f"media/images/{rid}.png"
-            _save_png(render_image(rng, label, spec.size), out / rel)
-            rec["image"] = rel
-            convo = [_turn("human", "<image>\n" + QUESTION_COLOUR), _turn("gpt", label)]
-        elif kind == "video":
-            rel = f"media/videos/{rid}.mp4"
-            _save_mp4(render_video(rng, label, spec.size, spec.video_frames), out / rel,
-                      spec.video_fps)
-            rec["video"] = rel
-            convo = [_turn("human", "<video>\n" + QUESTION_COLOUR), _turn("gpt", label)]
-        elif kind == "audio":
-            rel = f"media/audio/{rid}.wav"
-            sf.write(out / rel, render_tone(rng, label), AUDIO_SAMPLE_RATE, subtype="PCM_16")
-            rec["audio"] = rel
-            convo = [_turn("human", "<speech>\n" + QUESTION_PITCH), _turn("gpt", label)]
-        elif kind == "multi_image":
-            # A different first colour, so answering needs the right picture.
-            first = str(rng.choice([c for c in COLOURS if c != label]))
-            rels = [f"media/images/{rid}_1.png", f"media/images/{rid}_2.png"]
-            for colour, rel in zip((first, label), rels, strict=True):
-                _save_png(render_image(rng, colour, spec.size), out / rel)
-            rec["image"] = rels
-            convo = [_turn("human", "<image>\n<image>\n" + QUESTION_SECOND), _turn("gpt", label)]
-            if seen[kind] % 2 == 0:  # every second one, so any split with 2+ has multi-turn data
-                convo += [_turn("human", QUESTION_FIRST), _turn("gpt", first)]
-            rec["colours"] = [first, label]
-        else:
-            question, answer = _text_question(rng)
-            convo = [_turn("human", question), _turn("gpt", answer)]
-        rec["conversations"] = convo
-        rec["answer"] = convo[-1]["value"]  # answer of the last turn
-        records.append(rec)
+        fields, convo = _media_record(kind, rid, label_pool[kind].pop(), rng, spec, out,
+                                      seen[kind], captions.get(i))
+        records.append({"id": rid, "kind": kind, **fields, "conversations": convo,
+                        "answer": convo[-1]["value"]})  # answer of the last turn
     return records
 
 
@@ -325,6 +348,10 @@ def _readme(spec: SyntheticSpec, counts: dict[str, dict[str, int]]) -> str:
         f"- multi_image: two pictures; '{QUESTION_SECOND}' -> colour of picture 2,",
         f"  every second one adds a turn '{QUESTION_FIRST}'",
         f"- text: no media, 'Which colour comes after X in the list {', '.join(COLOURS)}?' and similar",
+        *([f"- captions ({spec.caption_share:g} of image and of video records, 'caption': true):",
+           f"  '{QUESTION_DESCRIBE_IMAGE}' / '{QUESTION_DESCRIBE_VIDEO}' -> a sentence naming the",
+           "  colour; 'references' lists the other right sentences"]
+          if spec.caption_share > 0 else []),
         "",
         f"Colours: {', '.join(COLOURS)}. Every record has 'kind' and 'answer' (last turn's answer).",
         f"seed={spec.seed}; eval is an independent draw (different seed stream) from train.",
@@ -332,7 +359,9 @@ def _readme(spec: SyntheticSpec, counts: dict[str, dict[str, int]]) -> str:
         "Counts:",
     ]
     for split, c in counts.items():
-        lines.append(f"  {split}: " + ", ".join(f"{k}={v}" for k, v in c.items()))
+        caps = spec.captions(sum(c.values())) if spec.caption_share > 0 else {}
+        lines.append(f"  {split}: " + ", ".join(f"{k}={v}" for k, v in c.items())
+                     + "".join(f", {k} captions={v}" for k, v in caps.items()))
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,5 @@
-"""Evaluation: token loss and perplexity, and answer accuracy by greedy generation.
+"""Evaluation: token loss and perplexity, and the result a run writes (with the generated
+answers' scores from :mod:`hpc_train.train.generation` and :mod:`hpc_train.evaluation.metrics`).
 
 The evaluation set is split over ranks in equal shares (the last share padded with
 repeats that count for nothing), so that under ZeRO-3 every rank runs the same number of
@@ -8,32 +9,19 @@ forward passes; generation then runs with ``synced_gpus``.
 from __future__ import annotations
 
 import math
-import re
-import string
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from hpc_train.data.collate import Collator, model_inputs, step_inputs
+from hpc_train.data.collate import Collator, step_inputs
 from hpc_train.data.dataset import SampleDataset
 from hpc_train.data.loss_positions import LOSS_TARGETS
-from hpc_train.data.pipeline import DataPipeline
-from hpc_train.data.records import RECORD_KINDS, Record
 from hpc_train.data.tokenize import IGNORE_INDEX, EncodedSample
-from hpc_train.dist import DistInfo, all_reduce_max, all_reduce_sum
-from hpc_train.errors import DataError
+from hpc_train.dist import DistInfo, all_reduce_sum
 from hpc_train.models.media_keys import HOST_KEYS
 from hpc_train.train.loss import supervised_logits, token_losses
 from hpc_train.train.step_timer import NoTimer, StepTimer
-
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
-
-
-def normalize_answer(text: str) -> str:
-    """Lower case, punctuation removed, whitespace collapsed (exact match compares these)."""
-    return " ".join(_PUNCT.sub(" ", text.lower()).split())
 
 
 @dataclass
@@ -43,18 +31,48 @@ class EvalResult:
     tokens: int = 0
     samples: int = 0
     accuracy: float | None = None
+    """Exact match of the generated answers (``metrics.exact_match``), kept under its old name."""
     correct: int = 0
     generated: int = 0
     accuracy_by_kind: dict[str, float] = field(default_factory=dict)
     """Accuracy per record kind (image, video, audio, multi_image, text)."""
-    predictions: list[dict[str, str]] = field(default_factory=list)
-    """Rank 0's share of predictions (id, answer, prediction) for inspection."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    metrics_by_kind: dict[str, dict[str, float]] = field(default_factory=dict)
+    metrics_chosen: str | None = None
+    """Why these metrics (``eval.metrics``: auto's choice, or the list given)."""
+    generation: dict[str, Any] | None = None
+    """What generating took: records, new tokens, seconds, rates (:meth:`Generation.summary`)."""
+    records: list[dict[str, Any]] = field(default_factory=list)
+    """Every scored record: id, kind, prediction, references, scores (``hpc-train compare-eval``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens,
                 "samples": self.samples, "accuracy": self.accuracy, "correct": self.correct,
                 "generated": self.generated, "accuracy_by_kind": self.accuracy_by_kind,
-                "predictions": self.predictions[:50]}
+                "metrics": self.metrics, "metrics_by_kind": self.metrics_by_kind,
+                "metrics_chosen": self.metrics_chosen, "generation": self.generation, "records": self.records}
+
+    def report_section(self) -> dict[str, Any]:
+        """The profiling report's ``evaluation`` block: the figures, without the records."""
+        return {"loss": self.loss, "perplexity": self.perplexity, "samples": self.samples,
+                "metrics": self.metrics, "metrics_by_kind": self.metrics_by_kind,
+                "metrics_chosen": self.metrics_chosen, "generation": self.generation}
+
+    def scored(self, setting: str | list[str], rows: list[dict[str, Any]], generation: dict[str, Any]) -> None:
+        """Fill the generation part from every rank's ``rows`` (see :mod:`hpc_train.evaluation.metrics`)."""
+        from hpc_train.evaluation.metrics import choose_metrics, score_rows, summarize
+
+        names, self.metrics_chosen = choose_metrics(setting, [r["references"] for r in rows])
+        scoring = list(dict.fromkeys(["exact_match", *names]))  # exact match is also the accuracy
+        score_rows(rows, scoring)
+        overall, by_kind = summarize(rows, scoring)
+        self.records, self.generation = rows, generation
+        self.metrics = {m: overall[m] for m in names if m in overall}
+        self.metrics_by_kind = {k: {m: v[m] for m in names} for k, v in by_kind.items()}
+        self.generated = len(rows)
+        self.correct = int(sum(r["scores"]["exact_match"] for r in rows))
+        self.accuracy = overall.get("exact_match")
+        self.accuracy_by_kind = {k: v["exact_match"] for k, v in by_kind.items()}
 
 
 def shard(count: int, info: DistInfo) -> list[tuple[int, bool]]:
@@ -108,77 +126,6 @@ def evaluate_loss(model: Any, dataset: SampleDataset, collate: Collator, info: D
         result.loss = loss_sum / tokens
         result.perplexity = math.exp(min(result.loss, 50.0))
     return result
-
-
-def evaluate_generation(model: Any, records: Sequence[Record], pipeline: DataPipeline, info: DistInfo,
-                        device: torch.device, *, batch_size: int, max_new_tokens: int | None, synced: bool,
-                        dtype: torch.dtype | None = None) -> EvalResult:
-    """Greedy answers to each record's last question, compared with its last answer."""
-    encoder, media = pipeline.encoder, pipeline.media
-    tokenizer = encoder.tokenizer
-    picks = shard(len(records), info)
-    prompts: list[tuple[EncodedSample | None, bool]] = []
-    kinds: dict[str, str] = {}
-    for index, keep in picks:
-        record = records[index]
-        kinds[record.id] = record.kind
-        try:
-            prompts.append((encoder.encode_prompt(record, media.load(record)), keep))
-        except DataError:
-            prompts.append((None, False))
-    if max_new_tokens is None:
-        longest = max((len(tokenizer(p.answers[0], add_special_tokens=False)["input_ids"])
-                       for p, _ in prompts if p is not None), default=8)
-        max_new_tokens = int(all_reduce_max([longest])[0]) + 2
-    collate = pipeline.collator(padding_side="left")
-    eos = [tokenizer.convert_tokens_to_ids(encoder.family.end_of_turn), tokenizer.eos_token_id]
-    correct = generated = 0
-    per_kind = {kind: [0, 0] for kind in RECORD_KINDS}
-    predictions: list[dict[str, str]] = []
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(prompts), batch_size):
-            usable = [(p, keep) for p, keep in prompts[start:start + batch_size] if p is not None]
-            if not usable:  # every rank must still join the generate call
-                usable = [(next(p for p, _ in prompts if p is not None), False)]
-            batch = to_device(collate([p for p, _ in usable]), device, dtype)
-            inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
-            with _gathered_loose_parameters(model):
-                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                     eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-                                     synced_gpus=synced)
-            new = out[:, batch["input_ids"].shape[1]:]
-            for (prompt, keep), ids in zip(usable, new, strict=True):
-                if not keep:
-                    continue
-                text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-                hit = normalize_answer(text) == normalize_answer(prompt.answers[0])
-                correct += int(hit)
-                generated += 1
-                per_kind[kinds[prompt.id]][0] += int(hit)
-                per_kind[kinds[prompt.id]][1] += 1
-                if len(predictions) < 200:
-                    predictions.append({"id": prompt.id, "answer": prompt.answers[0], "prediction": text})
-    counts = all_reduce_sum([correct, generated, *(x for kind in RECORD_KINDS for x in per_kind[kind])])
-    correct, generated = counts[:2]
-    by_kind = {kind: counts[2 + 2 * k] / counts[3 + 2 * k] for k, kind in enumerate(RECORD_KINDS) if counts[3 + 2 * k]}
-    return EvalResult(accuracy=correct / generated if generated else None, correct=int(correct),
-                      generated=int(generated), accuracy_by_kind=by_kind, predictions=predictions)
-
-
-def _gathered_loose_parameters(model: Any) -> Any:
-    """Under ZeRO-3, gather parameters that container modules own directly (LLaVA-OneVision's
-    ``image_newline``): generate() calls helpers such as ``get_image_features`` outside the
-    owner's forward, where DeepSpeed's hooks would not gather them."""
-    import contextlib
-
-    loose = [p for m in model.modules() if any(True for _ in m.children())
-             for p in m.parameters(recurse=False) if hasattr(p, "ds_id")]
-    if not loose:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(loose, modifier_rank=None)
 
 
 def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype | None = None

@@ -106,8 +106,9 @@ def keep_earlier_report(path: Path, first_step: int) -> Path | None:
 
 
 def write_profile(profiler: Profiler, config: RunConfig, info: DistInfo, run: dict[str, Any], *,
-                  dtype: torch.dtype, first_step: int = 1) -> Path | None:
-    """Each rank writes its report; rank 0 also gathers them all and writes the merged one.
+                  dtype: torch.dtype, first_step: int = 1, evaluation: dict[str, Any] | None = None) -> Path | None:
+    """Each rank writes its report; rank 0 also gathers them all and writes the merged one (with
+    the run's ``evaluation`` block when it evaluated).
     Returns the merged report's path on rank 0 (``None`` elsewhere, or when it failed)."""
     mine = write_rank_profile(profiler, config, info, dtype=dtype, first_step=first_step)
     everyone: list[Any] = [mine]
@@ -123,7 +124,7 @@ def write_profile(profiler: Profiler, config: RunConfig, info: DistInfo, run: di
             if not rank_file(config, report["rank"]).is_file():
                 write_json(rank_file(config, report["rank"]), report)
         environment = collect_environment(profiler.device, Path(hpc_train.__file__).parent)
-        merged = merge_reports(everyone, run=run, environment=environment)
+        merged = merge_reports(everyone, run=run, environment=environment, evaluation=evaluation)
         path = Path(config.output_dir) / PROFILE_REPORT
         kept = keep_earlier_report(path, first_step)
         if kept is not None:

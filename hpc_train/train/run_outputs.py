@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from hpc_train.dist import all_reduce_max, barrier
-from hpc_train.train.evaluate import EvalResult, evaluate_generation, evaluate_loss
+from hpc_train.train.evaluate import EvalResult, evaluate_loss
+from hpc_train.train.generation import generate_answers
 from hpc_train.train.output_dir import writing
 from hpc_train.train.profile_report import (
     PROFILE_REPORT,
@@ -25,7 +26,8 @@ from hpc_train.train.run_parts import COMPLETE_MARKER, RunParts
 
 
 def evaluate(parts: RunParts) -> EvalResult | None:
-    """Loss, perplexity and answer accuracy on ``data.eval``; written to eval_results.json."""
+    """Loss, perplexity and the generated answers' scores on ``data.eval``; written to
+    eval_results.json (rank 0's result holds the scores)."""
     cfg, training = parts.config, parts.training is not None
     if parts.eval is None:
         return None
@@ -37,15 +39,15 @@ def evaluate(parts: RunParts) -> EvalResult | None:
     if cfg.eval.generate:
         module = getattr(parts.eval_model, "module", parts.eval_model)
         with parts.timer.section("generate"):
-            generated = evaluate_generation(
+            generated = generate_answers(
                 module, parts.eval.records, parts.pipeline, parts.info, parts.device,
                 batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
                 synced=parts.info.distributed and parts.zero_stage == 3, dtype=parts.loaded.dtype)
-        result.accuracy, result.correct = generated.accuracy, generated.correct
-        result.generated, result.predictions = generated.generated, generated.predictions
-        result.accuracy_by_kind = generated.accuracy_by_kind
+        if parts.info.is_main:  # every rank has every answer; one scores them
+            result.scored(cfg.eval.metrics, generated.rows, generated.summary())
     if parts.info.is_main:
         _write_eval(parts, result)
+        parts.evaluation = result.report_section()
     return result
 
 
@@ -56,8 +58,8 @@ def _write_eval(parts: RunParts, result: EvalResult) -> None:
     with writing(path):
         path.write_text(json.dumps(payload, indent=2))
     parts.say(f"eval: loss {result.loss:.4f}, perplexity {result.perplexity:.3f}"
-              + (f", accuracy {result.accuracy:.3f} ({result.correct}/{result.generated})"
-                 if result.accuracy is not None else "")
+              + "".join(f", {name} {value:.3f}" for name, value in result.metrics.items())
+              + (f" ({result.generated} answers, {result.metrics_chosen})" if result.generation else "")
               + f" -> {path}")
 
 
@@ -145,7 +147,7 @@ def finish(parts: RunParts) -> None:
             run["plan"] = _plan_beside(parts)
         with writing(parts.output / PROFILE_REPORT):
             path = write_profile(parts.profiler, parts.config, parts.info, run, dtype=parts.loaded.dtype,
-                                 first_step=first_step)
+                                 first_step=first_step, evaluation=parts.evaluation)
         if path is not None:
             parts.say(f"profile -> {path} (hpc-profile show {path})")
     barrier()

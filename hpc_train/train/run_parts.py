@@ -114,6 +114,8 @@ class RunParts:
     """What evaluation runs: the engine when training, DeepSpeed's ZeRO-3 wrapper, or the model."""
     attention: str
     """The kernel packed rows use (:data:`~hpc_train.models.varlen_backend.BACKENDS`)."""
+    evaluation: dict[str, Any] | None = None
+    """What the evaluation measured, for the profiling report (rank 0, once it has run)."""
 
     @property
     def output(self) -> Path:

@@ -61,6 +61,9 @@ def test_zero2_trains_and_learns(zero2_runs, tiny_model_dirs, family):
     assert any(not torch.equal(trained[k], base[k]) for k in base)
     result = json.loads((out / "eval_results.json").read_text())
     assert result["samples"] == 8 and result["generated"] == 8 and result["loss"] > 0
+    assert len(result["records"]) == result["generation"]["records"] == 8  # both ranks' answers
+    evaluation = read_report(out / "profile" / "report.json")["evaluation"]
+    assert evaluation["metrics"] == result["metrics"] and evaluation["generation"] == result["generation"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -253,6 +256,9 @@ def test_baseline_evaluation_under_zero3_matches_single_process(tmp_path, train_
     assert a["samples"] == b["samples"] == 8
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     assert a["accuracy"] == b["accuracy"]
+    # the two ranks' shares come back in record order, as one process generates them
+    assert [(r["id"], r["prediction"]) for r in a["records"]] == [(r["id"], r["prediction"]) for r in b["records"]]
+    assert a["metrics"] == pytest.approx(b["metrics"])
 
 
 def planned(out: Path) -> dict:

@@ -114,23 +114,28 @@ def test_convert_proassist_cli(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    """The README's first command, shortened: every stage runs and reports (accuracy itself is
-    measured by the full demo, see the README)."""
+    """The README's first command, shortened, with half the pictures and videos asking for a
+    caption: every stage runs and reports, and 300 steps teach the captions (the colour answers'
+    accuracy is measured by the full demo, see the README)."""
     from hpc_train.demo import run_demo
 
     out = tmp_path / "demo"
-    assert run_demo(out, nproc=2, steps=12) == 0
+    assert run_demo(out, nproc=2, steps=300, captions=0.5) == 0
     summary = json.loads((out / "demo_summary.json").read_text())
-    assert summary["steps"] == 12 and summary["processes"] == 2 and summary["zero_stage"] == 2
+    assert summary["steps"] == 300 and summary["processes"] == 2 and summary["zero_stage"] == 2
     assert summary["accuracy_before"] is not None and summary["accuracy_after"] is not None
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    before, after = summary["metrics_before"], summary["metrics_after"]
+    assert before["bleu4"] < 0.05 and before["cider"] < 0.1  # a random model says nothing of the kind
+    assert after["bleu4"] > 0.4 and after["rouge_l"] > 0.3 and after["cider"] > 0.8
     for path in ("run/metrics.jsonl", "run/model/model.safetensors", "run/eval_results.json",
                  "before/eval_results.json", "demo.yaml", "run/profile/report.json", "run/profile/rank1.json",
                  "results/profiling/baseline_profiling.json", "results/profiling/full_profiling.json",
-                 "results/profiling/compare.png"):
+                 "results/profiling/compare.png", "results/compare_eval.png"):
         assert (out / path).is_file(), path
     printed = capsys.readouterr().out
     assert "demo finished" in printed and "backward mean (ms)" in printed
+    assert re.search(r"\ncider +all +120 +[0-9.]+ +[0-9.]+ +\+[0-9.]+ +\[\+[0-9.]+, \+[0-9.]+\] +better\n", printed)
 
 
 def _copy_with(synthetic_data: Path, tmp_path: Path, change) -> tuple[Path, list[dict]]:

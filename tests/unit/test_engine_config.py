@@ -10,6 +10,7 @@ import pytest
 from hpc_train.config_file import load_config
 from hpc_train.dist import DistInfo
 from hpc_train.errors import ConfigError
+from hpc_train.evaluation.metrics import normalize_answer
 from hpc_train.train.data_order import (
     PlannedBatches,
     rank_micro_batches,
@@ -17,7 +18,7 @@ from hpc_train.train.data_order import (
     total_steps,
 )
 from hpc_train.train.engine import resolve_ds_config, zero_stage
-from hpc_train.train.evaluate import normalize_answer, shard
+from hpc_train.train.evaluate import shard
 from hpc_train.train.schedule import lr_multiplier
 
 

@@ -14,14 +14,14 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYERS = {
     # leaves: no hpc_train import of their own but errors
     "__init__": 0, "errors": 0, "synthetic_words": 0, "parent_death": 0, "extensions": 0, "pins": 0,
-    "safe_load": 0, "slurm_outcome": 0, "env_file": 0,
+    "safe_load": 0, "slurm_outcome": 0, "env_file": 0, "evaluation": 0,
     "config": 1, "config_file": 1,
     "topology": 2, "dist": 2, "device": 2, "lost_ranks": 2,
     "models": 3,
     "data": 4,
     "train": 5,
     # commands
-    "cache_vision": 6, "check_data": 6, "cli": 6, "demo": 6, "doctor": 6, "plan": 6, "prepare_media": 6,
+    "cache_vision": 6, "check_data": 6, "cli": 6, "cli_tools": 6, "demo": 6, "doctor": 6, "plan": 6, "prepare_media": 6,
     "__main__": 6,
 }
 

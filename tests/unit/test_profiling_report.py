@@ -11,6 +11,8 @@ import torch
 
 from hpc_train.config_file import load_config
 from hpc_train.dist import DistInfo
+from hpc_train.train.evaluate import EvalResult
+from hpc_train.train.generation import Generation
 from hpc_train.train.profile_report import describe_run
 from profiling.environment import collect_environment
 from profiling.flops import Trainability, peak_tflops, shape_of
@@ -163,12 +165,17 @@ def test_readme_documents_every_report_field(loaded_tiny):
                     environment=collect_environment(torch.device("cpu"), Path(__file__).parent))
     shape = shape_of(loaded_tiny["smolvlm"][0].config)
     report["flops"] = flops_section(records([5.0]), shape, Trainability(), peak_tflops(None, "bf16"))
+    evaluated = EvalResult(loss=1.0, perplexity=2.7, samples=2)
+    evaluated.scored("auto", [{"id": "a", "kind": "image", "prediction": "red", "references": ["red"]}],
+                     Generation(seconds=1.0).summary())
+    report["evaluation"] = evaluated.report_section()
     text = README.read_text()
     section = text[text.index("## The profiling report"):]
     section = section[:section.index("\n## ", 4)]
     documented = set(re.findall(r"`([a-z_0-9.]+)`", section))
     missing = sorted(f for f in report_fields(report) | report_fields(rank_report(0, [1.0]))
-                     if f not in documented and not f.startswith(("wall_s.epochs", "per_rank.")))
+                     if f not in documented and not f.startswith(("wall_s.epochs", "per_rank.", "evaluation.metrics.",
+                                                                  "evaluation.metrics_by_kind.")))
     assert not missing, f"README's profiling report section lacks: {missing}"
 
 

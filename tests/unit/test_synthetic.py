@@ -23,7 +23,12 @@ from hpc_train.data.synthetic import (
     make_dataset,
     render_image,
 )
-from hpc_train.synthetic_words import vocabulary_text
+from hpc_train.synthetic_words import (
+    CAPTIONS,
+    QUESTION_DESCRIBE_IMAGE,
+    QUESTION_DESCRIBE_VIDEO,
+    vocabulary_text,
+)
 
 SPEC = SyntheticSpec(n_train=12, n_eval=6, seed=3)
 
@@ -254,3 +259,90 @@ def test_vocabulary_text_keeps_answer_words_single_tokens():
     tok.train_from_iterator(text, trainer=trainer)
     for word in [*COLOURS, *PITCHES]:
         assert len(tok.encode(f" {word}").ids) == 1, word
+
+
+# ---------------------------------------------------------------- caption records
+
+CAPTION_SPEC = SyntheticSpec(n_train=20, n_eval=10, size=32, seed=4, caption_share=0.5)
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("captions")
+    make_dataset(out, CAPTION_SPEC)
+    return out
+
+
+def _media_colour(out: Path, rec: dict) -> str | None:
+    if rec["kind"] == "image":
+        return dominant_palette_colour(np.asarray(load_image(out / rec["image"])))
+    clip = load_video(out / rec["video"], VideoSampling(num_frames=CAPTION_SPEC.video_frames))
+    return dominant_palette_colour(clip.frames[0])
+
+
+def test_caption_records(captioned):
+    question = {"image": QUESTION_DESCRIBE_IMAGE, "video": QUESTION_DESCRIBE_VIDEO}
+    templates: dict[str, set[str]] = {"image": set(), "video": set()}
+    for split, n in (("train", CAPTION_SPEC.n_train), ("eval", CAPTION_SPEC.n_eval)):
+        recs = _records(captioned / f"{split}.jsonl")
+        caps = [r for r in recs if r.get("caption")]
+        counts = CAPTION_SPEC.counts(n)
+        expected = {k: int(counts[k] * 0.5 + 0.5) for k in ("image", "video")}
+        assert CAPTION_SPEC.captions(n) == expected and min(expected.values()) >= 1
+        assert {k: sum(r["kind"] == k for r in caps) for k in expected} == expected
+        assert all("references" not in r for r in recs if not r.get("caption"))
+        for rec in caps:
+            kind, answer, refs = rec["kind"], rec["answer"], rec["references"]
+            assert rec["conversations"] == [
+                {"from": "human", "value": f"<{kind}>\n{question[kind]}"},
+                {"from": "gpt", "value": answer}]
+            colour = _media_colour(captioned, rec)
+            assert colour in COLOURS, rec["id"]
+            assert answer in [c.format(colour) for c in CAPTIONS[kind]]
+            assert len(refs) >= 2 and len(set(refs)) == len(refs) and answer not in refs
+            assert all(isinstance(r, str) and f" {colour} " in f" {r} " for r in refs)
+            assert sorted([answer, *refs]) == sorted(c.format(colour) for c in CAPTIONS[kind])
+            templates[kind].add(answer.replace(colour, "{}"))
+        assert read_records(captioned / f"{split}.jsonl")  # the reader takes them
+    assert all(len(t) >= 2 for t in templates.values()), templates  # answers mix templates
+    readme = (captioned / "README.txt").read_text()
+    assert QUESTION_DESCRIBE_IMAGE in readme and "'references'" in readme
+
+
+def test_caption_templates_are_short_lower_case_sentences():
+    for kind, templates in CAPTIONS.items():
+        assert len(templates) >= 3, kind
+        for template in templates:
+            assert template.count("{}") == 1 and template == template.lower()
+            assert not template.endswith(".") and len(template.split()) <= 9
+
+
+def test_captions_deterministic_and_the_rest_unchanged(captioned, tmp_path):
+    make_dataset(tmp_path / "again", CAPTION_SPEC)
+    assert _digest(tmp_path / "again") == _digest(captioned)
+    # Without captions: the same media, and every other record byte for byte.
+    plain = SyntheticSpec(n_train=CAPTION_SPEC.n_train, n_eval=CAPTION_SPEC.n_eval,
+                          size=CAPTION_SPEC.size, seed=CAPTION_SPEC.seed)
+    make_dataset(tmp_path / "plain", plain)
+    assert _digest(tmp_path / "plain" / "media") == _digest(captioned / "media")
+    for split in ("train", "eval"):
+        for with_caps, without in zip(_records(captioned / f"{split}.jsonl"),
+                                      _records(tmp_path / "plain" / f"{split}.jsonl"), strict=True):
+            if with_caps.get("caption"):
+                assert f" {without['answer']} " in f" {with_caps['answer']} "
+            else:
+                assert with_caps == without
+
+
+def test_caption_share_zero_is_todays_dataset(dataset, tmp_path):
+    out, _ = dataset
+    make_dataset(tmp_path, SyntheticSpec(n_train=SPEC.n_train, n_eval=SPEC.n_eval, seed=SPEC.seed,
+                                         caption_share=0.0))
+    assert _digest(tmp_path) == _digest(out)
+    assert "caption" not in (tmp_path / "train.jsonl").read_text()
+
+
+@pytest.mark.parametrize("share", [1.5, -0.1])
+def test_caption_share_validation(share):
+    with pytest.raises(ValueError, match="caption_share"):
+        SyntheticSpec(caption_share=share)

@@ -1,0 +1,1 @@
+"""Scoring generated answers (:mod:`.metrics`) and comparing evaluations (:mod:`.compare`)."""
