@@ -23,7 +23,7 @@ def _make_data(args: argparse.Namespace) -> int:
     try:
         spec = SyntheticSpec(n_train=args.n_train, n_eval=args.n_eval, seed=args.seed, caption_share=args.captions)
     except ValueError as exc:
-        raise ConfigError(f"{exc}. Fix: pass --captions between 0 and 1") from None
+        raise ConfigError(f"make-data: {exc}. Fix: pass --n-train and --n-eval >= 0, --captions between 0 and 1") from None
     summary = make_dataset(args.out, spec)
     print(json.dumps(summary, indent=2, default=str))
     return 0

@@ -63,7 +63,7 @@ def run_demo(out: str | Path = "demo_out", *, nproc: int = 2, steps: int = 2000,
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     _say(f"[1/5] synthetic dataset -> {out / 'data'}")
-    if not (out / "data" / "eval.jsonl").is_file():
+    if not (out / "data" / "eval.jsonl").is_file() or not _same_captions(out / "data", captions):
         make_dataset(out / "data", SyntheticSpec(n_train=DEMO_SAMPLES, seed=seed, caption_share=captions))
     _say(f"[2/5] tiny random {family} -> {out / 'model'}")
     if not (out / "model" / "config.json").is_file():
@@ -106,6 +106,16 @@ def run_demo(out: str | Path = "demo_out", *, nproc: int = 2, steps: int = 2000,
     _say(_evaluation_comparison(before_dir, out / "run", out / "results"))
     _say(_profile_comparison(out / "results" / "profiling"))
     return 0
+
+
+def _same_captions(data: Path, captions: float) -> bool:
+    """Whether the dataset left in ``data`` by an earlier demo has this share of captions (its
+    README.txt says so), so that ``--captions`` on an old folder is not silently ignored."""
+    try:
+        said = (data / "README.txt").read_text()
+    except OSError:
+        return False
+    return (f"- captions ({captions:g} of" in said) if captions else "- captions (" not in said
 
 
 def _evaluation_comparison(before: Path, after: Path, results: Path) -> str:

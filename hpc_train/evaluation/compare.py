@@ -19,7 +19,7 @@ from typing import Any
 
 from hpc_train.errors import ConfigError, DataError, HpcTrainError
 from hpc_train.evaluation.bootstrap import CONFIDENCE, RESAMPLES, Difference, paired_bootstrap
-from hpc_train.evaluation.metrics import METRICS, summarize
+from hpc_train.evaluation.metrics import METRICS, score_rows, summarize
 
 RESULTS_FILE = "eval_results.json"
 ALL = "all"
@@ -27,6 +27,9 @@ ALL = "all"
 HELP = ("baseline vs fine-tuned evaluations side by side: every metric per kind, the difference "
         "with a paired bootstrap 95% interval")
 _RERUN = f"re-run `hpc-train eval` for that run to write {RESULTS_FILE} again"
+MIN_RECORDS = 10
+"""Fewer paired records than this get no verdict: a draw of 1-9 records has too few distinct
+samples for a percentile interval to mean anything (one record: zero width)."""
 
 
 @dataclass(frozen=True)
@@ -52,9 +55,14 @@ class Line:
     other: float
     difference: Difference
 
+    @property
+    def verdict(self) -> str:
+        return "too few records" if self.records < MIN_RECORDS else self.difference.verdict
+
     def to_dict(self) -> dict[str, Any]:
         return {"metric": self.metric, "kind": self.kind, "records": self.records,
-                "baseline": self.baseline, "other": self.other, **self.difference.to_dict()}
+                "baseline": self.baseline, "other": self.other, **self.difference.to_dict(),
+                "verdict": self.verdict}
 
 
 @dataclass(frozen=True)
@@ -141,6 +149,9 @@ def compare(baseline: Evaluation, other: Evaluation, *, resamples: int = RESAMPL
         if a["kind"] != b["kind"]:
             raise DataError(f"the record is {b['kind']!r} here but {a['kind']!r} in {baseline.path}",
                             path=other.path, record_id=str(a["id"]), fix="compare evaluations of the same data.eval")
+    left_out = (len(baseline.records) - len(mine), len(other.records) - len(mine))
+    if any(left_out):  # CIDEr's IDF was each whole file's: both sides again, over the paired set
+        mine, theirs = _cider_again(mine), _cider_again(theirs)
     metrics = tuple(m for m in METRICS if m in baseline.metrics and m in other.metrics)
     skipped = {m: f"only in {baseline.label if m in baseline.metrics else other.label}"
                for m in METRICS if (m in baseline.metrics) != (m in other.metrics)}
@@ -156,9 +167,22 @@ def compare(baseline: Evaluation, other: Evaluation, *, resamples: int = RESAMPL
         for metric, diff in paired_bootstrap(a, b, metrics, resamples=resamples, seed=seed).items():
             lines.append(Line(metric, kind, len(a), values_a[metric], values_b[metric], diff))
     lines.sort(key=lambda line: metrics.index(line.metric))  # stable: kinds stay in order
-    left_out = (len(baseline.records) - len(mine), len(other.records) - len(mine))
-    return Comparison(baseline, other, len(mine), left_out, metrics, skipped, kinds, tuple(lines),
-                      tuple(_notes(baseline, other, len(mine), left_out, skipped)))
+    notes = _notes(baseline, other, len(mine), left_out, skipped)
+    differing = sum(list(a["references"]) != list(b["references"]) for a, b in zip(mine, theirs, strict=True))
+    if differing:
+        notes.append(f"{differing} paired records have other references in {other.label} than in {baseline.label}: "
+                     "are both evaluations of the same data.eval?")
+    if any(line.records < MIN_RECORDS for line in lines):
+        notes.append(f"a kind with fewer than {MIN_RECORDS} paired records gets no verdict")
+    return Comparison(baseline, other, len(mine), left_out, metrics, skipped, kinds, tuple(lines), tuple(notes))
+
+
+def _cider_again(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of ``rows`` with CIDEr scored over these rows' references only (when they have it)."""
+    copies = [{**r, "scores": dict(r.get("scores") or {})} for r in rows]
+    if all("cider" in r["scores"] for r in copies):
+        score_rows(copies, ["cider"])
+    return copies
 
 
 def _notes(baseline: Evaluation, other: Evaluation, paired: int, left_out: tuple[int, int],
@@ -166,8 +190,8 @@ def _notes(baseline: Evaluation, other: Evaluation, paired: int, left_out: tuple
     notes = []
     if any(left_out):
         notes.append(f"{left_out[0]} of {baseline.label}'s {len(baseline.records)} records and {left_out[1]} of "
-                     f"{other.label}'s {len(other.records)} have no counterpart and are left out; values are "
-                     f"recomputed on the {paired} paired records, so they may differ from each file's own metrics")
+                     f"{other.label}'s {len(other.records)} have no counterpart and are left out; values (CIDEr's "
+                     f"IDF too) are recomputed on the {paired} paired records, so they may differ from each file's own")
     for metric, why in skipped.items():
         notes.append(f"{metric} not compared: {why}")
     if baseline.about.get("data") != other.about.get("data"):
@@ -218,7 +242,7 @@ def format_table(comparisons: Sequence[Comparison], *, markdown: bool = False) -
         header = ["metric", "kind", "records", base, other, "difference", f"{CONFIDENCE:.0%} interval", "verdict"]
         rows = [[line.metric, line.kind, str(line.records), f"{line.baseline:.3f}", f"{line.other:.3f}",
                  _signed(line.difference.value),
-                 f"[{_signed(line.difference.low)}, {_signed(line.difference.high)}]", line.difference.verdict]
+                 f"[{_signed(line.difference.low)}, {_signed(line.difference.high)}]", line.verdict]
                 for line in c.lines]
         if markdown:
             table = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",

@@ -2,12 +2,13 @@
 
 - ``exact_match``: the answer equals a reference after :func:`normalize_answer` (lower case,
   punctuation removed, whitespace collapsed): the toolkit's answer accuracy.
-- ``f1``: SQuAD's token F1 (articles dropped too), the best over the references.
+- ``f1``: SQuAD's token F1 (lower case, punctuation deleted, articles dropped), the best over
+  the references.
 - ``bleu4``, ``rouge_l``, ``cider``: the MS-COCO caption metrics as pycocoevalcap computes them
   (BLEU-4 with the closest reference length, ROUGE-L with beta 1.2, CIDEr-D with its length
   penalty and clipping, IDF over the evaluated set's references). COCO tokenizes with Stanford's
-  PTB tokenizer, which needs Java; here NLTK's Python port of the same Treebank rules splits the
-  text and the tokens COCO drops (punctuation, brackets) are dropped (:func:`caption_tokens`).
+  PTB tokenizer, which needs Java; here NLTK's Python port of the same Treebank rules splits each
+  sentence and the tokens COCO drops are dropped (:func:`caption_tokens`).
 
 Each record's row keeps what its share of a corpus value is made of -- a score, or for BLEU the
 n-gram counts -- so the value over any multiset of records (one kind, a bootstrap draw) is a
@@ -35,7 +36,7 @@ SENTENCE_WORDS = 5
 BLEU_ORDER = 4
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-_BRACKETS = {"(", ")", "[", "]", "{", "}"}  # Stanford writes -LRB- etc., which COCO drops
+_CLITICS = {"'s", "'re", "'ve", "'ll", "'d", "'m"}
 
 
 def normalize_answer(text: str) -> str:
@@ -49,7 +50,8 @@ def exact_match(prediction: str, references: Sequence[str]) -> float:
 
 
 def _squad_tokens(text: str) -> list[str]:
-    return _ARTICLES.sub(" ", normalize_answer(text)).split()
+    """SQuAD's normalisation: punctuation deleted (``well-known`` is ``wellknown``), not spaced."""
+    return _ARTICLES.sub(" ", "".join(c for c in text.lower() if c not in string.punctuation)).split()
 
 
 def token_f1(prediction: str, references: Sequence[str]) -> float:
@@ -76,11 +78,28 @@ def _treebank() -> Any:
 
 
 def caption_tokens(text: str) -> str:
-    """``text`` as COCO's caption metrics read it: lower-cased Treebank tokens without punctuation."""
+    """``text`` as COCO's caption metrics read it: Stanford's tokens (``-lowerCase``; brackets as
+    ``-lrb-`` etc.) without the punctuation COCO drops."""
     from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
 
-    dropped = set(PUNCTUATIONS) | _BRACKETS
-    return " ".join(t for t in _treebank().tokenize(text.lower().replace("\n", " ")) if t not in dropped)
+    tokens = _treebank().tokenize(text.replace("\n", " "), convert_parentheses=True)
+    return " ".join(t for t in _as_stanford(tokens) if t not in PUNCTUATIONS)
+
+
+def _as_stanford(tokens: list[str]) -> list[str]:
+    """Where NLTK's Treebank port and Stanford's tokenizer part: NLTK splits a period only at the
+    end of its input (``runs.`` inside a text; Stanford splits it, and keeps ``a.m.``), and leaves
+    an opening single quote on its word (Stanford splits it off)."""
+    out = []
+    for k, token in enumerate(t.lower() for t in tokens):
+        if token.startswith("'") and len(token) > 1 and token not in _CLITICS:
+            out.append("'")
+            token = token[1:]
+        if token.endswith(".") and len(token) > 1 and "." not in token[:-1] and k < len(tokens) - 1:
+            out += [token[:-1], "."]
+        else:
+            out.append(token)
+    return out
 
 
 def choose_metrics(setting: str | Sequence[str], references: Sequence[Sequence[str]]) -> tuple[list[str], str]:
@@ -88,7 +107,8 @@ def choose_metrics(setting: str | Sequence[str], references: Sequence[Sequence[s
     when answers are sentences (median reference of :data:`SENTENCE_WORDS` words or more)."""
     if setting != "auto":
         return [m for m in METRICS if m in setting], "as eval.metrics lists them"
-    words = [len(r.split()) for refs in references for r in refs]
+    # per record (its references' mean), so five COCO captions weigh as much as one answer
+    words = [statistics.mean(len(r.split()) for r in refs) for refs in references if refs]
     median = statistics.median(words) if words else 0
     if median >= SENTENCE_WORDS:
         return list(METRICS), f"auto: answers are sentences (median reference {median:g} words)"
@@ -97,9 +117,10 @@ def choose_metrics(setting: str | Sequence[str], references: Sequence[Sequence[s
 
 
 def score_rows(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> None:
-    """Fill each row's ``scores`` (and ``bleu`` counts) from its ``prediction`` and ``references``."""
+    """Fill (or refresh) each row's ``scores`` of ``names`` (and its ``bleu`` counts) from its
+    ``prediction`` and ``references``; other scores the row has are kept."""
     for row in rows:
-        row["scores"] = {}
+        row.setdefault("scores", {})
         if "exact_match" in names:
             row["scores"]["exact_match"] = exact_match(row["prediction"], row["references"])
         if "f1" in names:
@@ -124,7 +145,10 @@ def score_rows(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> None:
         from pycocoevalcap.cider.cider import Cider
 
         keys = range(len(rows))
-        _, per_row = Cider().compute_score({k: wanted[k] for k in keys}, {k: [said[k]] for k in keys})
+        if any(ref for refs in wanted for ref in refs):
+            _, per_row = Cider().compute_score({k: wanted[k] for k in keys}, {k: [said[k]] for k in keys})
+        else:  # no reference has a word: no n-gram to match (pycocoevalcap fails on an empty IDF)
+            per_row = [0.0] * len(rows)
         for row, value in zip(rows, per_row, strict=True):
             row["scores"]["cider"] = float(value)
 

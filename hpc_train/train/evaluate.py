@@ -53,8 +53,12 @@ class EvalResult:
                 "metrics_chosen": self.metrics_chosen, "generation": self.generation, "records": self.records}
 
     def report_section(self) -> dict[str, Any]:
-        """The profiling report's ``evaluation`` block: the figures, without the records."""
-        return {"loss": self.loss, "perplexity": self.perplexity, "samples": self.samples,
+        """The profiling report's ``evaluation`` block: the figures, without the records (a loss
+        that is not finite is null there: the report's JSON allows no NaN)."""
+        def finite(value: float | None) -> float | None:
+            return value if value is not None and math.isfinite(value) else None
+
+        return {"loss": finite(self.loss), "perplexity": finite(self.perplexity), "samples": self.samples,
                 "metrics": self.metrics, "metrics_by_kind": self.metrics_by_kind,
                 "metrics_chosen": self.metrics_chosen, "generation": self.generation}
 

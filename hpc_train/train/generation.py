@@ -13,13 +13,14 @@ import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from hpc_train.data.collate import model_inputs
 from hpc_train.data.pipeline import DataPipeline
-from hpc_train.data.records import Record
+from hpc_train.data.records import Record, Turn
 from hpc_train.data.tokenize import EncodedSample
 from hpc_train.dist import DistInfo, all_gather, all_reduce_max, all_reduce_sum, say_on_main
 from hpc_train.errors import DataError
@@ -58,25 +59,28 @@ def references_of(record: Record, answer: str) -> list[str]:
 def generate_answers(model: Any, records: Sequence[Record], pipeline: DataPipeline, info: DistInfo,
                      device: torch.device, *, batch_size: int, max_new_tokens: int | None, synced: bool,
                      dtype: torch.dtype | None = None) -> Generation:
-    """Greedy answers to each record's last question (collective: every rank calls it)."""
-    encoder, tokenizer = pipeline.encoder, pipeline.encoder.tokenizer
-    prompts, skipped = _prompts(records, pipeline, shard(len(records), info))
+    """Greedy answers to each record's last question (collective: every rank calls it). Prompts
+    are encoded a batch at a time, so a long-video set holds one batch's frames, not a share's."""
+    tokenizer = pipeline.encoder.tokenizer
+    picks = shard(len(records), info)
     if max_new_tokens is None:
         longest = max((len(tokenizer(ref, add_special_tokens=False)["input_ids"])
-                       for p, _, index in prompts if p is not None
-                       for ref in references_of(records[index], p.answers[0])), default=8)
+                       for index, _ in picks for ref in references_of(records[index], last_answer(records[index]))),
+                      default=8)
         max_new_tokens = int(all_reduce_max([longest])[0]) + 2
     collate = pipeline.collator(padding_side="left")
-    eos = [tokenizer.convert_tokens_to_ids(encoder.family.end_of_turn), tokenizer.eos_token_id]
+    eos = [tokenizer.convert_tokens_to_ids(pipeline.encoder.family.end_of_turn), tokenizer.eos_token_id]
     rows: list[dict[str, Any]] = []
-    new_tokens, started = 0, time.perf_counter()
-    progress = _Progress(info, batches=-(-len(prompts) // batch_size), max_new_tokens=max_new_tokens)
+    new_tokens = skipped = 0
+    progress = _Progress(info, batches=-(-len(picks) // batch_size), max_new_tokens=max_new_tokens)
+    started = time.perf_counter()
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(prompts), batch_size):
-            usable = [item for item in prompts[start:start + batch_size] if item[0] is not None]
+        for start in range(0, len(picks), batch_size):
+            usable, failed = _prompts(records, pipeline, picks[start:start + batch_size])
+            skipped += failed
             if not usable:  # every rank must still join the generate call
-                usable = [(next(p for p, _, _ in prompts if p is not None), False, -1)]
+                usable = [(_placeholder(pipeline), False, -1)]
             batch = to_device(collate([p for p, _, _ in usable]), device, dtype)
             inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
             with _gathered_loose_parameters(model):
@@ -99,10 +103,16 @@ def generate_answers(model: Any, records: Sequence[Record], pipeline: DataPipeli
                       skipped=skipped)
 
 
-def _prompts(records: Sequence[Record], pipeline: DataPipeline, picks: list[tuple[int, bool]]
-             ) -> tuple[list[tuple[EncodedSample | None, bool, int]], int]:
-    """(prompt, counts, record index) per pick; a record whose media fail is skipped and counted."""
-    prompts: list[tuple[EncodedSample | None, bool, int]] = []
+def last_answer(record: Record) -> str:
+    """The answer generation is scored against: the last assistant turn (as ``encode_prompt`` says)."""
+    return next(t.text for t in reversed(record.turns) if t.role == "assistant")
+
+
+def _prompts(records: Sequence[Record], pipeline: DataPipeline, picks: Sequence[tuple[int, bool]]
+             ) -> tuple[list[tuple[EncodedSample, bool, int]], int]:
+    """(prompt, counts, record index) of the picks whose prompt could be built, and how many
+    counted ones could not (their media failed: said, and skipped)."""
+    prompts: list[tuple[EncodedSample, bool, int]] = []
     skipped = 0
     for index, keep in picks:
         try:
@@ -111,8 +121,15 @@ def _prompts(records: Sequence[Record], pipeline: DataPipeline, picks: list[tupl
         except DataError as exc:
             skipped += int(keep)
             print(f"generate: skipped {exc}", flush=True)
-            prompts.append((None, False, index))
     return prompts, skipped
+
+
+def _placeholder(pipeline: DataPipeline) -> EncodedSample:
+    """A text-only prompt for a rank whose whole batch failed: it joins the call, its answer is dropped
+    (the collator adds the blank media every rank's batch must have)."""
+    record = Record(id="generate-placeholder", turns=(Turn("user", "."), Turn("assistant", ".")), images=(),
+                    videos=(), audios=(), source=Path("<placeholder>"), line=0)
+    return pipeline.encoder.encode_prompt(record, pipeline.media.load(record))
 
 
 def _answer_length(ids: list[int], eos: list[int]) -> int:

@@ -13,7 +13,7 @@ import torch
 
 from hpc_train.dist import all_reduce_max, barrier
 from hpc_train.train.evaluate import EvalResult, evaluate_loss
-from hpc_train.train.generation import generate_answers
+from hpc_train.train.generation import Generation, generate_answers
 from hpc_train.train.output_dir import writing
 from hpc_train.train.profile_report import (
     PROFILE_REPORT,
@@ -44,11 +44,22 @@ def evaluate(parts: RunParts) -> EvalResult | None:
                 batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
                 synced=parts.info.distributed and parts.zero_stage == 3, dtype=parts.loaded.dtype)
         if parts.info.is_main:  # every rank has every answer; one scores them
-            result.scored(cfg.eval.metrics, generated.rows, generated.summary())
+            _score(parts, result, generated)
     if parts.info.is_main:
         _write_eval(parts, result)
         parts.evaluation = result.report_section()
     return result
+
+
+def _score(parts: RunParts, result: EvalResult, generated: Generation) -> None:
+    """The answers scored; a scorer that fails keeps the loss and the answers (unscored) written."""
+    try:
+        result.scored(parts.config.eval.metrics, generated.rows, generated.summary())
+    except Exception as exc:  # a metric library's failure must not lose the generation
+        result.records, result.generation = generated.rows, generated.summary()
+        result.metrics_chosen = f"not scored: {type(exc).__name__}: {exc}"
+        print(f"warning: the answers could not be scored ({type(exc).__name__}: {exc}); eval_results.json keeps "
+              "them unscored", file=sys.stderr, flush=True)
 
 
 def _write_eval(parts: RunParts, result: EvalResult) -> None:
@@ -57,7 +68,10 @@ def _write_eval(parts: RunParts, result: EvalResult) -> None:
                "step": parts.step, **result.to_dict()}
     with writing(path):
         path.write_text(json.dumps(payload, indent=2))
-    parts.say(f"eval: loss {result.loss:.4f}, perplexity {result.perplexity:.3f}"
+    def shown(value: float | None, digits: int) -> str:
+        return "none (no answer tokens)" if value is None else f"{value:.{digits}f}"
+
+    parts.say(f"eval: loss {shown(result.loss, 4)}, perplexity {shown(result.perplexity, 3)}"
               + "".join(f", {name} {value:.3f}" for name, value in result.metrics.items())
               + (f" ({result.generated} answers, {result.metrics_chosen})" if result.generation else "")
               + f" -> {path}")

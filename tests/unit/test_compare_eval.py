@@ -96,6 +96,27 @@ def test_difference_verdicts():
     assert Difference(0.1, 0.02, 0.2, 10).verdict == "better"
     assert Difference(-0.1, -0.2, -0.01, 10).verdict == "worse"
     assert Difference(0.0, -0.1, 0.1, 10).within_noise
+    # BLEU's smoothing: two systems without a matching 4-gram differ by ~1e-5, which is no difference
+    assert Difference(3e-5, 2e-5, 4e-5, 10).verdict == "within noise"
+
+
+def test_one_word_answers_score_no_bleu_difference(tmp_path):
+    a = write_eval(tmp_path / "a", short_rows(40, 0.05, seed=3))
+    b = write_eval(tmp_path / "b", short_rows(40, 0.9, seed=3))
+    (comparison,) = compare_files([a, b], resamples=200)
+    assert line(comparison, "exact_match").verdict == "better"
+    assert line(comparison, "bleu4").verdict == "within noise"
+
+
+def test_a_kind_with_few_records_gets_no_verdict(tmp_path):
+    rows = short_rows(40, 0.1, seed=4)
+    rows[0]["kind"] = "audio"  # one audio record, answered right only by b
+    better = [dict(r, prediction=r["references"][0]) for r in rows]
+    (comparison,) = compare_files([write_eval(tmp_path / "a", rows), write_eval(tmp_path / "b", better)],
+                                  resamples=100)
+    assert line(comparison, "exact_match", "audio").verdict == "too few records"
+    assert line(comparison, "exact_match").verdict == "better"
+    assert any("fewer than 10 paired records" in n for n in comparison.notes)
 
 
 def test_identical_files_differ_by_nothing(tmp_path):
@@ -163,6 +184,22 @@ def test_a_partial_overlap_is_compared_on_the_common_ids_and_said(tmp_path):
     assert comparison.paired == 45 and comparison.left_out == (5, 10)
     assert line(comparison, "f1").records == 45
     assert any("5 of a's 50 records and 10 of b's 55" in n and "45 paired" in n for n in comparison.notes)
+
+
+def test_cider_is_scored_again_over_the_paired_records(tmp_path):
+    """Each file's CIDEr had the IDF of its own set; over the common records both get theirs."""
+    rows = caption_rows(40, seed=2)
+    a = write_eval(tmp_path / "a", rows)
+    b = write_eval(tmp_path / "b", rows[10:])
+    (comparison,) = compare_files([a, b], resamples=50)
+    alone = [dict(r) for r in rows[10:]]
+    metrics.score_rows(alone, ["cider"])
+    expected = metrics.summarize(alone, ["cider"])[0]["cider"]
+    assert line(comparison, "cider").baseline == pytest.approx(expected) == line(comparison, "cider").other
+    assert line(comparison, "cider").difference.value == pytest.approx(0.0, abs=1e-12)
+    other_refs = [dict(r, references=["something else entirely"]) for r in rows]
+    (comparison,) = compare_files([a, write_eval(tmp_path / "c", other_refs)], resamples=50)
+    assert any("40 paired records have other references" in n for n in comparison.notes)
 
 
 def test_metrics_only_one_file_computed_are_skipped_with_a_note(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -45,10 +46,12 @@ def test_token_f1_is_squads_by_hand():
     assert token_f1("The cat sat on the mat.", ["a cat on a mat"]) == pytest.approx(2 * 0.75 / 1.75)
     assert token_f1("cat", ["dog", "cat cat"]) == pytest.approx(2 * 1 * 0.5 / 1.5)  # best reference
     assert token_f1("the", ["a"]) == 1.0 and token_f1("", ["dog"]) == 0.0  # both empty agree
+    assert token_f1("a well-known dog", ["wellknown dog"]) == 1.0  # punctuation deleted, as SQuAD does
 
 
 def test_caption_tokens_follow_treebank_rules_without_punctuation():
-    assert caption_tokens('A man\'s dog (brown) doesn\'t run, "fast"...') == "a man 's dog brown does n't run fast"
+    assert caption_tokens('A man\'s dog (brown) doesn\'t run, "fast"...') == "a man 's dog -lrb- brown -rrb- does n't run fast"
+    assert caption_tokens("A dog runs. A cat sits at 10 a.m. today.") == "a dog runs a cat sits at 10 a.m. today"
 
 
 def test_bleu4_by_hand_and_as_pycocoevalcap_scores_a_corpus():
@@ -196,3 +199,52 @@ def test_compare_eval_is_a_command():
 
     args = build_parser().parse_args(["compare-eval", "a", "b", "--resamples", "50"])
     assert args.results == ["a", "b"] and args.resamples == 50 and callable(args.func)
+
+
+PTB_CASES = ["a dog runs. a cat sits.", "'hi' she said", "a toy (red) on the mat", "Is it? Yes! ok",
+             "A man's dog (brown) doesn't run, \"fast\"...", "A well-known chef cooks 3.5 kg of rice; then leaves.",
+             "Two people -- a man and a woman -- walk.", "e-mail me at 10:30 a.m. please",
+             "It's 5 o'clock & the cafe's open!", "They're playing 'catch' in the U.S. park.",
+             "A man walks in. He sits down. Then he reads [a book] and {smiles}.",
+             "A woman is cutting an onion.\nShe puts it in a pan.", "the kids' toys are 50% off; buy 2 get 1 free!"]
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="COCO's own tokenizer is a Java program")
+def test_caption_tokens_are_cocos_java_tokenizers():
+    """The Python tokens equal those of the Stanford jar pycocoevalcap ships, on multi-sentence
+    captions, quotes, brackets, abbreviations with inner periods and clitics (titles such as
+    'Mr.' keep their period there and lose it here: README, Evaluation)."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    java = PTBTokenizer().tokenize({k: [{"caption": text}] for k, text in enumerate(PTB_CASES)})
+    assert [caption_tokens(text) for text in PTB_CASES] == [java[k][0] for k in range(len(PTB_CASES))]
+
+
+def test_generation_answers_in_record_order_and_skips_what_cannot_be_read(loaded_tiny, synthetic_data, tmp_path,
+                                                                          capsys):
+    """The first batch's two records have no image file: they are said and counted, that batch's
+    generate call runs on a placeholder (every rank must join it), and the rest answer in order."""
+    import torch
+
+    from hpc_train.config import DataConfig
+    from hpc_train.data.pipeline import build_pipeline
+    from hpc_train.dist import DistInfo
+    from hpc_train.models.families import get_family
+    from hpc_train.train.generation import generate_answers
+
+    lines = [json.loads(x) for x in (synthetic_data / "eval.jsonl").read_text().splitlines()]
+    broken = [r for r in lines if r["kind"] == "image"][:2]
+    for r in broken:
+        r["image"] = "media/images/missing.png"
+    rest = [r for r in lines if r not in broken]
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in broken + rest))
+    records = list(read_records(path, media_root=synthetic_data, check_media_exists=False))
+    model, processor = loaded_tiny["smolvlm"]
+    pipeline = build_pipeline(DataConfig(video={"num_frames": 4}), processor, get_family("smolvlm"))
+    made = generate_answers(model, records, pipeline, DistInfo(), torch.device("cpu"), batch_size=2,
+                            max_new_tokens=None, synced=False)
+    assert [r["id"] for r in made.rows] == [r["id"] for r in rest] and made.skipped == 2
+    assert made.rows[0]["references"] == [rest[0]["answer"]]
+    assert 0 < made.new_tokens <= len(rest) * made.max_new_tokens
+    assert capsys.readouterr().out.count("generate: skipped") == 2
