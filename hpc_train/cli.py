@@ -188,7 +188,7 @@ def _add_data_commands(sub: Any) -> None:
 
     p = sub.add_parser("make-tiny", help="save a tiny random model + offline processor to a folder")
     p.add_argument("family", help="the model family: smolvlm, smolvlm2, llava_onevision, llava_onevision_1_5 "
-                                     "(README: Model families)")
+                                     "(docs/families.md)")
     p.add_argument("out", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_tiny)

@@ -47,6 +47,11 @@ def _show_config(args: argparse.Namespace) -> int:
 
     from hpc_train.config_file import describe_keys, load_config
 
+    if args.reference:
+        from hpc_train.config_reference import render_reference
+
+        print(render_reference(), end="")
+        return 0
     if args.keys:
         print("| key | default | meaning |\n|---|---|---|")
         for key, default, text in describe_keys():
@@ -138,6 +143,9 @@ def add_tool_commands(sub: Any) -> None:
     p.add_argument("config", nargs="?", default=None, help="YAML config or shipped recipe name")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.add_argument("--keys", action="store_true", help="list every config key with its default and meaning")
+    p.add_argument("--reference", action="store_true",
+                   help="print the configuration reference page (docs/configuration.md: every key's type, default "
+                        "and meaning, by section)")
     p.add_argument("--get", metavar="KEY", action="append",
                    help="print only this key's value (e.g. output_dir); repeat for several, one per line")
     p.set_defaults(func=_show_config)

@@ -216,7 +216,7 @@ class TrainConfig(_Section):
     sequence_parallel: int = Field(1, ge=1)
     """Ranks that share one micro-batch's sequence (DeepSpeed's Ulysses; 1: off). The world size
     must be a multiple of it; data parallelism runs over the rest. The language model's heads
-    must split evenly over it (the sizes each model allows: README, "Long videos")."""
+    must split evenly over it (the sizes each model allows: docs/long-videos.md)."""
     log_every: int = Field(1, ge=1)
     """Write a metrics line every N optimizer steps."""
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = ["tensorboard"]

@@ -217,4 +217,4 @@ def _explain(exc: ValidationError, source: str, lines: dict[str, int],
             where = f"{source}:{lines[dotted]}"
         label = f"'{dotted}'" if dotted else "config"
         problems.append(f"{where}: {label}: {err['msg']}")
-    return "\n".join(problems) + "\nFix: correct the value(s) above (see README, Configuration)."
+    return "\n".join(problems) + "\nFix: correct the value(s) above (see docs/configuration.md)."

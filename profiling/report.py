@@ -1,7 +1,7 @@
 """The JSON profiling report: one per rank (``profile/rank<k>.json``) and a merged one
 (``profile/report.json``), with a schema version and a validator.
 
-Every field is documented in the README ("The profiling report"); a test keeps the two in
+Every field is documented in docs/profiling.md ("The profiling report"); a test keeps the two in
 step. Times are milliseconds (``*_ms``) or seconds (``*_s``), memory GiB, rates per second.
 """
 

@@ -279,7 +279,7 @@ def format_plan(plan: Plan, sbatch: str | None = None) -> str:
                          "smaller model")
     if sbatch:
         lines.append(f"sbatch: {sbatch}")
-    lines.append(f"(planned in {plan.seconds:.1f} s with fake tensors; see README, Planning a run)")
+    lines.append(f"(planned in {plan.seconds:.1f} s with fake tensors; see docs/planning.md)")
     return "\n".join(lines)
 
 
