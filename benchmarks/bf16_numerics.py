@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step (batch 8 in all)")
     parser.add_argument("--window", type=int, default=50, help="steps averaged for the last-window loss")
     args = parser.parse_args(argv)
-    from hpc_train.data.synthetic import SyntheticSpec, make_dataset
+    from hpc_train.data.sources.synthetic import SyntheticSpec, make_dataset
     from hpc_train.models.tiny import save_tiny
 
     rows: dict[str, dict[str, list[float]]] = {arm: {"loss": [], "eval": [], "accuracy": []} for arm in ARMS}

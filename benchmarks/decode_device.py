@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from video_decode import write_clip  # noqa: E402
 
-from hpc_train.data.media import VideoSampling, load_video  # noqa: E402
+from hpc_train.data.decoding.media import VideoSampling, load_video  # noqa: E402
 from hpc_train.data.video_on_device import decode_on_device  # noqa: E402
 
 

@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from video_decode import write_clip  # noqa: E402
 
-from hpc_train.data.bundled_ffmpeg import load_bundled_ffmpeg  # noqa: E402
-from hpc_train.data.media import VideoSampling, sample_frame_indices  # noqa: E402
+from hpc_train.data.decoding.bundled_ffmpeg import load_bundled_ffmpeg  # noqa: E402
+from hpc_train.data.decoding.media import VideoSampling, sample_frame_indices  # noqa: E402
 
 Decode = Callable[[Path, np.ndarray, int], np.ndarray]
 
@@ -100,7 +100,7 @@ RESIZED = {name for name in ARMS if name.endswith("resize")}
 
 def scaled(path: Path, max_side: int) -> tuple[int, int]:
     """``(width, height)`` with the longer side ``max_side`` (even sizes, as encoders like)."""
-    from hpc_train.data.media import video_size
+    from hpc_train.data.decoding.media import video_size
 
     width, height = video_size(path)
     ratio = min(1.0, max_side / max(width, height))

@@ -25,10 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hpc_train.config_file import load_config  # noqa: E402
-from hpc_train.data.collate import step_inputs  # noqa: E402
-from hpc_train.data.mixture import read_split  # noqa: E402
+from hpc_train.data.batching.collate import step_inputs  # noqa: E402
 from hpc_train.data.pipeline import build_pipeline  # noqa: E402
-from hpc_train.data.synthetic import SyntheticSpec, make_dataset  # noqa: E402
+from hpc_train.data.sources.mixture import read_split  # noqa: E402
+from hpc_train.data.sources.synthetic import SyntheticSpec, make_dataset  # noqa: E402
 from hpc_train.models.load import model_family  # noqa: E402
 from hpc_train.models.tiny import build_preset, build_tiny  # noqa: E402
 from hpc_train.train.loss import token_mean_loss  # noqa: E402

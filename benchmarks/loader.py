@@ -31,11 +31,11 @@ sys.path.insert(0, str(ROOT))
 from video_decode import write_clip  # noqa: E402  (the same synthetic H.264 clips)
 
 from hpc_train.config_file import load_config  # noqa: E402
-from hpc_train.data.media import load_video, video_sampling  # noqa: E402
-from hpc_train.data.mixture import read_split  # noqa: E402
+from hpc_train.data.caches.prepared_media import PreparedMedia  # noqa: E402
+from hpc_train.data.decoding.media import load_video, video_sampling  # noqa: E402
+from hpc_train.data.encoding.tokenize import EncodedSample  # noqa: E402
 from hpc_train.data.pipeline import build_pipeline  # noqa: E402
-from hpc_train.data.prepared_media import PreparedMedia  # noqa: E402
-from hpc_train.data.tokenize import EncodedSample  # noqa: E402
+from hpc_train.data.sources.mixture import read_split  # noqa: E402
 from hpc_train.models.families import get_family  # noqa: E402
 from hpc_train.models.presets import get_preset  # noqa: E402
 from hpc_train.models.tiny import preset_processor  # noqa: E402

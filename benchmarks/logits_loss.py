@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hpc_train.data.tokenize import IGNORE_INDEX  # noqa: E402
+from hpc_train.data.encoding.tokenize import IGNORE_INDEX  # noqa: E402
 from hpc_train.models.presets import PRESETS  # noqa: E402
 from hpc_train.train.logits_tiles import logits_tiles, tiled_weighted_loss  # noqa: E402
 from hpc_train.train.loss import token_losses  # noqa: E402

@@ -30,12 +30,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hpc_train.config import DataConfig  # noqa: E402
-from hpc_train.data.collate import step_inputs  # noqa: E402
-from hpc_train.data.lengths import sample_lengths  # noqa: E402
-from hpc_train.data.packing import drop_too_long, plan_packs  # noqa: E402
+from hpc_train.data.batching.collate import step_inputs  # noqa: E402
+from hpc_train.data.batching.packing import drop_too_long, plan_packs  # noqa: E402
+from hpc_train.data.encoding.lengths import sample_lengths  # noqa: E402
 from hpc_train.data.pipeline import build_pipeline  # noqa: E402
-from hpc_train.data.records import read_records  # noqa: E402
-from hpc_train.data.synthetic import COLOURS, SyntheticSpec, make_dataset  # noqa: E402
+from hpc_train.data.sources.records import read_records  # noqa: E402
+from hpc_train.data.sources.synthetic import COLOURS, SyntheticSpec, make_dataset  # noqa: E402
 from hpc_train.models.attention import use_varlen_attention  # noqa: E402
 from hpc_train.models.families import get_family  # noqa: E402
 from hpc_train.models.presets import get_preset  # noqa: E402

@@ -129,7 +129,7 @@ def chat_messages(record: Any, *, with_last_answer: bool = True) -> list[dict[st
 
 
 def record_images(record: Any) -> list[Any]:
-    from hpc_train.data.media import load_image
+    from hpc_train.data.decoding.media import load_image
 
     return [load_image(p) for p in record.images]
 
@@ -249,7 +249,7 @@ def worker(opts: argparse.Namespace) -> int:
     import torch.distributed as dist
     from transformers import AutoModelForImageTextToText, AutoProcessor, TrainingArguments
 
-    from hpc_train.data.records import read_records
+    from hpc_train.data.sources.records import read_records
 
     out = Path(opts.out)
     processor = AutoProcessor.from_pretrained(opts.work / "model")
@@ -338,7 +338,7 @@ def published_template(processor: Any, conversations: list[list[dict]]) -> str:
 # ----------------------------------------------------------------------------- driving and printing
 def prepare(work: Path, n_train: int, n_eval: int) -> None:
     """The shared data and model, made once."""
-    from hpc_train.data.synthetic import SyntheticSpec, make_dataset
+    from hpc_train.data.sources.synthetic import SyntheticSpec, make_dataset
 
     if not (work / "data" / "train.jsonl").is_file():
         make_dataset(work / "data", SyntheticSpec(n_train=n_train, n_eval=max(n_eval, 1), kinds=tuple(KINDS),

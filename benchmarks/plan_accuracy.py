@@ -149,7 +149,7 @@ def splits_over(args: list[str], size: int) -> bool:
 
 
 def make_data(folder: Path, n: int) -> None:
-    from hpc_train.data.synthetic import SyntheticSpec, make_dataset
+    from hpc_train.data.sources.synthetic import SyntheticSpec, make_dataset
 
     make_dataset(folder, SyntheticSpec(n_train=n, n_eval=0, kinds=("video",), weights={"video": 1.0},
                                        video_frames=4))

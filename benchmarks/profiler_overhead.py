@@ -26,10 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hpc_train.config import DataConfig  # noqa: E402
-from hpc_train.data.collate import step_inputs  # noqa: E402
+from hpc_train.data.batching.collate import step_inputs  # noqa: E402
 from hpc_train.data.pipeline import build_pipeline  # noqa: E402
-from hpc_train.data.records import read_records  # noqa: E402
-from hpc_train.data.synthetic import SyntheticSpec, make_dataset  # noqa: E402
+from hpc_train.data.sources.records import read_records  # noqa: E402
+from hpc_train.data.sources.synthetic import SyntheticSpec, make_dataset  # noqa: E402
 from hpc_train.models.families import get_family  # noqa: E402
 from hpc_train.models.presets import get_preset  # noqa: E402
 from hpc_train.models.tiny import build_preset, build_tiny  # noqa: E402

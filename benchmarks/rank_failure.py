@@ -8,7 +8,7 @@ measured side by side:
 - ``before``: the workers as they were: SIGTERM and SIGUSR1 ignored, nothing tying them to
   their rank (the survivor's collective waited for the dead rank's workers to notice, then the
   survivor could not stop its own workers, and torchrun killed it after 30 s);
-- ``now``: the toolkit as it is (:mod:`hpc_train.data.worker_signals`).
+- ``now``: the toolkit as it is (:mod:`hpc_train.data.batching.worker_signals`).
 
 Goal: ``now`` within a few seconds.
 """
@@ -67,7 +67,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
     args = parser.parse_args()
-    from hpc_train.data.synthetic import SyntheticSpec, make_dataset
+    from hpc_train.data.sources.synthetic import SyntheticSpec, make_dataset
     from hpc_train.models.tiny import save_tiny
 
     with tempfile.TemporaryDirectory() as tmp:

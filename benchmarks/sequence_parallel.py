@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for both arms (e.g. train.tiled_mlp=4)")
     opts = parser.parse_args(argv)
-    from hpc_train.data.synthetic import SyntheticSpec, make_dataset
+    from hpc_train.data.sources.synthetic import SyntheticSpec, make_dataset
 
     with tempfile.TemporaryDirectory(prefix="sp-bench-") as tmp:
         root = Path(tmp)

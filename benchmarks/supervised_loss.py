@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hpc_train.data.loss_positions import loss_positions  # noqa: E402
-from hpc_train.data.tokenize import IGNORE_INDEX  # noqa: E402
+from hpc_train.data.encoding.loss_positions import loss_positions  # noqa: E402
+from hpc_train.data.encoding.tokenize import IGNORE_INDEX  # noqa: E402
 from hpc_train.models.attention import use_varlen_attention  # noqa: E402
 from hpc_train.models.presets import build_model  # noqa: E402
 from hpc_train.train.loss import full_logits_loss, token_mean_loss  # noqa: E402
@@ -58,7 +58,7 @@ def one_variant(preset: str, length: int, supervised: float, variant: str) -> di
     model = build_model(preset)
     model.requires_grad_(False)
     model.enable_input_require_grads()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     use_varlen_attention(model)
     model.train()

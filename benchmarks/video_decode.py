@@ -25,8 +25,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hpc_train.data.media import VideoSampling, load_video  # noqa: E402
-from hpc_train.data.video_backends import BACKENDS, describe_torchcodec  # noqa: E402
+from hpc_train.data.decoding.media import VideoSampling, load_video  # noqa: E402
+from hpc_train.data.decoding.video_backends import BACKENDS, describe_torchcodec  # noqa: E402
 
 CODECS = {"h264": "libx264", "mpeg4": "mpeg4"}
 FPS = 30

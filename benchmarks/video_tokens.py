@@ -32,7 +32,7 @@ AFTER = ["model.preset=smolvlm2-500m"]
 
 
 def encoders() -> dict[str, object]:
-    from hpc_train.data.tokenize import ChatEncoder
+    from hpc_train.data.encoding.tokenize import ChatEncoder
     from hpc_train.models.families import get_family
     from hpc_train.models.tiny import preset_processor
 
@@ -43,9 +43,9 @@ def encoders() -> dict[str, object]:
 
 def sample_tokens(encoder: object, frames: int, height: int, width: int) -> tuple[int, int]:
     """(all tokens, image tokens) of a one-turn sample holding one video of ``frames`` frames."""
-    from hpc_train.data.media import VideoFrames
-    from hpc_train.data.records import Record, Turn
-    from hpc_train.data.tokenize import SampleMedia
+    from hpc_train.data.decoding.media import VideoFrames
+    from hpc_train.data.encoding.tokenize import SampleMedia
+    from hpc_train.data.sources.records import Record, Turn
 
     video = VideoFrames(frames=np.full((frames, height, width, 3), 128, dtype=np.uint8),
                         timestamps=np.arange(frames, dtype=np.float64), native_fps=1.0, num_source_frames=frames)

@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hpc_train.data.records import read_records  # noqa: E402
-from hpc_train.data.synthetic import SyntheticSpec, make_dataset  # noqa: E402
+from hpc_train.data.sources.records import read_records  # noqa: E402
+from hpc_train.data.sources.synthetic import SyntheticSpec, make_dataset  # noqa: E402
 from hpc_train.train.metrics import read_metrics  # noqa: E402
 
 MODELS = {"tiny-smolvlm": ["model.preset=tiny"], "smolvlm-256m": ["model.preset=smolvlm-256m", "model.path=null"]}

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from hpc_train.config import RunConfig
-from hpc_train.data.collate import FloatCast, model_inputs
-from hpc_train.data.feature_writer import flush_writers, store_computed
-from hpc_train.data.mixture import read_split
+from hpc_train.data.batching.collate import FloatCast, model_inputs
+from hpc_train.data.caches.feature_writer import flush_writers, store_computed
+from hpc_train.data.caches.vision_cache import VISION_FEATURES
 from hpc_train.data.pipeline import build_pipeline
-from hpc_train.data.vision_cache import VISION_FEATURES
+from hpc_train.data.sources.mixture import read_split
 from hpc_train.device import choose_device
 from hpc_train.dist import DistInfo, all_gather, init_distributed
 from hpc_train.errors import ConfigError

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from hpc_train.config import RunConfig
+from hpc_train.data.batching.frame_counts import FrameCounts
 from hpc_train.data.dataset import MediaLoader
-from hpc_train.data.frame_counts import FrameCounts
-from hpc_train.data.mixture import read_split
+from hpc_train.data.encoding.tokenize import IGNORE_INDEX, ChatEncoder, EncodedSample
 from hpc_train.data.pipeline import DataPipeline, build_pipeline
-from hpc_train.data.records import Record
-from hpc_train.data.tokenize import IGNORE_INDEX, ChatEncoder, EncodedSample
+from hpc_train.data.sources.mixture import read_split
+from hpc_train.data.sources.records import Record
 from hpc_train.errors import ConfigError, DataError
 from hpc_train.models.load import load_processor, model_family
 from profiling.stats import summarize

@@ -18,7 +18,7 @@ from hpc_train.evaluation.compare import register as register_compare_eval
 
 
 def _make_data(args: argparse.Namespace) -> int:
-    from hpc_train.data.synthetic import SyntheticSpec, make_dataset
+    from hpc_train.data.sources.synthetic import SyntheticSpec, make_dataset
 
     try:
         spec = SyntheticSpec(n_train=args.n_train, n_eval=args.n_eval, seed=args.seed, caption_share=args.captions)

@@ -129,7 +129,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _convert_proassist(args: argparse.Namespace) -> int:
-    from hpc_train.data.proassist import convert_proassist
+    from hpc_train.data.sources.proassist import convert_proassist
 
     written = convert_proassist(args.input, args.output, max_turns=args.max_turns)
     print(f"{written} records written to {args.output}")

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from hpc_train.evaluation.metrics import METRICS
+from hpc_train.evaluation import METRICS
 
 
 class _Section(BaseModel):

@@ -56,7 +56,7 @@ def run_demo(out: str | Path = "demo_out", *, nproc: int = 2, steps: int = 2000,
              family: str = "smolvlm", seed: int = 0, captions: float = 0.0) -> int:
     """Run the demo; returns the exit status. ``captions``: the share of image and video records
     that ask for a caption sentence (scored by BLEU-4, ROUGE-L and CIDEr too)."""
-    from hpc_train.data.synthetic import SyntheticSpec, make_dataset
+    from hpc_train.data.sources.synthetic import SyntheticSpec, make_dataset
     from hpc_train.models.tiny import save_tiny
 
     started = time.perf_counter()

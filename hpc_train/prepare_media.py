@@ -2,7 +2,7 @@
 
 Every video of the training and evaluation sets (each file and clip once) is decoded as the run
 will sample it, resized as its processor first resizes it (see
-:mod:`hpc_train.data.prepared_media`), and stored. No model is loaded and no GPU is used: the
+:mod:`hpc_train.data.caches.prepared_media`), and stored. No model is loaded and no GPU is used: the
 processor alone says how frames are resized, so CPU nodes can do it ahead of the training job.
 The work splits over processes without talking to each other: a shard is every ``n``-th video
 (``--shard i/n``, else the SLURM array task or the srun task this process is), and each shard
@@ -21,9 +21,9 @@ from pathlib import Path
 from torch.utils.data import DataLoader, Dataset
 
 from hpc_train.config import RunConfig
-from hpc_train.data.media import VideoSampling, load_video, video_sampling
-from hpc_train.data.mixture import read_split
-from hpc_train.data.prepared_media import PreparedMedia
+from hpc_train.data.caches.prepared_media import PreparedMedia
+from hpc_train.data.decoding.media import VideoSampling, load_video, video_sampling
+from hpc_train.data.sources.mixture import read_split
 from hpc_train.errors import ConfigError, HpcTrainError
 from hpc_train.models.families import get_family
 from hpc_train.models.load import load_processor, with_family

@@ -19,7 +19,7 @@ TINY_RECIPES = {family: f"tiny_{family}" for family in FAMILIES}
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic dataset (every record kind, train and eval)."""
-    from hpc_train.data.synthetic import SyntheticSpec, make_dataset
+    from hpc_train.data.sources.synthetic import SyntheticSpec, make_dataset
 
     out = tmp_path_factory.mktemp("synthetic")
     make_dataset(out, SyntheticSpec(n_train=40, n_eval=10, seed=3))
@@ -72,8 +72,8 @@ def mixed_samples(loaded_tiny: dict, synthetic_data: Path, family: str) -> list:
     """One encoded sample of each kind: text-only, image, two images, video, audio."""
     from hpc_train.config import DataConfig
     from hpc_train.data.dataset import MediaLoader, SampleDataset
-    from hpc_train.data.records import read_records
-    from hpc_train.data.tokenize import ChatEncoder
+    from hpc_train.data.encoding.tokenize import ChatEncoder
+    from hpc_train.data.sources.records import read_records
     from hpc_train.models.families import get_family
 
     cfg = DataConfig(video={"num_frames": 4})

@@ -1,1 +1,2 @@
-"""Data pipeline: records -> media -> chat template and labels -> batches."""
+"""Data pipeline, one folder per stage: sources (records) -> decoding (media) -> encoding
+(chat template and labels) -> caches -> dataset -> batching; pipeline.py wires them."""

@@ -17,8 +17,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from hpc_train.config import DataConfig
-from hpc_train.data.audio import audio_to_image, load_audio
-from hpc_train.data.media import (
+from hpc_train.data.caches.prepared_media import PreparedMedia, share_of
+from hpc_train.data.caches.vision_cache import VisionCache
+from hpc_train.data.decoding.audio import audio_to_image, load_audio
+from hpc_train.data.decoding.media import (
     FramesUndecodable,
     VideoFrames,
     black_image,
@@ -27,12 +29,10 @@ from hpc_train.data.media import (
     load_video,
     video_sampling,
 )
-from hpc_train.data.media_share import share_bounds
-from hpc_train.data.prepared_media import PreparedMedia, share_of
-from hpc_train.data.records import Record
-from hpc_train.data.tokenize import ChatEncoder, EncodedSample, SampleMedia
+from hpc_train.data.decoding.media_share import share_bounds
+from hpc_train.data.encoding.tokenize import ChatEncoder, EncodedSample, SampleMedia
+from hpc_train.data.sources.records import Record
 from hpc_train.data.video_on_device import DeferredSample, decode_on_device
-from hpc_train.data.vision_cache import VisionCache
 from hpc_train.errors import DataError
 
 
@@ -50,7 +50,7 @@ class MediaLoader:
     """Reads a record's media as the config asks (frames, image shape, audio rate).
 
     With ``frame_share=(rank, size)`` (a sequence-parallel group's rank) it decodes only that
-    rank's share of each video's frames (:func:`~hpc_train.data.media_share.share_bounds`), so
+    rank's share of each video's frames (:func:`~hpc_train.data.decoding.media_share.share_bounds`), so
     the group decodes each frame once. Whether a video opens, and which frames it gives, every
     rank finds out alike; only a frame that fails to decode is seen by its rank alone, so under
     ``on_bad_sample: skip`` it becomes a black frame with a warning instead of a skipped sample

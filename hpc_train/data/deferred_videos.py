@@ -18,8 +18,8 @@ import torch
 
 from hpc_train.config import RunConfig
 from hpc_train.data.dataset import MediaLoader, SampleDataset, Skipped
-from hpc_train.data.tokenize import EncodedSample
-from hpc_train.data.video_backends import resolve_backend
+from hpc_train.data.decoding.video_backends import resolve_backend
+from hpc_train.data.encoding.tokenize import EncodedSample
 from hpc_train.data.video_on_device import FIX_DEVICE, DeferredSample
 from hpc_train.errors import ConfigError, DataError, HpcTrainError
 from hpc_train.models.families import Family

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hpc_train.config import DataConfig
-from hpc_train.data.collate import Collator
+from hpc_train.data.batching.collate import Collator
+from hpc_train.data.batching.packing import PackedCollator
+from hpc_train.data.caches.prepared_media import prepared_media_for
+from hpc_train.data.caches.vision_cache import FeatureCollation, VisionCache
 from hpc_train.data.dataset import MediaLoader, SampleDataset
-from hpc_train.data.packing import PackedCollator
-from hpc_train.data.prepared_media import prepared_media_for
-from hpc_train.data.records import Record
-from hpc_train.data.tokenize import ChatEncoder, EncodedSample
-from hpc_train.data.vision_cache import FeatureCollation, VisionCache
+from hpc_train.data.encoding.tokenize import ChatEncoder, EncodedSample
+from hpc_train.data.sources.records import Record
 from hpc_train.models.families import Family
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpc_train.data.media import (
+from hpc_train.data.decoding.media import (
     FIX_SKIP,
     FIX_VIDEO,
     FramesUndecodable,
@@ -21,8 +21,8 @@ from hpc_train.data.media import (
     _short,
     video_size,
 )
-from hpc_train.data.tokenize import EncodedSample
-from hpc_train.data.video_backends import TorchcodecReader, scaled_size
+from hpc_train.data.decoding.video_backends import TorchcodecReader, scaled_size
+from hpc_train.data.encoding.tokenize import EncodedSample
 from hpc_train.errors import MediaError
 
 FIX_DEVICE = ("install torchcodec's CUDA build, matching torch's CUDA (pip install torchcodec --index-url "

@@ -42,7 +42,7 @@ def video_device_check(device: str) -> Check:
 def video_backend_check(requested: str) -> Check:
     """Which decoder ``data.video.backend`` gets here: torchcodec decodes a probe video for real."""
     try:
-        from hpc_train.data.video_backends import (
+        from hpc_train.data.decoding.video_backends import (
             FIX_BACKEND,
             describe_torchcodec,
             torchcodec_problem,

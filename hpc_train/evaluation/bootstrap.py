@@ -16,10 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from hpc_train.evaluation import CONFIDENCE, RESAMPLES
 from hpc_train.evaluation.metrics import corpus_values
 
-RESAMPLES = 1000
-CONFIDENCE = 0.95
 TIE = 5e-4
 """Differences below the table's precision (3 decimals) are no difference: BLEU's smoothing makes
 a set without one matching 4-gram score about 1e-5, not 0, and two such systems must not read as

@@ -15,11 +15,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hpc_train.errors import ConfigError, DataError, HpcTrainError
-from hpc_train.evaluation.bootstrap import CONFIDENCE, RESAMPLES, Difference, paired_bootstrap
-from hpc_train.evaluation.metrics import METRICS, score_rows, summarize
+from hpc_train.evaluation import CONFIDENCE, METRICS, RESAMPLES
+
+if TYPE_CHECKING:
+    from hpc_train.evaluation.bootstrap import Difference
 
 RESULTS_FILE = "eval_results.json"
 ALL = "all"
@@ -138,6 +140,8 @@ def _check_record(file: Path, row: Any, metrics: Sequence[str], seen: set[str]) 
 def compare(baseline: Evaluation, other: Evaluation, *, resamples: int = RESAMPLES,
             seed: int = 0) -> Comparison:
     """``other`` against ``baseline`` on the record ids both have, every shared metric per kind."""
+    from hpc_train.evaluation.bootstrap import paired_bootstrap
+    from hpc_train.evaluation.metrics import summarize
     by_id = {str(r["id"]): r for r in other.records}
     mine = [r for r in baseline.records if str(r["id"]) in by_id]
     theirs = [by_id[str(r["id"])] for r in mine]
@@ -179,6 +183,8 @@ def compare(baseline: Evaluation, other: Evaluation, *, resamples: int = RESAMPL
 
 def _cider_again(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Copies of ``rows`` with CIDEr scored over these rows' references only (when they have it)."""
+    from hpc_train.evaluation.metrics import score_rows
+
     copies = [{**r, "scores": dict(r.get("scores") or {})} for r in rows]
     if all("cider" in r["scores"] for r in copies):
         score_rows(copies, ["cider"])
@@ -277,6 +283,8 @@ def plot(comparisons: Sequence[Comparison], out: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from hpc_train.evaluation.bootstrap import Difference
 
     metrics = [m for m in METRICS if any(m in c.metrics for c in comparisons)]
     groups = list(dict.fromkeys(g for c in comparisons for g in (ALL, *c.kinds)))

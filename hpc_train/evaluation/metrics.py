@@ -27,10 +27,8 @@ from typing import Any
 
 import numpy as np
 
-METRICS = ("exact_match", "f1", "bleu4", "rouge_l", "cider")
-"""Every metric ``eval.metrics`` can name, in report order."""
-SHORT_ANSWER = ("exact_match", "f1")
-CAPTION = ("bleu4", "rouge_l", "cider")
+from hpc_train.evaluation import CAPTION, METRICS, SHORT_ANSWER
+
 SENTENCE_WORDS = 5
 """``auto`` adds the caption metrics when the median reference has at least this many words."""
 BLEU_ORDER = 4

@@ -8,7 +8,7 @@
   hands each rank the whole sequence for 1/N of the heads, so our kernels (per-sample varlen
   for packed rows, SDPA otherwise) see every sample whole and no sample sees another.
 - **Sequence**: each rank's micro-batch arrives cut to its slice of tokens and positions
-  (:mod:`hpc_train.data.sequence_shard`); the sample boundaries (``cu_seq_lens``) stay those of
+  (:mod:`hpc_train.data.batching.sequence_shard`); the sample boundaries (``cu_seq_lens``) stay those of
   the whole row.
 - **Vision**: :mod:`hpc_train.models.vision_share` — each rank encodes its share of the media.
 

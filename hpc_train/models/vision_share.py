@@ -1,7 +1,7 @@
 """The vision work of a sequence-parallel group, shared instead of repeated.
 
 Every rank of the group holds only a slice of a micro-batch's tokens and only the pixels it
-encodes (:mod:`hpc_train.data.media_share` decides both on the host: a video frame is decoded
+encodes (:mod:`hpc_train.data.decoding.media_share` decides both on the host: a video frame is decoded
 and encoded by one rank, SmolVLM's image tiles are split evenly). One all-to-all then sends
 every feature row to the rank whose slice holds its placeholder token, so no rank holds the
 features of the whole sample. The all-to-all is PyTorch's differentiable one: its backward

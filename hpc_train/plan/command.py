@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hpc_train.config import RunConfig
-from hpc_train.data.packing import PlannedPacks, drop_too_long
+from hpc_train.data.batching.packing import PlannedPacks, drop_too_long
 from hpc_train.models.sequence_parallel import allowed_sizes
 from hpc_train.plan.gpus import Gpu
 from hpc_train.plan.loader import LoaderTime, describe_loader, loader_time

@@ -11,7 +11,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from hpc_train.config import RunConfig
-from hpc_train.data.collate import step_inputs
+from hpc_train.data.batching.collate import step_inputs
 from hpc_train.models.families import Family
 from hpc_train.plan.fake_inputs import fake_batch, values_from_host
 from hpc_train.plan.tracker import StepTracker

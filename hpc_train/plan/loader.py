@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from hpc_train.config import DataConfig
-from hpc_train.data.media import VideoFrames
+from hpc_train.data.caches.prepared_media import PreparedMedia
+from hpc_train.data.decoding.media import VideoFrames
 from hpc_train.data.pipeline import DataPipeline, build_pipeline
-from hpc_train.data.prepared_media import PreparedMedia
-from hpc_train.data.records import Record
+from hpc_train.data.sources.records import Record
 from hpc_train.data.video_on_device import DeferredSample
 from hpc_train.models.families import Family
 

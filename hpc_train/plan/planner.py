@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from hpc_train.config import RunConfig
-from hpc_train.data.mixture import read_split
+from hpc_train.data.batching.sequence_shard import shard_batch
 from hpc_train.data.pipeline import build_pipeline
-from hpc_train.data.sequence_shard import shard_batch
+from hpc_train.data.sources.mixture import read_split
 from hpc_train.errors import HpcTrainError
 from hpc_train.models.load import load_processor, model_family
 from hpc_train.models.sequence_parallel import (

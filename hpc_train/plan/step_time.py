@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from hpc_train.config import RunConfig
-from hpc_train.data.media_share import grid_shares
+from hpc_train.data.decoding.media_share import grid_shares
 from hpc_train.models.media_keys import MEDIA_GRIDS
 from hpc_train.plan.gpus import Gpu
 from hpc_train.plan.worst_batch import PlannedBatch

@@ -11,11 +11,11 @@ from typing import Any
 import torch
 
 from hpc_train.config import RunConfig
-from hpc_train.data.lengths import SampleShapes, cached_shapes, measure_shapes
-from hpc_train.data.packing import PlannedPacks, drop_too_long
+from hpc_train.data.batching.packing import PlannedPacks, drop_too_long
+from hpc_train.data.encoding.lengths import SampleShapes, cached_shapes, measure_shapes
+from hpc_train.data.encoding.tokenize import EncodedSample
 from hpc_train.data.pipeline import DataPipeline
-from hpc_train.data.records import Record
-from hpc_train.data.tokenize import EncodedSample
+from hpc_train.data.sources.records import Record
 from hpc_train.errors import HpcTrainError
 from hpc_train.models.media_keys import MEDIA_GRIDS
 from profiling.flops import VisionWork, grid_work

@@ -15,10 +15,10 @@ import torch
 
 from hpc_train.config import RunConfig
 from hpc_train.config_file import save_config
+from hpc_train.data.batching.sequence_shard import SequenceShards
 from hpc_train.data.deferred_videos import DeviceVideos, videos_on_device
-from hpc_train.data.mixture import read_split
 from hpc_train.data.pipeline import DataPipeline, build_pipeline
-from hpc_train.data.sequence_shard import SequenceShards
+from hpc_train.data.sources.mixture import read_split
 from hpc_train.device import choose_device
 from hpc_train.dist import (
     DistInfo,

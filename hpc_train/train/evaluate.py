@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from hpc_train.data.collate import Collator, step_inputs
+from hpc_train.data.batching.collate import Collator, step_inputs
 from hpc_train.data.dataset import SampleDataset
-from hpc_train.data.loss_positions import LOSS_TARGETS
-from hpc_train.data.tokenize import IGNORE_INDEX, EncodedSample
+from hpc_train.data.encoding.loss_positions import LOSS_TARGETS
+from hpc_train.data.encoding.tokenize import IGNORE_INDEX, EncodedSample
 from hpc_train.dist import DistInfo, all_reduce_sum
 from hpc_train.models.media_keys import HOST_KEYS
 from hpc_train.train.loss import supervised_logits, token_losses

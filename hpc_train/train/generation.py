@@ -9,7 +9,6 @@ the settings that shorten it -- and progress follows every half minute.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,13 +17,14 @@ from typing import Any
 
 import torch
 
-from hpc_train.data.collate import model_inputs
+from hpc_train.data.batching.collate import model_inputs
+from hpc_train.data.encoding.tokenize import EncodedSample
 from hpc_train.data.pipeline import DataPipeline
-from hpc_train.data.records import Record, Turn
-from hpc_train.data.tokenize import EncodedSample
+from hpc_train.data.sources.records import Record, Turn
 from hpc_train.dist import DistInfo, all_gather, all_reduce_max, all_reduce_sum, say_on_main
 from hpc_train.errors import DataError
 from hpc_train.train.evaluate import shard, to_device
+from hpc_train.train.gathered import gathered
 
 PROGRESS_EVERY_S = 30.0
 HOURS_WARNING_S = 3600.0
@@ -83,7 +83,11 @@ def generate_answers(model: Any, records: Sequence[Record], pipeline: DataPipeli
                 usable = [(_placeholder(pipeline), False, -1)]
             batch = to_device(collate([p for p, _, _ in usable]), device, dtype)
             inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
-            with _gathered_loose_parameters(model):
+            # generate() calls helpers such as get_image_features outside their owner's forward,
+            # where DeepSpeed's hooks would not gather a container's own parameters (LLaVA-OneVision's
+            # image_newline)
+            with gathered(p for m in model.modules() if any(True for _ in m.children())
+                          for p in m.parameters(recurse=False)):
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                      eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
                                      synced_gpus=synced)
@@ -166,16 +170,3 @@ def _duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
     return f"{seconds / 60:.0f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
-
-
-def _gathered_loose_parameters(model: Any) -> Any:
-    """Under ZeRO-3, gather parameters that container modules own directly (LLaVA-OneVision's
-    ``image_newline``): generate() calls helpers such as ``get_image_features`` outside the
-    owner's forward, where DeepSpeed's hooks would not gather them."""
-    loose = [p for m in model.modules() if any(True for _ in m.children())
-             for p in m.parameters(recurse=False) if hasattr(p, "ds_id")]
-    if not loose:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(loose, modifier_rank=None)

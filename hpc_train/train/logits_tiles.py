@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from hpc_train.config import TrainConfig
-from hpc_train.data.tokenize import IGNORE_INDEX
+from hpc_train.data.encoding.tokenize import IGNORE_INDEX
 
 LOGITS_BYTES = 4
 """The head's logits are taken to fp32 for the loss."""

@@ -2,7 +2,7 @@
 supervised positions only.
 
 The collator lists the positions whose next-token label is supervised
-(:mod:`hpc_train.data.loss_positions`); the model's head runs on those alone (transformers'
+(:mod:`hpc_train.data.encoding.loss_positions`); the model's head runs on those alone (transformers'
 ``logits_to_keep``), so the fp32 logits of media and prompt tokens are never made. The result
 equals the model's own loss over every position.
 
@@ -10,7 +10,7 @@ equals the model's own loss over every position.
 same as the samples unpacked together). ``sample`` (packing only): each packed sample's own
 token mean, averaged, so short answers weigh as much as long ones.
 
-Under sequence parallelism (a batch carrying :data:`~hpc_train.data.sequence_shard.SHARD`) each
+Under sequence parallelism (a batch carrying :data:`~hpc_train.data.batching.sequence_shard.SHARD`) each
 rank's value is its slice's share of the micro-batch's loss — its sums over the whole
 micro-batch's counts — so the shares add up over the group to exactly the loss above, and
 DeepSpeed's gradient sum over the group is exactly its gradient.
@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from hpc_train.config import DataConfig, TrainConfig
-from hpc_train.data.feature_writer import store_computed
-from hpc_train.data.loss_positions import LOSS_POSITIONS, LOSS_TARGETS
-from hpc_train.data.sequence_shard import SAMPLE_COUNTS, SHARD, SHARD_KEYS
-from hpc_train.data.tokenize import IGNORE_INDEX
-from hpc_train.data.vision_cache import VISION_FEATURES
+from hpc_train.data.batching.sequence_shard import SAMPLE_COUNTS, SHARD, SHARD_KEYS
+from hpc_train.data.caches.feature_writer import store_computed
+from hpc_train.data.caches.vision_cache import VISION_FEATURES
+from hpc_train.data.encoding.loss_positions import LOSS_POSITIONS, LOSS_TARGETS
+from hpc_train.data.encoding.tokenize import IGNORE_INDEX
 from hpc_train.models.cached_vision import CachedFeatures, cached_features_for
 from hpc_train.models.host_masks import masks_decided_on_host
 from hpc_train.models.image_tokens import image_check_made
@@ -64,7 +64,7 @@ class Loss:
 
 LossFn = Callable[[Any, dict[str, Any]], Loss]
 """``loss(model, inputs)``: one forward pass and its loss; ``inputs`` are a batch's
-:func:`~hpc_train.data.collate.step_inputs` on the device."""
+:func:`~hpc_train.data.batching.collate.step_inputs` on the device."""
 
 
 def supervised_logits(model: Any, inputs: dict[str, Any]) -> torch.Tensor:

@@ -7,17 +7,17 @@ import math
 from pathlib import Path
 
 from hpc_train.config import RunConfig
-from hpc_train.data.frame_counts import FrameCounts
-from hpc_train.data.lengths import (
+from hpc_train.data.batching.frame_counts import FrameCounts
+from hpc_train.data.batching.packing import PlannedPacks, drop_too_long
+from hpc_train.data.encoding.lengths import (
     SampleShapes,
     cached_shapes,
     interleaved,
     measure_shapes,
     write_cached_shapes,
 )
-from hpc_train.data.packing import PlannedPacks, drop_too_long
 from hpc_train.data.pipeline import DataPipeline
-from hpc_train.data.records import Record
+from hpc_train.data.sources.records import Record
 from hpc_train.dist import DistInfo, all_gather, all_reduce_max, say_on_main
 from hpc_train.errors import HpcTrainError
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 import hpc_train
 from hpc_train.config import RunConfig
-from hpc_train.data.video_backends import resolve_backend
+from hpc_train.data.decoding.video_backends import resolve_backend
 from hpc_train.dist import DistInfo
 from hpc_train.models.adapters import param_census
 from hpc_train.models.families import Family

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from hpc_train.config import RunConfig
-from hpc_train.data.feature_writer import flush_writers
+from hpc_train.data.caches.feature_writer import flush_writers
 from hpc_train.dist import DistInfo, barrier, read_dist_env
 from hpc_train.errors import HpcTrainError
 from hpc_train.lost_ranks import lost_ranks, peer_gone, store_host_is_rank_0

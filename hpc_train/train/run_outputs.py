@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import sys
 import time
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 
 from hpc_train.dist import all_reduce_max, barrier
 from hpc_train.train.evaluate import EvalResult, evaluate_loss
+from hpc_train.train.gathered import gathered
 from hpc_train.train.generation import Generation, generate_answers
 from hpc_train.train.output_dir import writing
 from hpc_train.train.profile_report import (
@@ -95,21 +95,13 @@ def export(parts: RunParts) -> None:
 def _save_gathered(parts: RunParts, module: Any, params: list[torch.nn.Parameter], target: Any) -> None:
     """``module`` (None: the LoRA model merged into its base) saved by rank 0 with ``params``
     gathered from their ZeRO-3 partitions."""
-    with _gathered(params, parts.zero_stage == 3):
+    with gathered(params):
         if parts.info.is_main:
             model = module if module is not None else parts.training.engine.module.merge_and_unload()
             with writing(target):
                 model.save_pretrained(target, safe_serialization=True)
                 parts.loaded.processor.save_pretrained(target)
     barrier()
-
-
-def _gathered(params: list[torch.nn.Parameter], zero3: bool) -> AbstractContextManager[Any]:
-    if not zero3:
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def finished_before(parts: RunParts) -> bool:

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 
 from hpc_train.config import RunConfig
-from hpc_train.data.collate import Collator
+from hpc_train.data.batching.collate import Collator
+from hpc_train.data.batching.packing import PackedCollator, PlannedPacks
 from hpc_train.data.dataset import SampleDataset
 from hpc_train.data.deferred_videos import DeviceVideos
-from hpc_train.data.packing import PackedCollator, PlannedPacks
 from hpc_train.data.pipeline import DataPipeline
-from hpc_train.data.records import Record
+from hpc_train.data.sources.records import Record
 from hpc_train.dist import DistInfo
 from hpc_train.models.families import Family
 from hpc_train.slurm_outcome import REQUEUE_EXIT_CODE, REQUEUE_MARKER

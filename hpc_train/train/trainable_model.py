@@ -135,7 +135,7 @@ def prepare_for_training(model: torch.nn.Module, config: RunConfig, family: Fami
         model.requires_grad_(False)
         model = apply_lora(model, family, config.lora)
     if config.train.gradient_checkpointing and mode != "baseline":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         _no_input_grads(model)
     apply_freezing(model, family, config.model.freeze)
     return model

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from hpc_train.data.collate import FloatCast, step_inputs
-from hpc_train.data.sequence_shard import SHARD
-from hpc_train.data.vision_cache import VISION_FEATURES
-from hpc_train.data.worker_signals import survive_group_signals
+from hpc_train.data.batching.collate import FloatCast, step_inputs
+from hpc_train.data.batching.sequence_shard import SHARD
+from hpc_train.data.batching.worker_signals import survive_group_signals
+from hpc_train.data.caches.vision_cache import VISION_FEATURES
 from hpc_train.dist import all_gather, barrier, sum_over_ranks
 from hpc_train.errors import HpcTrainError
 from hpc_train.parent_death import signal_on_parent_death

@@ -9,15 +9,10 @@ gathered for the digest (collective).
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any
-
-import torch
-
 from hpc_train.config import RunConfig
-from hpc_train.data.feature_store import FeatureStore
-from hpc_train.data.vision_cache import VisionCache, cache_prefix
-from hpc_train.data.vision_cache_keys import (
+from hpc_train.data.caches.feature_store import FeatureStore
+from hpc_train.data.caches.vision_cache import VisionCache, cache_prefix
+from hpc_train.data.caches.vision_cache_keys import (
     VISION_GROUPS,
     cache_refusal,
     processing_digest,
@@ -25,8 +20,8 @@ from hpc_train.data.vision_cache_keys import (
 )
 from hpc_train.models.adapters import group_of
 from hpc_train.models.cached_vision import use_cached_vision
-from hpc_train.models.families import Family
 from hpc_train.models.sequence_parallel import media_token_ids
+from hpc_train.train.gathered import gathered
 from hpc_train.train.trainable_model import LoadedModel
 
 
@@ -43,7 +38,7 @@ def vision_cache_refusal(config: RunConfig, loaded: LoadedModel) -> str | None:
 def open_vision_cache(config: RunConfig, loaded: LoadedModel) -> VisionCache:
     """The run's cache (collective under ZeRO-3), its model set to take cached features."""
     family = loaded.family
-    with _whole_vision(loaded.model, family):
+    with gathered(p for name, p in loaded.model.named_parameters() if group_of(name, family) in VISION_GROUPS):
         weights = vision_weights_digest(loaded.model, family)
     prefix = cache_prefix(family_name=family.name, weights=weights, dtype=loaded.dtype,
                           processing=processing_digest(config.data, loaded.processor))
@@ -51,16 +46,6 @@ def open_vision_cache(config: RunConfig, loaded: LoadedModel) -> VisionCache:
     return VisionCache(store=FeatureStore(config.vision_cache_dir), prefix=prefix,
                        token_ids=media_token_ids(loaded.model.config, family.name),
                        video_as_images=family.video_as_images)
-
-
-def _whole_vision(model: torch.nn.Module, family: Family) -> contextlib.AbstractContextManager[Any]:
-    partitioned = [p for name, p in model.named_parameters()
-                   if hasattr(p, "ds_id") and group_of(name, family) in VISION_GROUPS]
-    if not partitioned:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
 __all__ = ["open_vision_cache", "vision_cache_refusal"]

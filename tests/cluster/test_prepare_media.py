@@ -4,7 +4,7 @@ share per task, into the store the training run then reads."""
 from __future__ import annotations
 
 from hpc_train.config_file import load_config
-from hpc_train.data.feature_store import FeatureStore
+from hpc_train.data.caches.feature_store import FeatureStore
 from hpc_train.prepare_media import run_videos
 
 from .conftest import job_failure, log_of, sbatch, wait_for_job

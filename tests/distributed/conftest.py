@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 FAMILIES = ("smolvlm", "smolvlm2", "llava_onevision", "llava_onevision_1_5")
+ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 420  # a hang (e.g. ranks running different modules under ZeRO-3) fails here
 
 
@@ -35,6 +38,29 @@ def run_hpc_train(command: str, *args: str, nproc: int = 2, timeout: float = RUN
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(f"hpc-train {command} did not finish in {timeout} s (hang?)\n"
                              f"{(exc.stderr or b'')[-4000:]}") from exc
+
+
+def start_until(cmd: list[str], until: Callable[[], bool], *, env: dict[str, str] | None = None,
+                new_session: bool = False, poll_s: float = 0.2, what: str = "the run never got there"
+                ) -> subprocess.Popen:
+    """A run started, returned once ``until()`` holds; its output (stdout and stderr together) is
+    shown when it ends first. ``new_session``: its pid is its process group (to kill it whole)."""
+    proc = subprocess.Popen(cmd, env={**child_env(), **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=new_session, cwd=ROOT)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not until():
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.monotonic() < deadline, what
+        time.sleep(poll_s)
+    return proc
+
+
+def logged_steps(out: Path, steps: int) -> Callable[[], bool]:
+    """Whether the run writing ``out`` has logged ``steps`` rows of metrics."""
+    from hpc_train.train.metrics import read_metrics
+
+    metrics = out / "metrics.jsonl"
+    return lambda: metrics.exists() and len(read_metrics(metrics)) >= steps
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

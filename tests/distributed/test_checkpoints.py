@@ -6,15 +6,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import time
 
 import pytest
 
 from hpc_train.train.manifest import MANIFEST, problems
 from hpc_train.train.metrics import read_metrics
 
-from .conftest import RUN_TIMEOUT_S, child_env, hpc_train_cmd, ok, run_hpc_train
+from .conftest import hpc_train_cmd, ok, run_hpc_train, start_until
 
 FULL = ("train.max_steps=4", "train.mode=full", "eval.generate=false")
 
@@ -26,15 +24,11 @@ def losses(out) -> list[float]:
 def test_a_kill_inside_a_save_resumes_to_the_uninterrupted_losses(zero2_runs, tmp_path, train_args):
     out = tmp_path / "killed"
     args = train_args("smolvlm", out, *FULL, "train.save_every=1")
-    proc = subprocess.Popen(hpc_train_cmd("train", *args), env=child_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
     staging = out / "checkpoints" / ".tmp"
-    deadline = time.monotonic() + RUN_TIMEOUT_S
     # The save of step 2 or 3 under way (step 1's is complete): kill every process of the run.
-    while not any(p.name in ("step-00000002", "step-00000003") for p in staging.glob("step-*")):
-        assert proc.poll() is None, "the run ended before a save could be interrupted"
-        assert time.monotonic() < deadline
-        time.sleep(0.002)
+    proc = start_until(hpc_train_cmd("train", *args),
+                       lambda: any(p.name in ("step-00000002", "step-00000003") for p in staging.glob("step-*")),
+                       new_session=True, poll_s=0.002, what="no save of step 2 or 3 began")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     resumed = ok(run_hpc_train("train", *args))

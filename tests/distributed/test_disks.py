@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import pytest
 from hpc_train.train.manifest import problems
 from tests.filesystems import read_only_dir, remount, small_filesystem, used_bytes_and_inodes
 
-from .conftest import RUN_TIMEOUT_S, child_env, hpc_train_cmd, ok, run_hpc_train
+from .conftest import RUN_TIMEOUT_S, hpc_train_cmd, ok, run_hpc_train, start_until
 
 FULL = ("train.mode=full", "eval.generate=false")
 
@@ -59,14 +58,9 @@ def test_a_disk_without_room_for_one_checkpoint_stops_before_training(tmp_path, 
 
 
 def start_until_checkpoint(cmd: list[str], out: Path, step: int) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     latest = out / "checkpoints" / "latest"
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    while not (latest.exists() and latest.read_text().strip() == f"step-{step:08d}"):
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    return proc
+    return start_until(cmd, lambda: latest.exists() and latest.read_text().strip() == f"step-{step:08d}",
+                       poll_s=0.005, what=f"no checkpoint of step {step}")
 
 
 def test_a_disk_that_fills_between_saves_stops_every_rank_and_the_run_resumes(tmp_path, train_args):
@@ -78,8 +72,8 @@ def test_a_disk_that_fills_between_saves_stops_every_rank_and_the_run_resumes(tm
         size = sum(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file())
         used, _ = used_bytes_and_inodes(disk)
         remount(disk, f"size={used + size // 2}")  # someone else's files fill the disk
-        _, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
-        result = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
+        output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)  # stderr comes with stdout
+        result = subprocess.CompletedProcess(proc.args, proc.returncode, "", output)
         refused(result, f"not enough free space for checkpoint step-00000008 in {out / 'checkpoints'}",
                 f"the newest complete checkpoint, {checkpoint}, is intact")
         assert not (out / "checkpoints" / ".tmp" / "step-00000008").exists()
@@ -98,8 +92,8 @@ def test_a_disk_that_fills_inside_a_save_leaves_no_partial_copy(tmp_path, train_
         proc = start_until_checkpoint(hpc_train_cmd("train", *args), out, 4)
         _, inodes = used_bytes_and_inodes(disk)
         remount(disk, f"nr_inodes={inodes + 2}")  # the next save's folder and its first file, no more
-        _, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
-        result = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
+        output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)  # stderr comes with stdout
+        result = subprocess.CompletedProcess(proc.args, proc.returncode, "", output)
         staging = out / "checkpoints" / ".tmp" / "step-00000008"
         refused(result, f"error: cannot write {staging} (No space left on device",
                 "checkpoint step-00000008 not saved, its partial copy removed; the newest complete checkpoint "

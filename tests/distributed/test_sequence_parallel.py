@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -126,19 +125,15 @@ def test_two_groups_of_two_match_data_parallel_two(tmp_path, synthetic_data, tin
 def test_a_signalled_run_resumes_to_the_losses_of_an_uninterrupted_one(tmp_path, train_args):
     import psutil
 
-    from .conftest import hpc_train_cmd, ok, run_hpc_train
+    from .conftest import hpc_train_cmd, logged_steps, ok, run_hpc_train, start_until
 
     args = ["train.max_steps=16", "eval.generate=false", "train.mode=lora", "lora.dropout=0.1",
             "train.sequence_parallel=2", "train.micro_batch_size=2", "data.eval=null"]
     reference = tmp_path / "reference"
     ok(run_hpc_train("train", *train_args("smolvlm", reference, *args)))
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen(hpc_train_cmd("train", *train_args("smolvlm", out, *args)), env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_until(hpc_train_cmd("train", *train_args("smolvlm", out, *args)), logged_steps(out, 2))
     metrics = out / "metrics.jsonl"
-    while not (metrics.exists() and len(read_metrics(metrics)) >= 2):
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        time.sleep(0.2)
     for rank in psutil.Process(proc.pid).children():
         rank.send_signal(signal.SIGUSR1)
     proc.communicate(timeout=RUN_TIMEOUT_S)

@@ -17,7 +17,7 @@ import psutil
 
 from hpc_train.train.metrics import read_metrics
 
-from .conftest import RUN_TIMEOUT_S, child_env, hpc_train_cmd
+from .conftest import RUN_TIMEOUT_S, child_env, hpc_train_cmd, logged_steps, start_until
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_STEPS = 400  # far more than any test waits for: a run that reaches it was never stopped
@@ -25,15 +25,7 @@ MAX_STEPS = 400  # far more than any test waits for: a run that reaches it was n
 
 def start(cmd: list[str], env: dict[str, str] | None = None, *, out: Path) -> subprocess.Popen:
     """A run in a session of its own (its pid is its process group), once it has logged 3 steps."""
-    proc = subprocess.Popen(cmd, env={**child_env(), **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT)
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    while not (metrics.exists() and len(read_metrics(metrics)) >= 3):
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        assert time.monotonic() < deadline, "training never reached step 3"
-        time.sleep(0.2)
-    return proc
+    return start_until(cmd, logged_steps(out, 3), env=env, new_session=True, what="training never reached step 3")
 
 
 def ranks_of(proc: subprocess.Popen) -> list[psutil.Process]:

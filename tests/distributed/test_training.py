@@ -6,8 +6,6 @@ import json
 import re
 import shutil
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,14 @@ from hpc_train.train.metrics import read_metrics
 from hpc_train.train.trainer import REQUEUE_EXIT_CODE
 from profiling.report import read_report
 
-from .conftest import FAMILIES, child_env, hpc_train_cmd, ok, run_hpc_train
+from .conftest import (
+    FAMILIES,
+    hpc_train_cmd,
+    logged_steps,
+    ok,
+    run_hpc_train,
+    start_until,
+)
 
 
 def losses(out: Path) -> list[float]:
@@ -36,12 +41,7 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 def test_single_process_exits_with_requeue_status_on_sigterm(tmp_path, train_args):
     out = tmp_path / "single"
     args = train_args("smolvlm", out, "train.max_steps=200", "eval.generate=false")
-    proc = subprocess.Popen(hpc_train_cmd("train", *args, nproc=1), env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while not ((out / "metrics.jsonl").exists() and read_metrics(out / "metrics.jsonl")):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.2)
+    proc = start_until(hpc_train_cmd("train", *args, nproc=1), logged_steps(out, 1))
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == REQUEUE_EXIT_CODE, output[-3000:]
@@ -144,14 +144,7 @@ def test_signal_checkpoints_requeues_and_resume_reproduces_losses(tmp_path, trai
     args = train_args("smolvlm", out, steps, "eval.generate=false", "train.mode=lora", "lora.dropout=0.1")
     import psutil
 
-    proc = subprocess.Popen(hpc_train_cmd("train", *args), env=child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.exists() and len(read_metrics(metrics)) >= 3):
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        assert time.monotonic() < deadline, "training never reached step 3"
-        time.sleep(0.2)
+    proc = start_until(hpc_train_cmd("train", *args), logged_steps(out, 3), what="training never reached step 3")
     for rank in psutil.Process(proc.pid).children():  # the rank processes, as SLURM signals tasks
         rank.send_signal(signal.SIGUSR1)
     output, _ = proc.communicate(timeout=300)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hpc_train.config_file import load_config
-from hpc_train.data.collate import step_inputs
+from hpc_train.data.batching.collate import step_inputs
 from hpc_train.models.load import model_family
 from hpc_train.models.tiny import build_tiny
 from hpc_train.train.loss import token_mean_loss
@@ -35,7 +35,7 @@ def prepared(family: str, *overrides: str) -> torch.nn.Module:
 ])
 def test_checkpointing_keeps_a_frozen_tower_out_of_the_backward(family, setting, tower_trains, loaded_tiny,
                                                                synthetic_data):
-    from hpc_train.data.collate import Collator
+    from hpc_train.data.batching.collate import Collator
     from hpc_train.models.families import get_family
 
     pad = loaded_tiny[family][1].tokenizer.pad_token_id

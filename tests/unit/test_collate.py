@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from hpc_train.config import DataConfig
-from hpc_train.data.collate import Collator, FloatCast, model_inputs
+from hpc_train.data.batching.collate import Collator, FloatCast, model_inputs
 from hpc_train.data.dataset import MediaLoader, SampleDataset, Skipped
-from hpc_train.data.records import read_records
-from hpc_train.data.tokenize import IGNORE_INDEX, ChatEncoder
+from hpc_train.data.encoding.tokenize import IGNORE_INDEX, ChatEncoder
+from hpc_train.data.sources.records import read_records
 from hpc_train.errors import DataError
 from hpc_train.models.families import get_family
 from tests.conftest import FAMILIES, mixed_samples

@@ -13,10 +13,10 @@ import torch
 from hpc_train.config import DataConfig
 from hpc_train.config_file import load_config
 from hpc_train.data.dataset import MediaLoader
+from hpc_train.data.decoding.media import VideoSampling, load_video
 from hpc_train.data.deferred_videos import DeviceVideos, videos_on_device
-from hpc_train.data.media import VideoSampling, load_video
 from hpc_train.data.pipeline import build_pipeline
-from hpc_train.data.records import read_records
+from hpc_train.data.sources.records import read_records
 from hpc_train.data.video_on_device import DeferredSample, decode_on_device
 from hpc_train.errors import ConfigError, MediaError
 from hpc_train.models.families import get_family

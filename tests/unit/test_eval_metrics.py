@@ -14,7 +14,7 @@ from pycocoevalcap.bleu.bleu_scorer import cook_refs, cook_test
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
-from hpc_train.data.records import read_records
+from hpc_train.data.sources.records import read_records
 from hpc_train.errors import DataError
 from hpc_train.evaluation.metrics import (
     METRICS,

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from hpc_train.data.feature_store import FeatureStore, key_of, media_identity, tensors_digest
+from hpc_train.data.caches.feature_store import FeatureStore, key_of, media_identity, tensors_digest
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -58,7 +58,7 @@ def test_another_keys_entry_in_this_keys_place_is_a_miss(tmp_path):
 
 WRITER = """
 import os, sys, torch
-from hpc_train.data.feature_store import FeatureStore
+from hpc_train.data.caches.feature_store import FeatureStore
 store, key, parent = FeatureStore(sys.argv[1]), sys.argv[2], os.getppid()
 step = 0
 while os.getppid() == parent:  # not past a test process that died

@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from hpc_train.data.media import VideoFrames
-from hpc_train.data.tokenize import ChatEncoder, SampleMedia
+from hpc_train.data.decoding.media import VideoFrames
+from hpc_train.data.encoding.tokenize import ChatEncoder, SampleMedia
 from hpc_train.models.families import get_family
 from tests.conftest import FAMILIES
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hpc_train.data.media_share import share_bounds, split_media
+from hpc_train.data.decoding.media_share import share_bounds, split_media
 from hpc_train.models.families.llava_onevision_1_5 import tiny_config
 from hpc_train.models.llava_ov_1_5 import LlavaOnevision15ForConditionalGeneration
 from hpc_train.models.tiny import build_tiny

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from hpc_train.data.collate import Collator, model_inputs
+from hpc_train.data.batching.collate import Collator, model_inputs
 from hpc_train.errors import HpcTrainError
 from hpc_train.models.attention import VARLEN, attention_with
 from hpc_train.models.families import get_family
@@ -50,7 +50,7 @@ def test_a_batch_without_padding_has_no_masks_and_the_same_logits(smolvlm):
 
 
 def test_generation_batches_keep_their_mask():
-    from hpc_train.data.tokenize import EncodedSample
+    from hpc_train.data.encoding.tokenize import EncodedSample
 
     sample = EncodedSample(id="a", input_ids=torch.arange(4), labels=torch.arange(4), media={},
                            num_media_tokens=0, answers=[])

@@ -60,6 +60,32 @@ def test_no_import_goes_up_a_layer(path):
     assert not upward, f"{mine} is layer {LAYERS[mine]}: " + "; ".join(upward)
 
 
+DATA_STAGES = {
+    # records -> media -> tokens -> what is paid once -> samples -> batches -> the pipeline wired
+    "__init__": 0, "sources": 0, "decoding": 1, "encoding": 2, "caches": 3,
+    "dataset": 4, "video_on_device": 4, "deferred_videos": 4, "batching": 5, "pipeline": 6,
+}
+
+
+def data_stage(module: str) -> str:
+    parts = module.split(".")
+    return parts[2].removesuffix(".py") if len(parts) > 2 else "__init__"
+
+
+def test_every_data_module_has_a_stage():
+    found = {data_stage(".".join(p.relative_to(ROOT).with_suffix("").parts)) for p in sources("hpc_train/data")}
+    assert found <= set(DATA_STAGES), f"give these a stage in DATA_STAGES (and docs/architecture.md): {found - set(DATA_STAGES)}"
+
+
+@pytest.mark.parametrize("path", sources("hpc_train/data"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_data_reads_as_its_flow(path):
+    """Inside ``data/`` a stage imports only from its own or an earlier one."""
+    mine = data_stage(".".join(path.relative_to(ROOT).with_suffix("").parts))
+    later = [f"{path.relative_to(ROOT)}:{line} imports {module}" for line, module in imports(path)
+             if module.startswith("hpc_train.data.") and DATA_STAGES[data_stage(module)] > DATA_STAGES[mine]]
+    assert not later, f"{mine} is stage {DATA_STAGES[mine]} of data/: " + "; ".join(later)
+
+
 def test_profiling_stands_alone():
     inward = [f"{p.relative_to(ROOT)}:{line} imports {module}" for p in sources("profiling")
               for line, module in imports(p) if module.startswith("hpc_train")]

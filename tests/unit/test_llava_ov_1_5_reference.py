@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import torch
 
-from hpc_train.data.media import VideoFrames
-from hpc_train.data.tokenize import ChatEncoder, EncodedSample, SampleMedia
+from hpc_train.data.decoding.media import VideoFrames
+from hpc_train.data.encoding.tokenize import ChatEncoder, EncodedSample, SampleMedia
 from hpc_train.models.families import get_family
 from hpc_train.models.tiny import build_tiny
 

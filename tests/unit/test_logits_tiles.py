@@ -9,9 +9,9 @@ import copy
 import pytest
 import torch
 
-from hpc_train.data.collate import Collator, step_inputs
-from hpc_train.data.loss_positions import LOSS_POSITIONS, loss_positions
-from hpc_train.data.tokenize import IGNORE_INDEX
+from hpc_train.data.batching.collate import Collator, step_inputs
+from hpc_train.data.encoding.loss_positions import LOSS_POSITIONS, loss_positions
+from hpc_train.data.encoding.tokenize import IGNORE_INDEX
 from hpc_train.models.families import get_family
 from hpc_train.train.logits_tiles import LOGITS_BYTES, logits_tiles
 from hpc_train.train.loss import sample_mean_weights, token_mean_weights, weighted_loss

@@ -1,4 +1,4 @@
-"""Tests for hpc_train.data.media: frame sampling, decoding, errors, images and audio."""
+"""Tests for hpc_train.data.decoding.media: frame sampling, decoding, errors, images and audio."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from hpc_train.data import media
-from hpc_train.data.audio import audio_to_image, load_audio
-from hpc_train.data.media import (
+from hpc_train.data.decoding import media
+from hpc_train.data.decoding.audio import audio_to_image, load_audio
+from hpc_train.data.decoding.media import (
     VideoFrames,
     VideoSampling,
     load_image,
@@ -23,7 +23,7 @@ from hpc_train.data.media import (
     resize_to_4to1,
     sample_frame_indices,
 )
-from hpc_train.data.synthetic import COLOURS, SyntheticSpec, make_dataset
+from hpc_train.data.sources.synthetic import COLOURS, SyntheticSpec, make_dataset
 from hpc_train.errors import DataError, MediaError
 
 # ---------------------------------------------------------------- sample_frame_indices
@@ -408,7 +408,7 @@ def test_audio_to_image_deterministic_size_and_silence():
 
 def test_no_decoder_at_import():
     # Decoders must only be opened inside calls: DataLoader workers fork/pickle.
-    from hpc_train.data import video_backends
+    from hpc_train.data.decoding import video_backends
 
     for module in (media, video_backends):
         src = Path(module.__file__).read_text()
@@ -419,7 +419,7 @@ def test_no_decoder_at_import():
 @BACKENDS
 @pytest.mark.parametrize("size", [2, 3, 16])
 def test_a_group_decodes_each_sampled_frame_once_each_rank_its_share(long_video, size, backend):
-    from hpc_train.data.media_share import share_bounds
+    from hpc_train.data.decoding.media_share import share_bounds
 
     sampling = VideoSampling(num_frames=10, backend=backend)
     whole = load_video(long_video, sampling)
@@ -434,7 +434,7 @@ def test_a_group_decodes_each_sampled_frame_once_each_rank_its_share(long_video,
 
 
 def test_black_video_has_the_sampled_frames_sizes_and_times(long_video):
-    from hpc_train.data.media import black_video
+    from hpc_train.data.decoding.media import black_video
 
     sampling = VideoSampling(mode="fps", fps=2.0)
     black, real = black_video(long_video, sampling, clip=(1.0, 3.0)), load_video(long_video, sampling, clip=(1.0, 3.0))
@@ -462,7 +462,7 @@ def undecodable_video(tmp_path_factory) -> Path:
 def test_frames_a_rank_cannot_decode_are_black_under_skip_and_an_error_otherwise(undecodable_video):
     from hpc_train.config import DataConfig
     from hpc_train.data.dataset import MediaLoader
-    from hpc_train.data.records import Record, Turn
+    from hpc_train.data.sources.records import Record, Turn
 
     record = Record(id="r", turns=(Turn("user", "<video>"), Turn("assistant", "a")), images=(),
                     videos=(undecodable_video,), audios=(), source=Path("train.jsonl"), line=3)

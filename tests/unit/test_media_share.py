@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hpc_train.data.collate import Collator
-from hpc_train.data.media_share import TILE_FRAMES, frame_owners, share_bounds
-from hpc_train.data.sequence_shard import SHARD, shard_batch
+from hpc_train.data.batching.collate import Collator
+from hpc_train.data.batching.sequence_shard import SHARD, shard_batch
+from hpc_train.data.decoding.media_share import TILE_FRAMES, frame_owners, share_bounds
 from hpc_train.models.families import get_family
 from hpc_train.models.sequence_parallel import media_token_ids
 

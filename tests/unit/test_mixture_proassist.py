@@ -1,4 +1,4 @@
-"""Tests for hpc_train.data.mixture and hpc_train.data.proassist."""
+"""Tests for hpc_train.data.sources.mixture and hpc_train.data.sources.proassist."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpc_train.data.mixture import Mixture, read_dataset
-from hpc_train.data.proassist import convert_dialog, convert_proassist
-from hpc_train.data.records import RecordFile, read_records
+from hpc_train.data.sources.mixture import Mixture, read_dataset
+from hpc_train.data.sources.proassist import convert_dialog, convert_proassist
+from hpc_train.data.sources.records import RecordFile, read_records
 from hpc_train.errors import DataError
 
 

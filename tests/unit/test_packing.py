@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from hpc_train.config import DataConfig
-from hpc_train.data.collate import Collator, model_inputs
+from hpc_train.data.batching.collate import Collator, model_inputs
+from hpc_train.data.batching.packing import pack_samples, plan_packs, rank_rows
 from hpc_train.data.dataset import MediaLoader
-from hpc_train.data.loss_positions import loss_positions
-from hpc_train.data.packing import pack_samples, plan_packs, rank_rows
-from hpc_train.data.records import read_records
-from hpc_train.data.tokenize import IGNORE_INDEX, ChatEncoder
+from hpc_train.data.encoding.loss_positions import loss_positions
+from hpc_train.data.encoding.tokenize import IGNORE_INDEX, ChatEncoder
+from hpc_train.data.sources.records import read_records
 from hpc_train.errors import DataError
 from hpc_train.models.attention import (
     VARLEN,
@@ -141,7 +141,7 @@ def test_rank_rows_equal_whole_steps():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lengths_without_pixels_equal_encoded_lengths(loaded_tiny, synthetic_data, family, tmp_path):
-    from hpc_train.data.lengths import sample_lengths
+    from hpc_train.data.encoding.lengths import sample_lengths
 
     cfg = DataConfig(video={"num_frames": 4})
     records = read_records(synthetic_data / "train.jsonl", media_root=cfg.media_root)
@@ -159,7 +159,7 @@ def test_lengths_without_pixels_equal_encoded_lengths(loaded_tiny, synthetic_dat
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_shapes_measured_in_shares_by_the_ranks_equal_the_whole_measurement(loaded_tiny, synthetic_data, world):
-    from hpc_train.data.lengths import interleaved, measure_shapes, sample_shapes
+    from hpc_train.data.encoding.lengths import interleaved, measure_shapes, sample_shapes
 
     cfg = DataConfig(video={"num_frames": 4})
     records = read_records(synthetic_data / "train.jsonl", media_root=cfg.media_root)
@@ -173,7 +173,7 @@ def test_shapes_measured_in_shares_by_the_ranks_equal_the_whole_measurement(load
 
 @pytest.mark.parametrize(("world", "rows", "accum"), [(1, 1, 1), (2, 1, 2), (3, 2, 1)])
 def test_planned_packs_give_the_planned_steps_every_epoch(world, rows, accum):
-    from hpc_train.data.packing import PlannedPacks
+    from hpc_train.data.batching.packing import PlannedPacks
 
     lengths = [(7 * i) % 90 + 10 for i in range(300)] + [-1, -1]  # two unusable samples
     packs = [PlannedPacks(lengths, 128, seed=3, rank=r, world_size=world, rows_per_micro=rows, grad_accum=accum)
@@ -251,7 +251,7 @@ def test_smolvlm2_lengths_carry_the_frames_times(loaded_tiny, tmp_path):
     tokenize to different lengths: the stand-ins take the container's frame times."""
     import av
 
-    from hpc_train.data.lengths import sample_lengths, stand_in_media
+    from hpc_train.data.encoding.lengths import sample_lengths, stand_in_media
 
     with av.open(str(tmp_path / "long.mp4"), "w") as container:  # 95 s at 1 fps
         stream = container.add_stream("mpeg4", rate=1)

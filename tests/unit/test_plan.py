@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from hpc_train.config_file import load_config
-from hpc_train.data.collate import step_inputs
-from hpc_train.data.mixture import read_split
+from hpc_train.data.batching.collate import step_inputs
 from hpc_train.data.pipeline import build_pipeline
+from hpc_train.data.sources.mixture import read_split
 from hpc_train.dist import read_dist_env
 from hpc_train.errors import ConfigError
 from hpc_train.models.attention import use_varlen_attention

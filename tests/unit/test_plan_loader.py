@@ -7,7 +7,7 @@ import pytest
 
 from hpc_train.config_file import load_config
 from hpc_train.data import dataset as dataset_module
-from hpc_train.data.mixture import read_split
+from hpc_train.data.sources.mixture import read_split
 from hpc_train.models.families import get_family
 from hpc_train.plan import loader as loader_module
 from hpc_train.plan.command import format_plan, make_plan, to_dict

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from hpc_train.config_file import load_config
+from hpc_train.data.caches.prepared_media import PreparedMedia, resize_is_exact
 from hpc_train.data.dataset import MediaLoader, SampleDataset
-from hpc_train.data.mixture import read_split
 from hpc_train.data.pipeline import build_pipeline
-from hpc_train.data.prepared_media import PreparedMedia, resize_is_exact
+from hpc_train.data.sources.mixture import read_split
 from hpc_train.errors import ConfigError
 from hpc_train.models.families import get_family
 from hpc_train.prepare_media import prepare_media, run_videos, shard_of

@@ -228,7 +228,7 @@ def test_profiler_counts_the_real_towers_images(loaded_tiny, synthetic_data, fam
     """Through the real model of the installed transformers (which changed how it hands image
     features around in 5.24): one count per tile (SmolVLM, padding tiles not) or per anyres patch
     and video frame (LLaVA-OneVision) of a mixed batch."""
-    from hpc_train.data.collate import Collator, model_inputs
+    from hpc_train.data.batching.collate import Collator, model_inputs
     from hpc_train.models.families import get_family
     from hpc_train.train.profile_report import vision_tower
     from tests.conftest import mixed_samples

@@ -1,4 +1,4 @@
-"""Tests for hpc_train.data.records: indexing, parsing, validation messages."""
+"""Tests for hpc_train.data.sources.records: indexing, parsing, validation messages."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpc_train.data import record_index, records
-from hpc_train.data.records import (
+from hpc_train.data.sources import record_index, records
+from hpc_train.data.sources.records import (
     PLACEHOLDERS,
     ROLES,
     Record,

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from hpc_train.config_file import load_config
-from hpc_train.data.loss_positions import LOSS_POSITIONS, LOSS_TARGETS, loss_positions
-from hpc_train.data.media_share import share_bounds
-from hpc_train.data.packing import pack_samples
-from hpc_train.data.sequence_shard import SAMPLE_COUNTS, SHARD, SequenceShards, shard_batch
-from hpc_train.data.tokenize import IGNORE_INDEX, EncodedSample
+from hpc_train.data.batching.packing import pack_samples
+from hpc_train.data.batching.sequence_shard import SAMPLE_COUNTS, SHARD, SequenceShards, shard_batch
+from hpc_train.data.decoding.media_share import share_bounds
+from hpc_train.data.encoding.loss_positions import LOSS_POSITIONS, LOSS_TARGETS, loss_positions
+from hpc_train.data.encoding.tokenize import IGNORE_INDEX, EncodedSample
 from hpc_train.dist import DistInfo
 from hpc_train.errors import ConfigError
 from hpc_train.models.presets import PRESETS
@@ -172,7 +172,7 @@ def test_a_baseline_run_refuses_sequence_parallelism_before_joining_any_group():
 
 @pytest.fixture(scope="module")
 def long_video_set(tmp_path_factory) -> Path:
-    from hpc_train.data.synthetic import SyntheticSpec, make_dataset
+    from hpc_train.data.sources.synthetic import SyntheticSpec, make_dataset
 
     out = tmp_path_factory.mktemp("long_videos")
     make_dataset(out, SyntheticSpec(n_train=2, n_eval=0, kinds=("video",), weights={"video": 1.0}, video_frames=32))

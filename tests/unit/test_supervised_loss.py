@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hpc_train.data.collate import Collator, step_inputs
-from hpc_train.data.loss_positions import LOSS_POSITIONS, LOSS_TARGETS, loss_positions
-from hpc_train.data.packing import pack_samples
-from hpc_train.data.tokenize import IGNORE_INDEX
+from hpc_train.data.batching.collate import Collator, step_inputs
+from hpc_train.data.batching.packing import pack_samples
+from hpc_train.data.encoding.loss_positions import LOSS_POSITIONS, LOSS_TARGETS, loss_positions
+from hpc_train.data.encoding.tokenize import IGNORE_INDEX
 from hpc_train.models.families import get_family
 from hpc_train.train.loss import full_logits_loss, sample_mean_loss, token_mean_loss
 from tests.conftest import FAMILIES, mixed_samples

@@ -1,4 +1,4 @@
-"""Tests for hpc_train.data.synthetic: layout, determinism and that labels match content."""
+"""Tests for hpc_train.data.sources.synthetic: layout, determinism and that labels match content."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpc_train.data.audio import load_audio
-from hpc_train.data.media import VideoSampling, load_image, load_video
-from hpc_train.data.records import read_records
-from hpc_train.data.synthetic import (
+from hpc_train.data.decoding.audio import load_audio
+from hpc_train.data.decoding.media import VideoSampling, load_image, load_video
+from hpc_train.data.sources.records import read_records
+from hpc_train.data.sources.synthetic import (
     COLOURS,
     KINDS,
     PITCHES,

@@ -9,9 +9,9 @@ import copy
 import pytest
 import torch
 
-from hpc_train.data.collate import Collator, step_inputs
-from hpc_train.data.loss_positions import loss_positions
-from hpc_train.data.packing import pack_samples
+from hpc_train.data.batching.collate import Collator, step_inputs
+from hpc_train.data.batching.packing import pack_samples
+from hpc_train.data.encoding.loss_positions import loss_positions
 from hpc_train.models.families import get_family
 from hpc_train.models.tiled_mlp import use_tiled_mlp
 from hpc_train.train.loss import token_mean_loss

@@ -45,7 +45,7 @@ def test_every_linear_layer_is_at_least_64_wide(loaded_tiny, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_answer_words_are_single_tokens(loaded_tiny, family):
-    from hpc_train.data.synthetic import COLOURS, PITCHES
+    from hpc_train.data.sources.synthetic import COLOURS, PITCHES
 
     tokenizer = loaded_tiny[family][1].tokenizer
     for word in [*COLOURS, *PITCHES]:

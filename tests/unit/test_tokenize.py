@@ -17,9 +17,9 @@ from PIL import Image
 
 from hpc_train.config import DataConfig
 from hpc_train.data.dataset import MediaLoader, SampleDataset, Skipped
-from hpc_train.data.media import VideoFrames
-from hpc_train.data.records import Record, Turn, read_records
-from hpc_train.data.tokenize import IGNORE_INDEX, ChatEncoder, SampleMedia
+from hpc_train.data.decoding.media import VideoFrames
+from hpc_train.data.encoding.tokenize import IGNORE_INDEX, ChatEncoder, SampleMedia
+from hpc_train.data.sources.records import Record, Turn, read_records
 from hpc_train.errors import DataError
 from hpc_train.models.families import get_family
 from tests.conftest import FAMILIES

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpc_train.data.collate import step_inputs
+from hpc_train.data.batching.collate import step_inputs
 from hpc_train.data.dataset import Skipped
-from hpc_train.data.loss_positions import loss_positions
-from hpc_train.data.tokenize import IGNORE_INDEX
+from hpc_train.data.encoding.loss_positions import loss_positions
+from hpc_train.data.encoding.tokenize import IGNORE_INDEX
 from hpc_train.train.run_parts import REQUEUE_EXIT_CODE, REQUEUE_MARKER, RunParts
 from hpc_train.train.schedule import lr_multiplier
 from hpc_train.train.trainer import TrainingStopped, TrainLoop

@@ -13,11 +13,11 @@ import pytest
 
 from hpc_train.config import DataConfig
 from hpc_train.data.dataset import MediaLoader
-from hpc_train.data.lengths import sample_lengths
-from hpc_train.data.media import VideoSampling, load_video, video_settings
-from hpc_train.data.records import read_records
-from hpc_train.data.tokenize import ChatEncoder
-from hpc_train.data.video_backends import resolve_backend, torchcodec_problem
+from hpc_train.data.decoding.media import VideoSampling, load_video, video_settings
+from hpc_train.data.decoding.video_backends import resolve_backend, torchcodec_problem
+from hpc_train.data.encoding.lengths import sample_lengths
+from hpc_train.data.encoding.tokenize import ChatEncoder
+from hpc_train.data.sources.records import read_records
 from hpc_train.doctor.runtime import video_backend_check
 from hpc_train.errors import ConfigError
 from hpc_train.models.families import get_family
@@ -76,7 +76,7 @@ def test_without_ffmpeg_auto_falls_back_to_decord_and_torchcodec_is_refused():
     # torchcodec imported before hpc-train could load PyAV's FFmpeg: it found none and stays so.
     script = (
         "import torchcodec\n"
-        "from hpc_train.data.video_backends import resolve_backend\n"
+        "from hpc_train.data.decoding.video_backends import resolve_backend\n"
         "from hpc_train.doctor.runtime import video_backend_check\n"
         "from hpc_train.errors import ConfigError\n"
         "print([(r.status, r.found) for r in map(video_backend_check, ('auto', 'torchcodec'))])\n"
@@ -102,7 +102,7 @@ def test_an_unknown_backend_is_refused():
 def test_max_side_scales_frames_in_the_decoder_to_the_size_the_lengths_assume(synthetic_data, backend):
     from PIL import Image
 
-    from hpc_train.data.media import black_video, video_size
+    from hpc_train.data.decoding.media import black_video, video_size
 
     for path in _videos(synthetic_data)[:3]:
         width, height = video_size(path)

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from hpc_train.config_file import load_config
-from hpc_train.data.collate import step_inputs
-from hpc_train.data.feature_writer import flush_writers
+from hpc_train.data.batching.collate import step_inputs
+from hpc_train.data.caches.feature_writer import flush_writers
+from hpc_train.data.encoding.tokenize import EncodedSample
 from hpc_train.data.pipeline import build_pipeline
-from hpc_train.data.records import read_records
-from hpc_train.data.tokenize import EncodedSample
+from hpc_train.data.sources.records import read_records
 from hpc_train.models.attention import use_varlen_attention
 from hpc_train.models.load import model_family
 from hpc_train.models.tiny import build_tiny
@@ -180,7 +180,7 @@ def test_a_torn_entry_is_recomputed_never_used(loaded_tiny, synthetic_data, tmp_
     flush_writers()
     image = setup.records[0]
     key = setup.cache.sample_key(image)
-    from hpc_train.data.vision_cache import entry_key
+    from hpc_train.data.caches.vision_cache import entry_key
 
     path = setup.cache.store.path_for(entry_key(key, "image"))
     path.write_bytes(path.read_bytes()[:-9])
@@ -216,7 +216,7 @@ def test_collated_rows_say_where_each_cached_row_goes(setup):
     flush_writers()
     warm = setup.samples(cached=True)
     batch = setup.batch([cold[0], warm[1]], cached=True, packed=False)
-    from hpc_train.data.vision_cache import VISION_FEATURES
+    from hpc_train.data.caches.vision_cache import VISION_FEATURES
 
     rows = batch[VISION_FEATURES].kinds["image"]
     assert cold[0].features is None and len(rows.computed_at) > 0

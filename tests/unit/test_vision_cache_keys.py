@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hpc_train.config_file import load_config
-from hpc_train.data.vision_cache_keys import (
+from hpc_train.data.caches.vision_cache_keys import (
     cache_refusal,
     processing_digest,
     vision_weights_digest,

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 class MediaLayout:
     """How one family's media tensors are laid out: for one sample, a padded batch, a packed row.
 
-    ``samples`` are :class:`~hpc_train.data.tokenize.EncodedSample` (read: ``.media``, ``.id``)."""
+    ``samples`` are :class:`~hpc_train.data.encoding.tokenize.EncodedSample` (read: ``.media``, ``.id``)."""
 
     shared_by: str = ""
     """The host bookkeeping by which sequence parallelism shares the vision work of a sample

@@ -4,7 +4,7 @@ smaller than the decoded one and the processor's work on it is the same as on th
 
 The resize is the processor's own (its ``resize`` with its ``size`` and ``resample``), never
 ours; whether feeding its output back gives the processor's output for the decoded frames is
-proven per processor when a store opens (:func:`~hpc_train.data.prepared_media.resize_is_exact`).
+proven per processor when a store opens (:func:`~hpc_train.data.caches.prepared_media.resize_is_exact`).
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ class GridLayout(MediaLayout):
 
 def share_vision(inner: torch.nn.Module, group: Any) -> None:
     """Each rank encodes the images and video frames the batch's split left it (see
-    :func:`hpc_train.data.media_share.split_media`); the rows go where their tokens are."""
+    :func:`hpc_train.data.decoding.media_share.split_media`); the rows go where their tokens are."""
     for kind in MEDIA_KEYS:
         name = f"get_{kind}_features"
         setattr(inner, name, _shared(inner, getattr(inner, name), kind, group))

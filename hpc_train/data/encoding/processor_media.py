@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hpc_train.data.media import VideoFrames
+from hpc_train.data.decoding.media import VideoFrames
 from hpc_train.errors import DataError
 from hpc_train.models.families import Family
 from hpc_train.models.media_keys import IMAGE_TILE

@@ -3,7 +3,7 @@
 Cached features are what the connector hands the language model. They stay valid while the
 vision tower's and the connector's weights, the processor's settings and the run's media
 settings stay what they were when the entry was written, and the media file is the same file:
-each goes into the keys (with :func:`hpc_train.data.feature_store.media_identity` for files).
+each goes into the keys (with :func:`hpc_train.data.caches.feature_store.media_identity` for files).
 A run that trains anything in the tower or the connector (unfrozen, or LoRA over them) changes
 those features every step, so it cannot use the cache at all: :func:`cache_refusal` says why.
 """
@@ -17,8 +17,8 @@ from typing import Any
 from torch import nn
 
 from hpc_train.config import DataConfig
-from hpc_train.data.feature_store import tensors_digest
-from hpc_train.data.media import video_settings
+from hpc_train.data.caches.feature_store import tensors_digest
+from hpc_train.data.decoding.media import video_settings
 from hpc_train.models.adapters import bare_name, group_of, param_census
 from hpc_train.models.families import Family
 

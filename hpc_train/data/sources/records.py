@@ -15,7 +15,7 @@ lists other correct answers to the last question, which evaluation scores agains
 Without an ``id`` the record gets ``"<file stem>:<line>"``.
 
 The format (JSON array or JSONL) is detected from the first non-blank byte, not the file
-extension. Files are never loaded whole: one streaming pass (:mod:`hpc_train.data.record_index`)
+extension. Files are never loaded whole: one streaming pass (:mod:`hpc_train.data.sources.record_index`)
 records each record's byte span and line, and a record is parsed and validated only when it is accessed, so every
 error names the file, the line, the record id and a fix.
 
@@ -35,10 +35,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpc_train.data.record_fields import Fail, read_references, video_clip
-from hpc_train.data.record_fields import json_type as _json_type
-from hpc_train.data.record_fields import shown as _shown
-from hpc_train.data.record_index import RecordIndex
+from hpc_train.data.sources.record_fields import Fail, read_references, video_clip
+from hpc_train.data.sources.record_fields import json_type as _json_type
+from hpc_train.data.sources.record_fields import shown as _shown
+from hpc_train.data.sources.record_index import RecordIndex
 from hpc_train.errors import DataError, MediaError
 
 ROLES: dict[str, str] = {

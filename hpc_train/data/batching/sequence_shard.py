@@ -5,7 +5,7 @@ pads its rows to a multiple of the group size, gives them global ``position_ids`
 positions of the whole row), drops the padding mask (the batch is right-padded, so causal
 attention is exact for every real token), cuts ``input_ids`` and ``position_ids`` to this
 rank's slice of the sequence and replaces the loss's positions by the slice's. The pixels are
-cut to those this rank encodes (:mod:`hpc_train.data.media_share`: the video frames it decoded,
+cut to those this rank encodes (:mod:`hpc_train.data.decoding.media_share`: the video frames it decoded,
 its share of the image tiles), with the feature rows each rank encodes and each rank's slice
 holds (the group routes them, :mod:`hpc_train.models.vision_share`). What the loss needs to average exactly over the group — the
 micro-batch's supervised count, each packed sample's — travels with it, and the bookkeeping
@@ -21,9 +21,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hpc_train.data.loss_positions import loss_positions, num_supervised
-from hpc_train.data.media_share import split_media
-from hpc_train.data.tokenize import IGNORE_INDEX
+from hpc_train.data.decoding.media_share import split_media
+from hpc_train.data.encoding.loss_positions import loss_positions, num_supervised
+from hpc_train.data.encoding.tokenize import IGNORE_INDEX
 from hpc_train.models.vision_share import FeatureRows
 
 SHARD = "sequence_shard"

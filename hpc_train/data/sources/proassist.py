@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpc_train.data.records import RecordIndex
+from hpc_train.data.sources.records import RecordIndex
 from hpc_train.errors import DataError
 
 _ROLES = ("system", "frames", "user", "assistant")

@@ -22,10 +22,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hpc_train.data.collate import has_media_kind
-from hpc_train.data.loss_positions import loss_positions, num_supervised
-from hpc_train.data.tokenize import IGNORE_INDEX, EncodedSample
-from hpc_train.data.vision_cache import NOT_STORED, VISION_FEATURES, FeatureCollation, token_owners
+from hpc_train.data.batching.collate import has_media_kind
+from hpc_train.data.caches.vision_cache import (
+    NOT_STORED,
+    VISION_FEATURES,
+    FeatureCollation,
+    token_owners,
+)
+from hpc_train.data.encoding.loss_positions import loss_positions, num_supervised
+from hpc_train.data.encoding.tokenize import IGNORE_INDEX, EncodedSample
 from hpc_train.errors import DataError
 from hpc_train.models.families import get_family
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from hpc_train.data.feature_store import FORMAT, FeatureStore, key_of, media_identity
-from hpc_train.data.records import Record
-from hpc_train.data.tokenize import EncodedSample
+from hpc_train.data.caches.feature_store import FORMAT, FeatureStore, key_of, media_identity
+from hpc_train.data.encoding.tokenize import EncodedSample
+from hpc_train.data.sources.records import Record
 from hpc_train.models.cached_vision import CachedFeatures, KindRows
 
 _PLACEHOLDERS = re.compile(r"<image>|<video>|<speech>")
@@ -26,7 +26,7 @@ _PLACEHOLDERS = re.compile(r"<image>|<video>|<speech>")
 
 def cache_prefix(*, family_name: str, weights: str, processing: str, dtype: torch.dtype) -> str:
     """What every entry of one run depends on besides its own media (digests from
-    :mod:`hpc_train.data.vision_cache_keys`)."""
+    :mod:`hpc_train.data.caches.vision_cache_keys`)."""
     return key_of(FORMAT, family_name, weights, processing, str(dtype))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from hpc_train.data.tokenize import IGNORE_INDEX
+from hpc_train.data.encoding.tokenize import IGNORE_INDEX
 
 LOSS_POSITIONS = "loss_positions"
 """(rows, K) int64: position t of a row is kept when ``labels[row, t + 1]`` is supervised;

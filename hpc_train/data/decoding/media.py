@@ -1,4 +1,4 @@
-"""Reading videos and images into arrays the processors can use (audio: :mod:`hpc_train.data.audio`).
+"""Reading videos and images into arrays the processors can use (audio: :mod:`hpc_train.data.decoding.audio`).
 
 Every failure a user can cause (missing file, empty file, undecodable bytes, a clip
 outside the video) is raised as :class:`~hpc_train.errors.MediaError` naming the path
@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, ImageStat
 
 from hpc_train.config import VideoConfig
-from hpc_train.data.video_backends import (
+from hpc_train.data.decoding.video_backends import (
     BACKENDS,
     VideoReader,
     open_reader,

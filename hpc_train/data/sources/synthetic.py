@@ -23,7 +23,7 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
-from hpc_train.data.records import RECORD_KINDS
+from hpc_train.data.sources.records import RECORD_KINDS
 from hpc_train.synthetic_words import (
     CAPTIONS,
     COLOURS,
@@ -335,7 +335,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _readme(spec: SyntheticSpec, counts: dict[str, dict[str, int]]) -> str:
     lines = [
-        "Synthetic multimodal dataset written by hpc_train.data.synthetic.make_dataset.",
+        "Synthetic multimodal dataset written by hpc_train.data.sources.synthetic.make_dataset.",
         "",
         "train.jsonl / eval.jsonl: LLaVA-style records; media paths (media/...) are relative to",
         "this folder, the default data.media_root: data.train=<this folder>/train.jsonl is enough.",

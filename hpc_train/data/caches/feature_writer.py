@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from hpc_train.data.feature_store import FeatureStore
+from hpc_train.data.caches.feature_store import FeatureStore
 from hpc_train.models.cached_vision import CachedFeatures, to
 
 _QUEUE = 256

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from hpc_train.data.media import FIX_AUDIO, FIX_SKIP, _check_file, _short
+from hpc_train.data.decoding.media import FIX_AUDIO, FIX_SKIP, _check_file, _short
 from hpc_train.errors import MediaError
 
 

@@ -19,9 +19,9 @@ from pathlib import Path
 from PIL import Image
 
 from hpc_train.config import DataConfig
-from hpc_train.data.media import black_video, video_sampling, video_settings
-from hpc_train.data.records import Record
-from hpc_train.data.tokenize import ChatEncoder, SampleMedia
+from hpc_train.data.decoding.media import black_video, video_sampling, video_settings
+from hpc_train.data.encoding.tokenize import ChatEncoder, SampleMedia
+from hpc_train.data.sources.records import Record
 from hpc_train.errors import DataError
 
 UNUSABLE = -1
@@ -43,7 +43,9 @@ def stand_in_media(record: Record, data: DataConfig) -> SampleMedia:
     images = []
     for path in record.images:
         if data.image.aspect_4to1 or data.image.max_side is not None:
-            from hpc_train.data.media import load_image  # these change the size: apply them
+            from hpc_train.data.decoding.media import (
+                load_image,  # these change the size: apply them
+            )
 
             images.append(load_image(path, aspect_4to1=data.image.aspect_4to1, max_side=data.image.max_side))
         else:

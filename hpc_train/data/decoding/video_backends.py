@@ -1,8 +1,8 @@
-"""The two video decoders behind :func:`~hpc_train.data.media.load_video`: decord (the original,
+"""The two video decoders behind :func:`~hpc_train.data.decoding.media.load_video`: decord (the original,
 unmaintained since 2022) and torchcodec (PyTorch's own), behind one small reader interface.
 
 ``data.video.backend: auto`` takes torchcodec where it imports with a working FFmpeg (PyAV's,
-see :mod:`~hpc_train.data.bundled_ffmpeg`, else the system's) and decord otherwise; the choice
+see :mod:`~hpc_train.data.decoding.bundled_ffmpeg`, else the system's) and decord otherwise; the choice
 is made once per process and recorded, since the two may differ by a grey level or two.
 """
 
@@ -69,7 +69,7 @@ class TorchcodecReader:
 
     def __init__(self, path: Path, size: tuple[int, int] | None = None, threads: int = 1,
                  device: str = "cpu") -> None:
-        from hpc_train.data.bundled_ffmpeg import load_bundled_ffmpeg
+        from hpc_train.data.decoding.bundled_ffmpeg import load_bundled_ffmpeg
 
         load_bundled_ffmpeg()  # before torchcodec's first import, which looks for FFmpeg once
         from torchcodec.decoders import VideoDecoder
@@ -116,7 +116,7 @@ def scaled_size(width: int, height: int, max_side: int | None) -> tuple[int, int
 @cache
 def torchcodec_problem() -> str | None:
     """Why torchcodec cannot decode video here, or None when it can."""
-    from hpc_train.data.bundled_ffmpeg import load_bundled_ffmpeg
+    from hpc_train.data.decoding.bundled_ffmpeg import load_bundled_ffmpeg
 
     imported_before = "torchcodec" in sys.modules
     load_bundled_ffmpeg()
@@ -149,7 +149,7 @@ def _decode_a_probe() -> None:
 
 def describe_torchcodec() -> str:
     """torchcodec's version and the FFmpeg it decodes with (for ``hpc-train doctor``)."""
-    from hpc_train.data.bundled_ffmpeg import load_bundled_ffmpeg
+    from hpc_train.data.decoding.bundled_ffmpeg import load_bundled_ffmpeg
 
     problem = torchcodec_problem()
     if problem is not None:

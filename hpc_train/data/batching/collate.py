@@ -9,10 +9,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from hpc_train.data.caches.vision_cache import (
+    NOT_STORED,
+    VISION_FEATURES,
+    FeatureCollation,
+    token_owners,
+)
 from hpc_train.data.dataset import Skipped
-from hpc_train.data.loss_positions import LOSS_KEYS, loss_positions, num_supervised
-from hpc_train.data.tokenize import IGNORE_INDEX, EncodedSample
-from hpc_train.data.vision_cache import NOT_STORED, VISION_FEATURES, FeatureCollation, token_owners
+from hpc_train.data.encoding.loss_positions import LOSS_KEYS, loss_positions, num_supervised
+from hpc_train.data.encoding.tokenize import IGNORE_INDEX, EncodedSample
 from hpc_train.models.families import Family
 from hpc_train.models.media_keys import IMAGE_ROWS, TILE_FRAMES
 

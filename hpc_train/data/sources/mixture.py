@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from hpc_train.config import RunConfig
-from hpc_train.data.records import Record, RecordFile, read_id_filter
+from hpc_train.data.sources.records import Record, RecordFile, read_id_filter
 from hpc_train.errors import DataError
 
 _KEYS = ("path", "media_root", "fraction", "repeat", "ids_file")

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hpc_train.data.media import VideoFrames
-from hpc_train.data.processor_media import (
+from hpc_train.data.decoding.media import VideoFrames
+from hpc_train.data.encoding.processor_media import (
     expand,
     image_rows,
     pixels_in_token_order,
@@ -38,7 +38,7 @@ from hpc_train.data.processor_media import (
     tile_frames,
     video_inputs,
 )
-from hpc_train.data.records import Record
+from hpc_train.data.sources.records import Record
 from hpc_train.errors import DataError
 from hpc_train.models.families import Family
 from hpc_train.models.media_keys import IMAGE_ROWS, IMAGE_TILE, TILE_FRAMES

@@ -5,7 +5,7 @@ decoding the file again.
 Decoding is the loader's costliest part (each sampled frame seeks and decodes from its keyframe:
 about a second per 16-frame sample of a 360p clip on one core), so a store filled ahead on CPU
 nodes (``hpc-train prepare-media``) keeps the GPUs fed. An entry is one safetensors file of the
-frames (uint8) in :class:`~hpc_train.data.feature_store.FeatureStore`, written whole or not at
+frames (uint8) in :class:`~hpc_train.data.caches.feature_store.FeatureStore`, written whole or not at
 all, keyed by the file's identity (path, size, modification time), the clip, the run's video
 settings and, when the frames are resized, the processor's settings: any change makes a miss,
 never a stale sample. The resize is the family's (``Family.prepare_frames``, the processor's
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from hpc_train.config import DataConfig
-from hpc_train.data.feature_store import FeatureStore, key_of, media_identity
-from hpc_train.data.media import VideoFrames, video_settings
+from hpc_train.data.caches.feature_store import FeatureStore, key_of, media_identity
+from hpc_train.data.decoding.media import VideoFrames, video_settings
 from hpc_train.models.families import Family
 
 KIND = "prepared-video-1"
@@ -114,7 +114,7 @@ class PreparedMedia:
 
 def share_of(video: VideoFrames, bounds: tuple[int, int]) -> VideoFrames:
     """A stored video as a rank of a sequence-parallel group sees it decoded: its share of the
-    frames, black stand-ins for the others (see :func:`~hpc_train.data.media.load_video`)."""
+    frames, black stand-ins for the others (see :func:`~hpc_train.data.decoding.media.load_video`)."""
     start, end = bounds
     frames = np.zeros_like(video.frames)
     frames[start:end] = video.frames[start:end]
