@@ -16,6 +16,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import traceback
@@ -33,7 +34,15 @@ difference of the attention output and of its input gradients."""
 class Check:
     def __init__(self, out: Path, cpu: bool) -> None:
         self.out, self.cpu = out, cpu
+        self.shared = out / "shared"  # the dataset and tiny models every part may use
         self.work = out / "work"
+
+    def fresh(self, part: str) -> None:
+        """``part``'s own empty folder: a second call in the same OUT starts its runs over, never
+        resuming the checkpoints an earlier call left."""
+        self.work = self.out / "work" / part
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.work.mkdir(parents=True)
 
     def python(self, *args: str) -> str:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -43,10 +52,10 @@ class Check:
         return done.stdout
 
     def data_and_model(self, family: str = "smolvlm") -> tuple[Path, Path]:
-        data, model = self.work / "data", self.work / f"tiny_{family}"
-        if not data.is_dir():
+        data, model = self.shared / "data", self.shared / f"tiny_{family}"
+        if not (data / "train.jsonl").is_file():  # written last: a folder without it is unfinished
             self.python("-m", "hpc_train", "make-data", str(data))
-        if not model.is_dir():
+        if not (model / "config.json").is_file():
             self.python("-m", "hpc_train", "make-tiny", family, str(model))
         return data, model
 
@@ -301,9 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=sorted(PARTS), help="run these parts only")
     args = parser.parse_args(argv)
     check = Check(Path(args.out).resolve(), args.cpu)
-    check.work.mkdir(parents=True, exist_ok=True)
     fails = 0
     for name in args.only or PARTS:
+        check.fresh(name)
         log = io.StringIO()
         try:
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):

@@ -41,11 +41,16 @@ def _train(args: argparse.Namespace) -> int:
     from hpc_train.config_file import load_config
     from hpc_train.dist import cleanup
     from hpc_train.train.run import PeerLost, run
-    from hpc_train.train.trainer import TrainingStopped
+    from hpc_train.train.trainer import OutOfMemoryStop, TrainingStopped
 
     config = load_config(args.config, args.overrides)
     try:
         return run(config, evaluate_only=args.command == "eval")
+    except OutOfMemoryStop as exc:
+        from hpc_train.plan.after_oom import plan_after_oom
+
+        print(f"error: {plan_after_oom(exc)}", file=sys.stderr)
+        return exc.exit_code
     except (TrainingStopped, PeerLost) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

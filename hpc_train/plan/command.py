@@ -24,7 +24,6 @@ from hpc_train.plan.planner import (
 from hpc_train.plan.step_time import EFFICIENCY, STARTUP_S, StepTime, step_time
 from hpc_train.train.data_order import total_steps
 from hpc_train.train.engine import zero_stage
-from hpc_train.train.oom_advice import ZERO3_CONFIG
 from hpc_train.train.profile_report import trainability
 from profiling.flops import shape_of
 
@@ -37,6 +36,9 @@ _SEARCH_FACTOR = 4
 _ROW_GRAIN = 256
 """Packed row lengths are tried in multiples of this."""
 SEARCHES = ("auto", "up", "off")
+
+ZERO3_CONFIG = "ds_configs/zero3.json"
+"""What the advice offers a run that does not fit under ZeRO-2."""
 
 
 @dataclass

@@ -48,6 +48,17 @@ class TrainingStopped(HpcTrainError):
     exit_code = 3
 
 
+class OutOfMemoryStop(TrainingStopped):
+    """A step ran out of GPU memory. The command line says so with this run's plan (peak by
+    component, the settings that fit), made a layer above the loop (:mod:`hpc_train.plan.after_oom`)."""
+
+    def __init__(self, exc: BaseException, parts: RunParts) -> None:
+        super().__init__(f"Out of memory: {exc}")
+        self.config, self.info, self.device = parts.config, parts.info, parts.device
+        self.bf16 = parts.loaded.dtype == torch.bfloat16
+        self.resolved = parts.output / "config.resolved.yaml"
+
+
 class TrainLoop:
     """The optimizer steps of one training run (``parts.train`` and ``parts.training`` set)."""
 
@@ -226,7 +237,7 @@ class TrainLoop:
         try:
             return self.parts.loss(self.training.engine, inputs)
         except torch.OutOfMemoryError as exc:
-            raise TrainingStopped(_oom_message(self.parts, exc)) from exc
+            raise OutOfMemoryStop(exc, self.parts) from exc
 
     def _grad_norm(self) -> float:
         norm = self.training.engine.get_global_grad_norm()
@@ -367,21 +378,6 @@ def install_stop_signals(handler: Callable[[int, Any], None]) -> None:
         signal_on_parent_death(signal.SIGTERM)
 
 
-def _oom_message(parts: RunParts, exc: BaseException) -> str:
-    from hpc_train.train.memory_estimate import run_shape
-    from hpc_train.train.oom_advice import format_oom_advice, rank_oom_advice
-
-    shape = run_shape(parts.loaded.model, parts.config, parts.info.world_size, parts.ds, parts.family)
-    available = None
-    if torch.cuda.is_available():
-        available = torch.cuda.get_device_properties(parts.device).total_memory / 2**30
-    advice = format_oom_advice(shape, rank_oom_advice(shape, available_gib=available), available_gib=available,
-                               error=str(exc))
-    # The estimate above is quick and coarse; the plan runs this model on fake tensors.
-    return (f"{advice}\nFor this run's measured peak by component and the settings that fit: "
-            f"hpc-train plan {parts.output / 'config.resolved.yaml'} --gpu auto")
-
-
 def _progress(total: int, done: int, *, enabled: bool) -> Any:
     from tqdm import tqdm
 
@@ -390,4 +386,4 @@ def _progress(total: int, done: int, *, enabled: bool) -> Any:
                 mininterval=0.5 if sys.stderr.isatty() else 30, dynamic_ncols=True)
 
 
-__all__ = ["REQUEUE_EXIT_CODE", "TrainLoop", "TrainingStopped", "install_stop_signals"]
+__all__ = ["REQUEUE_EXIT_CODE", "OutOfMemoryStop", "TrainLoop", "TrainingStopped", "install_stop_signals"]

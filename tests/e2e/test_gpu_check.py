@@ -21,3 +21,17 @@ def test_the_gpu_check_script_runs_every_part_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout + logs
     passed = [line.split()[1].rstrip(":") for line in done.stdout.splitlines() if line.startswith("PASS ")]
     assert passed == list(PARTS), done.stdout
+    # A second call in the same folder starts each part over (never resuming an earlier call's
+    # checkpoints) and keeps the shared dataset and models.
+    left = tmp_path / "work" / "bf16-zero2-run" / "zero2" / "checkpoints"
+    assert left.is_dir() and (tmp_path / "shared" / "data" / "train.jsonl").is_file()
+    again = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu", str(tmp_path), "--only", "doctor-gpu-rows"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHON": sys.executable})
+    assert again.returncode == 0 and "PASS doctor-gpu-rows" in again.stdout, again.stdout
+    assert left.is_dir()  # another part's folder is left alone
+    (tmp_path / "work" / "doctor-gpu-rows" / "stale").write_text("from an earlier call")
+    subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu", str(tmp_path), "--only", "doctor-gpu-rows"],
+                   cwd=ROOT, capture_output=True, timeout=300, env={**os.environ, "PYTHON": sys.executable}, check=True)
+    assert not (tmp_path / "work" / "doctor-gpu-rows" / "stale").exists()
+    assert (tmp_path / "shared" / "data" / "train.jsonl").is_file()

@@ -188,11 +188,17 @@ def test_no_device_read_of_ours_inside_the_accumulation_loop(build, tmp_path, sh
     assert longer.get("deepspeed", 0) == one.get("deepspeed", 0), (one, longer)
 
 
-def test_an_out_of_memory_stop_ranks_the_settings_and_names_the_plan(build):
-    from hpc_train.train.trainer import _oom_message
+def test_an_out_of_memory_stop_says_the_runs_plan_with_the_changes_that_fit(build):
+    """The plan of the run on a GPU too small for it (the device's own on a GPU run): its peak
+    and the single changes that would fit, each re-planned, then the command."""
+    from hpc_train.plan.after_oom import plan_after_oom
+    from hpc_train.plan.gpus import Gpu
+    from hpc_train.train.trainer import OutOfMemoryStop
 
     parts = build()
-    said = _oom_message(parts, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    stop = OutOfMemoryStop(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), parts)
+    small = Gpu("tiny-GPU", 0.02, "tiny GPU")
+    said = plan_after_oom(stop, small)
     assert said.startswith("Out of memory: CUDA out of memory.")
-    assert "Settings that would lower it" in said
-    assert f"hpc-train plan {parts.output / 'config.resolved.yaml'} --gpu auto" in said
+    assert "plan: " in said and "tiny-GPU" in said and "train.gradient_checkpointing=true" in said
+    assert said.endswith(f"hpc-train plan {parts.output / 'config.resolved.yaml'} --gpu auto")
