@@ -57,6 +57,7 @@ def _score(parts: RunParts, result: EvalResult, generated: Generation) -> None:
         result.scored(parts.config.eval.metrics, generated.rows, generated.summary())
     except Exception as exc:  # a metric library's failure must not lose the generation
         result.records, result.generation = generated.rows, generated.summary()
+        result.generated = len(generated.rows)
         result.metrics_chosen = f"not scored: {type(exc).__name__}: {exc}"
         print(f"warning: the answers could not be scored ({type(exc).__name__}: {exc}); eval_results.json keeps "
               "them unscored", file=sys.stderr, flush=True)
