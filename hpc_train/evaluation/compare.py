@@ -141,7 +141,8 @@ def compare(baseline: Evaluation, other: Evaluation, *, resamples: int = RESAMPL
             seed: int = 0) -> Comparison:
     """``other`` against ``baseline`` on the record ids both have, every shared metric per kind."""
     from hpc_train.evaluation.bootstrap import paired_bootstrap
-    from hpc_train.evaluation.metrics import summarize
+    from hpc_train.evaluation.metrics import values_over
+
     by_id = {str(r["id"]): r for r in other.records}
     mine = [r for r in baseline.records if str(r["id"]) in by_id]
     theirs = [by_id[str(r["id"])] for r in mine]
@@ -167,7 +168,7 @@ def compare(baseline: Evaluation, other: Evaluation, *, resamples: int = RESAMPL
     for kind in (ALL, *kinds):
         a = mine if kind == ALL else [r for r in mine if r["kind"] == kind]
         b = theirs if kind == ALL else [r for r in theirs if r["kind"] == kind]
-        values_a, values_b = summarize(a, metrics)[0], summarize(b, metrics)[0]
+        values_a, values_b = values_over(a, metrics), values_over(b, metrics)
         for metric, diff in paired_bootstrap(a, b, metrics, resamples=resamples, seed=seed).items():
             lines.append(Line(metric, kind, len(a), values_a[metric], values_b[metric], diff))
     lines.sort(key=lambda line: metrics.index(line.metric))  # stable: kinds stay in order

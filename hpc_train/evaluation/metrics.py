@@ -177,16 +177,18 @@ def bleu_from_counts(counts: np.ndarray) -> np.ndarray:
     return score * penalty
 
 
+def values_over(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict[str, float]:
+    """Each metric over ``rows``, every row taken once."""
+    ones = np.ones((1, len(rows)))
+    return {name: float(corpus_values(name, rows, ones)[0]) for name in names}
+
+
 def summarize(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Each metric over every row, and per record kind (in the order kinds first appear)."""
-    def values(subset: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-        ones = np.ones((1, len(subset)))
-        return {name: float(corpus_values(name, subset, ones)[0]) for name in names}
-
-    overall = values(rows) if rows else {}
+    overall = values_over(rows, names) if rows else {}
     kinds = list(dict.fromkeys(r["kind"] for r in rows))
-    return overall, {kind: values([r for r in rows if r["kind"] == kind]) for kind in kinds}
+    return overall, {kind: values_over([r for r in rows if r["kind"] == kind], names) for kind in kinds}
 
 
 __all__ = ["CAPTION", "METRICS", "SHORT_ANSWER", "bleu_from_counts", "caption_tokens", "choose_metrics",
-           "corpus_values", "exact_match", "normalize_answer", "score_rows", "summarize", "token_f1"]
+           "corpus_values", "exact_match", "normalize_answer", "score_rows", "summarize", "token_f1", "values_over"]

@@ -4,10 +4,8 @@ tensors (no GPU memory), in the failing process; where it cannot, the command th
 
 from __future__ import annotations
 
-import torch
-
 from hpc_train.plan.command import format_plan, make_plan
-from hpc_train.plan.gpus import Gpu, gpu_of_device
+from hpc_train.plan.gpus import Gpu, gpu_of
 from hpc_train.train.trainer import OutOfMemoryStop
 
 
@@ -16,8 +14,7 @@ def plan_after_oom(stop: OutOfMemoryStop, gpu: Gpu | None = None) -> str:
     command = f"hpc-train plan {stop.resolved} --gpu auto"
     try:
         if gpu is None and stop.device.type == "cuda":
-            props = torch.cuda.get_device_properties(stop.device)
-            gpu = gpu_of_device(props.name, props.total_memory)
+            gpu = gpu_of(stop.device)
         plan = make_plan(stop.config, gpu, nodes=stop.info.num_nodes, gpus_per_node=stop.info.local_world_size,
                          bf16=stop.bf16, search="auto", loader=False)
     except Exception as failed:  # the out-of-memory stop must still be said

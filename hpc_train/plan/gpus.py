@@ -67,7 +67,14 @@ def planned_gpu(name: str | None) -> Gpu | None:
     if not torch.cuda.is_available():
         raise ConfigError("--gpu auto: this machine has no usable GPU. Fix: name the GPU the job will get, "
                           f"e.g. --gpu {next(iter(GPUS))}")
-    props = torch.cuda.get_device_properties(0)
+    return gpu_of(torch.device("cuda", 0))
+
+
+def gpu_of(device: Any) -> Gpu:
+    """The GPU behind a CUDA ``device``, as the planner knows it."""
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
     return gpu_of_device(props.name, props.total_memory)
 
 

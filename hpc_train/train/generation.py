@@ -51,9 +51,9 @@ class Generation:
                 "records_per_s": records / seconds if seconds else None}
 
 
-def references_of(record: Record, answer: str) -> list[str]:
+def references_of(record: Record) -> list[str]:
     """The last answer and the record's other ``references``, each once."""
-    return list(dict.fromkeys([answer, *record.references]))
+    return list(dict.fromkeys([last_answer(record), *record.references]))
 
 
 def generate_answers(model: Any, records: Sequence[Record], pipeline: DataPipeline, info: DistInfo,
@@ -65,7 +65,7 @@ def generate_answers(model: Any, records: Sequence[Record], pipeline: DataPipeli
     picks = shard(len(records), info)
     if max_new_tokens is None:
         longest = max((len(tokenizer(ref, add_special_tokens=False)["input_ids"])
-                       for index, _ in picks for ref in references_of(records[index], last_answer(records[index]))),
+                       for index, _ in picks for ref in references_of(records[index])),
                       default=8)
         max_new_tokens = int(all_reduce_max([longest])[0]) + 2
     collate = pipeline.collator(padding_side="left")
@@ -96,7 +96,7 @@ def generate_answers(model: Any, records: Sequence[Record], pipeline: DataPipeli
                     new_tokens += _answer_length(ids.tolist(), eos)
                     rows.append({"index": index, "id": prompt.id, "kind": records[index].kind,
                                  "prediction": tokenizer.decode(ids, skip_special_tokens=True).strip(),
-                                 "references": references_of(records[index], prompt.answers[0])})
+                                 "references": references_of(records[index])})
             progress.batch_done(time.perf_counter() - started)
     seconds = all_reduce_max([time.perf_counter() - started])[0]
     new_tokens, skipped = (int(x) for x in all_reduce_sum([new_tokens, skipped]))

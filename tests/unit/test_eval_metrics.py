@@ -171,7 +171,7 @@ def test_references_field_is_read_and_checked(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
     records = read_records(path)
     assert records[0].references == ("one red ball", "a red ball")
-    assert references_of(records[0], "a red ball") == ["a red ball", "one red ball"]  # each once
+    assert references_of(records[0]) == ["a red ball", "one red ball"]  # the last answer first, each once
     for i in (1, 2):
         with pytest.raises(DataError, match=rf"d.jsonl:{i + 1} .*'references' must be a non-empty list.*Fix:"):
             records[i]
