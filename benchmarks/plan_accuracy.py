@@ -46,9 +46,12 @@ GPU_MODELS = {
 GPU_CASES = [("smolvlm-256m", "lora", False), ("smolvlm-256m", "full", True), ("smolvlm-2.2b", "lora", True),
              ("smolvlm-2.2b", "full", False)]
 """Each mode and layout once per size: about a minute each on an H100 / H200."""
-SAMPLES = {"tiny-smolvlm": 64, "tiny-llava": 64, "smolvlm-256m": 8, "smolvlm-2.2b": 64}
+SAMPLES = {"tiny-smolvlm": 64, "tiny-llava": 64, "smolvlm-256m": 16, "smolvlm-2.2b": 64}
 """Records per set: padded, 8 steps at 1 rank (tiny); packed rows hold 4-11 samples. The 256M
-runs stop after 2 steps (the second is the first whose backward has Adam's moments beside it)."""
+runs stop after 2 steps, both in the first epoch: the second is the first whose backward has
+Adam's moments beside it and, under ZeRO-3, the first DeepSpeed runs on the step's recorded
+trace (prefetching ahead, keeping what the step uses again), and with the recipe's vision cache
+it still runs the tower (a second epoch would read every sample's features from the cache)."""
 
 
 def case_overrides(model: str, mode: str, zero: int, gc: bool, packed: bool, data: Path, out: Path, *,

@@ -100,7 +100,7 @@ def cached_features_for(features: CachedFeatures) -> Iterator[None]:
 def use_cached_vision(inner: torch.nn.Module, family_name: str) -> None:
     """Make ``inner`` (the family's model holding tower and language model) take cached features
     in forwards run under :func:`cached_features_for`; other forwards are unchanged."""
-    if getattr(inner, "_hpc_cached_vision", False):
+    if takes_cached_vision(inner):
         return
     original = inner.forward
 
@@ -116,13 +116,20 @@ def use_cached_vision(inner: torch.nn.Module, family_name: str) -> None:
     inner._hpc_cached_vision = True
 
 
+def takes_cached_vision(inner: torch.nn.Module) -> bool:
+    """Whether :func:`use_cached_vision` was applied to ``inner``."""
+    return getattr(inner, "_hpc_cached_vision", False)
+
+
 def merged_features(inner: torch.nn.Module, family_name: str, inputs: dict[str, Any],
                     features: CachedFeatures) -> dict[str, BaseModelOutputWithPooling]:
     """Each kind's rows for the language model, as transformers takes precomputed ones: the
     pixels in ``inputs`` (removed from it) encoded, the cached rows put between them. The rows
     encoded here are left in ``features.computed``."""
     family = get_family(family_name)
-    like = inner.get_input_embeddings().weight
+    # The parameter as iterated, not as an attribute: reading ``.weight`` in a forward makes
+    # ZeRO-3 gather the embeddings and keep them whole until the forward ends.
+    like = next(inner.get_input_embeddings().parameters())
     outputs = {}
     for kind, rows in features.kinds.items():
         names = family.pixel_inputs[kind]
@@ -138,4 +145,5 @@ def merged_features(inner: torch.nn.Module, family_name: str, inputs: dict[str, 
     return outputs
 
 
-__all__ = ["CachedFeatures", "KindRows", "cached_features_for", "merged_features", "use_cached_vision"]
+__all__ = ["CachedFeatures", "KindRows", "cached_features_for", "merged_features", "takes_cached_vision",
+           "use_cached_vision"]

@@ -20,7 +20,19 @@ import numpy as np
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
+from hpc_train.models.cached_vision import CachedFeatures, KindRows
 from hpc_train.models.media_keys import HOST_KEYS
+
+
+def uncached_features(input_ids: torch.Tensor, token_ids: dict[str, int]) -> CachedFeatures:
+    """What a run with ``data.vision_cache`` sends with a micro-batch in its first epoch: no
+    feature row cached yet, each placeholder's row computed (and, in a plan, nothing stored)."""
+    kinds = {}
+    for kind, token in token_ids.items():
+        total = int((input_ids == token).sum())
+        kinds[kind] = KindRows(total=total, cached=torch.zeros(0, 0), cached_at=torch.zeros(0, dtype=torch.long),
+                               computed_at=torch.arange(total))
+    return CachedFeatures(root="", kinds=kinds)
 
 
 def fake_batch(batch: dict[str, Any], mode: FakeTensorMode) -> dict[str, Any]:

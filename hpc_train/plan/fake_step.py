@@ -4,6 +4,7 @@ keeps alive at its peak, by kind, without allocating any of them (the model: fro
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,7 @@ from hpc_train.config import RunConfig
 from hpc_train.data.batching.collate import step_inputs
 from hpc_train.models.families import Family
 from hpc_train.plan.fake_inputs import fake_batch, values_from_host
+from hpc_train.plan.gathering import Gathering, gathered_bytes
 from hpc_train.plan.tracker import StepTracker
 from hpc_train.train.loss import loss_for
 
@@ -30,6 +32,8 @@ class StepMemory:
     """Activations the vision tower's (and connector's) forward left for backward."""
     language_model: int
     """Activations the language model's layers left for backward (its inputs included)."""
+    gathered: int = 0
+    """ZeRO-3 parameters gathered whole at the peak (in :attr:`peak`)."""
 
     @property
     def step_bytes(self) -> int:
@@ -38,21 +42,29 @@ class StepMemory:
 
 
 def step_memory(config: RunConfig, family: Family, model: torch.nn.Module, batch: dict[str, Any], *,
-                zero: int) -> StepMemory:
+                zero: int, gathering: Gathering | None = None) -> StepMemory:
     """The memory of one micro-step of the run's fake model (:func:`fake_training_model`) on
-    ``batch`` (a collated batch, real CPU tensors) under ZeRO stage ``zero`` (its head tiled or not)."""
+    ``batch`` (a collated batch, real CPU tensors) under ZeRO stage ``zero`` (its head tiled or
+    not), with ZeRO-3's ``gathering`` of parameters along the way when there is one."""
     mode = _fake_mode_of(model)
     inputs = step_inputs(batch)
     fake = fake_batch(inputs, mode)
     tracker = StepTracker()
-    with tracker.watching(_watched_modules(model, family)), values_from_host(model, inputs), mode, tracker:
+    tracing = tracker.tracing(model) if gathering is not None else contextlib.nullcontext()
+    with tracker.watching(_watched_modules(model, family)), tracing, values_from_host(model, inputs), mode, tracker:
         tracker.track_external(model)
         loss = loss_for(config.data, config.train, zero=zero)(model, fake)
         if loss.value.requires_grad:
             loss.value.backward()
     kinds = tracker.peak_by_kind
-    return StepMemory(peak=tracker.peak, weights=kinds.get("Parameter", 0) + kinds.get("Buffer", 0),
-                      vision=tracker.left_by.get("vision", 0), language_model=tracker.left_by.get("llm", 0))
+    peak, gathered = tracker.peak, 0
+    if gathering is not None:
+        tracker.end_stretch()
+        peak, gathered = max((live + whole, whole) for live, whole in
+                             zip(tracker.stretch_peaks, gathered_bytes(tracker.trace, gathering), strict=True))
+    return StepMemory(peak=peak, weights=kinds.get("Parameter", 0) + kinds.get("Buffer", 0),
+                      vision=tracker.left_by.get("vision", 0), language_model=tracker.left_by.get("llm", 0),
+                      gathered=gathered)
 
 
 def _fake_mode_of(model: torch.nn.Module) -> FakeTensorMode:

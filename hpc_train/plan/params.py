@@ -25,18 +25,23 @@ _NESTED_CODE = 256 * 4 + 4
 def deepspeed_params(model: nn.Module, family: Family, config: RunConfig, element_size: int, zero_stage: int
                      ) -> tuple[list[list[Param]], list[Param]]:
     """(trainable groups, frozen) of the fake training model ``model``."""
-    groups = [[Param(p.numel(), element_size, True) for p in g.params]
+    stored = stored_params(model, family, config, element_size, zero_stage)
+    groups = [[stored[id(p)] for p in g.params]
               for g in build_param_groups(model, family, config)] if config.train.mode != "baseline" else []
+    return groups, [stored[id(p)] for p in model.parameters() if not p.requires_grad]
+
+
+def stored_params(model: nn.Module, family: Family, config: RunConfig, element_size: int, zero_stage: int
+                  ) -> dict[int, Param]:
+    """``id(param)`` -> each parameter of the fake training model ``model`` as DeepSpeed stores it."""
     quantized = _quantized_weights(model, family) if config.train.mode == "qlora" else set()
-    frozen = []
+    stored = {}
     for param in model.parameters():
-        if param.requires_grad:
-            continue
-        if id(param) in quantized:
-            frozen.append(_nf4(param.numel(), element_size, zero_stage, config.lora.double_quant))
+        if id(param) in quantized and not param.requires_grad:
+            stored[id(param)] = _nf4(param.numel(), element_size, zero_stage, config.lora.double_quant)
         else:
-            frozen.append(Param(param.numel(), element_size, False))
-    return groups, frozen
+            stored[id(param)] = Param(param.numel(), element_size, param.requires_grad)
+    return stored
 
 
 def _quantized_weights(model: nn.Module, family: Family) -> set[int]:

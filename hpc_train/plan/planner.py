@@ -20,23 +20,28 @@ import torch
 
 from hpc_train.config import RunConfig
 from hpc_train.data.batching.sequence_shard import shard_batch
+from hpc_train.data.caches.vision_cache import VISION_FEATURES
 from hpc_train.data.pipeline import build_pipeline
 from hpc_train.data.sources.mixture import read_split
 from hpc_train.errors import HpcTrainError
+from hpc_train.models.cached_vision import takes_cached_vision, use_cached_vision
 from hpc_train.models.load import load_processor, model_family
 from hpc_train.models.sequence_parallel import (
     check_sequence_parallel,
     media_token_ids,
     use_sequence_parallel,
 )
+from hpc_train.plan.fake_inputs import uncached_features
 from hpc_train.plan.fake_model import fake_training_model, model_config
 from hpc_train.plan.fake_step import StepMemory, step_memory
 from hpc_train.plan.fake_world import sequence_group
+from hpc_train.plan.gathering import zero3_gathering
 from hpc_train.plan.gpus import Gpu
-from hpc_train.plan.params import deepspeed_params
+from hpc_train.plan.params import deepspeed_params, stored_params
 from hpc_train.plan.states import States, deepspeed_states
 from hpc_train.plan.worst_batch import PlannedBatch, run_shapes, worst_batch
 from hpc_train.train.engine import resolve_ds_config, zero_stage
+from hpc_train.train.vision_cache_setup import model_cache_refusal
 
 GIB = 2**30
 CONTEXT_GIB = 1.0
@@ -78,9 +83,9 @@ class MemoryPlan:
         if moment == "forward/backward":
             parts.update({"gradient partitions": s.gradients if s.stage == 3 or s.early_store else 0,
                           "reduce buckets": s.buckets,
-                          "gathered ZeRO-3 parameters": s.gathered,
+                          "gathered ZeRO-3 parameters": step.gathered,
                           "vision activations": step.vision, "language-model activations": step.language_model})
-            parts["logits, loss and temporaries"] = step.step_bytes - step.vision - step.language_model
+            parts["logits, loss and temporaries"] = step.step_bytes - step.gathered - step.vision - step.language_model
         elif moment == "end of backward":
             parts.update({"gradient partitions": s.gradients, "reduce buckets": s.buckets,
                           "gradient in flight": s.largest_gradient})
@@ -123,6 +128,8 @@ class Planner:
         """The run's fake model; under sequence parallelism split over a group of the fake world
         (:mod:`hpc_train.plan.fake_world`), as each rank's is."""
         model = fake_training_model(config, self.family, self.architecture, self.processor, self.dtype, self.mode)
+        if config.data.vision_cache is not None and model_cache_refusal(config, model, self.family) is None:
+            use_cached_vision(self.family.inner_model(model), self.family.name)  # as the run's model takes it
         size = config.train.sequence_parallel
         if size > 1:
             check_sequence_parallel(getattr(self.architecture, "text_config", self.architecture), size, self.world)
@@ -154,8 +161,11 @@ class Planner:
         config = config or self.config
         pipeline = build_pipeline(config.data, self.processor, self.family)
         batch = worst_batch(config, pipeline, self.records, self.lengths(config, pipeline), indices)
-        zero = zero_stage(self._ds(config))
-        step = max((step_memory(config, self.family, self.model, part, zero=zero)
+        ds = self._ds(config)
+        zero, size = zero_stage(ds), 2 if self.bf16 else 4
+        stored = stored_params(self.model, self.family, self.config, size, zero)
+        gathering = zero3_gathering(self.model, stored, ds, self.world)
+        step = max((step_memory(config, self.family, self.model, part, zero=zero, gathering=gathering)
                     for part in self._rank_batches(config, batch)), key=lambda s: s.step_bytes)
         states = self.states()
         return MemoryPlan(states=states, step=step, moments=states.moments(step.step_bytes), batch=batch)
@@ -165,6 +175,10 @@ class Planner:
         without it): the plan is the hungriest rank's."""
         size = config.train.sequence_parallel
         if size == 1:
+            if takes_cached_vision(self.family.inner_model(self.model)):
+                # the first epoch's: every feature row computed (the tower under no gradient)
+                tokens = media_token_ids(self.architecture, self.family.name)
+                return [{**batch.batch, VISION_FEATURES: uncached_features(batch.batch["input_ids"], tokens)}]
             return [batch.batch]
         tokens = media_token_ids(self.architecture, self.family.name)
         pad = self.processor.tokenizer.pad_token_id

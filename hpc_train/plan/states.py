@@ -22,9 +22,9 @@ step's own peak moves with the parameters' shapes).
 
 ZeRO-3: every weight as a partition of ceil(n/W) elements, the fp32 master and gradient
 partitions, one ``reduce_bucket_size`` bucket in the communication dtype (kept), Adam's
-moments; with W > 1 the gathered parameters of the whole model by the end of forward
-(``stage3_max_reuse_distance`` beyond the model's size keeps them), and parameters under
-``stage3_param_persistence_threshold`` kept whole after each step.
+moments, and parameters under ``stage3_param_persistence_threshold`` kept whole after each
+step. The parameters gathered whole during a step (W > 1) depend on which modules run
+backward: the fake step counts them (:mod:`hpc_train.plan.gathering`).
 
 Offloading the optimizer (``offload_optimizer``) moves master, moments and the gradient
 store to host memory; that branch is from reading the code, not measured here.
@@ -68,8 +68,6 @@ class States:
     """Gradient store from the reduction to the step (ZeRO-3: kept throughout)."""
     buckets: int
     """Reduce buckets (ZeRO-2: during backward; ZeRO-3: kept)."""
-    gathered: int
-    """ZeRO-3 parameters gathered whole by the end of forward."""
     persistent: int
     """ZeRO-3 parameters under the persistence threshold, kept whole after the first step."""
     step_temporaries: int
@@ -88,11 +86,12 @@ class States:
         return held + self.gradients + self.buckets + self.persistent if self.stage == 3 else held
 
     def moments(self, step_bytes: int) -> dict[str, int]:
-        """Live bytes at the three moments a step can peak, given its activation peak."""
+        """Live bytes at the three moments a step can peak, given its own peak (activations and,
+        under ZeRO-3, the parameters gathered beside them)."""
         kept = self.weights + self.quant_constants + self.master + self.optimizer
         if self.stage == 3:
             kept += self.gradients + self.buckets + self.persistent  # persistent: whole by the first step
-            return {"forward/backward": kept + self.gathered + step_bytes,
+            return {"forward/backward": kept + step_bytes,
                     "optimizer step": kept + self.step_temporaries}
         early = self.gradients if self.early_store else 0
         return {"forward/backward": kept + self.buckets + early + step_bytes,
@@ -140,7 +139,7 @@ def _zero2(groups: list[list[Param]], frozen: list[Param], zero: dict[str, Any],
     host = 0 if offload else 1
     return States(stage=2, weights=flat * b + sum(p.numel * p.element_size for p in frozen),
                   quant_constants=constants, master=share * 4 * host, optimizer=2 * share * 4 * host,
-                  gradients=store * host, buckets=buckets, gathered=0, persistent=0,
+                  gradients=store * host, buckets=buckets, persistent=0,
                   step_temporaries=step_copies * share * 4 * host, largest_gradient=largest,
                   early_store=accumulates or sum(p.numel for g in groups for p in g) > bucket)
 
@@ -152,13 +151,12 @@ def _zero3(trainable: list[Param], frozen: list[Param], zero: dict[str, Any], wo
     partitions = sum(math.ceil(p.numel / world) * p.element_size for p in every)
     share = sum(math.ceil(p.numel / world) for p in trainable)
     persistent = sum(p.numel * p.element_size for p in every if p.numel <= threshold)
-    gathered = sum(p.numel * p.element_size for p in every if p.numel > threshold) if world > 1 else 0
     comm = 2 if ds.get("communication_data_type") in ("bf16", "fp16") else 4
     accumulate = 4 if ds.get("data_types", {}).get("grad_accum_dtype", "fp32") == "fp32" else b
     host = 0 if offload else 1
     return States(stage=3, weights=partitions, quant_constants=constants, master=share * 4 * host,
                   optimizer=2 * share * 4 * host, gradients=share * accumulate * host, buckets=bucket * comm,
-                  gathered=gathered, persistent=persistent, step_temporaries=step_copies * share * 4 * host,
+                  persistent=persistent, step_temporaries=step_copies * share * 4 * host,
                   largest_gradient=largest)
 
 

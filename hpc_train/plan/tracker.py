@@ -6,7 +6,10 @@ included. Stock, it also snapshots every module's peak at every operator, which 
 model at 2k tokens takes half a minute; the plan needs the step's global peak and the
 activations two modules (vision tower, language model) leave behind, so this subclass keeps
 only those. Gradients leave their parameter as soon as they are complete, as under DeepSpeed
-(which copies them into its own buffers, counted in :mod:`hpc_train.plan.states`).
+(which copies them into its own buffers, counted in :mod:`hpc_train.plan.states`). For ZeRO-3's
+gathering (:mod:`hpc_train.plan.gathering`) it also records where DeepSpeed's module hooks
+would fetch and release parameters, with the peak of live bytes in each stretch between two
+such events.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+from torch.utils._pytree import tree_flatten
 
 TOTAL = "Total"
 """The key ``MemTracker``'s snapshots give the sum of all kinds under."""
@@ -31,6 +35,12 @@ class StepTracker(MemTracker):
         self.peak_by_kind: dict[str, int] = {}
         self.left_by: dict[str, int] = {}
         """Bytes of activations each watched module's forward left alive."""
+        self.trace: list[tuple[bool, int]] = []
+        """(fetch?, module id) in the order the step ran them."""
+        self.stretch_peaks: list[int] = []
+        """Peak live bytes before the first event of :attr:`trace`, then after each (the last
+        one once :meth:`end_stretch` closes it)."""
+        self._stretch_peak = 0
 
     @contextlib.contextmanager
     def watching(self, modules: dict[str, nn.Module]) -> Iterator[None]:
@@ -48,6 +58,42 @@ class StepTracker(MemTracker):
             for handle in handles:
                 handle.remove()
 
+    @contextlib.contextmanager
+    def tracing(self, model: nn.Module) -> Iterator[None]:
+        """While open: every module's fetches and releases as ZeRO-3's hooks make them, in
+        :attr:`trace`. The hooks come last, as DeepSpeed's (added when the engine is made, after
+        the model was prepared), so they see outputs as the module's own hooks leave them
+        (``enable_input_require_grads`` makes the embeddings' output need a gradient)."""
+        handles = []
+        for module in model.modules():
+            handles.append(module.register_forward_pre_hook(self._before_forward))
+            handles.append(module.register_forward_hook(self._after_forward))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _before_forward(self, module: nn.Module, args: Any) -> None:
+        self._event(id(module), fetch=True)
+        needing, key = _needing_grad(args), id(module)
+        if needing:  # its backward has ended when its inputs' gradients are made ("all" would keep them)
+            torch.autograd.graph.register_multi_grad_hook(needing, lambda _: self._event(key, fetch=False), mode="any")
+
+    def _after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._event(id(module), fetch=False)
+        needing, key = _needing_grad(output), id(module)
+        if needing:  # its backward starts at the first gradient of an output
+            torch.autograd.graph.register_multi_grad_hook(needing, lambda _: self._event(key, fetch=True), mode="any")
+
+    def _event(self, module: int, fetch: bool) -> None:
+        self.end_stretch()
+        self.trace.append((fetch, module))
+
+    def end_stretch(self) -> None:
+        self.stretch_peaks.append(self._stretch_peak)
+        self._stretch_peak = self.live()
+
     def _left(self, name: str, before: int) -> None:
         self.left_by[name] = self.left_by.get(name, 0) + self.live(_MemRefType.ACT) - before
 
@@ -59,7 +105,9 @@ class StepTracker(MemTracker):
         return self.peak_by_kind.get(TOTAL, 0)
 
     def _update_peak_stats(self, peak_state: Any) -> None:
-        if self.live() > self.peak:
+        live = self.live()
+        self._stretch_peak = max(self._stretch_peak, live)
+        if live > self.peak:
             merged: dict[str, int] = {}
             for snap in self._curr_mem_snap.values():
                 for kind, size in snap.items():
@@ -95,3 +143,7 @@ class StepTracker(MemTracker):
             for handle in self._optimizer_hook_handles:
                 handle.remove()
             self._optimizer_hook_handles = None
+
+
+def _needing_grad(value: Any) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor) and t.requires_grad]

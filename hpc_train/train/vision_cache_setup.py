@@ -9,6 +9,8 @@ gathered for the digest (collective).
 
 from __future__ import annotations
 
+from torch import nn
+
 from hpc_train.config import RunConfig
 from hpc_train.data.caches.feature_store import FeatureStore
 from hpc_train.data.caches.vision_cache import VisionCache, cache_prefix
@@ -20,6 +22,7 @@ from hpc_train.data.caches.vision_cache_keys import (
 )
 from hpc_train.models.adapters import group_of
 from hpc_train.models.cached_vision import use_cached_vision
+from hpc_train.models.families import Family
 from hpc_train.models.sequence_parallel import media_token_ids
 from hpc_train.train.gathered import gathered
 from hpc_train.train.trainable_model import LoadedModel
@@ -27,12 +30,17 @@ from hpc_train.train.trainable_model import LoadedModel
 
 def vision_cache_refusal(config: RunConfig, loaded: LoadedModel) -> str | None:
     """Why this run cannot use its ``data.vision_cache`` (``None``: it can, or none is set)."""
+    return model_cache_refusal(config, loaded.model, loaded.family)
+
+
+def model_cache_refusal(config: RunConfig, model: nn.Module, family: Family) -> str | None:
+    """:func:`vision_cache_refusal` of a prepared ``model`` (a plan's fake one too)."""
     if config.data.vision_cache is None or config.train.mode == "baseline":
         return None
     if config.train.sequence_parallel > 1:
         return ("data.vision_cache is off for this run: under train.sequence_parallel each sample's vision work "
                 "is shared over its group. Fix, to use it: train.sequence_parallel=1")
-    return cache_refusal(loaded.model, loaded.family)
+    return cache_refusal(model, family)
 
 
 def open_vision_cache(config: RunConfig, loaded: LoadedModel) -> VisionCache:
@@ -48,4 +56,4 @@ def open_vision_cache(config: RunConfig, loaded: LoadedModel) -> VisionCache:
                        video_as_images=family.video_as_images)
 
 
-__all__ = ["open_vision_cache", "vision_cache_refusal"]
+__all__ = ["model_cache_refusal", "open_vision_cache", "vision_cache_refusal"]
