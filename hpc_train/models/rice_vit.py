@@ -64,7 +64,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(self.channels, config.hidden_size, config.patch_size, config.patch_size, bias=False)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        rows = rows.view(-1, self.channels, self.patch, self.patch).to(self.proj.weight.dtype)
+        # the parameter as iterated: reading .weight here would make ZeRO-3 gather it for this module too
+        rows = rows.view(-1, self.channels, self.patch, self.patch).to(next(self.proj.parameters()).dtype)
         return self.proj(rows).flatten(1)
 
 

@@ -25,7 +25,8 @@ class StepMemory:
     """Bytes of one micro-step at its peak (forward, loss, backward)."""
 
     peak: int
-    """Everything the step's tracker saw alive at once: weights as built here included."""
+    """Everything alive at once at the step's peak, weights as built here included (under
+    ZeRO-3: the largest of a stretch's live bytes plus the parameters whole in it)."""
     weights: int
     """Parameters and buffers of the fake model (dense: QLoRA's 4-bit storage is not here)."""
     vision: int

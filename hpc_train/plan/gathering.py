@@ -14,7 +14,10 @@ the trace uses them again within ``stage3_max_reuse_distance`` elements; paramet
 
 So what is whole at a moment depends on the step: a frozen vision tower that runs under no
 gradient is released layer by layer behind the prefetch, while a language model whose backward
-runs holds every layer from its forward until its backward. The fake step
+runs holds its layers from their forward to their backward where that is within the reuse
+distance (the shipped configs' 1e9 elements). Not replayed: a module releasing before all its
+inputs' gradients are back, one prefetch round per output gradient, parameters a module reads
+from another (DeepSpeed's external parameters); each moves a layer's worth at most here. The fake step
 (:mod:`hpc_train.plan.fake_step`) records every module's fetch and release in order with the
 peak of live bytes between them; :func:`gathered_bytes` replays DeepSpeed's rules over that
 trace.

@@ -163,7 +163,7 @@ class Planner:
         batch = worst_batch(config, pipeline, self.records, self.lengths(config, pipeline), indices)
         ds = self._ds(config)
         zero, size = zero_stage(ds), 2 if self.bf16 else 4
-        stored = stored_params(self.model, self.family, self.config, size, zero)
+        stored = stored_params(self.model, self.family, config, size, zero)
         gathering = zero3_gathering(self.model, stored, ds, self.world)
         step = max((step_memory(config, self.family, self.model, part, zero=zero, gathering=gathering)
                     for part in self._rank_batches(config, batch)), key=lambda s: s.step_bytes)

@@ -41,6 +41,7 @@ class StepTracker(MemTracker):
         """Peak live bytes before the first event of :attr:`trace`, then after each (the last
         one once :meth:`end_stretch` closes it)."""
         self._stretch_peak = 0
+        self._grad_hooks: list[Any] = []
 
     @contextlib.contextmanager
     def watching(self, modules: dict[str, nn.Module]) -> Iterator[None]:
@@ -71,20 +72,25 @@ class StepTracker(MemTracker):
         try:
             yield
         finally:
-            for handle in handles:
+            for handle in [*handles, *self._grad_hooks]:
                 handle.remove()
+            self._grad_hooks.clear()
 
     def _before_forward(self, module: nn.Module, args: Any) -> None:
         self._event(id(module), fetch=True)
         needing, key = _needing_grad(args), id(module)
-        if needing:  # its backward has ended when its inputs' gradients are made ("all" would keep them)
-            torch.autograd.graph.register_multi_grad_hook(needing, lambda _: self._event(key, fetch=False), mode="any")
+        # DeepSpeed releases once every input's gradient from this module has come back; the
+        # first one's hook stands for that ("all" would keep the gradients until the last).
+        if needing:
+            self._grad_hooks.append(torch.autograd.graph.register_multi_grad_hook(
+                needing, lambda _: self._event(key, fetch=False), mode="any"))
 
     def _after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
         self._event(id(module), fetch=False)
         needing, key = _needing_grad(output), id(module)
         if needing:  # its backward starts at the first gradient of an output
-            torch.autograd.graph.register_multi_grad_hook(needing, lambda _: self._event(key, fetch=True), mode="any")
+            self._grad_hooks.append(torch.autograd.graph.register_multi_grad_hook(
+                needing, lambda _: self._event(key, fetch=True), mode="any"))
 
     def _event(self, module: int, fetch: bool) -> None:
         self.end_stretch()

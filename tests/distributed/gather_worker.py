@@ -71,7 +71,7 @@ def main(result: Path) -> None:
     x = batch()
     live = LiveTensorBytes()
     with live:
-        for _ in range(3):  # the third runs on the trace the second recorded
+        for _ in range(3):  # from the second on, DeepSpeed runs on the trace the first recorded
             live.mark()
             start = live.current
             engine.backward(engine(x))
